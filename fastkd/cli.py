@@ -1,0 +1,122 @@
+"""Command line: argument parsing only; validated configs go to `fastkd.engine` and friends.
+
+User errors (`FastkdError`) print one line and exit with code 2; `--debug` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+from typing import Sequence
+
+from fastkd.errors import FastkdError
+
+
+def _add_config_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
+    parser.add_argument("--config", required=required, metavar="YAML", help="run configuration")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. optim.lr=0.05 run.name=try2")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fastkd", description="Fast knowledge distillation for image classifiers.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    train = commands.add_parser("train", help="train a model with labels")
+    _add_config_args(train)
+    train.add_argument("--resume", action="store_true", help="continue the run in its run directory")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    evaluate = commands.add_parser("eval", help="val top-1/top-5 of a checkpoint")
+    evaluate.add_argument("--checkpoint", required=True, type=Path)
+    evaluate.add_argument("--arch", help="model builder for a plain state_dict (default: model.arch)")
+    _add_config_args(evaluate)
+
+    data = commands.add_parser("data", help="dataset tools")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="TOOL")
+    synth = data_commands.add_parser("synth", help="write the built-in demo dataset (ImageFolder layout)")
+    synth.add_argument("out", type=Path)
+    synth.add_argument("--train-per-class", type=int, default=100)
+    synth.add_argument("--val-per-class", type=int, default=30)
+    synth.add_argument("--seed", type=int, default=0)
+
+    config = commands.add_parser("config", help="show a resolved config, or the reference of all keys")
+    config.add_argument("what", choices=["show", "reference"])
+    _add_config_args(config, required=False)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        _dispatch(args, list(sys.argv[1:] if argv is None else argv))
+    except FastkdError as exc:
+        if args.debug:
+            raise
+        print(f"fastkd: error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("fastkd: aborted", file=sys.stderr)
+        sys.exit(130)
+
+
+def _dispatch(args: argparse.Namespace, argv: list[str]) -> None:
+    from fastkd.config import load_config
+
+    if args.command == "train":
+        from fastkd import engine
+        from fastkd.loop import Interrupted
+
+        cfg = load_config(args.config, args.overrides)
+        try:
+            result = engine.train(cfg, resume=args.resume, progress=not args.no_progress)
+        except Interrupted as stop:
+            _exit_interrupted(stop, argv)
+        _print_summary(result.run_dir, result.summary)
+    elif args.command == "eval":
+        from fastkd import engine
+
+        cfg = load_config(args.config, args.overrides)
+        metrics = engine.evaluate_checkpoint(cfg, args.checkpoint, arch=args.arch)
+        print(f"{metrics['arch']} {args.checkpoint}: val top1 {metrics['top1']:.2f}  top5 {metrics['top5']:.2f}  "
+              f"loss {metrics['loss']:.4f}  ({metrics['count']} images)")
+    elif args.command == "data":
+        if args.data_command == "synth":
+            from fastkd.synth import DemoSpec, generate_demo_dataset
+
+            spec = DemoSpec(train_per_class=args.train_per_class, val_per_class=args.val_per_class, seed=args.seed)
+            if args.out.exists() and any(args.out.iterdir()):
+                raise FastkdError(f"output folder is not empty: {args.out}")
+            generate_demo_dataset(args.out, spec)
+            print(f"wrote {len(spec.classes)} classes x ({spec.train_per_class} train + {spec.val_per_class} val) "
+                  f"images to {args.out}")
+    elif args.command == "config":
+        from fastkd.config import dump_config, reference_markdown
+
+        if args.what == "reference":
+            print(reference_markdown())
+        else:
+            if not args.config:
+                raise FastkdError("config show: --config is required")
+            print(dump_config(load_config(args.config, args.overrides)), end="")
+
+
+def _print_summary(run_dir: Path, summary: dict) -> None:
+    keys = ("best_val_top1", "best_val_top5", "final_val_top1", "train_val_gap", "images_per_sec", "wall_seconds")
+    print(f"run {run_dir}: " + "  ".join(f"{k} {summary.get(k)}" for k in keys))
+
+
+def _exit_interrupted(stop: "Exception", argv: list[str]) -> None:
+    command = list(argv)
+    if "--resume" not in command:
+        command.insert(command.index(next(a for a in command if a in ("train", "distill"))) + 1, "--resume")
+    print(f"fastkd: stopped after step {stop.step} and saved a checkpoint; resume with:\n"  # type: ignore[attr-defined]
+          f"  fastkd {shlex.join(command)}", file=sys.stderr)
+    sys.exit(128 + (stop.signum or 15))  # type: ignore[attr-defined]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,543 @@
+"""Typed run configuration: YAML plus `key=value` overrides, validated into frozen dataclasses.
+
+One dataclass per YAML section; defaults live only here. Every mistake raises `ConfigError`
+naming the key's full path (`optim.lr: ...`), with a "did you mean" for unknown keys and
+choices.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import inspect
+import textwrap
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
+
+import yaml
+
+from fastkd.errors import ConfigError
+
+Precision = Literal["auto", "bf16", "fp16", "fp32"]
+
+
+class _FieldError(Exception):
+    """Raised by `__post_init__` checks; the builder prefixes the section path."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key = key
+        self.message = message
+
+
+def _require(condition: bool, key: str, message: str) -> None:
+    if not condition:
+        raise _FieldError(key, message)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    name: str = "run"
+    """Run name; the run directory is `out_dir/name`."""
+    out_dir: str = "runs"
+    """Folder that holds the run directories."""
+    seed: int = 0
+    """Seeds weights, data order and augmentation."""
+    log_every_steps: int = 50
+    """Optimizer steps between progress-bar updates (each reads the on-device meters once)."""
+    checkpoint_every_steps: int = 0
+    """Also write `last.pt` every this many optimizer steps inside an epoch; 0 = at epoch ends only."""
+    tensorboard: bool = True
+    """Write TensorBoard scalars into the run directory."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.name) and "/" not in self.name and self.name not in (".", ".."),
+                 "name", f"must be a plain folder name, got {self.name!r}")
+        _require(self.log_every_steps >= 1, "log_every_steps", "must be >= 1")
+        _require(self.checkpoint_every_steps >= 0, "checkpoint_every_steps", "must be >= 0")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataConfig:
+    format: Literal["imagefolder", "mini-imagenet", "filelist"] = "imagefolder"
+    """Dataset layout under `root` (see the README's data layouts)."""
+    root: str = ""
+    """Dataset folder; `~` and environment variables are expanded."""
+    backend: Literal["torchvision", "dali", "synthetic"] = "torchvision"
+    """Who decodes and augments: torchvision DataLoader (PIL), NVIDIA DALI, or synthetic batches on the device."""
+    dali_device: Literal["auto", "gpu", "cpu"] = "auto"
+    """Where DALI decodes: `gpu` (nvJPEG, `mixed`), `cpu`, or `auto` (gpu when CUDA is available)."""
+    image_size: int = 224
+    """Training crop side (RandomResizedCrop) and validation centre-crop side, in pixels."""
+    val_resize: int = 256
+    """Validation: shorter side resized to this many pixels before the centre crop."""
+    batch_size: int = 64
+    """Training images per step per process (the global batch is this times the world size)."""
+    val_batch_size: Optional[int] = None
+    """Validation images per batch per process; null = `batch_size`."""
+    num_workers: Optional[int] = None
+    """DataLoader worker processes or DALI CPU threads; null = one per available CPU core."""
+    train_list: str = "train.txt"
+    """filelist format: training list (`relative/path label` lines), relative to `root`."""
+    val_list: str = "val.txt"
+    """filelist format: validation list, relative to `root`."""
+    classes_file: str = "classes.txt"
+    """filelist format: class names, one per line in label order, relative to `root`."""
+    generate_demo: bool = False
+    """Generate the built-in demo dataset into `root` if it is not there yet."""
+    skip_broken: bool = False
+    """Drop images that cannot be decoded (listed in a warning) instead of stopping before training."""
+    dali_hw_decoder_load: float = 0.65
+    """Share of JPEGs sent to the GPU's hardware JPEG decoder (A100/H100); the rest use CUDA nvJPEG."""
+    dali_prefetch_queue: int = 2
+    """Batches DALI prepares ahead of the training step."""
+    synthetic_num_classes: int = 100
+    """synthetic backend: number of classes."""
+    synthetic_train_samples: int = 6400
+    """synthetic backend: training samples per epoch."""
+    synthetic_val_samples: int = 1280
+    """synthetic backend: validation samples."""
+
+    def __post_init__(self) -> None:
+        _require(self.backend == "synthetic" or bool(self.root), "root",
+                 "is required (the dataset folder) unless data.backend is synthetic")
+        _require(self.image_size >= 16, "image_size", f"must be >= 16, got {self.image_size}")
+        _require(self.val_resize >= self.image_size, "val_resize",
+                 f"must be >= data.image_size ({self.image_size}), got {self.val_resize}")
+        _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.val_batch_size is None or self.val_batch_size >= 1, "val_batch_size",
+                 f"must be >= 1 or null, got {self.val_batch_size}")
+        _require(self.num_workers is None or self.num_workers >= 0, "num_workers",
+                 f"must be >= 0 or null, got {self.num_workers}")
+        _require(0.0 <= self.dali_hw_decoder_load <= 1.0, "dali_hw_decoder_load",
+                 f"must be within [0, 1], got {self.dali_hw_decoder_load}")
+        _require(self.dali_prefetch_queue >= 1, "dali_prefetch_queue", "must be >= 1")
+        _require(self.synthetic_num_classes >= 2, "synthetic_num_classes", "must be >= 2")
+        _require(self.synthetic_train_samples >= 1, "synthetic_train_samples", "must be >= 1")
+        _require(self.synthetic_val_samples >= 1, "synthetic_val_samples", "must be >= 1")
+
+    @property
+    def root_path(self) -> Path:
+        return Path(_expand(self.root))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    arch: str = "resnet18"
+    """torchvision classification builder name (resnet18, shufflenet_v2_x1_0, mobilenet_v3_large, ...); random init."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.arch), "arch", "must name a torchvision classification model")
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    name: Literal["sgd", "adamw", "adam"] = "sgd"
+    """Optimizer (torch's fused implementation on CUDA)."""
+    lr: float = 0.1
+    """Peak learning rate, reached at the end of warm-up."""
+    momentum: float = 0.9
+    """SGD momentum."""
+    nesterov: bool = False
+    """SGD with Nesterov momentum."""
+    betas: tuple[float, float] = (0.9, 0.999)
+    """Adam/AdamW betas."""
+    weight_decay: float = 1e-4
+    """L2 (SGD) or decoupled (AdamW) weight decay."""
+    no_weight_decay_norm_bias: bool = False
+    """Exempt normalization weights and all biases from weight decay."""
+    label_smoothing: float = 0.0
+    """Label smoothing of the cross-entropy term."""
+    epochs: int = 100
+    """Training epochs."""
+    schedule: Literal["cosine", "step", "multistep", "constant"] = "cosine"
+    """Learning-rate schedule after warm-up, evaluated at every optimizer step."""
+    warmup_epochs: float = 0.0
+    """Linear warm-up length in epochs, stepped per iteration (0 = none)."""
+    warmup_start_factor: float = 1e-3
+    """Learning rate at step 0 as a fraction of `lr`."""
+    min_lr_ratio: float = 1e-4
+    """cosine: final learning rate as a fraction of `lr` (the original project's `lrf`)."""
+    step_epochs: int = 30
+    """step: multiply the learning rate by `gamma` every this many epochs."""
+    milestones_epochs: tuple[int, ...] = (30, 60, 90)
+    """multistep: epochs at which the learning rate is multiplied by `gamma`."""
+    gamma: float = 0.1
+    """step/multistep: decay factor."""
+    grad_clip_norm: Optional[float] = None
+    """Clip the global gradient norm to this value; null = no clipping."""
+    implementation: Literal["torch", "apex"] = "torch"
+    """`torch` (fused on CUDA) or NVIDIA apex's fused optimizers (must be installed by you)."""
+
+    def __post_init__(self) -> None:
+        _require(self.lr > 0, "lr", f"must be > 0, got {self.lr}")
+        _require(0 <= self.momentum < 1, "momentum", f"must be within [0, 1), got {self.momentum}")
+        _require(not self.nesterov or (self.name == "sgd" and self.momentum > 0), "nesterov",
+                 "needs optim.name sgd with momentum > 0")
+        _require(all(0 <= b < 1 for b in self.betas), "betas", f"must be within [0, 1), got {list(self.betas)}")
+        _require(self.weight_decay >= 0, "weight_decay", f"must be >= 0, got {self.weight_decay}")
+        _require(0 <= self.label_smoothing < 1, "label_smoothing",
+                 f"must be within [0, 1), got {self.label_smoothing}")
+        _require(self.epochs >= 1, "epochs", f"must be >= 1, got {self.epochs}")
+        _require(0 <= self.warmup_epochs < self.epochs, "warmup_epochs",
+                 f"must be within [0, optim.epochs={self.epochs}), got {self.warmup_epochs}")
+        _require(0 < self.warmup_start_factor <= 1, "warmup_start_factor", "must be within (0, 1]")
+        _require(0 <= self.min_lr_ratio <= 1, "min_lr_ratio", f"must be within [0, 1], got {self.min_lr_ratio}")
+        _require(self.step_epochs >= 1, "step_epochs", f"must be >= 1, got {self.step_epochs}")
+        _require(list(self.milestones_epochs) == sorted(set(self.milestones_epochs))
+                 and all(m >= 1 for m in self.milestones_epochs),
+                 "milestones_epochs", f"must be increasing positive epochs, got {list(self.milestones_epochs)}")
+        _require(0 < self.gamma <= 1, "gamma", f"must be within (0, 1], got {self.gamma}")
+        _require(self.grad_clip_norm is None or self.grad_clip_norm > 0, "grad_clip_norm",
+                 f"must be > 0 or null, got {self.grad_clip_norm}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RuntimeConfig:
+    device: Literal["auto", "cuda", "cpu"] = "auto"
+    """Training device; auto = cuda when available."""
+    precision: Precision = "auto"
+    """auto = bf16 on CUDA GPUs that support it (else fp16), fp32 on the CPU; fp16 uses a GradScaler."""
+    channels_last: bool = True
+    """Keep images, models and activations in channels-last memory format."""
+    compile: bool = False
+    """torch.compile the student (and teacher)."""
+    deterministic: bool = False
+    """Deterministic algorithms (bit-exact resume on the CPU); slower on GPUs."""
+    sync_bn: bool = False
+    """Convert BatchNorm to SyncBatchNorm when training with several processes."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class TeacherConfig:
+    arch: str = ""
+    """torchvision builder name of the teacher."""
+    checkpoint: str = ""
+    """A fastkd checkpoint (`best.pt` of a `fastkd train` run) or a plain torchvision state_dict."""
+    precision: Optional[Precision] = None
+    """Teacher autocast precision; null = same as runtime.precision."""
+
+    def __post_init__(self) -> None:
+        _require(bool(self.arch), "arch", "is required: the teacher's torchvision builder name")
+        _require(bool(self.checkpoint), "checkpoint",
+                 "is required: a trained teacher (fastkd never distils from a random teacher)")
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return Path(_expand(self.checkpoint))
+
+
+@dataclass(frozen=True, kw_only=True)
+class DistillConfig:
+    teacher: TeacherConfig
+    """The frozen teacher (required keys: arch, checkpoint)."""
+    loss: Literal["kd", "dkd", "dist"] = "kd"
+    """kd (Hinton), dkd (Decoupled KD, CVPR 2022) or dist (DIST, NeurIPS 2022)."""
+    temperature: float = 4.0
+    """Softmax temperature T of the distillation term (scaled by T^2)."""
+    kd_weight: float = 0.9
+    """Weight of the distillation term (the original project's `alpha`; `alpha: a` sets kd_weight=a, ce_weight=1-a)."""
+    ce_weight: float = 0.1
+    """Weight of the cross-entropy term with the true labels."""
+    dkd_alpha: float = 1.0
+    """dkd: weight of the target-class term (TCKD)."""
+    dkd_beta: float = 8.0
+    """dkd: weight of the non-target-class term (NCKD)."""
+    dist_beta: float = 1.0
+    """dist: weight of the inter-class relation term."""
+    dist_gamma: float = 1.0
+    """dist: weight of the intra-class relation term."""
+    side_stream: bool = True
+    """Run the teacher's forward on its own CUDA stream, overlapping the student's (no effect on the CPU)."""
+    allow_weak_teacher: bool = False
+    """Train even when the teacher's val top-1 is near chance level."""
+
+    def __post_init__(self) -> None:
+        _require(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
+        _require(self.kd_weight >= 0, "kd_weight", f"must be >= 0, got {self.kd_weight}")
+        _require(self.ce_weight >= 0, "ce_weight", f"must be >= 0, got {self.ce_weight}")
+        _require(self.kd_weight + self.ce_weight > 0, "kd_weight", "kd_weight and ce_weight cannot both be 0")
+        for key in ("dkd_alpha", "dkd_beta", "dist_beta", "dist_gamma"):
+            _require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    """Run name, output folder, seed, logging."""
+    data: DataConfig
+    """Dataset, backend and augmentation sizes (required)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The model being trained (the student when distilling)."""
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    """Optimizer and learning-rate schedule."""
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+    """Device, precision, memory format, compilation."""
+    distill: Optional[DistillConfig] = None
+    """Distillation settings; required by `fastkd distill`, refused by `fastkd train`."""
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(_expand(self.run.out_dir)) / self.run.name
+
+
+SECTIONS: dict[str, type] = {
+    "run": RunConfig, "data": DataConfig, "model": ModelConfig, "optim": OptimConfig,
+    "runtime": RuntimeConfig, "distill": DistillConfig, "distill.teacher": TeacherConfig,
+}
+
+# Keys that may change between a run and its `--resume` without changing its results.
+RESUMABLE_CHANGES = frozenset({
+    "run.log_every_steps", "run.checkpoint_every_steps", "run.tensorboard",
+    "data.num_workers", "data.dali_prefetch_queue", "data.root", "data.generate_demo",
+    "distill.teacher.checkpoint",
+})
+
+
+def _expand(path: str) -> str:
+    import os
+
+    return os.path.expandvars(os.path.expanduser(path))
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -> Config:
+    """Read a YAML file (or start from defaults when `path` is None), apply `key=value` overrides."""
+    raw: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections (run, data, model, ...), "
+                              f"got {type(loaded).__name__}")
+        raw = loaded
+    for item in overrides:
+        apply_override(raw, item)
+    return config_from_dict(raw)
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Set `a.b.c=value` in a nested dict; the value is parsed as YAML (`true`, `0.1`, `[1, 2]`)."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {item!r}: expected key=value, e.g. optim.lr=0.05")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    node = raw
+    parts = key.split(".")
+    for depth, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {item!r}: {'.'.join(parts[:depth + 1])} is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def config_from_dict(raw: dict[str, Any]) -> Config:
+    """Validate a plain nested dict (as read from YAML) into a `Config`."""
+    raw = dict(raw)
+    distill = raw.get("distill")
+    if isinstance(distill, dict) and "alpha" in distill:
+        distill = dict(distill)
+        alpha = distill.pop("alpha")
+        clash = [k for k in ("kd_weight", "ce_weight") if k in distill]
+        if clash:
+            raise ConfigError(f"distill.alpha: give either alpha or {' and '.join(clash)}, not both "
+                              "(alpha is shorthand for kd_weight=alpha, ce_weight=1-alpha)")
+        alpha = _coerce(alpha, float, "distill.alpha")
+        if not 0 <= alpha <= 1:
+            raise ConfigError(f"distill.alpha: must be within [0, 1], got {alpha}")
+        distill["kd_weight"], distill["ce_weight"] = alpha, 1.0 - alpha
+        raw["distill"] = distill
+    return _build(Config, raw, "")
+
+
+def _build(cls: type, raw: Any, path: str) -> Any:
+    where = path or "config"
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {_describe(raw)}")
+    hints = get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in raw:
+        if key not in names:
+            full = f"{path}.{key}" if path else str(key)
+            raise ConfigError(f"{full}: unknown key{_suggest_key(str(key), names, path)}")
+    for f in dataclasses.fields(cls):
+        required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+        if required and f.name not in raw:
+            raise ConfigError(f"{path}.{f.name}: is required" if path else f"{f.name}: is required")
+    kwargs = {key: _coerce(value, hints[key], f"{path}.{key}" if path else key)
+              for key, value in raw.items()}
+    try:
+        return cls(**kwargs)
+    except _FieldError as exc:
+        full = f"{path}.{exc.key}" if path else exc.key
+        raise ConfigError(f"{full}: {exc.message}") from None
+
+
+def _suggest_key(key: str, names: list[str], path: str) -> str:
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    if close:
+        return f" (did you mean {path + '.' if path else ''}{close[0]}?)"
+    elsewhere = [f"{section}.{key}" for section, cls in SECTIONS.items()
+                 if section != path and key in {f.name for f in dataclasses.fields(cls)}]
+    if elsewhere:
+        return f" (did you mean {elsewhere[0]}?)"
+    return f"; valid keys: {', '.join(names)}"
+
+
+def _describe(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key)
+    if origin in (Union, types.UnionType):
+        args = [a for a in get_args(tp) if a is not type(None)]
+        if value is None:
+            return None
+        if len(args) == 1:
+            return _coerce(value, args[0], key)
+        raise TypeError(f"unsupported config type {tp}")  # pragma: no cover - config authoring error
+    if origin is Literal:
+        choices = get_args(tp)
+        if value not in choices:
+            hint = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1, cutoff=0.5)
+            suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+            raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, choices))}{suggestion}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {_describe(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {_describe(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # PyYAML reads `1e-4` (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {_describe(value)}")
+        return float(value)
+    if tp is str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{key}: expected a string, got {_describe(value)}")
+        return str(value)
+    if origin is tuple:
+        args = get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {_describe(value)}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected a list of {len(args)} values, got {len(value)}")
+        return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    raise TypeError(f"unsupported config type {tp}")  # pragma: no cover - config authoring error
+
+
+# --------------------------------------------------------------------------------------------
+# Saving and comparing
+
+
+def config_to_dict(cfg: Any) -> dict[str, Any]:
+    """Plain nested dict (lists for tuples), loadable again by `config_from_dict`."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        if isinstance(value, dict):
+            return {k: plain(v) for k, v in value.items()}
+        return value
+
+    return plain(dataclasses.asdict(cfg))
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def flatten(raw: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        full = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            out.update(flatten(value, full))
+        else:
+            out[full] = value
+    return out
+
+
+def changed_keys(old: Config, new: Config) -> list[str]:
+    """Keys whose values differ between two configs, ignoring the resume-safe ones."""
+    a, b = flatten(config_to_dict(old)), flatten(config_to_dict(new))
+    return sorted(k for k in a.keys() | b.keys()
+                  if a.get(k) != b.get(k) and k not in RESUMABLE_CHANGES)
+
+
+# --------------------------------------------------------------------------------------------
+# Reference (README) generation
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """The one-line docstrings written under each field of a config dataclass."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs: dict[str, str] = {}
+    for node, after in zip(body, body[1:]):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name)
+                and isinstance(after, ast.Expr) and isinstance(after.value, ast.Constant)):
+            docs[node.target.id] = " ".join(str(after.value.value).split())
+    return docs
+
+
+def reference_markdown() -> str:
+    """The README's configuration reference: every key, its default and its meaning."""
+    lines = []
+    for section, cls in SECTIONS.items():
+        lines += [f"### `{section}`", "", "| key | default | meaning |", "| --- | --- | --- |"]
+        docs = field_docs(cls)
+        for f in dataclasses.fields(cls):
+            required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+            if dataclasses.is_dataclass(get_type_hints(cls)[f.name]) or required:
+                default = "(section)"
+            else:
+                value = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+                default = "null" if value is None else yaml.safe_dump(config_to_dict_value(value),
+                                                                       default_flow_style=True).strip()
+                default = default.removesuffix("\n...").removesuffix(" ...")
+            lines.append(f"| `{f.name}` | `{default}` | {docs.get(f.name, '')} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def config_to_dict_value(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value

@@ -1,0 +1,253 @@
+"""Builds a run from a validated config and hands it to the loop: `train`, `distill`, `evaluate`.
+
+Everything that can fail on user input (config, model name, data, teacher, run directory) is
+checked before the run directory is created, so a refused run writes nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from fastkd.checkpoint import is_fastkd_checkpoint, load_checkpoint
+from fastkd.config import Config, changed_keys, config_from_dict, config_to_dict, dump_config
+from fastkd.env import collect_env
+from fastkd.errors import CheckpointError, ConfigError, FastkdError
+from fastkd.loop import StopFlag, TrainState, Training, evaluate, fit
+from fastkd.metrics import Meter, RunLogger
+from fastkd.models import check_arch, count_parameters, create_model
+from fastkd.optim import create_optimizer, lr_at
+from fastkd.runtime import Runtime, create_runtime, seed_everything, set_rng_state, shard_from_env
+from fastkd.steps import ClassificationStep
+from pipelines import build_loaders, load_data
+from pipelines.base import Loaders
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    summary: dict[str, Any]
+
+
+def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> RunResult:
+    """`fastkd train`: supervised training of `model.arch`."""
+    if cfg.distill is not None:
+        raise ConfigError("distill: this config has a distill section; run it with `fastkd distill`")
+    return _run(cfg, resume=resume, progress=progress, make_step=None)
+
+
+def _run(cfg: Config, *, resume: bool, progress: bool,
+         make_step: Callable[[Config, Runtime, nn.Module, Loaders], tuple[nn.Module, dict]] | None) -> RunResult:
+    check_arch(cfg.model.arch)
+    if cfg.distill is not None:
+        check_arch(cfg.distill.teacher.arch, "distill.teacher.arch")
+    shard = shard_from_env()
+    with _process_group(shard.world_size):
+        runtime = create_runtime(cfg.runtime, shard)
+        checkpoint = _open_run_dir(cfg, resume)
+        _barrier()  # every rank has looked at the run directory before rank 0 creates it
+        _ensure_demo_data(cfg, runtime)
+        seed_everything(cfg.run.seed + shard.rank, deterministic=cfg.runtime.deterministic)
+        loaders = build_loaders(cfg.data, spec=runtime.batch_spec, seed=cfg.run.seed, shard=shard)
+        if checkpoint is not None and list(checkpoint["classes"]) != loaders.classes:
+            raise CheckpointError(f"--resume: the dataset's classes differ from those of {cfg.run_dir / 'last.pt'}")
+
+        student = create_model(cfg.model.arch, len(loaders.classes), image_size=cfg.data.image_size)
+        num_params = count_parameters(student)
+        if checkpoint is not None:
+            student.load_state_dict(checkpoint["model"])
+        model, raw = runtime.prepare_model(student, trainable=True)
+        if make_step is None:
+            step: nn.Module = ClassificationStep(model, autocast=runtime.autocast,
+                                                 label_smoothing=cfg.optim.label_smoothing)
+            extra_summary: dict[str, Any] = {}
+        else:
+            step, extra_summary = make_step(cfg, runtime, model, loaders)
+        optimizer = create_optimizer(raw, cfg.optim, runtime.device)
+        scaler = runtime.create_scaler()
+        state = TrainState()
+        steps_per_epoch = len(loaders.train)
+
+        run_dir = cfg.run_dir
+        if runtime.is_main and checkpoint is None:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "config.yaml").write_text(dump_config(cfg))
+        if runtime.is_main:
+            (run_dir / "env.json").write_text(json.dumps(collect_env(runtime.device), indent=2) + "\n")
+        logger = RunLogger(run_dir, tensorboard=cfg.run.tensorboard, enabled=runtime.is_main)
+        training = Training(
+            step=step, model=raw, optimizer=optimizer, scaler=scaler, train_loader=loaders.train,
+            val_loader=loaders.val, lr_at=lambda s: lr_at(s, cfg.optim, steps_per_epoch), runtime=runtime,
+            state=state, epochs=cfg.optim.epochs, run_dir=run_dir, logger=logger,
+            checkpoint_extra={"arch": cfg.model.arch, "classes": list(loaders.classes),
+                              "num_classes": len(loaders.classes), "config": config_to_dict(cfg),
+                              "kind": "distill" if make_step else "train"},
+            grad_clip_norm=cfg.optim.grad_clip_norm, log_every_steps=cfg.run.log_every_steps,
+            checkpoint_every_steps=cfg.run.checkpoint_every_steps, progress=progress)
+        if checkpoint is not None:
+            _restore(training, checkpoint)
+            logger.truncate_after(state.epoch)
+            if runtime.is_main:
+                print(f"resuming {run_dir} at epoch {state.epoch} (+{state.batches_done} batches), step {state.step}")
+        if runtime.is_main:
+            training.on_epoch_end = _print_epoch
+        try:
+            with _stop_on_signals(training.stop):
+                fit(training)
+        finally:
+            logger.close()
+        summary = _summary(cfg, runtime, state, loaders, num_params, extra_summary)
+        if runtime.is_main:
+            (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        return RunResult(run_dir, summary)
+
+
+def _open_run_dir(cfg: Config, resume: bool) -> dict[str, Any] | None:
+    """Validate the run directory; on resume, return its last checkpoint."""
+    run_dir = cfg.run_dir
+    if not resume:
+        if run_dir.exists() and any(run_dir.iterdir()):
+            raise FastkdError(f"run directory already exists: {run_dir} (continue it with --resume, "
+                              "or choose another run.name)")
+        return None
+    last = run_dir / "last.pt"
+    if not last.is_file():
+        raise CheckpointError(f"--resume: nothing to resume in {run_dir} (no last.pt)")
+    checkpoint = load_checkpoint(last)
+    if not is_fastkd_checkpoint(checkpoint):
+        raise CheckpointError(f"--resume: {last} is not a fastkd checkpoint")
+    saved = config_from_dict(checkpoint["config"])
+    changed = changed_keys(saved, cfg)
+    if changed:
+        raise ConfigError(f"--resume: the config differs from the run's in {', '.join(changed)} "
+                          f"(resume with {run_dir / 'config.yaml'})")
+    return checkpoint
+
+
+def _restore(t: Training, checkpoint: dict[str, Any]) -> None:
+    state = TrainState(**checkpoint["state"])
+    t.state.__dict__.update(state.__dict__)
+    t.optimizer.load_state_dict(checkpoint["optimizer"])
+    t.scaler.load_state_dict(checkpoint["scaler"])
+    t.train_loader.load_state_dict(checkpoint["loader"])
+    if checkpoint.get("train_meter") is not None:
+        t.train_meter = Meter(t.runtime.device)
+        t.train_meter.load_state_dict(checkpoint["train_meter"])
+    set_rng_state(checkpoint["rng"])
+
+
+def _ensure_demo_data(cfg: Config, runtime: Runtime) -> None:
+    if not cfg.data.generate_demo:
+        return
+    if runtime.is_main:
+        from fastkd.synth import ensure_demo_dataset
+
+        ensure_demo_dataset(cfg.data.root_path)
+    _barrier()
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+@contextlib.contextmanager
+def _process_group(world_size: int) -> Iterator[None]:
+    if world_size <= 1 or (dist.is_available() and dist.is_initialized()):
+        yield
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    dist.init_process_group(backend=backend)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def _stop_on_signals(flag: StopFlag) -> Iterator[None]:
+    """SIGTERM/SIGINT: finish the current step, checkpoint, exit. A second Ctrl-C aborts at once."""
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag.signum = signum
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def _print_epoch(record: dict[str, Any]) -> None:
+    print(f"epoch {record['epoch']:>3}  train loss {record['train_loss']:.4f} top1 {record['train_top1']:6.2f}  "
+          f"val loss {record['val_loss']:.4f} top1 {record['val_top1']:6.2f} top5 {record['val_top5']:6.2f}  "
+          f"{record['train_images_per_sec']:8.1f} img/s  {record['epoch_seconds']:.1f}s", flush=True)
+
+
+def _summary(cfg: Config, runtime: Runtime, state: TrainState, loaders: Loaders, num_params: int,
+             extra: dict[str, Any]) -> dict[str, Any]:
+    final_train, final_val = state.last_train, state.last_val
+    return {
+        "run": cfg.run.name,
+        "kind": "distill" if cfg.distill is not None else "train",
+        "model": cfg.model.arch,
+        "num_params": num_params,
+        "num_classes": len(loaders.classes),
+        "backend": cfg.data.backend,
+        "epochs": state.epoch,
+        "steps": state.step,
+        "best_val_top1": state.best_top1,
+        "best_val_top5": state.best_top5,
+        "best_epoch": state.best_epoch,
+        "final_val_top1": final_val.get("top1"),
+        "final_val_top5": final_val.get("top5"),
+        "final_train_top1": final_train.get("top1"),
+        "train_val_gap": (round(final_train["top1"] - final_val["top1"], 4)
+                          if "top1" in final_train and "top1" in final_val else None),
+        "images_per_sec": round(state.train_images / state.train_seconds, 2) if state.train_seconds else None,
+        "train_seconds": round(state.train_seconds, 2),
+        "wall_seconds": round(state.wall_seconds, 2),
+        "world_size": runtime.shard.world_size,
+        "batch_size": cfg.data.batch_size,
+        "global_batch_size": cfg.data.batch_size * runtime.shard.world_size,
+        "device": collect_env(runtime.device)["device"],
+        "precision": runtime.precision,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        **extra,
+    }
+
+
+def evaluate_checkpoint(cfg: Config, checkpoint_path: Path, *, arch: str | None = None) -> dict[str, Any]:
+    """`fastkd eval`: val top-1/top-5 of a checkpoint on the config's validation data."""
+    runtime = create_runtime(cfg.runtime)
+    checkpoint = load_checkpoint(checkpoint_path)
+    fastkd_format = is_fastkd_checkpoint(checkpoint)
+    arch = arch or (checkpoint["arch"] if fastkd_format else cfg.model.arch)
+    check_arch(arch)
+    loaders = build_loaders(cfg.data, spec=runtime.batch_spec, seed=cfg.run.seed)
+    if fastkd_format and list(checkpoint["classes"]) != loaders.classes:
+        raise CheckpointError(f"{checkpoint_path}: its classes differ from the dataset's "
+                              f"({len(checkpoint['classes'])} vs {len(loaders.classes)} classes)")
+    model = create_model(arch, len(loaders.classes), image_size=cfg.data.image_size)
+    state_dict = checkpoint["model"] if fastkd_format else checkpoint
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{checkpoint_path} does not fit {arch} with {len(loaders.classes)} classes: "
+                              f"{str(exc).splitlines()[0]}") from None
+    model, _ = runtime.prepare_model(model, trainable=False)
+    metrics = evaluate(model, loaders.val, runtime)
+    return {"checkpoint": str(checkpoint_path), "arch": arch, **metrics}
+

@@ -1,0 +1,279 @@
+"""One loop for `train` and `distill`: fit / train_epoch / evaluate, driven by a step object.
+
+The hot path holds no host syncs: meters and the non-finite guard live on the device and are
+read at log intervals, epoch ends and before every checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from fastkd.checkpoint import copy_checkpoint, save_checkpoint
+from fastkd.errors import FastkdError
+from fastkd.metrics import Meter, NonFiniteGuard, RunLogger, percent, topk_correct
+from fastkd.optim import set_lr
+from fastkd.runtime import Runtime, rng_state
+from pipelines.base import Loader
+
+
+class Interrupted(Exception):
+    """A stop was requested (SIGTERM/SIGINT); a checkpoint of the current step was written."""
+
+    def __init__(self, step: int, signum: int):
+        super().__init__(f"stopped after step {step}")
+        self.step = step
+        self.signum = signum
+
+
+class StopFlag:
+    """Set from a signal handler; read by the loop between steps (a plain bool, no sync)."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+
+    @property
+    def requested(self) -> bool:
+        return self.signum != 0
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0
+    """Completed epochs."""
+    step: int = 0
+    """Optimizer steps taken."""
+    batches_done: int = 0
+    """Batches of the current, unfinished epoch (0 at an epoch boundary)."""
+    best_top1: float = -1.0
+    best_top5: float = -1.0
+    best_epoch: int = 0
+    train_seconds: float = 0.0
+    """Training time over all sessions, evaluation excluded."""
+    train_images: int = 0
+    wall_seconds: float = 0.0
+    """Wall time over all sessions, set-up excluded."""
+    last_val: dict[str, float] = field(default_factory=dict)
+    last_train: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Training:
+    """Everything `fit` needs, built by `fastkd.engine`."""
+
+    step: nn.Module
+    model: nn.Module
+    """The raw student (what checkpoints save and evaluation runs)."""
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    train_loader: Loader
+    val_loader: Loader
+    lr_at: Callable[[int], float]
+    runtime: Runtime
+    state: TrainState
+    epochs: int
+    run_dir: Path
+    logger: RunLogger
+    checkpoint_extra: dict[str, Any]
+    """Constant checkpoint fields: arch, classes, config."""
+    grad_clip_norm: float | None = None
+    log_every_steps: int = 50
+    checkpoint_every_steps: int = 0
+    stop: StopFlag = field(default_factory=StopFlag)
+    progress: bool = True
+    train_meter: Meter | None = None
+    on_epoch_end: Callable[[dict[str, Any]], None] | None = None
+
+
+def fit(t: Training) -> TrainState:
+    """Train from `t.state` to `t.epochs`, evaluating and checkpointing after every epoch."""
+    state = t.state
+    started = time.perf_counter()
+    wall_before = state.wall_seconds
+    for epoch in range(state.epoch, t.epochs):
+        t.train_loader.set_epoch(epoch, state.batches_done)
+        epoch_started = time.perf_counter()
+        train_metrics, finished = train_epoch(t)
+        if not finished:
+            state.wall_seconds = wall_before + time.perf_counter() - started
+            save_training_checkpoint(t, best=False)
+            raise Interrupted(state.step, t.stop.signum)
+        eval_started = time.perf_counter()
+        val_metrics = evaluate(t.model, t.val_loader, t.runtime)
+        eval_seconds = time.perf_counter() - eval_started
+        state.epoch, state.batches_done = epoch + 1, 0
+        state.last_train, state.last_val = train_metrics, val_metrics
+        improved = val_metrics["top1"] > state.best_top1
+        if improved:
+            state.best_top1, state.best_top5, state.best_epoch = val_metrics["top1"], val_metrics["top5"], state.epoch
+        state.wall_seconds = wall_before + time.perf_counter() - started
+        save_training_checkpoint(t, best=improved)
+        record = {
+            "epoch": state.epoch, "step": state.step, "lr": t.lr_at(max(state.step - 1, 0)),
+            **{f"train_{k}": v for k, v in train_metrics.items()},
+            **{f"val_{k}": v for k, v in val_metrics.items() if k != "count"},
+            "val_images": val_metrics["count"],
+            "epoch_seconds": round(eval_started - epoch_started, 3),
+            "eval_seconds": round(eval_seconds, 3),
+        }
+        t.logger.log_epoch(record)
+        if t.on_epoch_end is not None:
+            t.on_epoch_end(record)
+        if t.stop.requested and state.epoch < t.epochs:  # the epoch's checkpoint is already written
+            raise Interrupted(state.step, t.stop.signum)
+    return state
+
+
+def train_epoch(t: Training) -> tuple[dict[str, float], bool]:
+    """One epoch (or what is left of it). Returns its metrics and whether it ran to the end."""
+    state, runtime = t.state, t.runtime
+    t.step.train()
+    meter = t.train_meter or Meter(runtime.device)
+    t.train_meter = meter
+    guard = NonFiniteGuard(runtime.device, first_step=state.step)
+    params = [p for group in t.optimizer.param_groups for p in group["params"]]
+    total = len(t.train_loader)
+    bar = tqdm(total=total, initial=state.batches_done, desc=f"epoch {state.epoch + 1}/{t.epochs}",
+               disable=None if (t.progress and runtime.is_main) else True,  # None: only on a terminal
+               dynamic_ncols=True, leave=False)
+    images_seen = 0
+    window_images, window_started = 0, time.perf_counter()
+    started = window_started
+    finished = True
+    for images, labels in t.train_loader:
+        lr = t.lr_at(state.step)
+        set_lr(t.optimizer, lr)
+        out = t.step(images, labels)
+        t.optimizer.zero_grad(set_to_none=True)
+        t.scaler.scale(out.loss).backward()
+        if t.grad_clip_norm is not None:
+            t.scaler.unscale_(t.optimizer)
+            torch.nn.utils.clip_grad_norm_(params, t.grad_clip_norm)
+        t.scaler.step(t.optimizer)
+        t.scaler.update()
+
+        batch_size = labels.shape[0]
+        correct = topk_correct(out.logits.detach(), labels)
+        meter.update(batch_size, {"loss": out.loss.detach() * batch_size, "top1": correct[0], "top5": correct[1],
+                                  **{name: value * batch_size for name, value in out.parts.items()}})
+        guard.observe(out.loss)
+        state.step += 1
+        state.batches_done += 1
+        images_seen += batch_size
+        window_images += batch_size
+        bar.update(1)
+
+        if state.step % t.log_every_steps == 0:
+            check_finite(guard)
+            now = time.perf_counter()
+            running = _epoch_metrics(meter.compute())
+            scalars = {"loss": running.get("loss", math.nan), "lr": lr,
+                       "images_per_sec": window_images * runtime.shard.world_size / max(now - window_started, 1e-9)}
+            bar.set_postfix(loss=f"{scalars['loss']:.4f}", lr=f"{lr:.4g}", img_s=f"{scalars['images_per_sec']:.0f}")
+            t.logger.log_scalars(state.step, scalars, prefix="train/")
+            window_images, window_started = 0, now
+        if t.checkpoint_every_steps and state.step % t.checkpoint_every_steps == 0 and state.batches_done < total:
+            check_finite(guard)
+            save_training_checkpoint(t, best=False)
+        if _stop_requested(t):
+            finished = state.batches_done >= total
+            if not finished:
+                break
+    bar.close()
+    runtime.synchronize()  # epoch boundary: the time below covers all queued GPU work
+    seconds = time.perf_counter() - started
+    state.train_seconds += seconds
+    state.train_images += images_seen * runtime.shard.world_size
+    check_finite(guard)
+    if not finished:
+        return {}, False
+    meter.all_reduce()
+    metrics = _epoch_metrics(meter.compute())
+    metrics["images_per_sec"] = round(images_seen * runtime.shard.world_size / max(seconds, 1e-9), 2)
+    t.train_meter = None
+    return metrics, True
+
+
+def _stop_requested(t: Training) -> bool:
+    if not t.runtime.distributed:
+        return t.stop.requested
+    if t.state.step % t.log_every_steps:
+        return False
+    # Every rank must stop after the same step, or the others would wait forever in all-reduce.
+    flag = torch.tensor([float(t.stop.requested)], device=t.runtime.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() and not t.stop.signum:  # host sync: log interval, distributed only
+        t.stop.signum = 15
+    return bool(flag.item())
+
+
+def _epoch_metrics(means: dict[str, float]) -> dict[str, float]:
+    out = {}
+    for name, value in means.items():
+        out[name] = percent(value) if name in ("top1", "top5", "agree") else round(value, 6)
+    return out
+
+
+def check_finite(guard: NonFiniteGuard) -> None:
+    bad = guard.first_bad_step()
+    if bad is not None:
+        raise FastkdError(f"loss became non-finite (nan/inf) at step {bad + 1}; stopped without saving "
+                          "that state, the last checkpoint is intact (try a lower optim.lr, "
+                          "optim.grad_clip_norm, or runtime.precision bf16/fp32)")
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: Loader, runtime: Runtime, precision: str | None = None) -> dict[str, float]:
+    """Val loss, top-1 and top-5 over every image of the loader (all ranks), in percent."""
+    was_training = model.training
+    model.eval()
+    meter = Meter(runtime.device)
+    loader.set_epoch(0)
+    for images, labels in loader:
+        with runtime.autocast(precision):  # type: ignore[arg-type]
+            logits = model(images)
+        correct = topk_correct(logits, labels)
+        loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
+        meter.update(labels.shape[0], {"loss": loss_sum, "top1": correct[0], "top5": correct[1]})
+    meter.all_reduce()
+    model.train(was_training)
+    metrics = _epoch_metrics(meter.compute())
+    metrics["count"] = meter.count
+    return metrics
+
+
+def checkpoint_payload(t: Training) -> dict[str, Any]:
+    state = t.state
+    return {
+        **t.checkpoint_extra,
+        "model": {k: v.detach().to("cpu", memory_format=torch.contiguous_format)
+                  for k, v in t.model.state_dict().items()},
+        "epoch": state.epoch,
+        "step": state.step,
+        "best_top1": state.best_top1,
+        "state": asdict(state),
+        "optimizer": t.optimizer.state_dict(),
+        "scaler": t.scaler.state_dict(),
+        "rng": rng_state(),
+        "loader": t.train_loader.state_dict(),
+        "train_meter": t.train_meter.state_dict() if t.train_meter is not None and state.batches_done else None,
+    }
+
+
+def save_training_checkpoint(t: Training, *, best: bool) -> None:
+    """last.pt (and best.pt when the epoch improved val top-1); rank 0 only."""
+    if not t.runtime.is_main:
+        return
+    last = t.run_dir / "last.pt"
+    save_checkpoint(last, checkpoint_payload(t))
+    if best:
+        copy_checkpoint(last, t.run_dir / "best.pt")

@@ -1,0 +1,92 @@
+"""The batch contract every data backend honours, written once.
+
+A training or validation loader yields `(images, labels)`:
+
+- `images`: `[B, 3, H, W]` floating tensor on the training device, channels-last memory,
+  normalized with the ImageNet mean/std (values roughly within [-2.2, 2.7]); float32 on the
+  CPU or with fp32 precision, float16 on a GPU with reduced precision (autocast takes it on).
+- `labels`: int64 `[B]` on the same device, values in `[0, num_classes)`.
+- `len(loader)` is the number of batches of one epoch on this process (partial last batch
+  included); `loader.num_samples` the number of images this process sees per epoch.
+
+The loop never branches on the backend: it only relies on this contract and on
+`set_epoch(epoch, start_batch)` / `state_dict()` / `load_state_dict()` for exact resume.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Iterator, Protocol
+
+import torch
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Loader(Protocol):
+    num_samples: int
+    batch_size: int
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Prepare the next `iter()` to yield epoch `epoch` from batch `start_batch` on."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What, beyond (epoch, batch), is needed to resume the stream exactly."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True, kw_only=True)
+class BatchSpec:
+    """How batches must look on this run: decided by the runtime, honoured by every backend."""
+
+    device: torch.device
+    dtype: torch.dtype
+    memory_format: torch.memory_format = torch.channels_last
+
+
+@dataclass(frozen=True, kw_only=True)
+class Shard:
+    """This process's share of the data: `rank` of `world_size` (global), `local_rank` = device index."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+
+@dataclass
+class Loaders:
+    train: Loader
+    val: Loader
+    classes: list[str]
+    """Class identifiers in label order (folder names, WordNet ids or names from the class file)."""
+
+
+def normalization(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """ImageNet mean and 1/std for uint8 pixel values, shaped to broadcast over NCHW."""
+    mean = torch.tensor([255 * m for m in IMAGENET_MEAN], dtype=torch.float32).view(1, 3, 1, 1)
+    inv_std = torch.tensor([1 / (255 * s) for s in IMAGENET_STD], dtype=torch.float32).view(1, 3, 1, 1)
+    return mean.to(device, dtype), inv_std.to(device, dtype)
+
+
+def check_batch(images: torch.Tensor, labels: torch.Tensor, *, spec: BatchSpec, image_size: int,
+                num_classes: int, max_batch_size: int) -> None:
+    """Assert the contract above (used by tests and by `fastkd bench --check`); syncs the host."""
+    assert images.dim() == 4 and images.shape[1] == 3, f"images shape {tuple(images.shape)}"
+    assert tuple(images.shape[2:]) == (image_size, image_size), f"images shape {tuple(images.shape)}"
+    assert 1 <= images.shape[0] <= max_batch_size, f"batch of {images.shape[0]}"
+    assert images.dtype == spec.dtype, f"images dtype {images.dtype}, expected {spec.dtype}"
+    assert images.device.type == spec.device.type, f"images on {images.device}"
+    assert images.is_contiguous(memory_format=spec.memory_format), "images not in the expected memory format"
+    assert labels.dtype == torch.int64 and labels.shape == (images.shape[0],), \
+        f"labels {labels.dtype} {tuple(labels.shape)}"
+    assert labels.device.type == spec.device.type, f"labels on {labels.device}"
+    low, high = int(labels.min()), int(labels.max())
+    assert 0 <= low and high < num_classes, f"labels within [{low}, {high}] for {num_classes} classes"
+    assert torch.isfinite(images).all(), "non-finite pixels"
+    assert -3.0 <= float(images.min()) and float(images.max()) <= 3.0, "pixels not normalized"

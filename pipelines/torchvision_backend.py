@@ -1,0 +1,170 @@
+"""The torchvision DataLoader baseline: PIL decoding in worker processes, uint8 batches
+normalized on the device.
+
+Augmentation matches the DALI pipeline and the original project: RandomResizedCrop
+(area 0.08-1, aspect 3/4-4/3) + horizontal flip for training; resize of the shorter side to
+`val_resize` + centre crop for validation. The random draws come from a per-sample generator
+seeded by (seed, epoch, sample index) rather than the worker's global RNG, so the augmented
+stream is the same for any number of workers and can be resumed at any batch.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torchvision.transforms.functional as TF
+from PIL import Image, ImageOps
+
+from pipelines.base import BatchSpec, Shard, normalization
+from pipelines.datasets import Split
+
+CROP_AREA = (0.08, 1.0)
+CROP_RATIO = (3 / 4, 4 / 3)
+
+
+def decode_rgb(path: str) -> Image.Image:
+    """Decode any PIL-readable image to RGB, applying its EXIF orientation like DALI does."""
+    with Image.open(path) as image:
+        image = ImageOps.exif_transpose(image)
+        return image.convert("RGB")
+
+
+def random_resized_crop_box(width: int, height: int, rng: random.Random,
+                            area: tuple[float, float] = CROP_AREA,
+                            ratio: tuple[float, float] = CROP_RATIO) -> tuple[int, int, int, int]:
+    """(top, left, height, width) drawn as torchvision's RandomResizedCrop.get_params does."""
+    image_area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = image_area * rng.uniform(*area)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    # Fallback: centre crop at the closest allowed aspect ratio.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """Augmentation seed of one sample in one epoch: independent of rank, worker and position."""
+    return hash((seed, epoch, index)) & 0xFFFF_FFFF_FFFF
+
+
+class ImageListDataset(torch.utils.data.Dataset):
+    """Items are `(sample index, augmentation seed)` pairs; returns HWC uint8 and the label."""
+
+    def __init__(self, split: Split, *, train: bool, image_size: int, val_resize: int):
+        self.files = split.files
+        self.labels = split.labels
+        self.train = train
+        self.image_size = image_size
+        self.val_resize = val_resize
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
+        index, seed = item
+        image = decode_rgb(self.files[index])
+        size = [self.image_size, self.image_size]
+        if self.train:
+            rng = random.Random(seed)
+            top, left, h, w = random_resized_crop_box(image.width, image.height, rng)
+            image = TF.resized_crop(image, top, left, h, w, size, antialias=True)
+            if rng.random() < 0.5:
+                image = TF.hflip(image)
+        else:
+            image = TF.center_crop(TF.resize(image, self.val_resize, antialias=True), size)
+        return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)), self.labels[index]
+
+
+class EpochSampler(torch.utils.data.Sampler):
+    """One rank's `(index, seed)` items for one epoch, from a given batch on.
+
+    Training (`shuffle=True`): a permutation seeded by (seed, epoch), padded by wrapping to a
+    multiple of the world size so every rank takes the same number of steps (as
+    DistributedSampler does). Validation: the natural order split `rank::world_size` without
+    padding, so every image is counted exactly once across ranks.
+    """
+
+    def __init__(self, num_items: int, *, shuffle: bool, seed: int, shard: Shard, batch_size: int):
+        self.num_items = num_items
+        self.shuffle = shuffle
+        self.seed = seed
+        self.shard = shard
+        self.batch_size = batch_size
+        self.epoch = 0
+        self.start_batch = 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def indices(self) -> list[int]:
+        """This rank's sample indices for the whole current epoch."""
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+            order = torch.randperm(self.num_items, generator=generator).tolist()
+            padded = math.ceil(self.num_items / self.shard.world_size) * self.shard.world_size
+            order += order[: padded - self.num_items]
+        else:
+            order = list(range(self.num_items))
+        return order[self.shard.rank::self.shard.world_size]
+
+    def __len__(self) -> int:
+        return max(0, len(self.indices()) - self.start_batch * self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for index in self.indices()[self.start_batch * self.batch_size:]:
+            yield index, sample_seed(self.seed, self.epoch, index)
+
+
+class TorchvisionLoader:
+    """DataLoader over an image list, handing over batches per the contract in `pipelines.base`."""
+
+    def __init__(self, split: Split, *, train: bool, batch_size: int, image_size: int, val_resize: int,
+                 num_workers: int, seed: int, shard: Shard, spec: BatchSpec):
+        self.batch_size = batch_size
+        self.spec = spec
+        self.sampler = EpochSampler(len(split), shuffle=train, seed=seed, shard=shard, batch_size=batch_size)
+        self.num_samples = len(self.sampler.indices())
+        dataset = ImageListDataset(split, train=train, image_size=image_size, val_resize=val_resize)
+        self._loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
+            pin_memory=spec.device.type == "cuda", drop_last=False,
+            persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
+            # Its own generator: drawing worker seeds must not consume the global RNG (exact resume).
+            generator=torch.Generator().manual_seed(seed))
+        self._mean, self._inv_std = normalization(spec.device, spec.dtype)
+
+    def __len__(self) -> int:
+        return math.ceil(self.num_samples / self.batch_size)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.sampler.set_epoch(epoch, start_batch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}  # the stream is a pure function of (seed, epoch, batch)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        device, dtype = self.spec.device, self.spec.dtype
+        for pixels, labels in self._loader:
+            # NHWC uint8 -> NCHW view with channels-last strides; the normalization keeps them.
+            images = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).to(dtype)
+            images = images.sub_(self._mean).mul_(self._inv_std)
+            yield (images.contiguous(memory_format=self.spec.memory_format),
+                   labels.to(device, non_blocking=True))

@@ -1,0 +1,160 @@
+from __future__ import annotations
+
+import math
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from fastkd.config import DataConfig
+from fastkd.errors import DataError
+from pipelines import build_loaders
+from pipelines.base import BatchSpec, Shard, check_batch
+from pipelines.datasets import load_dataset
+from pipelines.torchvision_backend import EpochSampler, random_resized_crop_box
+
+CPU = BatchSpec(device=torch.device("cpu"), dtype=torch.float32)
+BACKENDS = ["torchvision", "synthetic"]
+
+
+def data_config(root: Path, backend: str, **kw) -> DataConfig:
+    values = dict(root=str(root), backend=backend, dali_device="cpu", image_size=32, val_resize=36,
+                  batch_size=7, num_workers=1, synthetic_num_classes=10, synthetic_train_samples=40,
+                  synthetic_val_samples=20)
+    values.update(kw)
+    return DataConfig(**values)
+
+
+def require_backend(backend: str) -> None:
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_every_backend_honours_the_batch_contract(backend, tiny_imagefolder):
+    require_backend(backend)
+    cfg = data_config(tiny_imagefolder, backend)
+    loaders = build_loaders(cfg, spec=CPU, seed=0)
+    num_classes = len(loaders.classes)
+    assert num_classes == 10
+    for loader, expected_samples in ((loaders.train, 40), (loaders.val, 20)):
+        assert loader.num_samples == expected_samples
+        assert len(loader) == math.ceil(expected_samples / 7)
+        for _ in range(2):  # two epochs: the loader restarts cleanly
+            loader.set_epoch(0)
+            sizes = []
+            for images, labels in loader:
+                check_batch(images, labels, spec=CPU, image_size=32, num_classes=num_classes, max_batch_size=7)
+                sizes.append(labels.shape[0])
+            assert sum(sizes) == expected_samples and len(sizes) == len(loader)
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+def test_validation_sees_every_image_once_in_label_order(backend, tiny_imagefolder):
+    require_backend(backend)
+    loaders = build_loaders(data_config(tiny_imagefolder, backend), spec=CPU, seed=0)
+    labels = torch.cat([labels for _, labels in loaders.val]).tolist()
+    assert sorted(labels) == sorted([c for c in range(10) for _ in range(2)])
+
+
+def test_imagefolder_layout_lists_classes_in_sorted_order(tiny_imagefolder):
+    dataset = load_dataset("imagefolder", tiny_imagefolder)
+    assert list(dataset.classes) == sorted(dataset.classes)
+    assert len(dataset.train) == 40 and len(dataset.val) == 20
+    for path, label in zip(dataset.train.files, dataset.train.labels):
+        assert Path(path).parent.name == dataset.classes[label]
+
+
+def copy_dataset(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    return target
+
+
+def test_missing_root_empty_class_and_val_only_class_are_errors(tiny_imagefolder, tmp_path):
+    with pytest.raises(DataError, match="data.root: dataset folder not found: .*nowhere"):
+        load_dataset("imagefolder", tmp_path / "nowhere")
+    root = copy_dataset(tiny_imagefolder, tmp_path / "empty-class")
+    (root / "train" / "zzz_empty").mkdir()
+    with pytest.raises(DataError, match="class folder has no images .*zzz_empty"):
+        load_dataset("imagefolder", root)
+    root = copy_dataset(tiny_imagefolder, tmp_path / "extra-val")
+    shutil.copytree(root / "val" / "cool_disc", root / "val" / "mystery")
+    with pytest.raises(DataError, match="val class folder\\(s\\) missing from train: mystery"):
+        load_dataset("imagefolder", root)
+    root = tmp_path / "no-val"
+    shutil.copytree(tiny_imagefolder / "train", root / "train")
+    with pytest.raises(DataError, match="imagefolder layout needs val/"):
+        load_dataset("imagefolder", root)
+
+
+def test_upper_case_extensions_and_nested_folders_are_found(tiny_imagefolder, tmp_path):
+    root = copy_dataset(tiny_imagefolder, tmp_path / "case")
+    first = next((root / "train" / "cool_disc").iterdir())
+    (root / "train" / "cool_disc" / "nested").mkdir()
+    first.rename(root / "train" / "cool_disc" / "nested" / "UPPER.JPG")
+    (root / "train" / "cool_disc" / "notes.txt").write_text("not an image")
+    dataset = load_dataset("imagefolder", root)
+    assert len(dataset.train) == 40
+    assert any(f.endswith("nested/UPPER.JPG") for f in dataset.train.files)
+
+
+def test_training_order_is_a_seeded_permutation_that_changes_every_epoch():
+    sampler = EpochSampler(50, shuffle=True, seed=3, shard=Shard(), batch_size=8)
+    sampler.set_epoch(0)
+    first = [i for i, _ in sampler]
+    sampler.set_epoch(1)
+    second = [i for i, _ in sampler]
+    assert sorted(first) == list(range(50)) == sorted(second) and first != second
+    again = EpochSampler(50, shuffle=True, seed=3, shard=Shard(), batch_size=8)
+    again.set_epoch(0)
+    assert [i for i, _ in again] == first
+
+
+def test_resuming_at_a_batch_yields_the_rest_of_the_same_stream():
+    sampler = EpochSampler(50, shuffle=True, seed=1, shard=Shard(), batch_size=8)
+    sampler.set_epoch(2)
+    full = list(sampler)
+    sampler.set_epoch(2, start_batch=3)
+    assert list(sampler) == full[24:] and len(sampler) == 26
+
+
+def test_shards_are_disjoint_equal_sized_and_cover_the_data():
+    world = 3
+    train = [EpochSampler(50, shuffle=True, seed=0, shard=Shard(rank=r, world_size=world), batch_size=4)
+             for r in range(world)]
+    for s in train:
+        s.set_epoch(5)
+    shards = [[i for i, _ in s] for s in train]
+    assert {len(s) for s in shards} == {17}  # padded so every rank takes the same steps
+    assert set().union(*shards) == set(range(50))
+    val = [EpochSampler(50, shuffle=False, seed=0, shard=Shard(rank=r, world_size=world), batch_size=4)
+           for r in range(world)]
+    val_shards = [[i for i, _ in s] for s in val]
+    assert sorted(sum(val_shards, [])) == list(range(50))  # every val image exactly once
+
+
+def test_crop_box_stays_inside_the_image_with_the_allowed_area_and_ratio():
+    rng = random.Random(0)
+    for _ in range(2000):
+        width, height = rng.randint(20, 600), rng.randint(20, 600)
+        top, left, h, w = random_resized_crop_box(width, height, rng)
+        assert 0 <= top and top + h <= height and 0 <= left and left + w <= width and h > 0 and w > 0
+
+
+def test_unusual_images_decode_to_rgb(tmp_path):
+    from pipelines.torchvision_backend import decode_rgb
+
+    Image.new("L", (30, 20), 128).save(tmp_path / "gray.jpg")
+    Image.new("CMYK", (30, 20), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg")
+    Image.new("RGBA", (30, 20), (255, 0, 0, 128)).save(tmp_path / "png_named.jpg", format="PNG")
+    rotated = Image.new("RGB", (30, 20), (0, 0, 255))
+    exif = rotated.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    rotated.save(tmp_path / "exif.jpg", exif=exif)
+    for name in ("gray.jpg", "cmyk.jpg", "png_named.jpg"):
+        image = decode_rgb(str(tmp_path / name))
+        assert image.mode == "RGB" and image.size == (30, 20), name
+    assert decode_rgb(str(tmp_path / "exif.jpg")).size == (20, 30)
