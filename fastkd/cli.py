@@ -30,10 +30,28 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in its run directory")
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    distill = commands.add_parser("distill", help="train a student against a frozen teacher")
+    _add_config_args(distill)
+    distill.add_argument("--resume", action="store_true", help="continue the run in its run directory")
+    distill.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     evaluate = commands.add_parser("eval", help="val top-1/top-5 of a checkpoint")
     evaluate.add_argument("--checkpoint", required=True, type=Path)
     evaluate.add_argument("--arch", help="model builder for a plain state_dict (default: model.arch)")
     _add_config_args(evaluate)
+
+    demo = commands.add_parser("demo", help="teacher, student alone, student distilled on the demo data")
+    demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for the demo's runs")
+    demo.add_argument("--seeds", type=int, nargs="+", default=[0], help="student seeds (spread over seeds)")
+    demo.add_argument("--configs", type=Path, help="folder with teacher/student/distill.yaml (default configs/demo)")
+    demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for all three configs")
+
+    export = commands.add_parser("export", help="write a run's student as a torchvision state_dict (+ ONNX)")
+    export.add_argument("run_dir", type=Path)
+    export.add_argument("--out", type=Path, required=True, help="state_dict path, e.g. student.pt")
+    export.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    export.add_argument("--onnx", action="store_true", help="also write OUT with .onnx, checked with onnxruntime")
 
     data = commands.add_parser("data", help="dataset tools")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="TOOL")
@@ -42,6 +60,11 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--train-per-class", type=int, default=100)
     synth.add_argument("--val-per-class", type=int, default=30)
     synth.add_argument("--seed", type=int, default=0)
+
+    mini = data_commands.add_parser("mini-imagenet", help="write the original project's 480/120 split "
+                                    "(new_train.csv, new_val.csv, classes_name.json) into ROOT")
+    mini.add_argument("root", type=Path, help="folder with images/, train.csv, val.csv, test.csv")
+    mini.add_argument("--class-index", type=Path, help="imagenet_class_index.json for human-readable names")
 
     config = commands.add_parser("config", help="show a resolved config, or the reference of all keys")
     config.add_argument("what", choices=["show", "reference"])
@@ -66,13 +89,14 @@ def main(argv: Sequence[str] | None = None) -> None:
 def _dispatch(args: argparse.Namespace, argv: list[str]) -> None:
     from fastkd.config import load_config
 
-    if args.command == "train":
+    if args.command in ("train", "distill"):
         from fastkd import engine
         from fastkd.loop import Interrupted
 
         cfg = load_config(args.config, args.overrides)
+        run = engine.train if args.command == "train" else engine.distill
         try:
-            result = engine.train(cfg, resume=args.resume, progress=not args.no_progress)
+            result = run(cfg, resume=args.resume, progress=not args.no_progress)
         except Interrupted as stop:
             _exit_interrupted(stop, argv)
         _print_summary(result.run_dir, result.summary)
@@ -83,6 +107,20 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> None:
         metrics = engine.evaluate_checkpoint(cfg, args.checkpoint, arch=args.arch)
         print(f"{metrics['arch']} {args.checkpoint}: val top1 {metrics['top1']:.2f}  top5 {metrics['top5']:.2f}  "
               f"loss {metrics['loss']:.4f}  ({metrics['count']} images)")
+    elif args.command == "demo":
+        from fastkd.demo import run_demo
+
+        result = run_demo(args.out, seeds=args.seeds, overrides=args.overrides, configs=args.configs,
+                          progress=not args.no_progress)
+        print(f"\n{result['table']}\n\n{result['verdict']}\n(written to {args.out / 'demo.md'})")
+    elif args.command == "export":
+        from fastkd.export import export_student
+
+        meta = export_student(args.run_dir, args.out, checkpoint=args.checkpoint, onnx=args.onnx)
+        written = [args.out, args.out.with_suffix(".json")] + ([args.out.with_suffix(".onnx")] if args.onnx else [])
+        check = f" (ONNX max |diff| vs PyTorch {meta['onnx_max_abs_diff']:.1e})" if args.onnx else ""
+        print(f"exported {meta['arch']} ({meta['num_classes']} classes, val top1 {meta['best_top1']:.2f}) to "
+              f"{', '.join(map(str, written))}{check}")
     elif args.command == "data":
         if args.data_command == "synth":
             from fastkd.synth import DemoSpec, generate_demo_dataset
@@ -93,6 +131,13 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> None:
             generate_demo_dataset(args.out, spec)
             print(f"wrote {len(spec.classes)} classes x ({spec.train_per_class} train + {spec.val_per_class} val) "
                   f"images to {args.out}")
+        elif args.data_command == "mini-imagenet":
+            from pipelines.mini_imagenet import read_class_index, split_mini_imagenet
+
+            names = read_class_index(args.class_index) if args.class_index else None
+            counts = split_mini_imagenet(args.root, names)
+            print(f"wrote new_train.csv ({counts['train']} images), new_val.csv ({counts['val']}) and "
+                  f"classes_name.json ({counts['classes']} classes) into {args.root}")
     elif args.command == "config":
         from fastkd.config import dump_config, reference_markdown
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import signal
 import time
 from dataclasses import dataclass
@@ -24,10 +25,11 @@ from fastkd.env import collect_env
 from fastkd.errors import CheckpointError, ConfigError, FastkdError
 from fastkd.loop import StopFlag, TrainState, Training, evaluate, fit
 from fastkd.metrics import Meter, RunLogger
-from fastkd.models import check_arch, count_parameters, create_model
+from fastkd.losses import distillation_term
+from fastkd.models import check_arch, count_parameters, create_model, load_teacher
 from fastkd.optim import create_optimizer, lr_at
 from fastkd.runtime import Runtime, create_runtime, seed_everything, set_rng_state, shard_from_env
-from fastkd.steps import ClassificationStep
+from fastkd.steps import ClassificationStep, DistillationStep
 from pipelines import build_loaders, load_data
 from pipelines.base import Loaders
 
@@ -43,6 +45,53 @@ def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> RunRes
     if cfg.distill is not None:
         raise ConfigError("distill: this config has a distill section; run it with `fastkd distill`")
     return _run(cfg, resume=resume, progress=progress, make_step=None)
+
+
+def distill(cfg: Config, *, resume: bool = False, progress: bool = True) -> RunResult:
+    """`fastkd distill`: train `model.arch` against the frozen `distill.teacher`."""
+    if cfg.distill is None:
+        raise ConfigError("distill: `fastkd distill` needs a distill section (at least teacher.arch and "
+                          "teacher.checkpoint)")
+    return _run(cfg, resume=resume, progress=progress, make_step=_make_distillation_step)
+
+
+def _make_distillation_step(cfg: Config, runtime: Runtime, student: nn.Module,
+                            loaders: Loaders) -> tuple[nn.Module, dict[str, Any]]:
+    kd = cfg.distill
+    assert kd is not None
+    teacher = load_teacher(kd.teacher.arch, kd.teacher.checkpoint_path, loaders.classes,
+                           image_size=cfg.data.image_size)
+    teacher, _ = runtime.prepare_model(teacher, trainable=False)
+    teacher_precision = runtime.resolve_precision(kd.teacher.precision)
+    measured = evaluate(teacher, loaders.val, runtime, precision=teacher_precision)
+    chance = 100.0 / len(loaders.classes)
+    if runtime.is_main:
+        print(f"teacher {kd.teacher.arch} ({kd.teacher.checkpoint_path}): val top1 {measured['top1']:.2f} "
+              f"top5 {measured['top5']:.2f} (chance {chance:.2f})", flush=True)
+    if measured["top1"] < near_chance_top1(len(loaders.classes), measured["count"]) and not kd.allow_weak_teacher:
+        raise FastkdError(f"distill.teacher.checkpoint: the teacher's val top-1 is {measured['top1']:.2f}%, near "
+                          f"chance ({chance:.2f}%): is {kd.teacher.checkpoint_path} the trained teacher? "
+                          "(set distill.allow_weak_teacher: true to distil anyway)")
+    step = DistillationStep(
+        student, teacher, term=distillation_term(kd), kd_weight=kd.kd_weight, ce_weight=kd.ce_weight,
+        autocast=runtime.autocast, teacher_autocast=lambda: runtime.autocast(teacher_precision),
+        side_stream=kd.side_stream)
+    return step, {"teacher": {"arch": kd.teacher.arch, "checkpoint": str(kd.teacher.checkpoint_path),
+                              "val_top1": measured["top1"], "val_top5": measured["top5"],
+                              "precision": teacher_precision},
+                  "loss": kd.loss, "temperature": kd.temperature, "kd_weight": kd.kd_weight,
+                  "ce_weight": kd.ce_weight}
+
+
+def near_chance_top1(num_classes: int, num_images: int) -> float:
+    """Top-1 (percent) below which a teacher is indistinguishable from guessing.
+
+    Twice the chance rate, or chance plus three binomial standard deviations on a small
+    validation set, whichever is higher.
+    """
+    p = 1.0 / num_classes
+    three_sigma = 3 * math.sqrt(p * (1 - p) / max(num_images, 1))
+    return 100.0 * max(2 * p, p + three_sigma)
 
 
 def _run(cfg: Config, *, resume: bool, progress: bool,
@@ -191,9 +240,12 @@ def _stop_on_signals(flag: StopFlag) -> Iterator[None]:
 
 
 def _print_epoch(record: dict[str, Any]) -> None:
-    print(f"epoch {record['epoch']:>3}  train loss {record['train_loss']:.4f} top1 {record['train_top1']:6.2f}  "
-          f"val loss {record['val_loss']:.4f} top1 {record['val_top1']:6.2f} top5 {record['val_top5']:6.2f}  "
-          f"{record['train_images_per_sec']:8.1f} img/s  {record['epoch_seconds']:.1f}s", flush=True)
+    parts = "".join(f" {name} {record[f'train_{name}']:.4f}" for name in ("ce", "kd") if f"train_{name}" in record
+                    and "train_kd" in record)
+    agree = f" agree {record['train_agree']:5.1f}" if "train_agree" in record else ""
+    print(f"epoch {record['epoch']:>3}  train loss {record['train_loss']:.4f}{parts} top1 {record['train_top1']:6.2f}"
+          f"{agree}  val loss {record['val_loss']:.4f} top1 {record['val_top1']:6.2f} top5 {record['val_top5']:6.2f}"
+          f"  {record['train_images_per_sec']:8.1f} img/s  {record['epoch_seconds']:.1f}s", flush=True)
 
 
 def _summary(cfg: Config, runtime: Runtime, state: TrainState, loaders: Loaders, num_params: int,

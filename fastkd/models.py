@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import difflib
 import functools
+from pathlib import Path
 
 import torch
 import torchvision
 from torch import nn
 
-from fastkd.errors import ConfigError
+from fastkd.errors import CheckpointError, ConfigError
 
 
 @functools.cache
@@ -51,3 +52,66 @@ def state_dict_for_export(model: nn.Module) -> dict[str, torch.Tensor]:
     """A plain CPU state_dict that `torchvision.models.<arch>(num_classes=N)` loads strictly."""
     return {k: v.detach().to("cpu", memory_format=torch.contiguous_format).clone()
             for k, v in model.state_dict().items()}
+
+
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+def _strip_wrapper_prefixes(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Keys saved from DDP- or torch.compile-wrapped models, as plain module keys."""
+    out = {}
+    for key, value in state_dict.items():
+        while key.startswith(_WRAPPER_PREFIXES):
+            key = key.split(".", 1)[1]
+        out[key] = value
+    return out
+
+
+def describe_class_difference(theirs: list[str], ours: list[str]) -> str:
+    if set(theirs) == set(ours):
+        first = next(i for i, (a, b) in enumerate(zip(theirs, ours)) if a != b)
+        return (f"same {len(ours)} classes in another order (label {first} is {theirs[first]!r} for the "
+                f"teacher, {ours[first]!r} in the data)")
+    missing, extra = sorted(set(ours) - set(theirs)), sorted(set(theirs) - set(ours))
+    parts = [f"teacher has {len(theirs)} classes, the data {len(ours)}"]
+    if missing:
+        parts.append(f"not in the teacher: {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}")
+    if extra:
+        parts.append(f"not in the data: {', '.join(extra[:5])}{' ...' if len(extra) > 5 else ''}")
+    return "; ".join(parts)
+
+
+def load_teacher(arch: str, checkpoint: Path, classes: list[str], *, image_size: int = 224) -> nn.Module:
+    """A trained teacher, loaded strictly; every mismatch is an error naming the checkpoint.
+
+    Accepts a fastkd checkpoint (its arch and class names are checked against the run) or a
+    plain torchvision state_dict (optionally under a `state_dict`/`model` key, with DDP or
+    torch.compile prefixes), whose shapes must fit `arch` with `len(classes)` outputs.
+    """
+    from fastkd.checkpoint import is_fastkd_checkpoint, load_checkpoint
+
+    payload = load_checkpoint(checkpoint)
+    key = "distill.teacher.checkpoint"
+    if is_fastkd_checkpoint(payload):
+        if payload["arch"] != arch:
+            raise CheckpointError(f"{key}: {checkpoint} holds a {payload['arch']}, but distill.teacher.arch is {arch}")
+        if list(payload["classes"]) != list(classes):
+            raise CheckpointError(f"{key}: {checkpoint} was trained on other classes than this dataset's: "
+                                  f"{describe_class_difference(list(payload['classes']), list(classes))}")
+        state_dict = payload["model"]
+    else:
+        state_dict = payload
+        for nested in ("state_dict", "model"):
+            if isinstance(state_dict.get(nested), dict):
+                state_dict = state_dict[nested]
+        if not state_dict or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+            raise CheckpointError(f"{key}: {checkpoint} is neither a fastkd checkpoint nor a state_dict")
+        state_dict = _strip_wrapper_prefixes(state_dict)
+    model = create_model(arch, len(classes), image_size=image_size, key="distill.teacher.arch")
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except RuntimeError as exc:
+        detail = " ".join(str(exc).split())
+        raise CheckpointError(f"{key}: {checkpoint} does not fit {arch} with {len(classes)} classes "
+                              f"({detail[:300]})") from None
+    return freeze(model)

@@ -84,20 +84,21 @@ def render_image(spec: DemoSpec, label: int, rng: np.random.Generator) -> Image.
     family, shape = spec.classes[label].split("_")
     width, height = (int(v) for v in rng.integers(spec.min_side, spec.max_side + 1, size=2))
     # Background: a smooth random colour field plus pixel noise.
-    coarse = rng.uniform(40, 215, size=(4, 4, 3)).astype(np.uint8)
+    grey = rng.uniform(70, 190, size=(4, 4, 1))
+    coarse = (0.6 * grey + 0.4 * rng.uniform(40, 215, size=(4, 4, 3))).astype(np.uint8)
     background = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
     image = background.copy()
     draw = ImageDraw.Draw(image)
     short = min(width, height)
     # Distractors: smaller, desaturated shapes of any kind.
-    for _ in range(int(rng.integers(2, 6))):
-        r = short * rng.uniform(0.05, 0.13)
+    for _ in range(int(rng.integers(1, 4))):
+        r = short * rng.uniform(0.04, 0.10)
         colour = _hsv_to_rgb(rng.uniform(0, 360), rng.uniform(0.0, 0.35), rng.uniform(0.3, 0.95))
         _draw_shape(draw, SHAPES[int(rng.integers(len(SHAPES)))], rng.uniform(r, width - r),
                     rng.uniform(r, height - r), r, rng.uniform(0, 2 * math.pi), colour,
                     background.getpixel((0, 0)))
     # The class object.
-    r = short * rng.uniform(0.14, 0.32)
+    r = short * rng.uniform(0.22, 0.40)
     cx, cy = rng.uniform(r, width - r), rng.uniform(r, height - r)
     hue = rng.normal(FAMILIES[family], HUE_SPREAD)
     colour = _hsv_to_rgb(hue, rng.uniform(0.55, 1.0), rng.uniform(0.55, 1.0))

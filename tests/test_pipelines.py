@@ -17,7 +17,7 @@ from pipelines.datasets import load_dataset
 from pipelines.torchvision_backend import EpochSampler, random_resized_crop_box
 
 CPU = BatchSpec(device=torch.device("cpu"), dtype=torch.float32)
-BACKENDS = ["torchvision", "synthetic"]
+BACKENDS = ["torchvision", "synthetic", "dali"]
 
 
 def data_config(root: Path, backend: str, **kw) -> DataConfig:

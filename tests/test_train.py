@@ -123,11 +123,15 @@ def stop_after(monkeypatch, step: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch, stop_step", [("resnet18", 7), ("mobilenet_v3_small", 5)])
+@pytest.mark.parametrize("arch, stop_step, backend", [("resnet18", 7, "torchvision"),
+                                                      ("mobilenet_v3_small", 5, "torchvision"),
+                                                      ("resnet18", 3, "dali")])
 def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tiny_imagefolder, tmp_path, monkeypatch,
-                                                                   arch, stop_step):
+                                                                   arch, stop_step, backend):
     # mobilenet_v3_small has dropout: resuming must also restore the RNG exactly.
-    sections = {"model": {"arch": arch}, "data": {"num_workers": 2}}
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    sections = {"model": {"arch": arch}, "data": {"num_workers": 2, "backend": backend, "dali_device": "cpu"}}
     straight = tiny_config(tiny_imagefolder, tmp_path / "a", **sections)
     engine.train(straight, progress=False)
 

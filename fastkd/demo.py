@@ -1,0 +1,94 @@
+"""`fastkd demo`: teacher, student alone, student distilled, on the built-in demo data.
+
+Runs `configs/demo/{teacher,student,distill}.yaml` (the teacher once, the two student runs
+once per seed) and prints one table. Re-running continues: finished runs are reused,
+interrupted ones resumed.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any, Sequence
+
+import fastkd
+from fastkd import engine
+from fastkd.config import Config, load_config
+from fastkd.errors import FastkdError
+from fastkd.report import markdown_table
+
+
+def find_demo_configs(explicit: Path | None = None) -> Path:
+    candidates = [explicit] if explicit else [Path(fastkd.__file__).resolve().parents[1] / "configs" / "demo",
+                                              Path.cwd() / "configs" / "demo"]
+    for folder in candidates:
+        if folder is not None and all((folder / f"{n}.yaml").is_file() for n in ("teacher", "student", "distill")):
+            return folder
+    raise FastkdError("demo configs not found (configs/demo/teacher.yaml, student.yaml, distill.yaml): run "
+                      "`fastkd demo` from a checkout of fastkd, or pass --configs DIR")
+
+
+def _run_or_reuse(cfg: Config, *, progress: bool) -> dict[str, Any]:
+    run_dir = cfg.run_dir
+    if (run_dir / "summary.json").is_file():
+        print(f"[demo] reusing finished run {run_dir}", flush=True)
+        return json.loads((run_dir / "summary.json").read_text())
+    resume = (run_dir / "last.pt").is_file()
+    print(f"[demo] {'resuming' if resume else 'starting'} {run_dir}", flush=True)
+    run = engine.distill if cfg.distill is not None else engine.train
+    return run(cfg, resume=resume, progress=progress).summary
+
+
+def run_demo(out_dir: Path, *, seeds: Sequence[int] = (0,), overrides: Sequence[str] = (),
+             configs: Path | None = None, progress: bool = True) -> dict[str, Any]:
+    folder = find_demo_configs(configs)
+    common = [o for o in overrides if not o.startswith("distill.")]
+    distill_only = [o for o in overrides if o.startswith("distill.")]
+    base = [f"run.out_dir={out_dir}", *common]
+    teacher_cfg = load_config(folder / "teacher.yaml", base)
+    teacher = _run_or_reuse(teacher_cfg, progress=progress)
+    rows = [("teacher", teacher_cfg, teacher, 0)]
+    for seed in seeds:
+        per_seed = [f"run.seed={seed}"]
+        student_cfg = load_config(folder / "student.yaml", [*base, *per_seed, f"run.name=student-s{seed}"])
+        rows.append(("student alone", student_cfg, _run_or_reuse(student_cfg, progress=progress), seed))
+        distill_cfg = load_config(folder / "distill.yaml", [
+            *base, *per_seed, f"run.name=distill-s{seed}",
+            f"distill.teacher.checkpoint={teacher_cfg.run_dir / 'best.pt'}", *distill_only])
+        rows.append(("student distilled", distill_cfg, _run_or_reuse(distill_cfg, progress=progress), seed))
+
+    table = markdown_table(
+        ["run", "model", "seed", "best val top-1", "final val top-1", "images/s", "wall s"],
+        [[role, cfg.model.arch, seed, f"{s['best_val_top1']:.2f}", f"{s['final_val_top1']:.2f}",
+          f"{s['images_per_sec']:.0f}", f"{s['wall_seconds']:.0f}"] for role, cfg, s, seed in rows])
+    alone = [s["best_val_top1"] for role, _, s, _ in rows if role == "student alone"]
+    distilled = [s["best_val_top1"] for role, _, s, _ in rows if role == "student distilled"]
+    verdict = _verdict(alone, distilled)
+    result = {"table": table, "verdict": verdict, "teacher_top1": teacher["best_val_top1"],
+              "student_alone_top1": alone, "student_distilled_top1": distilled, "seeds": list(seeds),
+              "device": teacher.get("device")}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "demo.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out_dir / "demo.md").write_text(table + "\n\n" + verdict + "\n")
+    return result
+
+
+def _spread(values: list[float]) -> str:
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f} (n={len(values)})"
+
+
+def _verdict(alone: list[float], distilled: list[float]) -> str:
+    gain = statistics.mean(distilled) - statistics.mean(alone)
+    spread = max(statistics.stdev(alone) if len(alone) > 1 else 0.0,
+                 statistics.stdev(distilled) if len(distilled) > 1 else 0.0)
+    if len(alone) < 2:
+        judgement = "one seed only: run with --seeds 0 1 2 to see whether the difference exceeds seed noise"
+    elif abs(gain) <= spread:
+        judgement = "within the seed-to-seed spread: no clear effect"
+    else:
+        judgement = "distillation helped" if gain > 0 else "distillation hurt"
+    return (f"Best val top-1, student alone {_spread(alone)} vs distilled {_spread(distilled)}: "
+            f"{gain:+.2f} points; {judgement}.")

@@ -1,0 +1,213 @@
+"""NVIDIA DALI pipelines: JPEG decoding and augmentation on the GPU (or DALI's CPU backend).
+
+Training:   file reader -> fused decode + random-resized-crop -> resize to image_size ->
+            random horizontal flip + normalize (fp16 on a GPU with AMP, else fp32), HWC
+Validation: file reader -> decode -> resize shorter side to val_resize -> centre crop +
+            normalize, HWC
+
+HWC batches become NCHW channels-last views with `permute(0, 3, 1, 2)`: no copy. On a GPU the
+decoder is `mixed` (nvJPEG, with a share of the images on the hardware JPEG decoder of
+A100/H100-class GPUs); without one the same graph runs with `cpu` operators.
+
+Order: the file list is permuted once with the run's seed, then the reader reshuffles the
+whole list after every epoch (`shuffle_after_epoch`, the same order on every shard). The
+training pipeline has DALI checkpointing enabled: `state_dict()` holds the reader position and
+every random generator, so a resumed run sees the same samples and augmentations.
+"""
+
+from __future__ import annotations
+
+import random
+from typing import Any, Iterator
+
+import torch
+
+from fastkd.config import DataConfig
+from fastkd.errors import ConfigError
+from pipelines.base import IMAGENET_MEAN, IMAGENET_STD, BatchSpec, Loaders, Shard
+from pipelines.datasets import Dataset, Split
+from pipelines.torchvision_backend import CROP_AREA, CROP_RATIO
+
+try:
+    import nvidia.dali.math as dmath
+    from nvidia.dali import fn, pipeline_def, types
+    from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+except ImportError as exc:  # pragma: no cover - depends on the install
+    _IMPORT_ERROR: ImportError | None = exc
+else:
+    _IMPORT_ERROR = None
+
+READER = "Reader"
+# Buffer sizes from NVIDIA's ImageNet examples: enough for nvJPEG and the hardware decoder to
+# preallocate once instead of growing buffers during the first epochs.
+DEVICE_MEMORY_PADDING = 211_025_920
+HOST_MEMORY_PADDING = 140_544_512
+PREALLOCATE_WIDTH_HINT = 5980
+PREALLOCATE_HEIGHT_HINT = 6430
+
+
+def resolve_dali_device(requested: str) -> str:
+    if requested == "gpu" and not torch.cuda.is_available():
+        raise ConfigError("data.dali_device: gpu requested but no CUDA GPU is available; use auto or cpu")
+    if requested == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    return requested
+
+
+def _require_dali() -> None:
+    if _IMPORT_ERROR is not None:
+        raise ConfigError("data.backend: dali needs NVIDIA DALI (pip install 'fastkd[dali]', or "
+                          f"nvidia-dali-cuda130 for CUDA 13); import failed: {_IMPORT_ERROR}")
+
+
+def _normalize(images, *, dtype, mirror=None):
+    kwargs = {"mirror": mirror} if mirror is not None else {}
+    return fn.crop_mirror_normalize(
+        images, dtype=dtype, output_layout="HWC",
+        mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD], **kwargs)
+
+
+def _train_graph(files: list[str], labels: list[int], *, device: str, image_size: int, shard: Shard,
+                 hw_decoder_load: float, dtype):
+    # pad_last_batch: the reader stops at the end of its shard (padding the last batch, which the
+    # iterator drops or keeps per its policy) instead of reading on into the next epoch's order.
+    jpegs, label = fn.readers.file(
+        files=files, labels=labels, name=READER, shuffle_after_epoch=True, shard_id=shard.rank,
+        num_shards=shard.world_size, pad_last_batch=True)
+    decoder_device = "mixed" if device == "gpu" else "cpu"
+    gpu_hints = dict(device_memory_padding=DEVICE_MEMORY_PADDING, host_memory_padding=HOST_MEMORY_PADDING,
+                     hw_decoder_load=hw_decoder_load, preallocate_width_hint=PREALLOCATE_WIDTH_HINT,
+                     preallocate_height_hint=PREALLOCATE_HEIGHT_HINT) if device == "gpu" else {}
+    images = fn.decoders.image_random_crop(
+        jpegs, device=decoder_device, output_type=types.RGB, random_area=list(CROP_AREA),
+        random_aspect_ratio=list(CROP_RATIO), num_attempts=10, **gpu_hints)
+    images = fn.resize(images, size=[image_size, image_size], antialias=True)
+    images = _normalize(images, dtype=dtype, mirror=fn.random.coin_flip(probability=0.5))
+    return images, (label.gpu() if device == "gpu" else label)
+
+
+def _torchvision_centre_crop(images, *, image_size: int, val_resize: int):
+    """Resize + centre crop with torchvision's exact geometry (so val batches match its baseline).
+
+    torchvision truncates the longer side (`int(val_resize * long / short)`) and rounds the crop
+    offset half-to-even (`int(round((extent - size) / 2))`); DALI's `resize_shorter` and
+    `crop_pos` round differently, which shifts images by a pixel. Sizes and offsets are computed
+    per sample from the decoded shape (EXIF orientation included).
+    """
+    shape = images.shape(dtype=types.FLOAT)
+    h, w = shape[0], shape[1]
+    h_short = h <= w
+    new_h = h_short * val_resize + (1 - h_short) * dmath.floor(val_resize * h / w)
+    new_w = (1 - h_short) * val_resize + h_short * dmath.floor(val_resize * w / h)
+
+    def centre(extent):
+        half = (extent - image_size) / 2
+        k = dmath.floor(half)
+        return k + (half > k) * (k - 2 * dmath.floor(k / 2))  # round half to even
+
+    images = fn.resize(images, resize_x=new_w, resize_y=new_h, antialias=True)
+    start = fn.cast(fn.stack(centre(new_h), centre(new_w)), dtype=types.INT32)
+    return fn.slice(images, start=start, shape=[image_size, image_size], axes=[0, 1])
+
+
+def _val_graph(files: list[str], labels: list[int], *, device: str, image_size: int, val_resize: int,
+               shard: Shard, hw_decoder_load: float, dtype):
+    jpegs, label = fn.readers.file(
+        files=files, labels=labels, name=READER, random_shuffle=False, shard_id=shard.rank,
+        num_shards=shard.world_size, stick_to_shard=True, pad_last_batch=True)
+    decoder_kwargs = dict(device="mixed", hw_decoder_load=hw_decoder_load) if device == "gpu" else dict(device="cpu")
+    images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder_kwargs)
+    images = _torchvision_centre_crop(images, image_size=image_size, val_resize=val_resize)
+    images = _normalize(images, dtype=dtype)
+    return images, (label.gpu() if device == "gpu" else label)
+
+
+class DaliLoader:
+    """A DALI pipeline + iterator honouring the batch contract of `pipelines.base`."""
+
+    def __init__(self, split: Split, *, train: bool, batch_size: int, cfg: DataConfig, device: str, seed: int,
+                 shard: Shard, spec: BatchSpec, num_threads: int):
+        self.batch_size = batch_size
+        self.spec = spec
+        self.train = train
+        self._device = device
+        self._shard = shard
+        self._num_threads = num_threads
+        self._cfg = cfg
+        self._seed = seed
+        # Seed the order: DALI's epoch reshuffle uses a fixed seed shared by all shards.
+        order = list(range(len(split)))
+        if train:
+            random.Random(seed).shuffle(order)
+        self._files = [split.files[i] for i in order]
+        self._labels = [split.labels[i] for i in order]
+        # Several training processes must take the same number of steps: keep the padded
+        # samples (full batches on every rank). One process sees every image once per epoch.
+        self._pad_shards = train and shard.world_size > 1
+        self._iterator = self._build(checkpoint=None)
+        self.num_samples = self._samples_per_epoch()
+
+    def _build(self, checkpoint: str | bytes | None):
+        cfg, shard = self._cfg, self._shard
+        dtype = types.FLOAT16 if self.spec.dtype == torch.float16 else types.FLOAT
+        device_id = shard.local_rank if self._device == "gpu" else None
+
+        @pipeline_def(batch_size=self.batch_size, num_threads=self._num_threads, device_id=device_id,
+                      seed=self._seed * 1009 + shard.rank + (0 if self.train else 7),
+                      prefetch_queue_depth=cfg.dali_prefetch_queue, enable_checkpointing=self.train)
+        def pipeline():
+            if self.train:
+                return _train_graph(self._files, self._labels, device=self._device, image_size=cfg.image_size,
+                                    shard=shard, hw_decoder_load=cfg.dali_hw_decoder_load, dtype=dtype)
+            return _val_graph(self._files, self._labels, device=self._device, image_size=cfg.image_size,
+                              val_resize=cfg.val_resize, shard=shard, hw_decoder_load=cfg.dali_hw_decoder_load,
+                              dtype=dtype)
+
+        pipe = pipeline(checkpoint=checkpoint) if checkpoint is not None else pipeline()
+        pipe.build()
+        policy = LastBatchPolicy.FILL if self._pad_shards else LastBatchPolicy.PARTIAL
+        return DALIGenericIterator([pipe], ["images", "labels"], reader_name=READER, last_batch_policy=policy,
+                                   auto_reset=True, prepare_first_batch=False)
+
+    def _samples_per_epoch(self) -> int:
+        if self._pad_shards:
+            return len(self._iterator) * self.batch_size
+        n, world, rank = len(self._files), self._shard.world_size, self._shard.rank
+        return (rank + 1) * n // world - rank * n // world
+
+    def __len__(self) -> int:
+        return len(self._iterator)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        # The pipeline carries its own position (restored by load_state_dict); nothing to do.
+        pass
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"dali": self._iterator.checkpoints()[0]} if self.train else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.train and state.get("dali") is not None:
+            self._iterator = self._build(checkpoint=state["dali"])
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        device = self.spec.device
+        for (batch,) in self._iterator:
+            labels = batch["labels"]
+            if labels.shape[0] == 0:  # an uneven validation shard's trailing batch
+                continue
+            # HWC -> NCHW view whose strides are channels-last: zero-copy.
+            images = batch["images"].permute(0, 3, 1, 2)
+            yield (images.to(device, non_blocking=True).contiguous(memory_format=self.spec.memory_format),
+                   labels.view(-1).to(device, torch.int64, non_blocking=True))
+
+
+def build_dali_loaders(cfg: DataConfig, dataset: Dataset, *, spec: BatchSpec, seed: int, shard: Shard,
+                       num_threads: int, val_batch_size: int) -> Loaders:
+    _require_dali()
+    device = resolve_dali_device(cfg.dali_device)
+    if device == "gpu" and spec.device.type != "cuda":
+        raise ConfigError("data.dali_device: gpu decoding needs runtime.device cuda (or auto)")
+    common = dict(cfg=cfg, device=device, seed=seed, shard=shard, spec=spec, num_threads=num_threads)
+    return Loaders(DaliLoader(dataset.train, train=True, batch_size=cfg.batch_size, **common),
+                   DaliLoader(dataset.val, train=False, batch_size=val_batch_size, **common),
+                   list(dataset.classes))

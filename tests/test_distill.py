@@ -1,0 +1,208 @@
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+import yaml
+
+from fastkd import engine
+from fastkd.checkpoint import load_checkpoint, save_checkpoint
+from fastkd.cli import main
+from fastkd.losses import kd_loss
+from fastkd.models import freeze
+from fastkd.steps import DistillationStep
+from tests.conftest import tiny_config, tiny_config_dict
+from tests.test_train import cli_error, run_cli, write_config
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tiny_imagefolder, tmp_path_factory) -> Path:
+    """best.pt of a short `fastkd train` run on the tiny dataset (barely trained: near chance)."""
+    out = tmp_path_factory.mktemp("teacher-runs")
+    result = engine.train(tiny_config(tiny_imagefolder, out, run={"name": "teacher"}), progress=False)
+    return result.run_dir / "best.pt"
+
+
+def distill_dict(root: Path, out: Path, teacher: Path, **distill) -> dict:
+    raw = tiny_config_dict(root, out, model={"arch": "shufflenet_v2_x0_5"})
+    raw["distill"] = {"teacher": {"arch": "resnet18", "checkpoint": str(teacher)}, "alpha": 0.6,
+                      "temperature": 3.0, "allow_weak_teacher": True, **distill}
+    return raw
+
+
+def make_step(side_stream: bool = False) -> DistillationStep:
+    torch.manual_seed(0)
+    student = torchvision.models.shufflenet_v2_x0_5(num_classes=10)
+    teacher = freeze(torchvision.models.resnet18(num_classes=10))
+    return DistillationStep(student, teacher, term=lambda s, t, y: kd_loss(s, t, 3.0), kd_weight=0.6,
+                            ce_weight=0.4, autocast=contextlib.nullcontext, teacher_autocast=contextlib.nullcontext,
+                            side_stream=side_stream)
+
+
+def test_teacher_stays_in_eval_after_train_mode_and_gets_no_gradients():
+    step = make_step()
+    step.train()
+    assert step.model.training and not step.teacher.training
+    assert all(not m.training for m in step.teacher.modules())
+    before = {k: v.clone() for k, v in step.teacher.state_dict().items()}
+    optimizer = torch.optim.SGD(step.model.parameters(), lr=0.1)
+    images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    for _ in range(2):
+        out = step(images, labels)
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    assert all(p.grad is None and not p.requires_grad for p in step.teacher.parameters())
+    for key, value in step.teacher.state_dict().items():  # BN running stats untouched too
+        assert torch.equal(value, before[key]), key
+    assert set(out.parts) == {"ce", "kd", "agree"}
+
+
+def test_side_stream_setting_gives_identical_results_on_cpu():
+    images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    a = make_step(side_stream=True).train()(images, labels)
+    b = make_step(side_stream=False).train()(images, labels)
+    assert torch.equal(a.loss, b.loss) and torch.equal(a.logits, b.logits)
+
+
+def test_loss_is_the_weighted_sum_of_its_logged_parts():
+    out = make_step().train()(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+    assert out.loss.item() == pytest.approx(0.4 * out.parts["ce"].item() + 0.6 * out.parts["kd"].item(), rel=1e-6)
+
+
+@pytest.mark.gpu
+def test_side_stream_matches_the_sequential_step_on_gpu():
+    images, labels = torch.randn(8, 3, 32, 32, device="cuda"), torch.randint(0, 10, (8,), device="cuda")
+    results = []
+    for side in (True, False):
+        step = make_step(side_stream=side).cuda().train()
+        assert (step.stream is not None) == side
+        results.append(step(images, labels))
+    torch.testing.assert_close(results[0].loss, results[1].loss)
+
+
+@pytest.mark.slow
+def test_distill_end_to_end_then_export(tiny_imagefolder, tiny_teacher, tmp_path):
+    config = write_config(tmp_path / "kd.yaml", distill_dict(tiny_imagefolder, tmp_path / "runs", tiny_teacher))
+    done = run_cli("distill", "--config", str(config), "run.name=kd")
+    assert done.returncode == 0, done.stderr
+    assert "teacher resnet18" in done.stdout and "val top1" in done.stdout
+    run_dir = tmp_path / "runs" / "kd"
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    for key in ("train_ce", "train_kd", "train_agree"):
+        assert all(key in r for r in records), key
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["teacher"]["arch"] == "resnet18" and "val_top1" in summary["teacher"]
+    assert summary["kd_weight"] == pytest.approx(0.6) and summary["ce_weight"] == pytest.approx(0.4)
+    checkpoint = load_checkpoint(run_dir / "last.pt")
+    assert checkpoint["arch"] == "shufflenet_v2_x0_5"
+    assert not any(k.startswith("teacher") for k in checkpoint["model"])  # the teacher is never saved
+
+    out = tmp_path / "export" / "student.pt"
+    exported = run_cli("export", str(run_dir), "--out", str(out), "--onnx")
+    assert exported.returncode == 0, exported.stderr
+    model = torchvision.models.shufflenet_v2_x0_5(num_classes=10)
+    model.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    meta = json.loads(out.with_suffix(".json").read_text())
+    assert meta["classes"] == checkpoint["classes"] and meta["image_size"] == 32
+    assert out.with_suffix(".onnx").stat().st_size > 0
+    best = load_checkpoint(run_dir / "best.pt")["model"]
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, best[key]), key
+
+
+def test_missing_teacher_is_an_error_not_a_random_teacher(tiny_imagefolder, tmp_path, capsys):
+    config = write_config(tmp_path / "kd.yaml", distill_dict(tiny_imagefolder, tmp_path / "runs", tmp_path / "nope.pt"))
+    assert cli_error(capsys, "distill", "--config", str(config)) == \
+        f"fastkd: error: checkpoint not found: {tmp_path / 'nope.pt'}"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_corrupt_teacher_is_named(tiny_imagefolder, tiny_teacher, tmp_path, capsys):
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(tiny_teacher.read_bytes()[:5000])
+    config = write_config(tmp_path / "kd.yaml", distill_dict(tiny_imagefolder, tmp_path / "runs", broken))
+    message = cli_error(capsys, "distill", "--config", str(config))
+    assert message.startswith(f"fastkd: error: checkpoint is corrupt, truncated or not a PyTorch file: {broken}")
+
+
+def test_teacher_of_other_classes_says_how_they_differ(tiny_imagefolder, tiny_teacher, tmp_path, capsys):
+    payload = load_checkpoint(tiny_teacher)
+    renamed = tmp_path / "renamed.pt"
+    payload["classes"] = [c.replace("cool_disc", "cool_blob") for c in payload["classes"]]
+    save_checkpoint(renamed, {k: v for k, v in payload.items() if k != "format"})
+    config = write_config(tmp_path / "kd.yaml", distill_dict(tiny_imagefolder, tmp_path / "runs", renamed))
+    assert cli_error(capsys, "distill", "--config", str(config)) == (
+        f"fastkd: error: distill.teacher.checkpoint: {renamed} was trained on other classes than this dataset's: "
+        "teacher has 10 classes, the data 10; not in the teacher: cool_disc; not in the data: cool_blob")
+    payload = load_checkpoint(tiny_teacher)
+    payload["classes"] = payload["classes"][::-1]
+    reordered = tmp_path / "reordered.pt"
+    save_checkpoint(reordered, {k: v for k, v in payload.items() if k != "format"})
+    config = write_config(tmp_path / "kd.yaml", distill_dict(tiny_imagefolder, tmp_path / "runs", reordered))
+    assert "same 10 classes in another order (label 0 is 'warm_triangle' for the teacher, 'cool_cross' in the data)" \
+        in cli_error(capsys, "distill", "--config", str(config))
+
+
+def test_wrong_architecture_teacher_is_an_error(tiny_imagefolder, tiny_teacher, tmp_path, capsys):
+    raw = distill_dict(tiny_imagefolder, tmp_path / "runs", tiny_teacher)
+    raw["distill"]["teacher"]["arch"] = "resnet34"
+    config = write_config(tmp_path / "kd.yaml", raw)
+    assert cli_error(capsys, "distill", "--config", str(config)) == (
+        f"fastkd: error: distill.teacher.checkpoint: {tiny_teacher} holds a resnet18, but distill.teacher.arch "
+        "is resnet34")
+    plain = tmp_path / "plain.pt"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), plain)
+    raw["distill"]["teacher"]["checkpoint"] = str(plain)
+    config = write_config(tmp_path / "kd.yaml", raw)
+    message = cli_error(capsys, "distill", "--config", str(config))
+    assert message.startswith(f"fastkd: error: distill.teacher.checkpoint: {plain} does not fit resnet34 with 10 classes")
+
+
+def test_plain_torchvision_state_dict_teacher_is_accepted(tiny_imagefolder, tmp_path):
+    plain = tmp_path / "plain.pt"
+    model = torchvision.models.resnet18(num_classes=10)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, plain)
+    from fastkd.models import load_teacher
+
+    teacher = load_teacher("resnet18", plain, [f"c{i}" for i in range(10)])
+    assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+    for key, value in model.state_dict().items():
+        assert torch.equal(teacher.state_dict()[key], value)
+
+
+def test_teacher_near_chance_stops_the_run_unless_allowed(tiny_imagefolder, tmp_path, capsys):
+    random_teacher = tmp_path / "random.pt"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), random_teacher)
+    config = write_config(tmp_path / "kd.yaml", distill_dict(tiny_imagefolder, tmp_path / "runs", random_teacher,
+                                                             allow_weak_teacher=False))
+    message = cli_error(capsys, "distill", "--config", str(config))
+    assert "near chance (10.00%)" in message and "allow_weak_teacher" in message
+    assert not (tmp_path / "runs").exists()
+
+
+def test_distill_without_a_distill_section_and_train_with_one_are_refused(tiny_imagefolder, tiny_teacher,
+                                                                           tmp_path, capsys):
+    plain = write_config(tmp_path / "plain.yaml", tiny_config_dict(tiny_imagefolder, tmp_path / "runs"))
+    assert "`fastkd distill` needs a distill section" in cli_error(capsys, "distill", "--config", str(plain))
+    kd = write_config(tmp_path / "kd.yaml", distill_dict(tiny_imagefolder, tmp_path / "runs", tiny_teacher))
+    assert "run it with `fastkd distill`" in cli_error(capsys, "train", "--config", str(kd))
+
+
+def test_every_original_result_has_a_config():
+    configs = Path(__file__).resolve().parents[1] / "configs" / "mini_imagenet"
+    loaded = {p.stem: yaml.safe_load(p.read_text()) for p in configs.glob("*.yaml")}
+    kd_grid = {(c["distill"]["temperature"], c["distill"]["alpha"]) for c in loaded.values()
+               if "distill" in c and c["distill"]["teacher"]["arch"] == "shufflenet_v2_x2_0"}
+    assert {(1, 0.9), (3, 0.9), (5, 0.9), (10, 0.9), (3, 0.7), (3, 0.6), (3, 0.5)} <= kd_grid
+    archs = {c["model"]["arch"] for c in loaded.values() if "distill" not in c}
+    assert {"shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "shufflenet_v2_x2_0", "resnet18", "resnet34",
+            "resnet50"} <= archs
+    resnet_kd = [c for c in loaded.values() if "distill" in c and c["distill"]["teacher"]["arch"] == "resnet50"]
+    assert resnet_kd and resnet_kd[0]["model"]["arch"] == "resnet18"
+    assert (resnet_kd[0]["distill"]["temperature"], resnet_kd[0]["distill"]["alpha"]) == (3, 0.6)
