@@ -40,6 +40,20 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--arch", help="model builder for a plain state_dict (default: model.arch)")
     _add_config_args(evaluate)
 
+    bench = commands.add_parser("bench", help="images/second of loaders, training and distillation per backend")
+    _add_config_args(bench)
+    bench.add_argument("--what", default="loader,train,distill", help="comma list of loader, train, distill")
+    bench.add_argument("--backends", default="torchvision,dali-cpu,dali-gpu,synthetic",
+                       help="comma list of torchvision, dali-cpu, dali-gpu, synthetic")
+    bench.add_argument("--steps", type=int, default=20, help="batches per timed window")
+    bench.add_argument("--warmup", type=int, default=5, help="untimed batches first")
+    bench.add_argument("--repeats", type=int, default=3, help="timed windows (median and spread)")
+    bench.add_argument("--out", type=Path, help="append rows to this JSONL file")
+
+    report = commands.add_parser("report", help="one table and plots of finished runs")
+    report.add_argument("run_dirs", type=Path, nargs="+")
+    report.add_argument("--out", type=Path, default=Path("report.md"), help="markdown file; PNGs go beside it")
+
     demo = commands.add_parser("demo", help="teacher, student alone, student distilled on the demo data")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for the demo's runs")
     demo.add_argument("--seeds", type=int, nargs="+", default=[0], help="student seeds (spread over seeds)")
@@ -107,6 +121,20 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> None:
         metrics = engine.evaluate_checkpoint(cfg, args.checkpoint, arch=args.arch)
         print(f"{metrics['arch']} {args.checkpoint}: val top1 {metrics['top1']:.2f}  top5 {metrics['top5']:.2f}  "
               f"loss {metrics['loss']:.4f}  ({metrics['count']} images)")
+    elif args.command == "bench":
+        from fastkd.bench import Window, run_bench
+
+        if min(args.steps, args.repeats) < 1 or args.warmup < 0:
+            raise FastkdError("--steps and --repeats must be >= 1, --warmup >= 0")
+        cfg = load_config(args.config, args.overrides)
+        run_bench(cfg, config_path=args.config, what=[w for w in args.what.split(",") if w],
+                  backends=[b for b in args.backends.split(",") if b],
+                  window=Window(steps=args.steps, warmup=args.warmup, repeats=args.repeats), out=args.out)
+    elif args.command == "report":
+        from fastkd.report import write_report
+
+        path = write_report(args.run_dirs, args.out)
+        print(path.read_text())
     elif args.command == "demo":
         from fastkd.demo import run_demo
 

@@ -11,6 +11,8 @@ A training or validation loader yields `(images, labels)`:
 
 The loop never branches on the backend: it only relies on this contract and on
 `set_epoch(epoch, start_batch)` / `state_dict()` / `load_state_dict()` for exact resume.
+Backends that produce batches off the device also expose the two stages of `__iter__`,
+`host_batches()` and `to_device(images, labels)`, which `fastkd bench` times separately.
 """
 
 from __future__ import annotations

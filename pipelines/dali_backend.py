@@ -189,16 +189,21 @@ class DaliLoader:
         if self.train and state.get("dali") is not None:
             self._iterator = self._build(checkpoint=state["dali"])
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        device = self.spec.device
+    def host_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Stage 1: the pipeline's output (already on the GPU when DALI decodes there)."""
         for (batch,) in self._iterator:
-            labels = batch["labels"]
-            if labels.shape[0] == 0:  # an uneven validation shard's trailing batch
-                continue
-            # HWC -> NCHW view whose strides are channels-last: zero-copy.
-            images = batch["images"].permute(0, 3, 1, 2)
-            yield (images.to(device, non_blocking=True).contiguous(memory_format=self.spec.memory_format),
-                   labels.view(-1).to(device, torch.int64, non_blocking=True))
+            if batch["labels"].shape[0]:  # skip an uneven validation shard's empty trailing batch
+                yield batch["images"], batch["labels"]
+
+    def to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage 2: HWC -> NCHW view with channels-last strides (no copy); to the device if needed."""
+        images = images.permute(0, 3, 1, 2).to(self.spec.device, non_blocking=True)
+        return (images.contiguous(memory_format=self.spec.memory_format),
+                labels.view(-1).to(self.spec.device, torch.int64, non_blocking=True))
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels in self.host_batches():
+            yield self.to_device(images, labels)
 
 
 def build_dali_loaders(cfg: DataConfig, dataset: Dataset, *, spec: BatchSpec, seed: int, shard: Shard,

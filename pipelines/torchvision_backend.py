@@ -160,11 +160,18 @@ class TorchvisionLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
+    def host_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Stage 1: decoded, augmented uint8 NHWC batches in (pinned) host memory."""
+        return iter(self._loader)
+
+    def to_device(self, pixels: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage 2: copy to the device and normalize there."""
+        # NHWC uint8 -> NCHW view with channels-last strides; the normalization keeps them.
+        images = pixels.to(self.spec.device, non_blocking=True).permute(0, 3, 1, 2).to(self.spec.dtype)
+        images = images.sub_(self._mean).mul_(self._inv_std)
+        return (images.contiguous(memory_format=self.spec.memory_format),
+                labels.to(self.spec.device, non_blocking=True))
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        device, dtype = self.spec.device, self.spec.dtype
-        for pixels, labels in self._loader:
-            # NHWC uint8 -> NCHW view with channels-last strides; the normalization keeps them.
-            images = pixels.to(device, non_blocking=True).permute(0, 3, 1, 2).to(dtype)
-            images = images.sub_(self._mean).mul_(self._inv_std)
-            yield (images.contiguous(memory_format=self.spec.memory_format),
-                   labels.to(device, non_blocking=True))
+        for pixels, labels in self.host_batches():
+            yield self.to_device(pixels, labels)

@@ -1,0 +1,404 @@
+"""`fastkd bench`: images/second of the data path, training and distillation, per backend.
+
+All selected measurements run in one process, one after another, so ratios compare like with
+like. Each figure is the median of `repeats` timed windows of `steps` batches after `warmup`
+batches, with the spread (min, max). A per-stage breakdown (data wait, host-to-device copy,
+teacher forward, student forward+backward, optimizer) is measured in a separate pass, with
+CUDA events on a GPU and timers on the CPU, and ends in one sentence naming the bottleneck.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import statistics
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from fastkd.config import Config
+from fastkd.env import collect_env
+from fastkd.errors import ConfigError
+from fastkd.models import create_model, freeze, load_teacher
+from fastkd.optim import create_optimizer
+from fastkd.report import markdown_table
+from fastkd.runtime import Runtime, create_runtime, seed_everything
+from fastkd.steps import ClassificationStep, DistillationStep
+from pipelines import build_loaders, load_data
+from pipelines.base import Loader
+from pipelines.datasets import Dataset
+
+BACKENDS = ("torchvision", "dali-cpu", "dali-gpu", "synthetic")
+WHATS = ("loader", "train", "distill")
+
+
+@dataclass(frozen=True)
+class Window:
+    steps: int
+    warmup: int
+    repeats: int
+
+
+def backend_overrides(backend: str) -> dict[str, Any]:
+    return {"torchvision": {"backend": "torchvision"}, "dali-cpu": {"backend": "dali", "dali_device": "cpu"},
+            "dali-gpu": {"backend": "dali", "dali_device": "gpu"}, "synthetic": {"backend": "synthetic"}}[backend]
+
+
+def skip_reason(backend: str, runtime: Runtime) -> str | None:
+    if backend == "dali-gpu" and runtime.device.type != "cuda":
+        return "needs a CUDA GPU"
+    if backend.startswith("dali"):
+        try:
+            import nvidia.dali  # noqa: F401
+        except ImportError:
+            return "NVIDIA DALI is not installed"
+    return None
+
+
+def endless(loader: Loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def timed_windows(window: Window, run_one: Callable[[], int], sync: Callable[[], None]) -> list[float]:
+    """Images/second of each timed window; `run_one` processes one batch, returns its size."""
+    for _ in range(window.warmup):
+        run_one()
+    sync()
+    rates = []
+    for _ in range(window.repeats):
+        started, images = time.perf_counter(), 0
+        for _ in range(window.steps):
+            images += run_one()
+        sync()  # window boundary: every queued kernel and copy has finished
+        rates.append(images / (time.perf_counter() - started))
+    return rates
+
+
+class StageClock:
+    """Accumulates per-stage time: CUDA events on a GPU (read once at the end), timers on the CPU."""
+
+    def __init__(self, runtime: Runtime):
+        self.cuda = runtime.device.type == "cuda"
+        self.runtime = runtime
+        self.host: dict[str, float] = {}
+        self.events: list[tuple[str, Any, Any]] = []
+
+    def host_time(self, stage: str, seconds: float) -> None:
+        self.host[stage] = self.host.get(stage, 0.0) + seconds
+
+    def device(self, stage: str, fn: Callable[[], Any]) -> Any:
+        if not self.cuda:
+            started = time.perf_counter()
+            out = fn()
+            self.host_time(stage, time.perf_counter() - started)
+            return out
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn()
+        end.record()
+        self.events.append((stage, start, end))
+        return out
+
+    def seconds(self) -> dict[str, float]:
+        self.runtime.synchronize()
+        totals = dict(self.host)
+        for stage, start, end in self.events:
+            totals[stage] = totals.get(stage, 0.0) + start.elapsed_time(end) / 1000.0
+        return totals
+
+
+def _next_batch(stream: Iterator, loader: Loader, clock: StageClock | None):
+    """Next batch; with a clock, host wait and host-to-device copy are timed separately."""
+    if clock is None:
+        return next(stream)
+    started = time.perf_counter()
+    item = next(stream)
+    clock.host_time("data wait", time.perf_counter() - started)
+    if hasattr(loader, "to_device"):
+        return clock.device("host-to-device copy", lambda: loader.to_device(*item))
+    return item
+
+
+def _stage_stream(loader: Loader) -> Iterator:
+    """Endless host-stage batches (or device batches for loaders without stages)."""
+    epoch = 0
+    while True:
+        loader.set_epoch(epoch)
+        yield from (loader.host_batches() if hasattr(loader, "host_batches") else loader)
+        epoch += 1
+
+
+@dataclass
+class Bench:
+    cfg: Config
+    runtime: Runtime
+    window: Window
+    config_path: str
+    dataset: Dataset | None = None
+    env: dict[str, Any] = dataclasses.field(default_factory=dict)
+    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
+
+    def loaders(self, backend: str):
+        data = dataclasses.replace(self.cfg.data, **backend_overrides(backend))
+        if backend == "synthetic":
+            data = dataclasses.replace(data, synthetic_num_classes=self.num_classes)
+            return build_loaders(data, spec=self.runtime.batch_spec, seed=self.cfg.run.seed)
+        return build_loaders(data, spec=self.runtime.batch_spec, seed=self.cfg.run.seed, dataset=self.dataset)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.dataset.classes) if self.dataset is not None else self.cfg.data.synthetic_num_classes
+
+    def record(self, what: str, backend: str, rates: list[float], **extra: Any) -> dict[str, Any]:
+        cfg = self.cfg
+        row = {
+            "what": what, "backend": backend, "images_per_sec": round(statistics.median(rates), 1),
+            "min": round(min(rates), 1), "max": round(max(rates), 1), "repeats": len(rates),
+            "steps": self.window.steps, "warmup": self.window.warmup, "batch_size": cfg.data.batch_size,
+            "image_size": cfg.data.image_size, "model": cfg.model.arch,
+            "teacher": cfg.distill.teacher.arch if cfg.distill and what.startswith("distill") else None,
+            "precision": self.runtime.precision, "channels_last": self.runtime.channels_last,
+            "compile": self.runtime.compile, "num_workers": cfg.data.num_workers, **extra,
+            "device": self.env["device"], "cpu_count": self.env["cpu_count"], "torch": self.env["torch"],
+            "torchvision": self.env["torchvision"], "dali": self.env["dali"], "git": self.env["git"],
+            "config": self.config_path, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        self.rows.append(row)
+        return row
+
+    # -- measurements ------------------------------------------------------------------
+
+    def measure_loader(self, backend: str) -> None:
+        loader = self.loaders(backend).train
+        stream = endless(loader)
+
+        def one() -> int:
+            images, labels = next(stream)
+            return labels.shape[0]
+
+        self.record("loader", backend, timed_windows(self.window, one, self.runtime.synchronize))
+
+    def _student(self) -> tuple[nn.Module, torch.optim.Optimizer, torch.amp.GradScaler]:
+        seed_everything(self.cfg.run.seed, deterministic=False)
+        model = create_model(self.cfg.model.arch, self.num_classes, image_size=self.cfg.data.image_size)
+        model, raw = self.runtime.prepare_model(model, trainable=True)
+        return model, create_optimizer(raw, self.cfg.optim, self.runtime.device), self.runtime.create_scaler()
+
+    def _teacher(self) -> nn.Module:
+        kd = self.cfg.distill
+        assert kd is not None
+        path = kd.teacher.checkpoint_path
+        if path.is_file() and self.dataset is not None:
+            teacher = load_teacher(kd.teacher.arch, path, list(self.dataset.classes), image_size=self.cfg.data.image_size)
+        else:
+            self.note(f"teacher weights: random ({path} not found); speed does not depend on them")
+            teacher = freeze(create_model(kd.teacher.arch, self.num_classes, image_size=self.cfg.data.image_size,
+                                          key="distill.teacher.arch"))
+        return self.runtime.prepare_model(teacher, trainable=False)[0]
+
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+    def _train_step(self, step: nn.Module, optimizer, scaler) -> Callable[[torch.Tensor, torch.Tensor], None]:
+        def train_one(images: torch.Tensor, labels: torch.Tensor) -> None:
+            out = step(images, labels)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(out.loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+
+        return train_one
+
+    def measure_steps(self, what: str, backend: str, *, side_stream: bool | None = None) -> dict[str, Any]:
+        """Training steps (`train`) or teacher + student steps (`distill`) fed by one backend."""
+        loader = self.loaders(backend).train
+        model, optimizer, scaler = self._student()
+        if what == "train":
+            step: nn.Module = ClassificationStep(model, autocast=self.runtime.autocast)
+        else:
+            kd = self.cfg.distill
+            assert kd is not None
+            teacher_precision = self.runtime.resolve_precision(kd.teacher.precision)
+            from fastkd.losses import distillation_term
+
+            step = DistillationStep(model, self._teacher(), term=distillation_term(kd), kd_weight=kd.kd_weight,
+                                    ce_weight=kd.ce_weight, autocast=self.runtime.autocast,
+                                    teacher_autocast=lambda: self.runtime.autocast(teacher_precision),
+                                    side_stream=bool(side_stream))
+        step.train()
+        train_one = self._train_step(step, optimizer, scaler)
+        stream = endless(loader)
+        waited = [0.0]
+
+        def one() -> int:
+            started = time.perf_counter()
+            images, labels = next(stream)
+            waited[0] += time.perf_counter() - started
+            train_one(images, labels)
+            return labels.shape[0]
+
+        started = time.perf_counter()
+        rates = timed_windows(self.window, one, self.runtime.synchronize)
+        wait_fraction = waited[0] / (time.perf_counter() - started)
+        label = what if side_stream in (None, True) or self.runtime.device.type != "cuda" else f"{what}-no-side-stream"
+        stages = self.breakdown(what, loader, step, optimizer, scaler)
+        return self.record(label, backend, rates, data_wait_fraction=round(wait_fraction, 3),
+                           side_stream=side_stream if what == "distill" else None, stages=stages)
+
+    def breakdown(self, what: str, loader: Loader, step: nn.Module, optimizer, scaler) -> dict[str, float]:
+        """Milliseconds per batch in each stage, over `window.steps` batches (stages in sequence).
+
+        The teacher runs on the main stream here, so each stage's events time it alone.
+        """
+        if isinstance(step, DistillationStep):
+            step.stream = None
+        clock = StageClock(self.runtime)
+        stream = _stage_stream(loader)
+        for index in range(self.window.steps + 2):
+            if index == 2:  # two untimed batches first
+                clock = StageClock(self.runtime)
+                self.runtime.synchronize()
+            images, labels = _next_batch(stream, loader, clock)
+            teacher_logits = None
+            if what == "distill":
+                teacher_logits = clock.device("teacher forward", lambda: step.teacher_logits(images))
+
+            def forward_backward() -> None:
+                with step.autocast():
+                    logits = step.model(images)
+                if teacher_logits is None:
+                    loss = torch.nn.functional.cross_entropy(logits.float(), labels)
+                else:
+                    loss = step.ce_weight * torch.nn.functional.cross_entropy(logits.float(), labels) + \
+                        step.kd_weight * step.term(logits, teacher_logits, labels)
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+
+            clock.device("student forward+backward", forward_backward)
+
+            def update() -> None:
+                scaler.step(optimizer)
+                scaler.update()
+
+            clock.device("optimizer", update)
+        totals = clock.seconds()
+        return {stage: round(1000 * seconds / self.window.steps, 3) for stage, seconds in totals.items()}
+
+
+def run_bench(cfg: Config, *, config_path: str, what: Sequence[str], backends: Sequence[str], window: Window,
+              out: Path | None = None, echo: Callable[[str], None] = print) -> list[dict[str, Any]]:
+    for item in what:
+        if item not in WHATS:
+            raise ConfigError(f"--what: {item!r} is not one of {', '.join(WHATS)}")
+    for backend in backends:
+        if backend not in BACKENDS:
+            raise ConfigError(f"--backends: {backend!r} is not one of {', '.join(BACKENDS)}")
+    if "distill" in what and cfg.distill is None:
+        raise ConfigError("--what distill needs a config with a distill section (the teacher's arch)")
+    runtime = create_runtime(cfg.runtime)
+    dataset = None
+    if any(b != "synthetic" for b in backends):
+        if cfg.data.generate_demo:
+            from fastkd.synth import ensure_demo_dataset
+
+            ensure_demo_dataset(cfg.data.root_path)
+        dataset = load_data(cfg.data)
+    bench = Bench(cfg, runtime, window, config_path, dataset=dataset, env=collect_env(runtime.device))
+    for backend in backends:
+        reason = skip_reason(backend, runtime)
+        if reason:
+            bench.note(f"{backend} skipped: {reason}")
+            continue
+        for item in what:
+            echo(f"[bench] {item} with {backend} ...")
+            if item == "loader":
+                bench.measure_loader(backend)
+            elif item == "train":
+                bench.measure_steps("train", backend)
+            else:
+                if "train" not in what:
+                    bench.measure_steps("train", backend)  # the same student alone, same loader
+                bench.measure_steps("distill", backend, side_stream=True)
+                if runtime.device.type == "cuda":
+                    bench.measure_steps("distill", backend, side_stream=False)
+    for row in bench.rows:
+        row["notes"] = list(bench.notes)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with out.open("a") as f:
+            for row in bench.rows:
+                f.write(json.dumps(row) + "\n")
+    echo(format_rows(bench.rows, bench.notes))
+    for sentence in bottleneck_sentences(bench.rows, runtime):
+        echo(sentence)
+    return bench.rows
+
+
+def format_rows(rows: list[dict[str, Any]], notes: Sequence[str] = ()) -> str:
+    if not rows:
+        return "no measurements" + "".join(f"\n- {n}" for n in notes)
+    first = rows[0]
+    header = (f"{first['device']} | torch {first['torch']} | torchvision {first['torchvision']} | "
+              f"DALI {first['dali']} | {first['cpu_count']} CPU cores | {first['precision']} | "
+              f"batch {first['batch_size']} | {first['image_size']} px | median of {first['repeats']} x "
+              f"{first['steps']} batches")
+    table = markdown_table(
+        ["what", "backend", "model", "images/s", "min", "max", "data wait"],
+        [[r["what"], r["backend"], r["model"] + (f" <- {r['teacher']}" if r.get("teacher") else ""),
+          f"{r['images_per_sec']:.1f}", f"{r['min']:.1f}", f"{r['max']:.1f}",
+          f"{r['data_wait_fraction']:.0%}" if r.get("data_wait_fraction") is not None else ""] for r in rows])
+    stage_rows = [r for r in rows if r.get("stages")]
+    stages = ""
+    if stage_rows:
+        names = ["data wait", "host-to-device copy", "teacher forward", "student forward+backward", "optimizer"]
+        stages = "\n\nms per batch, by stage:\n" + markdown_table(
+            ["what", "backend", *names],
+            [[r["what"], r["backend"], *[f"{r['stages'].get(n, 0.0):.1f}" for n in names]] for r in stage_rows])
+    return header + "\n\n" + table + stages + "".join(f"\n- {n}" for n in notes)
+
+
+def bottleneck_sentences(rows: list[dict[str, Any]], runtime: Runtime) -> list[str]:
+    """One plain sentence per measured training/distillation row: what bounds it, what to try."""
+    sentences = []
+    for row in rows:
+        stages = row.get("stages")
+        if not stages:
+            continue
+        data = stages.get("data wait", 0.0) + stages.get("host-to-device copy", 0.0)
+        teacher = stages.get("teacher forward", 0.0)
+        student = stages.get("student forward+backward", 0.0) + stages.get("optimizer", 0.0)
+        name = f"{row['what']} with {row['backend']}"
+        if data >= max(teacher, student):
+            if row["backend"] == "torchvision":
+                advice = "decode with DALI (data.backend: dali)"
+            elif row["backend"] == "dali-cpu":
+                advice = ("decode on the GPU (data.dali_device: gpu)" if runtime.device.type == "cuda"
+                          else "raise data.num_workers (DALI threads) or decode on a GPU")
+            else:
+                advice = "raise data.num_workers (DALI threads) and data.dali_hw_decoder_load"
+            sentences.append(f"{name} is bounded by the loader ({data:.1f} ms of data per batch against "
+                             f"{student + teacher:.1f} ms of compute): {advice}.")
+        elif teacher >= student:
+            advice = ("keep distill.side_stream on, lower distill.teacher.precision, or try runtime.compile"
+                      if runtime.device.type == "cuda" else "use a GPU, where the teacher overlaps the student on a "
+                      "side stream, or a smaller teacher")
+            sentences.append(f"{name} is bounded by the teacher ({teacher:.1f} ms forward per batch against "
+                             f"{student:.1f} ms for the student): {advice}.")
+        else:
+            ideal = ""
+            if teacher:
+                ideal = f"; the compute bound with a sequential teacher is {1 / (1 + teacher / student):.0%} of the student alone"
+            sentences.append(f"{name} is bounded by the student ({student:.1f} ms per batch against {data:.1f} ms "
+                             f"of data{f' and {teacher:.1f} ms of teacher' if teacher else ''}){ideal}: try "
+                             "bf16 with channels-last, runtime.compile, or a larger batch.")
+    return sentences

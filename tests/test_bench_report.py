@@ -1,0 +1,81 @@
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from fastkd import engine
+from fastkd.cli import main
+from tests.conftest import tiny_config, tiny_config_dict
+from tests.test_train import write_config
+
+ROW_KEYS = {"what", "backend", "images_per_sec", "min", "max", "batch_size", "image_size", "model", "teacher",
+            "precision", "channels_last", "device", "cpu_count", "torch", "torchvision", "dali", "git", "timestamp"}
+
+
+@pytest.mark.slow
+def test_bench_measures_every_what_and_writes_well_formed_rows(tiny_imagefolder, tmp_path, capsys):
+    raw = tiny_config_dict(tiny_imagefolder, tmp_path / "runs", model={"arch": "shufflenet_v2_x0_5"})
+    raw["distill"] = {"teacher": {"arch": "resnet18", "checkpoint": str(tmp_path / "absent.pt")}}
+    config = write_config(tmp_path / "bench.yaml", raw)
+    out = tmp_path / "results.jsonl"
+    main(["bench", "--config", str(config), "--backends", "torchvision,dali-cpu,dali-gpu,synthetic",
+          "--steps", "2", "--warmup", "1", "--repeats", "2", "--out", str(out)])
+    printed = capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    measured = {(r["what"], r["backend"]) for r in rows}
+    backends = ["torchvision", "dali-cpu", "synthetic"] + (["dali-gpu"] if torch.cuda.is_available() else [])
+    for backend in backends:
+        assert {("loader", backend), ("train", backend), ("distill", backend)} <= measured
+    for row in rows:
+        assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
+        assert row["min"] <= row["images_per_sec"] <= row["max"] and row["repeats"] == 2
+        assert row["torch"] == torch.__version__ and row["batch_size"] == 8
+        if row["what"] in ("train", "distill"):
+            assert 0 <= row["data_wait_fraction"] <= 1
+            assert set(row["stages"]) >= {"data wait", "student forward+backward", "optimizer"}
+        if row["what"] == "distill":
+            assert row["teacher"] == "resnet18" and row["stages"]["teacher forward"] > 0
+    if not torch.cuda.is_available():
+        assert "dali-gpu skipped: needs a CUDA GPU" in printed
+    assert "teacher weights: random" in printed
+    assert "is bounded by the" in printed and "| loader  | torchvision |" in printed
+
+
+def test_bench_rejects_unknown_backends_and_whats(tiny_imagefolder, tmp_path, capsys):
+    config = write_config(tmp_path / "bench.yaml", tiny_config_dict(tiny_imagefolder, tmp_path / "runs"))
+    for flag, value, message in (("--backends", "dali-tpu", "--backends: 'dali-tpu' is not one of"),
+                                 ("--what", "loader,speed", "--what: 'speed' is not one of"),
+                                 ("--what", "distill", "--what distill needs a config with a distill section")):
+        with pytest.raises(SystemExit) as info:
+            main(["bench", "--config", str(config), flag, value])
+        assert info.value.code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_report_renders_a_table_and_pngs_from_runs(tiny_imagefolder, tmp_path, capsys):
+    runs = []
+    for name, arch in (("a", "resnet18"), ("b", "shufflenet_v2_x0_5")):
+        cfg = tiny_config(tiny_imagefolder, tmp_path / "runs", run={"name": name}, model={"arch": arch},
+                          optim={"epochs": 1, "warmup_epochs": 0})
+        runs.append(engine.train(cfg, progress=False).run_dir)
+    out = tmp_path / "report" / "report.md"
+    main(["report", *map(str, runs), "--out", str(out)])
+    text = out.read_text()
+    header = text.splitlines()[0]
+    assert header.startswith("| run ") and "best top-1" in header and "images/s" in header
+    assert "| a " in text and "| b " in text and "shufflenet_v2_x0_5" in text
+    for png in ("report-speed.png", "report-curves.png"):
+        data = (out.parent / png).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+
+
+def test_report_of_an_unfinished_run_is_an_error(tmp_path, capsys):
+    (tmp_path / "half").mkdir()
+    with pytest.raises(SystemExit) as info:
+        main(["report", str(tmp_path / "half")])
+    assert info.value.code == 2
+    assert f"not a finished fastkd run (no summary.json): {tmp_path / 'half'}" in capsys.readouterr().err
