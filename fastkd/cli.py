@@ -80,6 +80,16 @@ def build_parser() -> argparse.ArgumentParser:
     mini.add_argument("root", type=Path, help="folder with images/, train.csv, val.csv, test.csv")
     mini.add_argument("--class-index", type=Path, help="imagenet_class_index.json for human-readable names")
 
+    verify = data_commands.add_parser("verify", help="decode every image of a dataset; list the broken ones")
+    verify.add_argument("root", type=Path)
+    verify.add_argument("--format", choices=["imagefolder", "mini-imagenet", "filelist"], default="imagefolder")
+    verify.add_argument("--train-list", default="train.txt", help="filelist format: training list")
+    verify.add_argument("--val-list", default="val.txt", help="filelist format: validation list")
+    verify.add_argument("--classes-file", default="classes.txt", help="filelist format: class names")
+    verify.add_argument("--workers", type=int, help="decoding processes (default: one per CPU core)")
+    verify.add_argument("--write-clean-list", type=Path, metavar="FILE",
+                        help="write FILE (train), its .val and .classes twins without the broken files")
+
     config = commands.add_parser("config", help="show a resolved config, or the reference of all keys")
     config.add_argument("what", choices=["show", "reference"])
     _add_config_args(config, required=False)
@@ -166,6 +176,8 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> None:
             counts = split_mini_imagenet(args.root, names)
             print(f"wrote new_train.csv ({counts['train']} images), new_val.csv ({counts['val']}) and "
                   f"classes_name.json ({counts['classes']} classes) into {args.root}")
+        elif args.data_command == "verify":
+            _verify(args)
     elif args.command == "config":
         from fastkd.config import dump_config, reference_markdown
 
@@ -175,6 +187,27 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> None:
             if not args.config:
                 raise FastkdError("config show: --config is required")
             print(dump_config(load_config(args.config, args.overrides)), end="")
+
+
+def _verify(args: argparse.Namespace) -> None:
+    from pipelines import available_cpus
+    from pipelines.datasets import load_dataset
+    from pipelines.verify import find_broken_images, write_clean_lists
+
+    dataset = load_dataset(args.format, args.root, train_list=args.train_list, val_list=args.val_list,
+                           classes_file=args.classes_file)
+    files = dataset.train.files + dataset.val.files
+    broken = find_broken_images(files, root=args.root, workers=args.workers or available_cpus(), use_cache=False)
+    for item in broken:
+        print(f"{item.path}: {item.reason}")
+    if args.write_clean_list:
+        written = [p.resolve() for p in write_clean_lists(dataset, broken, args.root, args.write_clean_list)]
+        print(f"wrote {', '.join(map(str, written))}; train on them with data.format=filelist "
+              f"data.root={args.root} data.train_list={written[0]} data.val_list={written[1]} "
+              f"data.classes_file={written[2]}")
+    print(f"{len(files) - len(broken)} of {len(files)} images decode; {len(broken)} cannot", file=sys.stderr)
+    if broken:
+        sys.exit(1)
 
 
 def _print_summary(run_dir: Path, summary: dict) -> None:

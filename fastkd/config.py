@@ -89,8 +89,10 @@ class DataConfig:
     """filelist format: class names, one per line in label order, relative to `root`."""
     generate_demo: bool = False
     """Generate the built-in demo dataset into `root` if it is not there yet."""
+    verify_images: bool = True
+    """Decode every image once before training (results cached) so a broken file stops the run before its first step."""
     skip_broken: bool = False
-    """Drop images that cannot be decoded (listed in a warning) instead of stopping before training."""
+    """Train without the images that cannot be decoded (listed in a warning) instead of stopping."""
     dali_hw_decoder_load: float = 0.65
     """Share of JPEGs sent to the GPU's hardware JPEG decoder (A100/H100); the rest use CUDA nvJPEG."""
     dali_prefetch_queue: int = 2

@@ -10,6 +10,7 @@ import contextlib
 import json
 import math
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from torch import nn
 from fastkd.checkpoint import is_fastkd_checkpoint, load_checkpoint
 from fastkd.config import Config, changed_keys, config_from_dict, config_to_dict, dump_config
 from fastkd.env import collect_env
-from fastkd.errors import CheckpointError, ConfigError, FastkdError
+from fastkd.errors import CheckpointError, ConfigError, DataError, FastkdError
 from fastkd.loop import StopFlag, TrainState, Training, evaluate, fit
 from fastkd.metrics import Meter, RunLogger
 from fastkd.losses import distillation_term
@@ -30,8 +31,10 @@ from fastkd.models import check_arch, count_parameters, create_model, load_teach
 from fastkd.optim import create_optimizer, lr_at
 from fastkd.runtime import Runtime, create_runtime, seed_everything, set_rng_state, shard_from_env
 from fastkd.steps import ClassificationStep, DistillationStep
-from pipelines import build_loaders, load_data
+from pipelines import available_cpus, build_loaders, load_data
 from pipelines.base import Loaders
+from pipelines.datasets import Dataset
+from pipelines.verify import find_broken_images
 
 
 @dataclass
@@ -106,7 +109,8 @@ def _run(cfg: Config, *, resume: bool, progress: bool,
         _barrier()  # every rank has looked at the run directory before rank 0 creates it
         _ensure_demo_data(cfg, runtime)
         seed_everything(cfg.run.seed + shard.rank, deterministic=cfg.runtime.deterministic)
-        loaders = build_loaders(cfg.data, spec=runtime.batch_spec, seed=cfg.run.seed, shard=shard)
+        dataset = _load_dataset(cfg, runtime)
+        loaders = build_loaders(cfg.data, spec=runtime.batch_spec, seed=cfg.run.seed, shard=shard, dataset=dataset)
         if checkpoint is not None and list(checkpoint["classes"]) != loaders.classes:
             raise CheckpointError(f"--resume: the dataset's classes differ from those of {cfg.run_dir / 'last.pt'}")
 
@@ -128,8 +132,14 @@ def _run(cfg: Config, *, resume: bool, progress: bool,
 
         run_dir = cfg.run_dir
         if runtime.is_main and checkpoint is None:
-            run_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                run_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise FastkdError(f"cannot create run directory {run_dir}: {exc.strerror or exc}") from None
             (run_dir / "config.yaml").write_text(dump_config(cfg))
+        if runtime.is_main:
+            for stale in run_dir.glob(".*.tmp-*"):  # left by a process killed while writing
+                stale.unlink(missing_ok=True)
         if runtime.is_main:
             (run_dir / "env.json").write_text(json.dumps(collect_env(runtime.device), indent=2) + "\n")
         logger = RunLogger(run_dir, tensorboard=cfg.run.tensorboard, enabled=runtime.is_main)
@@ -192,6 +202,35 @@ def _restore(t: Training, checkpoint: dict[str, Any]) -> None:
         t.train_meter = Meter(t.runtime.device)
         t.train_meter.load_state_dict(checkpoint["train_meter"])
     set_rng_state(checkpoint["rng"])
+
+
+def _load_dataset(cfg: Config, runtime: Runtime) -> Dataset | None:
+    """The run's file lists, with undecodable images refused (or dropped with data.skip_broken)."""
+    if cfg.data.backend == "synthetic":
+        return None
+    dataset = load_data(cfg.data)
+    if not cfg.data.verify_images:
+        return dataset
+    files = dataset.train.files + dataset.val.files
+    workers = available_cpus() if cfg.data.num_workers is None else max(1, cfg.data.num_workers)
+    broken = []
+    for turn in (True, False):  # rank 0 decodes and caches; the others then read the cache
+        if runtime.is_main == turn:
+            broken = find_broken_images(files, root=cfg.data.root_path, workers=workers, progress=runtime.is_main)
+        _barrier()
+    if not broken:
+        return dataset
+    first = broken[0]
+    if not cfg.data.skip_broken:
+        more = f" and {len(broken) - 1} more" if len(broken) > 1 else ""
+        raise DataError(f"cannot decode {first.path} ({first.reason}){more}; list them with `fastkd data verify "
+                        f"{cfg.data.root}`, or set data.skip_broken: true to train without them")
+    if runtime.is_main:
+        print(f"warning: training without {len(broken)} image(s) that cannot be decoded:", file=sys.stderr)
+        for item in broken:
+            print(f"  {item.path}: {item.reason}", file=sys.stderr)
+    drop = {item.path for item in broken}
+    return Dataset(dataset.classes, dataset.train.without(drop), dataset.val.without(drop))
 
 
 def _ensure_demo_data(cfg: Config, runtime: Runtime) -> None:

@@ -23,10 +23,10 @@ from typing import Any, Iterator
 import torch
 
 from fastkd.config import DataConfig
-from fastkd.errors import ConfigError
+from fastkd.errors import ConfigError, DataError
 from pipelines.base import IMAGENET_MEAN, IMAGENET_STD, BatchSpec, Loaders, Shard
 from pipelines.datasets import Dataset, Split
-from pipelines.torchvision_backend import CROP_AREA, CROP_RATIO
+from pipelines.torchvision_backend import BROKEN_HINT, CROP_AREA, CROP_RATIO
 
 try:
     import nvidia.dali.math as dmath
@@ -191,9 +191,12 @@ class DaliLoader:
 
     def host_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Stage 1: the pipeline's output (already on the GPU when DALI decodes there)."""
-        for (batch,) in self._iterator:
-            if batch["labels"].shape[0]:  # skip an uneven validation shard's empty trailing batch
-                yield batch["images"], batch["labels"]
+        try:
+            for (batch,) in self._iterator:
+                if batch["labels"].shape[0]:  # skip an uneven validation shard's empty trailing batch
+                    yield batch["images"], batch["labels"]
+        except RuntimeError as exc:  # DALI reports decoding failures as RuntimeError with a C++ trace
+            raise DataError(f"DALI could not read or decode an image: {_dali_reason(exc)}{BROKEN_HINT}") from None
 
     def to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage 2: HWC -> NCHW view with channels-last strides (no copy); to the device if needed."""
@@ -204,6 +207,15 @@ class DaliLoader:
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, labels in self.host_batches():
             yield self.to_device(images, labels)
+
+
+def _dali_reason(exc: RuntimeError) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    named = [line for line in lines if "/" in line and not line.startswith(("File ", "C++ context"))]
+    useful = [line for line in lines if not line.startswith(("File ", "C++ context", "Current pipeline",
+                                                             "Critical error", "Error in ", "which was used",
+                                                             "encountered"))]
+    return (named or useful or lines or ["unknown error"])[0][:300]
 
 
 def build_dali_loaders(cfg: DataConfig, dataset: Dataset, *, spec: BatchSpec, seed: int, shard: Shard,

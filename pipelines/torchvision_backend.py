@@ -19,9 +19,11 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
 
+from fastkd.errors import DataError
 from pipelines.base import BatchSpec, Shard, normalization
 from pipelines.datasets import Split
 
+BROKEN_HINT = " (list every undecodable file with `fastkd data verify ROOT`)"
 CROP_AREA = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
 
@@ -77,7 +79,10 @@ class ImageListDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
         index, seed = item
-        image = decode_rgb(self.files[index])
+        try:
+            image = decode_rgb(self.files[index])
+        except Exception as exc:  # any decoder failure: name the file, not the worker's traceback
+            raise DataError(f"cannot decode {self.files[index]}: {exc}") from None
         size = [self.image_size, self.image_size]
         if self.train:
             rng = random.Random(seed)
@@ -162,7 +167,11 @@ class TorchvisionLoader:
 
     def host_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Stage 1: decoded, augmented uint8 NHWC batches in (pinned) host memory."""
-        return iter(self._loader)
+        try:
+            yield from self._loader
+        except DataError as exc:  # re-raised from a worker with its traceback: keep the last line
+            message = str(exc).strip().splitlines()[-1]
+            raise DataError(message.split("DataError: ", 1)[-1] + BROKEN_HINT) from None
 
     def to_device(self, pixels: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage 2: copy to the device and normalize there."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,12 @@ from fastkd.config import Config, config_from_dict
 from fastkd.synth import DemoSpec, generate_demo_dataset
 
 TINY_SPEC = DemoSpec(train_per_class=4, val_per_class=2, min_side=40, max_side=64)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Keep the image-verification cache out of the user's home."""
+    os.environ["FASTKD_CACHE_DIR"] = str(tmp_path_factory.mktemp("fastkd-cache"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

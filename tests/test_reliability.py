@@ -1,0 +1,303 @@
+"""Bad data, signals, kill -9, non-finite losses, full disks, corrupt checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from fastkd import engine, loop
+from fastkd.checkpoint import load_checkpoint
+from fastkd.cli import main
+from fastkd.errors import FastkdError
+from pipelines.verify import find_broken_images, image_problem
+from tests.conftest import tiny_config, tiny_config_dict
+from tests.test_train import REPO, cli_error, write_config
+
+BROKEN = ("truncated.jpg", "empty.jpg", "text.jpg")
+
+
+def plant_broken_files(root: Path) -> list[Path]:
+    """Copy of a dataset's class folder gains a truncated JPEG, an empty file and a text file."""
+    folder = root / "train" / "cool_disc"
+    good = next(folder.iterdir()).read_bytes()
+    (folder / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "text.jpg").write_text("this is not an image\n")
+    return [folder / name for name in BROKEN]
+
+
+def plant_unusual_files(folder: Path) -> None:
+    colour = Image.new("RGB", (50, 40), (10, 120, 200))
+    Image.new("L", (50, 40), 90).save(folder / "gray.jpg")
+    Image.new("CMYK", (50, 40), (0, 100, 200, 10)).save(folder / "cmyk.jpg")
+    colour.save(folder / "progressive.jpg", progressive=True)
+    colour.save(folder / "png_named.jpg", format="PNG")
+    Image.new("RGB", (1, 1)).save(folder / "tiny.jpg")
+    Image.new("RGB", (4000, 3000), (5, 5, 5)).save(folder / "huge.jpg", quality=50)
+
+
+@pytest.fixture
+def broken_dataset(tiny_imagefolder, tmp_path) -> Path:
+    root = tmp_path / "data"
+    shutil.copytree(tiny_imagefolder, root)
+    plant_broken_files(root)
+    plant_unusual_files(root / "train" / "warm_ring")
+    return root
+
+
+def test_verify_lists_each_broken_file_with_its_reason_and_exits_nonzero(broken_dataset, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["data", "verify", str(broken_dataset), "--workers", "2"])
+    assert info.value.code == 1
+    captured = capsys.readouterr()
+    lines = captured.out.strip().splitlines()
+    folder = broken_dataset / "train" / "cool_disc"
+    assert sorted(lines) == sorted([f"{folder / 'empty.jpg'}: empty file", f"{folder / 'text.jpg'}: not an image, "
+                                    "or an unsupported format", f"{folder / 'truncated.jpg'}: truncated"])
+    assert "3 cannot" in captured.err  # grayscale, CMYK, progressive, PNG-as-JPG, tiny, huge all pass
+
+
+def test_verify_writes_clean_lists_usable_as_filelist_data(broken_dataset, tmp_path, capsys):
+    clean = tmp_path / "clean.txt"
+    with pytest.raises(SystemExit):
+        main(["data", "verify", str(broken_dataset), "--write-clean-list", str(clean)])
+    capsys.readouterr()
+    listed = clean.read_text()
+    assert "truncated.jpg" not in listed and "gray.jpg" in listed
+    main(["data", "verify", str(broken_dataset), "--format", "filelist", "--train-list", str(clean),
+          "--val-list", str(tmp_path / "clean.val.txt"), "--classes-file", str(tmp_path / "clean.classes.txt")])
+    assert "0 cannot" in capsys.readouterr().err
+
+
+def test_unusual_but_valid_images_are_not_flagged(tmp_path):
+    plant_unusual_files(tmp_path)
+    assert [image_problem(str(p)) for p in sorted(tmp_path.iterdir())] == [None] * 6
+
+
+def test_verification_results_are_cached_by_size_and_mtime(broken_dataset, tmp_path):
+    files = [str(p) for p in sorted((broken_dataset / "train" / "cool_disc").iterdir())]
+    first = find_broken_images(files, root=broken_dataset, workers=1, progress=False)
+    assert len(first) == 3
+    fixed = broken_dataset / "train" / "cool_disc" / "text.jpg"
+    Image.new("RGB", (8, 8)).save(fixed, format="JPEG")
+    again = find_broken_images(files, root=broken_dataset, workers=1, progress=False)
+    assert {Path(b.path).name for b in again} == {"truncated.jpg", "empty.jpg"}
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+def test_training_on_broken_data_stops_before_the_first_step(broken_dataset, tmp_path, capsys, backend):
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    raw = tiny_config_dict(broken_dataset, tmp_path / "runs", data={"backend": backend, "dali_device": "cpu"})
+    message = cli_error(capsys, "train", "--config", str(write_config(tmp_path / "c.yaml", raw)))
+    assert message.startswith("fastkd: error: cannot decode ")
+    assert "and 2 more; list them with `fastkd data verify" in message and "data.skip_broken: true" in message
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+def test_skip_broken_trains_without_them_and_lists_them(broken_dataset, tmp_path, capsys, backend):
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    cfg = tiny_config(broken_dataset, tmp_path / "runs", data={"backend": backend, "dali_device": "cpu",
+                                                               "skip_broken": True},
+                      optim={"epochs": 1, "warmup_epochs": 0})
+    engine.train(cfg, progress=False)
+    err = capsys.readouterr().err
+    assert "training without 3 image(s) that cannot be decoded" in err
+    for name in BROKEN:
+        assert name in err
+    records = (tmp_path / "runs" / "tiny" / "metrics.jsonl").read_text().splitlines()
+    assert json.loads(records[-1])["epoch"] == 1
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+def test_a_file_broken_after_the_check_is_a_one_line_error(broken_dataset, tmp_path, capsys, backend):
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    for name in BROKEN:  # a clean dataset passes the check...
+        (broken_dataset / "train" / "cool_disc" / name).unlink()
+    raw = tiny_config_dict(broken_dataset, tmp_path / "runs", data={"backend": backend, "dali_device": "cpu",
+                                                                    "verify_images": False, "num_workers": 1})
+    victim = next((broken_dataset / "train" / "warm_disc").iterdir())
+    victim.write_bytes(b"\xff\xd8\xff garbage")  # ...then a file breaks (verification switched off)
+    message = cli_error(capsys, "train", "--config", str(write_config(tmp_path / "c.yaml", raw)))
+    assert "list every undecodable file with `fastkd data verify ROOT`" in message
+    if backend == "torchvision":
+        assert f"cannot decode {victim}" in message
+
+
+def start_training(config: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.Popen([sys.executable, "-m", "fastkd", "train", "--config", str(config), "--no-progress",
+                             *extra], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, f"{path} did not appear"
+        time.sleep(0.05)
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(run_dir / "last.pt")["model"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tiny_imagefolder, tmp_path_factory) -> Path:
+    """An uninterrupted 3-epoch run to compare interrupted ones with."""
+    out = tmp_path_factory.mktemp("reference")
+    cfg = tiny_config(tiny_imagefolder, out, optim={"epochs": 3})
+    return engine.train(cfg, progress=False).run_dir
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_finishes_the_step_checkpoints_and_resume_is_exact(tiny_imagefolder, tmp_path, reference_run, signum):
+    config = write_config(tmp_path / "c.yaml", tiny_config_dict(
+        tiny_imagefolder, tmp_path / "runs", optim={"epochs": 3}, run={"checkpoint_every_steps": 1}))
+    process = start_training(config)
+    wait_for(tmp_path / "runs" / "tiny" / "last.pt", process)
+    process.send_signal(signum)
+    _, err = process.communicate(timeout=120)
+    if process.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert process.returncode == 128 + signum, err
+    assert "saved a checkpoint; resume with:" in err and "--resume" in err and "Traceback" not in err
+    stopped = load_checkpoint(tmp_path / "runs" / "tiny" / "last.pt")["step"]
+    assert 1 <= stopped < 15
+    resumed = start_training(config, "--resume")
+    out, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err
+    expected = final_weights(reference_run)
+    for key, value in final_weights(tmp_path / "runs" / "tiny").items():
+        assert torch.equal(value, expected[key]), key
+
+
+@pytest.mark.slow
+def test_kill_9_at_any_moment_leaves_a_loadable_checkpoint_and_resume_is_exact(tiny_imagefolder, tmp_path,
+                                                                              reference_run):
+    # A checkpoint every step: most of the wall time is spent writing them, so the kills land
+    # inside writes as well as between them.
+    config = write_config(tmp_path / "c.yaml", tiny_config_dict(
+        tiny_imagefolder, tmp_path / "runs", optim={"epochs": 3}, run={"checkpoint_every_steps": 1}))
+    last = tmp_path / "runs" / "tiny" / "last.pt"
+    extra: tuple[str, ...] = ()
+    for delay in (0.3, 0.9, 0.1):
+        process = start_training(config, *extra)
+        wait_for(last, process)
+        time.sleep(delay)
+        process.kill()
+        process.wait()
+        load_checkpoint(last)  # intact whatever moment the kill hit
+        extra = ("--resume",)
+    finished = start_training(config, "--resume")
+    _, err = finished.communicate(timeout=300)
+    assert finished.returncode == 0, err
+    expected = final_weights(reference_run)
+    for key, value in final_weights(tmp_path / "runs" / "tiny").items():
+        assert torch.equal(value, expected[key]), key
+    assert not [p.name for p in last.parent.iterdir() if ".tmp-" in p.name], "stale temporary files left"
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tiny_imagefolder, tmp_path,
+                                                                                monkeypatch):
+    from fastkd.steps import ClassificationStep
+
+    original = ClassificationStep.forward
+    calls = {"n": 0}
+
+    def poisoned(self, images, labels):
+        out = original(self, images, labels)
+        calls["n"] += 1
+        if calls["n"] == 7:  # step 7: inside epoch 2 (5 steps per epoch)
+            out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(ClassificationStep, "forward", poisoned)
+    cfg = tiny_config(tiny_imagefolder, tmp_path / "runs", run={"log_every_steps": 1})
+    with pytest.raises(FastkdError, match=r"loss became non-finite \(nan/inf\) at step 7; stopped without saving"):
+        engine.train(cfg, progress=False)
+    checkpoint = load_checkpoint(tmp_path / "runs" / "tiny" / "last.pt")
+    assert checkpoint["step"] == 5 and all(torch.isfinite(v).all() for v in checkpoint["model"].values()
+                                           if v.is_floating_point())
+
+
+def test_disk_full_while_saving_is_one_line_and_keeps_the_previous_checkpoint(tiny_imagefolder, tmp_path,
+                                                                               monkeypatch, capsys):
+    config = write_config(tmp_path / "c.yaml", tiny_config_dict(tiny_imagefolder, tmp_path / "runs"))
+    real_save = torch.save
+    saves = {"n": 0}
+
+    def fill_disk(obj, f, *args, **kwargs):
+        saves["n"] += 1
+        if saves["n"] == 2:
+            raise OSError(28, "No space left on device")
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", fill_disk)
+    last = tmp_path / "runs" / "tiny" / "last.pt"
+    message = cli_error(capsys, "train", "--config", str(config), "--no-progress")
+    assert message == (f"fastkd: error: could not write checkpoint {last}: No space left on device; "
+                       "the previous checkpoint is intact")
+    monkeypatch.undo()
+    assert load_checkpoint(last)["epoch"] == 1
+
+
+def test_an_unusable_run_directory_is_one_line(tiny_imagefolder, tmp_path, capsys):
+    (tmp_path / "runs").write_text("a file where the run folder should go")
+    config = write_config(tmp_path / "c.yaml", tiny_config_dict(tiny_imagefolder, tmp_path / "runs"))
+    message = cli_error(capsys, "train", "--config", str(config))
+    assert message.startswith(f"fastkd: error: cannot create run directory {tmp_path / 'runs' / 'tiny'}")
+
+
+def test_resume_from_a_corrupt_checkpoint_is_refused_and_nothing_is_overwritten(tiny_imagefolder, tmp_path, capsys):
+    config = write_config(tmp_path / "c.yaml", tiny_config_dict(tiny_imagefolder, tmp_path / "runs"))
+    run_dir = tmp_path / "runs" / "tiny"
+    run_dir.mkdir(parents=True)
+    (run_dir / "last.pt").write_bytes(b"PK\x03\x04 cut short")
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir()}
+    message = cli_error(capsys, "train", "--config", str(config), "--resume")
+    assert message.startswith(f"fastkd: error: checkpoint is corrupt, truncated or not a PyTorch file: {run_dir / 'last.pt'}")
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir()} == before
+
+
+@pytest.mark.parametrize("override, expected", [
+    ("distill.temperature=0", "distill.temperature: must be > 0, got 0.0"),
+    ("data.batch_size=0", "data.batch_size: must be >= 1, got 0"),
+    ("optim.lr=-1", "optim.lr: must be > 0, got -1.0"),
+])
+def test_impossible_values_are_refused_before_anything_is_written(tiny_imagefolder, tmp_path, capsys, override,
+                                                                  expected):
+    raw = tiny_config_dict(tiny_imagefolder, tmp_path / "runs")
+    raw["distill"] = {"teacher": {"arch": "resnet18", "checkpoint": "t.pt"}}
+    message = cli_error(capsys, "distill", "--config", str(write_config(tmp_path / "c.yaml", raw)), override)
+    assert message == f"fastkd: error: {expected}"
+    assert not (tmp_path / "runs").exists()
+
+
+def test_stop_request_between_epochs_stops_after_the_epoch_checkpoint(tiny_imagefolder, tmp_path, monkeypatch):
+    original = loop._stop_requested
+
+    def fake(t):
+        if t.state.step == 5:
+            t.stop.signum = signal.SIGTERM
+        return original(t)
+
+    monkeypatch.setattr(loop, "_stop_requested", fake)
+    with pytest.raises(loop.Interrupted):
+        engine.train(tiny_config(tiny_imagefolder, tmp_path / "runs"), progress=False)
+    checkpoint = load_checkpoint(tmp_path / "runs" / "tiny" / "last.pt")
+    assert checkpoint["epoch"] == 1 and checkpoint["step"] == 5
