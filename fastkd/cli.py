@@ -123,7 +123,8 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> None:
             result = run(cfg, resume=args.resume, progress=not args.no_progress)
         except Interrupted as stop:
             _exit_interrupted(stop, argv)
-        _print_summary(result.run_dir, result.summary)
+        if result.is_main:
+            _print_summary(result.run_dir, result.summary)
     elif args.command == "eval":
         from fastkd import engine
 
@@ -216,11 +217,16 @@ def _print_summary(run_dir: Path, summary: dict) -> None:
 
 
 def _exit_interrupted(stop: "Exception", argv: list[str]) -> None:
+    import os
+
     command = list(argv)
     if "--resume" not in command:
         command.insert(command.index(next(a for a in command if a in ("train", "distill"))) + 1, "--resume")
-    print(f"fastkd: stopped after step {stop.step} and saved a checkpoint; resume with:\n"  # type: ignore[attr-defined]
-          f"  fastkd {shlex.join(command)}", file=sys.stderr)
+    if int(os.environ.get("RANK", "0")) == 0:
+        launcher = ("torchrun <same options> -m fastkd" if int(os.environ.get("WORLD_SIZE", "1")) > 1
+                    else "fastkd")
+        print(f"fastkd: stopped after step {stop.step} and saved a checkpoint; resume with:\n"  # type: ignore[attr-defined]
+              f"  {launcher} {shlex.join(command)}", file=sys.stderr)
     sys.exit(128 + (stop.signum or 15))  # type: ignore[attr-defined]
 
 

@@ -41,6 +41,8 @@ from pipelines.verify import find_broken_images
 class RunResult:
     run_dir: Path
     summary: dict[str, Any]
+    is_main: bool = True
+    """False on the other ranks of a torchrun job (they print and write nothing)."""
 
 
 def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> RunResult:
@@ -153,7 +155,7 @@ def _run(cfg: Config, *, resume: bool, progress: bool,
             grad_clip_norm=cfg.optim.grad_clip_norm, log_every_steps=cfg.run.log_every_steps,
             checkpoint_every_steps=cfg.run.checkpoint_every_steps, progress=progress)
         if checkpoint is not None:
-            _restore(training, checkpoint)
+            _restore(training, checkpoint, run_dir / "last.pt")
             logger.truncate_after(state.epoch)
             if runtime.is_main:
                 print(f"resuming {run_dir} at epoch {state.epoch} (+{state.batches_done} batches), step {state.step}")
@@ -167,7 +169,7 @@ def _run(cfg: Config, *, resume: bool, progress: bool,
         summary = _summary(cfg, runtime, state, loaders, num_params, extra_summary)
         if runtime.is_main:
             (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        return RunResult(run_dir, summary)
+        return RunResult(run_dir, summary, runtime.is_main)
 
 
 def _open_run_dir(cfg: Config, resume: bool) -> dict[str, Any] | None:
@@ -192,16 +194,21 @@ def _open_run_dir(cfg: Config, resume: bool) -> dict[str, Any] | None:
     return checkpoint
 
 
-def _restore(t: Training, checkpoint: dict[str, Any]) -> None:
+def _restore(t: Training, checkpoint: dict[str, Any], path: Path) -> None:
+    shard = t.runtime.shard
+    if checkpoint["world_size"] != shard.world_size:
+        raise CheckpointError(f"--resume: {path} was written by {checkpoint['world_size']} process(es); resume "
+                              f"with the same number (now {shard.world_size}) to continue the same data streams")
     state = TrainState(**checkpoint["state"])
     t.state.__dict__.update(state.__dict__)
     t.optimizer.load_state_dict(checkpoint["optimizer"])
     t.scaler.load_state_dict(checkpoint["scaler"])
-    t.train_loader.load_state_dict(checkpoint["loader"])
-    if checkpoint.get("train_meter") is not None:
+    mine = checkpoint["ranks"][shard.rank]
+    t.train_loader.load_state_dict(mine["loader"])
+    if mine["train_meter"] is not None:
         t.train_meter = Meter(t.runtime.device)
-        t.train_meter.load_state_dict(checkpoint["train_meter"])
-    set_rng_state(checkpoint["rng"])
+        t.train_meter.load_state_dict(mine["train_meter"])
+    set_rng_state(mine["rng"])
 
 
 def _load_dataset(cfg: Config, runtime: Runtime) -> Dataset | None:

@@ -224,7 +224,7 @@ def _epoch_metrics(means: dict[str, float]) -> dict[str, float]:
 
 
 def check_finite(guard: NonFiniteGuard) -> None:
-    bad = guard.first_bad_step()
+    bad = guard.first_bad_step()  # agreed by every rank (the earliest), so all stop together
     if bad is not None:
         raise FastkdError(f"loss became non-finite (nan/inf) at step {bad + 1}; stopped without saving "
                           "that state, the last checkpoint is intact (try a lower optim.lr, "
@@ -236,7 +236,7 @@ def evaluate(model: nn.Module, loader: Loader, runtime: Runtime, precision: str 
     """Val loss, top-1 and top-5 over every image of the loader (all ranks), in percent."""
     was_training = model.training
     model.eval()
-    meter = Meter(runtime.device)
+    meter = Meter(runtime.device, names=("loss", "top1", "top5"))  # fixed: a rank may see no batch
     loader.set_epoch(0)
     for images, labels in loader:
         with runtime.autocast(precision):  # type: ignore[arg-type]
@@ -251,7 +251,16 @@ def evaluate(model: nn.Module, loader: Loader, runtime: Runtime, precision: str 
     return metrics
 
 
-def checkpoint_payload(t: Training) -> dict[str, Any]:
+def _rank_state(t: Training) -> dict[str, Any]:
+    """What differs between processes: RNG streams, loader position, the epoch's partial meters."""
+    return {
+        "rng": rng_state(),
+        "loader": t.train_loader.state_dict(),
+        "train_meter": t.train_meter.state_dict() if t.train_meter is not None and t.state.batches_done else None,
+    }
+
+
+def checkpoint_payload(t: Training, rank_states: list[dict[str, Any]]) -> dict[str, Any]:
     state = t.state
     return {
         **t.checkpoint_extra,
@@ -263,17 +272,24 @@ def checkpoint_payload(t: Training) -> dict[str, Any]:
         "state": asdict(state),
         "optimizer": t.optimizer.state_dict(),
         "scaler": t.scaler.state_dict(),
-        "rng": rng_state(),
-        "loader": t.train_loader.state_dict(),
-        "train_meter": t.train_meter.state_dict() if t.train_meter is not None and state.batches_done else None,
+        "world_size": t.runtime.shard.world_size,
+        "ranks": rank_states,
     }
 
 
 def save_training_checkpoint(t: Training, *, best: bool) -> None:
-    """last.pt (and best.pt when the epoch improved val top-1); rank 0 only."""
+    """last.pt (and best.pt when the epoch improved val top-1). Called on every rank: each
+    contributes its own RNG and loader state; rank 0 writes."""
+    mine = _rank_state(t)
+    if t.runtime.distributed:
+        gathered: list[Any] | None = [None] * t.runtime.shard.world_size if t.runtime.is_main else None
+        dist.gather_object(mine, gathered, dst=0)
+        rank_states = gathered or []
+    else:
+        rank_states = [mine]
     if not t.runtime.is_main:
         return
     last = t.run_dir / "last.pt"
-    save_checkpoint(last, checkpoint_payload(t))
+    save_checkpoint(last, checkpoint_payload(t, rank_states))
     if best:
         copy_checkpoint(last, t.run_dir / "best.pt")

@@ -25,10 +25,10 @@ class Meter:
     `update` adds per-batch sums without any host sync; `compute` (one sync) returns means.
     """
 
-    def __init__(self, device: torch.device):
+    def __init__(self, device: torch.device, names: tuple[str, ...] = ()):
         self.device = device
-        self.names: list[str] = []
-        self.totals: torch.Tensor | None = None
+        self.names: list[str] = list(names)
+        self.totals: torch.Tensor | None = torch.zeros(len(names), dtype=torch.float64, device=device) if names else None
         self.count = 0  # samples; batch sizes are known on the host, so no sync is needed
 
     def update(self, batch_size: int, sums: dict[str, torch.Tensor]) -> None:
@@ -77,7 +77,13 @@ class NonFiniteGuard:
         self._step += 1
 
     def first_bad_step(self) -> int | None:
-        value = int(self._first_bad.item())  # host sync: log intervals and before checkpoints only
+        first = self._first_bad
+        if dist.is_available() and dist.is_initialized():
+            never = torch.iinfo(torch.int64).max
+            first = torch.where(first < 0, torch.full_like(first, never), first)
+            dist.all_reduce(first, op=dist.ReduceOp.MIN)
+            first = torch.where(first == never, torch.full_like(first, -1), first)
+        value = int(first.item())  # host sync: log intervals and before checkpoints only
         return None if value < 0 else value
 
 

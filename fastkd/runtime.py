@@ -72,6 +72,8 @@ class Runtime:
         """Place and wrap a model; returns (module to call, raw module to save)."""
         model = model.to(self.device, memory_format=self.memory_format)
         if trainable and self.distributed and self.sync_bn:
+            if self.device.type != "cuda":
+                raise ConfigError("runtime.sync_bn: SyncBatchNorm needs CUDA GPUs; set it to false on the CPU")
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         raw = model
         if trainable and self.distributed:

@@ -10,8 +10,11 @@ stream is the same for any number of workers and can be resumed at any batch.
 
 from __future__ import annotations
 
+import atexit
 import math
+import multiprocessing
 import random
+import signal
 from typing import Any, Iterator
 
 import numpy as np
@@ -95,6 +98,26 @@ class ImageListDataset(torch.utils.data.Dataset):
         return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)), self.labels[index]
 
 
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Workers leave SIGTERM/SIGINT to the main process, which finishes its step, checkpoints and
+    then shuts them down; otherwise Ctrl-C, torchrun or a scheduler signalling the whole process
+    group would kill them mid-step and crash the main process."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _kill_workers_at_exit() -> None:
+    """At interpreter exit multiprocessing stops daemonic children with SIGTERM, which the workers
+    ignore; stop any still running with SIGKILL first (they are idle by then)."""
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=5)
+
+
+atexit.register(_kill_workers_at_exit)  # runs before multiprocessing's own exit hook (LIFO)
+
+
 class EpochSampler(torch.utils.data.Sampler):
     """One rank's `(index, seed)` items for one epoch, from a given batch on.
 
@@ -149,6 +172,7 @@ class TorchvisionLoader:
             dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
             pin_memory=spec.device.type == "cuda", drop_last=False,
             persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
+            worker_init_fn=_ignore_stop_signals,
             # Its own generator: drawing worker seeds must not consume the global RNG (exact resume).
             generator=torch.Generator().manual_seed(seed))
         self._mean, self._inv_std = normalization(spec.device, spec.dtype)

@@ -138,9 +138,11 @@ def test_a_file_broken_after_the_check_is_a_one_line_error(broken_dataset, tmp_p
 
 
 def start_training(config: Path, *extra: str) -> subprocess.Popen:
+    """In its own process group, as a shell job: Ctrl-C and schedulers signal the whole group."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     return subprocess.Popen([sys.executable, "-m", "fastkd", "train", "--config", str(config), "--no-progress",
-                             *extra], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             *extra], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
@@ -166,11 +168,13 @@ def reference_run(tiny_imagefolder, tmp_path_factory) -> Path:
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
 def test_signal_finishes_the_step_checkpoints_and_resume_is_exact(tiny_imagefolder, tmp_path, reference_run, signum):
+    # DataLoader workers get the signal too (sent to the process group) and must not die of it.
     config = write_config(tmp_path / "c.yaml", tiny_config_dict(
-        tiny_imagefolder, tmp_path / "runs", optim={"epochs": 3}, run={"checkpoint_every_steps": 1}))
+        tiny_imagefolder, tmp_path / "runs", optim={"epochs": 3}, run={"checkpoint_every_steps": 1},
+        data={"num_workers": 2}))
     process = start_training(config)
     wait_for(tmp_path / "runs" / "tiny" / "last.pt", process)
-    process.send_signal(signum)
+    os.killpg(process.pid, signum)
     _, err = process.communicate(timeout=120)
     if process.returncode == 0:
         pytest.skip("the run finished before the signal arrived")

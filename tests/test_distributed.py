@@ -1,0 +1,140 @@
+"""torchrun on the CPU (gloo): two processes train and distil, shard the data, resume exactly."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torchvision
+from PIL import Image
+
+from fastkd.checkpoint import load_checkpoint
+from fastkd.config import DataConfig
+from pipelines import build_loaders
+from pipelines.base import Shard
+from tests.conftest import tiny_config_dict
+from tests.test_distill import distill_dict, tiny_teacher  # noqa: F401  (fixture)
+from tests.test_pipelines import CPU
+from tests.test_train import REPO, write_config
+
+pytestmark = pytest.mark.slow
+
+
+def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "fastkd", *args, "--no-progress"], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def backend_section(backend: str) -> dict:
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    return {"backend": backend, "dali_device": "cpu", "batch_size": 4, "num_workers": 1}
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+def test_two_process_training_counts_every_val_image_once(tiny_imagefolder, tmp_path, backend):
+    raw = tiny_config_dict(tiny_imagefolder, tmp_path / "runs", data=backend_section(backend))
+    done = torchrun("train", "--config", str(write_config(tmp_path / "c.yaml", raw)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "tiny"
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["global_batch_size"] == 8
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [1, 2]  # rank 0 alone writes: no duplicated lines
+    assert all(r["val_images"] == 20 for r in records)
+    assert records[-1]["step"] == 2 * 5  # 40 images / (2 ranks x 4) = 5 steps per epoch
+    model = torchvision.models.resnet18(num_classes=10)
+    model.load_state_dict(load_checkpoint(run_dir / "best.pt")["model"], strict=True)
+    assert done.stdout.count("run ") == 1  # one summary line, from rank 0
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+def test_two_process_distillation_completes(tiny_imagefolder, tiny_teacher, tmp_path, backend):  # noqa: F811
+    raw = distill_dict(tiny_imagefolder, tmp_path / "runs", tiny_teacher)
+    raw["data"].update(backend_section(backend))
+    done = torchrun("distill", "--config", str(write_config(tmp_path / "kd.yaml", raw)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads((tmp_path / "runs" / "tiny" / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["teacher"]["arch"] == "resnet18"
+    assert not any(k.startswith("module.") for k in load_checkpoint(tmp_path / "runs" / "tiny" / "last.pt")["model"])
+
+
+def unique_label_dataset(root: Path, count: int) -> Path:
+    """One image per class, so a label identifies its sample."""
+    for split in ("train", "val"):
+        for i in range(count):
+            folder = root / split / f"c{i:02d}"
+            folder.mkdir(parents=True)
+            Image.new("RGB", (40, 30), (i * 10 % 255, 80, 160)).save(folder / "x.jpg")
+    return root
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+def test_shards_are_disjoint_and_cover_the_data(tmp_path, backend):
+    section = backend_section(backend)
+    root = unique_label_dataset(tmp_path / "data", 23)
+    cfg = DataConfig(root=str(root), image_size=16, val_resize=16, **{**section, "batch_size": 5})
+    train, val = [], []
+    for rank in range(2):
+        loaders = build_loaders(cfg, spec=CPU, seed=0, shard=Shard(rank=rank, world_size=2))
+        train.append([y for _, labels in loaders.train for y in labels.tolist()])
+        val.append([y for _, labels in loaders.val for y in labels.tolist()])
+        assert len(loaders.train) == 3  # equal steps on every rank
+    assert set(train[0]) | set(train[1]) == set(range(23))
+    assert len(set(train[0]) & set(train[1])) <= 1  # only padding may repeat a sample
+    assert sorted(val[0] + val[1]) == list(range(23))  # every val image exactly once
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline
+        time.sleep(0.1)
+
+
+def test_sigterm_then_resume_under_torchrun_matches_an_uninterrupted_run(tiny_imagefolder, tmp_path):
+    raw = tiny_config_dict(tiny_imagefolder, tmp_path / "runs", data=backend_section("torchvision"),
+                           run={"checkpoint_every_steps": 1}, optim={"epochs": 3})
+    config = write_config(tmp_path / "c.yaml", raw)
+    reference = write_config(tmp_path / "ref.yaml", {**raw, "run": {**raw["run"], "out_dir": str(tmp_path / "ref")}})
+    assert torchrun("train", "--config", str(reference)).returncode == 0
+
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                "2", "-m", "fastkd", "train", "--config", str(config), "--no-progress"], cwd=REPO,
+                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(tmp_path / "runs" / "tiny" / "last.pt", process)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    if "saved a checkpoint" not in err:
+        pytest.skip("the run ended before the signal arrived")
+    assert err.count("saved a checkpoint") == 1 and "torchrun <same options>" in err
+    resumed = torchrun("train", "--config", str(config), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = load_checkpoint(tmp_path / "ref" / "tiny" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "runs" / "tiny" / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_failing_rank_brings_the_job_down_with_its_error(tiny_imagefolder, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_imagefolder, root)
+    victim = next((root / "train" / "warm_disc").iterdir())
+    victim.write_bytes(b"\xff\xd8\xff broken")  # lands in one rank's shard only
+    raw = tiny_config_dict(root, tmp_path / "runs", data={**backend_section("torchvision"), "verify_images": False})
+    started = time.time()
+    done = torchrun("train", "--config", str(write_config(tmp_path / "c.yaml", raw)), timeout=240)
+    assert done.returncode != 0
+    assert f"fastkd: error: cannot decode {victim}" in done.stderr
+    assert time.time() - started < 200
