@@ -370,6 +370,7 @@ def format_rows(rows: list[dict[str, Any]], notes: Sequence[str] = ()) -> str:
 def bottleneck_sentences(rows: list[dict[str, Any]], runtime: Runtime) -> list[str]:
     """One plain sentence per measured training/distillation row: what bounds it, what to try."""
     sentences = []
+    ceilings = {r["what"]: r["images_per_sec"] for r in rows if r["backend"] == "synthetic"}
     for row in rows:
         stages = row.get("stages")
         if not stages:
@@ -378,7 +379,11 @@ def bottleneck_sentences(rows: list[dict[str, Any]], runtime: Runtime) -> list[s
         teacher = stages.get("teacher forward", 0.0)
         student = stages.get("student forward+backward", 0.0) + stages.get("optimizer", 0.0)
         name = f"{row['what']} with {row['backend']}"
-        if data >= max(teacher, student):
+        ceiling = ceilings.get(row["what"])
+        # On a CPU the loader also slows the step down by taking cores from it, which no
+        # stage shows: compare with the synthetic ceiling measured in the same process.
+        starved = row["backend"] != "synthetic" and ceiling and row["images_per_sec"] < 0.8 * ceiling
+        if data >= max(teacher, student) or starved:
             if row["backend"] == "torchvision":
                 advice = "decode with DALI (data.backend: dali)"
             elif row["backend"] == "dali-cpu":
@@ -386,8 +391,11 @@ def bottleneck_sentences(rows: list[dict[str, Any]], runtime: Runtime) -> list[s
                           else "raise data.num_workers (DALI threads) or decode on a GPU")
             else:
                 advice = "raise data.num_workers (DALI threads) and data.dali_hw_decoder_load"
-            sentences.append(f"{name} is bounded by the loader ({data:.1f} ms of data per batch against "
-                             f"{student + teacher:.1f} ms of compute): {advice}.")
+            share = f", {row['images_per_sec'] / ceiling:.0%} of the synthetic-data ceiling" if ceiling else ""
+            sentences.append(f"{name} is bounded by the loader ({data:.1f} ms of data wait per batch against "
+                             f"{student + teacher:.1f} ms of compute{share}"
+                             f"{'; its decoding shares the CPU cores with the step' if runtime.device.type == 'cpu' else ''})"
+                             f": {advice}.")
         elif teacher >= student:
             advice = ("keep distill.side_stream on, lower distill.teacher.precision, or try runtime.compile"
                       if runtime.device.type == "cuda" else "use a GPU, where the teacher overlaps the student on a "

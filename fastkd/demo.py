@@ -8,6 +8,7 @@ interrupted ones resumed.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any, Sequence
@@ -82,13 +83,15 @@ def _spread(values: list[float]) -> str:
 
 def _verdict(alone: list[float], distilled: list[float]) -> str:
     gain = statistics.mean(distilled) - statistics.mean(alone)
-    spread = max(statistics.stdev(alone) if len(alone) > 1 else 0.0,
-                 statistics.stdev(distilled) if len(distilled) > 1 else 0.0)
-    if len(alone) < 2:
+    if len(alone) < 2 or len(distilled) < 2:
         judgement = "one seed only: run with --seeds 0 1 2 to see whether the difference exceeds seed noise"
-    elif abs(gain) <= spread:
-        judgement = "within the seed-to-seed spread: no clear effect"
     else:
-        judgement = "distillation helped" if gain > 0 else "distillation hurt"
+        # Two standard errors of the difference of the means (roughly a 95% interval).
+        error = math.sqrt(statistics.variance(alone) / len(alone) + statistics.variance(distilled) / len(distilled))
+        if abs(gain) <= 2 * error:
+            judgement = f"within two standard errors ({2 * error:.2f}): no clear effect at this number of seeds"
+        else:
+            judgement = f"{'helped' if gain > 0 else 'hurt'}: more than two standard errors ({2 * error:.2f})"
+            judgement = "distillation " + judgement
     return (f"Best val top-1, student alone {_spread(alone)} vs distilled {_spread(distilled)}: "
             f"{gain:+.2f} points; {judgement}.")
