@@ -9,9 +9,12 @@ import argparse
 import shlex
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 from fastkd.errors import FastkdError
+
+if TYPE_CHECKING:
+    from fastkd.loop import Interrupted
 
 
 def _add_config_args(parser: argparse.ArgumentParser, *, required: bool = True) -> None:
@@ -216,7 +219,7 @@ def _print_summary(run_dir: Path, summary: dict) -> None:
     print(f"run {run_dir}: " + "  ".join(f"{k} {summary.get(k)}" for k in keys))
 
 
-def _exit_interrupted(stop: "Exception", argv: list[str]) -> None:
+def _exit_interrupted(stop: "Interrupted", argv: list[str]) -> None:
     import os
 
     command = list(argv)
@@ -225,9 +228,9 @@ def _exit_interrupted(stop: "Exception", argv: list[str]) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         launcher = ("torchrun <same options> -m fastkd" if int(os.environ.get("WORLD_SIZE", "1")) > 1
                     else "fastkd")
-        print(f"fastkd: stopped after step {stop.step} and saved a checkpoint; resume with:\n"  # type: ignore[attr-defined]
+        print(f"fastkd: stopped after step {stop.step} and saved a checkpoint; resume with:\n"
               f"  {launcher} {shlex.join(command)}", file=sys.stderr)
-    sys.exit(128 + (stop.signum or 15))  # type: ignore[attr-defined]
+    sys.exit(128 + (stop.signum or 15))
 
 
 if __name__ == "__main__":

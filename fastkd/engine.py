@@ -107,7 +107,7 @@ def _run(cfg: Config, *, resume: bool, progress: bool,
     shard = shard_from_env()
     with _process_group(shard.world_size):
         runtime = create_runtime(cfg.runtime, shard)
-        checkpoint = _open_run_dir(cfg, resume)
+        checkpoint = _open_run_dir(cfg, resume, shard.world_size)
         _barrier()  # every rank has looked at the run directory before rank 0 creates it
         _ensure_demo_data(cfg, runtime)
         seed_everything(cfg.run.seed + shard.rank, deterministic=cfg.runtime.deterministic)
@@ -142,7 +142,6 @@ def _run(cfg: Config, *, resume: bool, progress: bool,
         if runtime.is_main:
             for stale in run_dir.glob(".*.tmp-*"):  # left by a process killed while writing
                 stale.unlink(missing_ok=True)
-        if runtime.is_main:
             (run_dir / "env.json").write_text(json.dumps(collect_env(runtime.device), indent=2) + "\n")
         logger = RunLogger(run_dir, tensorboard=cfg.run.tensorboard, enabled=runtime.is_main)
         training = Training(
@@ -155,7 +154,7 @@ def _run(cfg: Config, *, resume: bool, progress: bool,
             grad_clip_norm=cfg.optim.grad_clip_norm, log_every_steps=cfg.run.log_every_steps,
             checkpoint_every_steps=cfg.run.checkpoint_every_steps, progress=progress)
         if checkpoint is not None:
-            _restore(training, checkpoint, run_dir / "last.pt")
+            _restore(training, checkpoint)
             logger.truncate_after(state.epoch)
             if runtime.is_main:
                 print(f"resuming {run_dir} at epoch {state.epoch} (+{state.batches_done} batches), step {state.step}")
@@ -172,7 +171,7 @@ def _run(cfg: Config, *, resume: bool, progress: bool,
         return RunResult(run_dir, summary, runtime.is_main)
 
 
-def _open_run_dir(cfg: Config, resume: bool) -> dict[str, Any] | None:
+def _open_run_dir(cfg: Config, resume: bool, world_size: int) -> dict[str, Any] | None:
     """Validate the run directory; on resume, return its last checkpoint."""
     run_dir = cfg.run_dir
     if not resume:
@@ -186,6 +185,9 @@ def _open_run_dir(cfg: Config, resume: bool) -> dict[str, Any] | None:
     checkpoint = load_checkpoint(last)
     if not is_fastkd_checkpoint(checkpoint):
         raise CheckpointError(f"--resume: {last} is not a fastkd checkpoint")
+    if checkpoint["world_size"] != world_size:
+        raise CheckpointError(f"--resume: {last} was written by {checkpoint['world_size']} process(es); resume "
+                              f"with the same number (now {world_size}) to continue the same data streams")
     saved = config_from_dict(checkpoint["config"])
     changed = changed_keys(saved, cfg)
     if changed:
@@ -194,11 +196,8 @@ def _open_run_dir(cfg: Config, resume: bool) -> dict[str, Any] | None:
     return checkpoint
 
 
-def _restore(t: Training, checkpoint: dict[str, Any], path: Path) -> None:
+def _restore(t: Training, checkpoint: dict[str, Any]) -> None:
     shard = t.runtime.shard
-    if checkpoint["world_size"] != shard.world_size:
-        raise CheckpointError(f"--resume: {path} was written by {checkpoint['world_size']} process(es); resume "
-                              f"with the same number (now {shard.world_size}) to continue the same data streams")
     state = TrainState(**checkpoint["state"])
     t.state.__dict__.update(state.__dict__)
     t.optimizer.load_state_dict(checkpoint["optimizer"])

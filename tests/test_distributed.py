@@ -138,3 +138,19 @@ def test_a_failing_rank_brings_the_job_down_with_its_error(tiny_imagefolder, tmp
     assert done.returncode != 0
     assert f"fastkd: error: cannot decode {victim}" in done.stderr
     assert time.time() - started < 200
+
+
+def test_resuming_with_another_number_of_processes_is_refused(tiny_imagefolder, tmp_path, capsys):
+    from fastkd.cli import main
+
+    raw = tiny_config_dict(tiny_imagefolder, tmp_path / "runs", data=backend_section("torchvision"),
+                           optim={"epochs": 1, "warmup_epochs": 0})
+    config = write_config(tmp_path / "c.yaml", raw)
+    assert torchrun("train", "--config", str(config)).returncode == 0
+    run_dir = tmp_path / "runs" / "tiny"
+    before = {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()}
+    with pytest.raises(SystemExit) as info:
+        main(["train", "--config", str(config), "--resume"])
+    assert info.value.code == 2
+    assert "was written by 2 process(es); resume with the same number (now 1)" in capsys.readouterr().err
+    assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
