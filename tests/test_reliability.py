@@ -153,8 +153,14 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> Non
         time.sleep(0.05)
 
 
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_checkpoint(run_dir / "last.pt")["model"]
+def resume_to_the_end(config: Path, run_dir: Path, reference_run: Path) -> None:
+    """`--resume` finishes the run with weights bit-identical to the uninterrupted reference."""
+    finished = start_training(config, "--resume")
+    _, err = finished.communicate(timeout=300)
+    assert finished.returncode == 0, err
+    expected = load_checkpoint(reference_run / "last.pt")["model"]
+    for key, value in load_checkpoint(run_dir / "last.pt")["model"].items():
+        assert torch.equal(value, expected[key]), key
 
 
 @pytest.fixture(scope="module")
@@ -182,12 +188,7 @@ def test_signal_finishes_the_step_checkpoints_and_resume_is_exact(tiny_imagefold
     assert "saved a checkpoint; resume with:" in err and "--resume" in err and "Traceback" not in err
     stopped = load_checkpoint(tmp_path / "runs" / "tiny" / "last.pt")["step"]
     assert 1 <= stopped < 15
-    resumed = start_training(config, "--resume")
-    out, err = resumed.communicate(timeout=300)
-    assert resumed.returncode == 0, err
-    expected = final_weights(reference_run)
-    for key, value in final_weights(tmp_path / "runs" / "tiny").items():
-        assert torch.equal(value, expected[key]), key
+    resume_to_the_end(config, tmp_path / "runs" / "tiny", reference_run)
 
 
 @pytest.mark.slow
@@ -207,12 +208,7 @@ def test_kill_9_at_any_moment_leaves_a_loadable_checkpoint_and_resume_is_exact(t
         process.wait()
         load_checkpoint(last)  # intact whatever moment the kill hit
         extra = ("--resume",)
-    finished = start_training(config, "--resume")
-    _, err = finished.communicate(timeout=300)
-    assert finished.returncode == 0, err
-    expected = final_weights(reference_run)
-    for key, value in final_weights(tmp_path / "runs" / "tiny").items():
-        assert torch.equal(value, expected[key]), key
+    resume_to_the_end(config, tmp_path / "runs" / "tiny", reference_run)
     assert not [p.name for p in last.parent.iterdir() if ".tmp-" in p.name], "stale temporary files left"
 
 
