@@ -21,9 +21,11 @@ import torch
 from torch import nn
 
 from fastkd.config import Config
+from fastkd.engine import build_distillation_step
 from fastkd.env import collect_env
 from fastkd.errors import ConfigError
 from fastkd.models import create_model, freeze, load_teacher
+from fastkd.loop import apply_update, backward
 from fastkd.optim import create_optimizer
 from fastkd.report import markdown_table
 from fastkd.runtime import Runtime, create_runtime, seed_everything
@@ -209,16 +211,6 @@ class Bench:
         if text not in self.notes:
             self.notes.append(text)
 
-    def _train_step(self, step: nn.Module, optimizer, scaler) -> Callable[[torch.Tensor, torch.Tensor], None]:
-        def train_one(images: torch.Tensor, labels: torch.Tensor) -> None:
-            out = step(images, labels)
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(out.loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-
-        return train_one
-
     def measure_steps(self, what: str, backend: str, *, side_stream: bool | None = None) -> dict[str, Any]:
         """Training steps (`train`) or teacher + student steps (`distill`) fed by one backend."""
         loader = self.loaders(backend).train
@@ -226,17 +218,11 @@ class Bench:
         if what == "train":
             step: nn.Module = ClassificationStep(model, autocast=self.runtime.autocast)
         else:
-            kd = self.cfg.distill
-            assert kd is not None
-            teacher_precision = self.runtime.resolve_precision(kd.teacher.precision)
-            from fastkd.losses import distillation_term
-
-            step = DistillationStep(model, self._teacher(), term=distillation_term(kd), kd_weight=kd.kd_weight,
-                                    ce_weight=kd.ce_weight, autocast=self.runtime.autocast,
-                                    teacher_autocast=lambda: self.runtime.autocast(teacher_precision),
-                                    side_stream=bool(side_stream))
+            assert self.cfg.distill is not None
+            step = build_distillation_step(self.cfg.distill, self.runtime, model, self._teacher(),
+                                           side_stream=bool(side_stream))
         step.train()
-        train_one = self._train_step(step, optimizer, scaler)
+        params = [p for group in optimizer.param_groups for p in group["params"]]
         stream = endless(loader)
         waited = [0.0]
 
@@ -244,24 +230,26 @@ class Bench:
             started = time.perf_counter()
             images, labels = next(stream)
             waited[0] += time.perf_counter() - started
-            train_one(images, labels)
+            backward(step(images, labels).loss, optimizer, scaler)
+            apply_update(optimizer, scaler, params, None)
             return labels.shape[0]
 
         started = time.perf_counter()
         rates = timed_windows(self.window, one, self.runtime.synchronize)
         wait_fraction = waited[0] / (time.perf_counter() - started)
         label = what if side_stream in (None, True) or self.runtime.device.type != "cuda" else f"{what}-no-side-stream"
-        stages = self.breakdown(what, loader, step, optimizer, scaler)
+        stages = self.breakdown(loader, step, optimizer, scaler)
         return self.record(label, backend, rates, data_wait_fraction=round(wait_fraction, 3),
                            side_stream=side_stream if what == "distill" else None, stages=stages)
 
-    def breakdown(self, what: str, loader: Loader, step: nn.Module, optimizer, scaler) -> dict[str, float]:
+    def breakdown(self, loader: Loader, step: nn.Module, optimizer, scaler) -> dict[str, float]:
         """Milliseconds per batch in each stage, over `window.steps` batches (stages in sequence).
 
         The teacher runs on the main stream here, so each stage's events time it alone.
         """
         if isinstance(step, DistillationStep):
             step.stream = None
+        params = [p for group in optimizer.param_groups for p in group["params"]]
         clock = StageClock(self.runtime)
         stream = _stage_stream(loader)
         for index in range(self.window.steps + 2):
@@ -269,28 +257,14 @@ class Bench:
                 clock = StageClock(self.runtime)
                 self.runtime.synchronize()
             images, labels = _next_batch(stream, loader, clock)
-            teacher_logits = None
-            if what == "distill":
+            if isinstance(step, DistillationStep):
                 teacher_logits = clock.device("teacher forward", lambda: step.teacher_logits(images))
-
-            def forward_backward() -> None:
-                with step.autocast():
-                    logits = step.model(images)
-                if teacher_logits is None:
-                    loss = torch.nn.functional.cross_entropy(logits.float(), labels)
-                else:
-                    loss = step.ce_weight * torch.nn.functional.cross_entropy(logits.float(), labels) + \
-                        step.kd_weight * step.term(logits, teacher_logits, labels)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-
-            clock.device("student forward+backward", forward_backward)
-
-            def update() -> None:
-                scaler.step(optimizer)
-                scaler.update()
-
-            clock.device("optimizer", update)
+                clock.device("student forward+backward", lambda: backward(
+                    step.student_output(images, labels, teacher_logits).loss, optimizer, scaler))
+            else:
+                clock.device("student forward+backward", lambda: backward(step(images, labels).loss, optimizer,
+                                                                           scaler))
+            clock.device("optimizer", lambda: apply_update(optimizer, scaler, params, None))
         totals = clock.seconds()
         return {stage: round(1000 * seconds / self.window.steps, 3) for stage, seconds in totals.items()}
 

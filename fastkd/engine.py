@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from fastkd.checkpoint import is_fastkd_checkpoint, load_checkpoint
-from fastkd.config import Config, changed_keys, config_from_dict, config_to_dict, dump_config
+from fastkd.config import Config, DistillConfig, changed_keys, config_from_dict, config_to_dict, dump_config
 from fastkd.env import collect_env
 from fastkd.errors import CheckpointError, ConfigError, DataError, FastkdError
 from fastkd.loop import StopFlag, TrainState, Training, evaluate, fit
@@ -60,6 +60,14 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True) -> RunR
     return _run(cfg, resume=resume, progress=progress, make_step=_make_distillation_step)
 
 
+def build_distillation_step(kd: DistillConfig, runtime: Runtime, student: nn.Module, teacher: nn.Module, *,
+                            side_stream: bool) -> DistillationStep:
+    teacher_precision = runtime.resolve_precision(kd.teacher.precision)
+    return DistillationStep(student, teacher, term=distillation_term(kd), kd_weight=kd.kd_weight,
+                            ce_weight=kd.ce_weight, autocast=runtime.autocast,
+                            teacher_autocast=lambda: runtime.autocast(teacher_precision), side_stream=side_stream)
+
+
 def _make_distillation_step(cfg: Config, runtime: Runtime, student: nn.Module,
                             loaders: Loaders) -> tuple[nn.Module, dict[str, Any]]:
     kd = cfg.distill
@@ -77,10 +85,7 @@ def _make_distillation_step(cfg: Config, runtime: Runtime, student: nn.Module,
         raise FastkdError(f"distill.teacher.checkpoint: the teacher's val top-1 is {measured['top1']:.2f}%, near "
                           f"chance ({chance:.2f}%): is {kd.teacher.checkpoint_path} the trained teacher? "
                           "(set distill.allow_weak_teacher: true to distil anyway)")
-    step = DistillationStep(
-        student, teacher, term=distillation_term(kd), kd_weight=kd.kd_weight, ce_weight=kd.ce_weight,
-        autocast=runtime.autocast, teacher_autocast=lambda: runtime.autocast(teacher_precision),
-        side_stream=kd.side_stream)
+    step = build_distillation_step(kd, runtime, student, teacher, side_stream=kd.side_stream)
     return step, {"teacher": {"arch": kd.teacher.arch, "checkpoint": str(kd.teacher.checkpoint_path),
                               "val_top1": measured["top1"], "val_top5": measured["top5"],
                               "precision": teacher_precision},

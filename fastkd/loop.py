@@ -153,13 +153,8 @@ def train_epoch(t: Training) -> tuple[dict[str, float], bool]:
         lr = t.lr_at(state.step)
         set_lr(t.optimizer, lr)
         out = t.step(images, labels)
-        t.optimizer.zero_grad(set_to_none=True)
-        t.scaler.scale(out.loss).backward()
-        if t.grad_clip_norm is not None:
-            t.scaler.unscale_(t.optimizer)
-            torch.nn.utils.clip_grad_norm_(params, t.grad_clip_norm)
-        t.scaler.step(t.optimizer)
-        t.scaler.update()
+        backward(out.loss, t.optimizer, t.scaler)
+        apply_update(t.optimizer, t.scaler, params, t.grad_clip_norm)
 
         batch_size = labels.shape[0]
         correct = topk_correct(out.logits.detach(), labels)
@@ -201,6 +196,21 @@ def train_epoch(t: Training) -> tuple[dict[str, float], bool]:
     metrics["images_per_sec"] = round(images_seen * runtime.shard.world_size / max(seconds, 1e-9), 2)
     t.train_meter = None
     return metrics, True
+
+
+def backward(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+
+
+def apply_update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list[torch.Tensor],
+                 grad_clip_norm: float | None) -> None:
+    """Optimizer step through the (possibly disabled) GradScaler, with optional clipping."""
+    if grad_clip_norm is not None:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip_norm)
+    scaler.step(optimizer)
+    scaler.update()
 
 
 def _stop_requested(t: Training) -> bool:

@@ -48,12 +48,6 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def state_dict_for_export(model: nn.Module) -> dict[str, torch.Tensor]:
-    """A plain CPU state_dict that `torchvision.models.<arch>(num_classes=N)` loads strictly."""
-    return {k: v.detach().to("cpu", memory_format=torch.contiguous_format).clone()
-            for k, v in model.state_dict().items()}
-
-
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 

@@ -85,7 +85,11 @@ class DistillationStep(nn.Module):
             return logits
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
-        teacher_logits = self.teacher_logits(images)
+        teacher_logits = self.teacher_logits(images)  # queued first: overlaps the student below
+        return self.student_output(images, labels, teacher_logits)
+
+    def student_output(self, images: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor) -> StepOutput:
+        """The student's forward and the loss against given teacher logits."""
         with self.autocast():
             logits = self.model(images)
         if self.stream is not None:

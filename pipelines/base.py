@@ -78,7 +78,7 @@ def normalization(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tenso
 
 def check_batch(images: torch.Tensor, labels: torch.Tensor, *, spec: BatchSpec, image_size: int,
                 num_classes: int, max_batch_size: int) -> None:
-    """Assert the contract above (used by tests and by `fastkd bench --check`); syncs the host."""
+    """Assert the contract above (the tests run it over every backend); syncs the host."""
     assert images.dim() == 4 and images.shape[1] == 3, f"images shape {tuple(images.shape)}"
     assert tuple(images.shape[2:]) == (image_size, image_size), f"images shape {tuple(images.shape)}"
     assert 1 <= images.shape[0] <= max_batch_size, f"batch of {images.shape[0]}"

@@ -11,7 +11,6 @@ import yaml
 
 from fastkd import engine
 from fastkd.checkpoint import load_checkpoint, save_checkpoint
-from fastkd.cli import main
 from fastkd.losses import kd_loss
 from fastkd.models import freeze
 from fastkd.steps import DistillationStep
