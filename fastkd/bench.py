@@ -52,7 +52,7 @@ def backend_overrides(backend: str) -> dict[str, Any]:
 
 def skip_reason(backend: str, runtime: Runtime) -> str | None:
     if backend == "dali-gpu" and runtime.device.type != "cuda":
-        return "needs a CUDA GPU"
+        return "needs a CUDA training device (runtime.device)"
     if backend.startswith("dali"):
         try:
             import nvidia.dali  # noqa: F401
@@ -61,11 +61,18 @@ def skip_reason(backend: str, runtime: Runtime) -> str | None:
     return None
 
 
-def endless(loader: Loader) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def endless(loader: Loader, batches: Callable[[Loader], Iterator] | None = None) -> Iterator:
+    """Full batches of epoch after epoch (of `batches(loader)`, default the loader itself).
+
+    An epoch's partial last batch is skipped: a new batch shape inside a timed window would
+    time cuDNN's autotuning or a recompilation instead of the steady state.
+    """
     epoch = 0
     while True:
         loader.set_epoch(epoch)
-        yield from loader
+        for batch in (batches or iter)(loader):
+            if batch[1].shape[0] == loader.batch_size:
+                yield batch
         epoch += 1
 
 
@@ -130,12 +137,8 @@ def _next_batch(stream: Iterator, loader: Loader, clock: StageClock | None):
 
 
 def _stage_stream(loader: Loader) -> Iterator:
-    """Endless host-stage batches (or device batches for loaders without stages)."""
-    epoch = 0
-    while True:
-        loader.set_epoch(epoch)
-        yield from (loader.host_batches() if hasattr(loader, "host_batches") else loader)
-        epoch += 1
+    """Endless full host-stage batches (or device batches for loaders without stages)."""
+    return endless(loader, lambda l: l.host_batches() if hasattr(l, "host_batches") else iter(l))
 
 
 @dataclass
@@ -165,6 +168,7 @@ class Bench:
         row = {
             "what": what, "backend": backend, "images_per_sec": round(statistics.median(rates), 1),
             "min": round(min(rates), 1), "max": round(max(rates), 1), "repeats": len(rates),
+            "rates": [round(rate, 1) for rate in rates],
             "steps": self.window.steps, "warmup": self.window.warmup, "batch_size": cfg.data.batch_size,
             "image_size": cfg.data.image_size, "model": cfg.model.arch,
             "teacher": cfg.distill.teacher.arch if cfg.distill and what.startswith("distill") else None,
@@ -246,9 +250,19 @@ class Bench:
         """Milliseconds per batch in each stage, over `window.steps` batches (stages in sequence).
 
         The teacher runs on the main stream here, so each stage's events time it alone.
+        "data wait" is host time spent waiting for the next batch: on a GPU it also holds any
+        wait for DALI's GPU work, which competes with the step for the same GPU.
         """
+        side = getattr(step, "stream", None)
         if isinstance(step, DistillationStep):
             step.stream = None
+        try:
+            return self._breakdown(loader, step, optimizer, scaler)
+        finally:
+            if isinstance(step, DistillationStep):
+                step.stream = side
+
+    def _breakdown(self, loader: Loader, step: nn.Module, optimizer, scaler) -> dict[str, float]:
         params = [p for group in optimizer.param_groups for p in group["params"]]
         clock = StageClock(self.runtime)
         stream = _stage_stream(loader)

@@ -77,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--train-per-class", type=int, default=100)
     synth.add_argument("--val-per-class", type=int, default=30)
     synth.add_argument("--seed", type=int, default=0)
+    synth.add_argument("--workers", type=int, help="processes (default: one per CPU core)")
 
     mini = data_commands.add_parser("mini-imagenet", help="write the original project's 480/120 split "
                                     "(new_train.csv, new_val.csv, classes_name.json) into ROOT")
@@ -170,7 +171,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> None:
             spec = DemoSpec(train_per_class=args.train_per_class, val_per_class=args.val_per_class, seed=args.seed)
             if args.out.exists() and any(args.out.iterdir()):
                 raise FastkdError(f"output folder is not empty: {args.out}")
-            generate_demo_dataset(args.out, spec)
+            generate_demo_dataset(args.out, spec, workers=args.workers)
             print(f"wrote {len(spec.classes)} classes x ({spec.train_per_class} train + {spec.val_per_class} val) "
                   f"images to {args.out}")
         elif args.data_command == "mini-imagenet":
@@ -194,14 +195,14 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> None:
 
 
 def _verify(args: argparse.Namespace) -> None:
-    from pipelines import available_cpus
+    from fastkd.env import cpu_count
     from pipelines.datasets import load_dataset
     from pipelines.verify import find_broken_images, write_clean_lists
 
     dataset = load_dataset(args.format, args.root, train_list=args.train_list, val_list=args.val_list,
                            classes_file=args.classes_file)
     files = dataset.train.files + dataset.val.files
-    broken = find_broken_images(files, root=args.root, workers=args.workers or available_cpus(), use_cache=False)
+    broken = find_broken_images(files, root=args.root, workers=args.workers or cpu_count(), use_cache=False)
     for item in broken:
         print(f"{item.path}: {item.reason}")
     if args.write_clean_list:

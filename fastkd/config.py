@@ -212,6 +212,8 @@ class RuntimeConfig:
     """Deterministic algorithms (bit-exact resume on the CPU); slower on GPUs."""
     sync_bn: bool = False
     """Convert BatchNorm to SyncBatchNorm when training with several processes."""
+    sync_debug: bool = False
+    """CUDA only: any host synchronisation inside a training step raises (a debugging aid: stalls show up as errors)."""
 
 
 @dataclass(frozen=True, kw_only=True)

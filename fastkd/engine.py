@@ -31,7 +31,7 @@ from fastkd.models import check_arch, count_parameters, create_model, load_teach
 from fastkd.optim import create_optimizer, lr_at
 from fastkd.runtime import Runtime, create_runtime, seed_everything, set_rng_state, shard_from_env
 from fastkd.steps import ClassificationStep, DistillationStep
-from pipelines import available_cpus, build_loaders, load_data
+from pipelines import build_loaders, load_data, loader_workers
 from pipelines.base import Loaders
 from pipelines.datasets import Dataset
 from pipelines.verify import find_broken_images
@@ -61,11 +61,14 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True) -> RunR
 
 
 def build_distillation_step(kd: DistillConfig, runtime: Runtime, student: nn.Module, teacher: nn.Module, *,
-                            side_stream: bool) -> DistillationStep:
+                            side_stream: bool, label_smoothing: float = 0.0) -> DistillationStep:
     teacher_precision = runtime.resolve_precision(kd.teacher.precision)
     return DistillationStep(student, teacher, term=distillation_term(kd), kd_weight=kd.kd_weight,
                             ce_weight=kd.ce_weight, autocast=runtime.autocast,
-                            teacher_autocast=lambda: runtime.autocast(teacher_precision), side_stream=side_stream)
+                            teacher_autocast=lambda: runtime.autocast(teacher_precision),
+                            stream=runtime.create_side_stream(side_stream),
+                            teacher_input_dtype=runtime.input_dtype(teacher_precision),
+                            label_smoothing=label_smoothing)
 
 
 def _make_distillation_step(cfg: Config, runtime: Runtime, student: nn.Module,
@@ -85,7 +88,8 @@ def _make_distillation_step(cfg: Config, runtime: Runtime, student: nn.Module,
         raise FastkdError(f"distill.teacher.checkpoint: the teacher's val top-1 is {measured['top1']:.2f}%, near "
                           f"chance ({chance:.2f}%): is {kd.teacher.checkpoint_path} the trained teacher? "
                           "(set distill.allow_weak_teacher: true to distil anyway)")
-    step = build_distillation_step(kd, runtime, student, teacher, side_stream=kd.side_stream)
+    step = build_distillation_step(kd, runtime, student, teacher, side_stream=kd.side_stream,
+                                   label_smoothing=cfg.optim.label_smoothing)
     return step, {"teacher": {"arch": kd.teacher.arch, "checkpoint": str(kd.teacher.checkpoint_path),
                               "val_top1": measured["top1"], "val_top5": measured["top5"],
                               "precision": teacher_precision},
@@ -110,8 +114,8 @@ def _run(cfg: Config, *, resume: bool, progress: bool,
     if cfg.distill is not None:
         check_arch(cfg.distill.teacher.arch, "distill.teacher.arch")
     shard = shard_from_env()
-    with _process_group(shard.world_size):
-        runtime = create_runtime(cfg.runtime, shard)
+    runtime = create_runtime(cfg.runtime, shard)
+    with _process_group(shard.world_size, runtime):
         checkpoint = _open_run_dir(cfg, resume, shard.world_size)
         _barrier()  # every rank has looked at the run directory before rank 0 creates it
         _ensure_demo_data(cfg, runtime)
@@ -223,7 +227,7 @@ def _load_dataset(cfg: Config, runtime: Runtime) -> Dataset | None:
     if not cfg.data.verify_images:
         return dataset
     files = dataset.train.files + dataset.val.files
-    workers = available_cpus() if cfg.data.num_workers is None else max(1, cfg.data.num_workers)
+    workers = max(1, loader_workers(cfg.data.num_workers, runtime.shard))
     broken = []
     for turn in (True, False):  # rank 0 decodes and caches; the others then read the cache
         if runtime.is_main == turn:
@@ -260,12 +264,14 @@ def _barrier() -> None:
 
 
 @contextlib.contextmanager
-def _process_group(world_size: int) -> Iterator[None]:
+def _process_group(world_size: int, runtime: Runtime) -> Iterator[None]:
     if world_size <= 1 or (dist.is_available() and dist.is_initialized()):
         yield
         return
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
-    dist.init_process_group(backend=backend)
+    # The backend follows the device this process trains on, not what the host has: CPU
+    # processes on a GPU host (runtime.device: cpu) all-reduce CPU tensors, which NCCL cannot.
+    device_id = runtime.device if runtime.device.type == "cuda" else None
+    dist.init_process_group(backend=runtime.process_group_backend, device_id=device_id)
     try:
         yield
     finally:

@@ -152,15 +152,15 @@ def train_epoch(t: Training) -> tuple[dict[str, float], bool]:
     for images, labels in t.train_loader:
         lr = t.lr_at(state.step)
         set_lr(t.optimizer, lr)
-        out = t.step(images, labels)
-        backward(out.loss, t.optimizer, t.scaler)
-        apply_update(t.optimizer, t.scaler, params, t.grad_clip_norm)
-
         batch_size = labels.shape[0]
-        correct = topk_correct(out.logits.detach(), labels)
-        meter.update(batch_size, {"loss": out.loss.detach() * batch_size, "top1": correct[0], "top5": correct[1],
-                                  **{name: value * batch_size for name, value in out.parts.items()}})
-        guard.observe(out.loss)
+        with runtime.no_host_sync():
+            out = t.step(images, labels)
+            backward(out.loss, t.optimizer, t.scaler)
+            apply_update(t.optimizer, t.scaler, params, t.grad_clip_norm)
+            correct = topk_correct(out.logits.detach(), labels)
+            meter.update(batch_size, {"loss": out.loss.detach() * batch_size, "top1": correct[0],
+                                      "top5": correct[1], **{name: value * batch_size for name, value in out.parts.items()}})
+            guard.observe(out.loss)
         state.step += 1
         state.batches_done += 1
         images_seen += batch_size
@@ -247,9 +247,13 @@ def evaluate(model: nn.Module, loader: Loader, runtime: Runtime, precision: str 
     was_training = model.training
     model.eval()
     meter = Meter(runtime.device, names=("loss", "top1", "top5"))  # fixed: a rank may see no batch
+    resolved = runtime.resolve_precision(precision)  # type: ignore[arg-type]
+    input_dtype = runtime.input_dtype(resolved)
     loader.set_epoch(0)
     for images, labels in loader:
-        with runtime.autocast(precision):  # type: ignore[arg-type]
+        if input_dtype is not None:
+            images = images.to(input_dtype)
+        with runtime.autocast(resolved):
             logits = model(images)
         correct = topk_correct(logits, labels)
         loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")

@@ -35,6 +35,7 @@ class Runtime:
     compile: bool
     sync_bn: bool
     shard: Shard
+    sync_debug: bool = False
 
     @property
     def is_main(self) -> bool:
@@ -57,6 +58,24 @@ class Runtime:
 
     def resolve_precision(self, precision: Precision | None) -> ResolvedPrecision:
         return self.precision if precision in (None, "auto") else precision  # type: ignore[return-value]
+
+    @staticmethod
+    def input_dtype(precision: ResolvedPrecision) -> torch.dtype | None:
+        """What a model run at `precision` needs its input cast to (None: autocast takes any float).
+
+        An fp32 model runs without autocast, so the fp16 batches of a reduced-precision run (an
+        fp32 teacher beside a bf16 student) must be cast first; fp32 batches pass unchanged.
+        """
+        return torch.float32 if precision == "fp32" else None
+
+    def create_side_stream(self, enabled: bool) -> "torch.cuda.Stream | None":
+        """A CUDA stream of its own (the teacher's), or None on the CPU or when disabled."""
+        return torch.cuda.Stream(self.device) if enabled and self.device.type == "cuda" else None
+
+    @property
+    def process_group_backend(self) -> str:
+        """NCCL for processes that train on GPUs, gloo for CPU processes (whatever the host has)."""
+        return "nccl" if self.device.type == "cuda" else "gloo"
 
     def autocast(self, precision: ResolvedPrecision | None = None) -> ContextManager:
         precision = precision or self.precision
@@ -83,6 +102,12 @@ class Runtime:
             model = torch.compile(model)
         return model, raw
 
+    def no_host_sync(self) -> ContextManager:
+        """With `runtime.sync_debug` on a GPU: a host sync inside the block raises (else a no-op)."""
+        if not (self.sync_debug and self.device.type == "cuda"):
+            return contextlib.nullcontext()
+        return _sync_debug_errors()
+
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -91,16 +116,32 @@ class Runtime:
 def shard_from_env() -> Shard:
     """This process's place in a torchrun job (a single process when not launched by torchrun)."""
     return Shard(rank=int(os.environ.get("RANK", 0)), world_size=int(os.environ.get("WORLD_SIZE", 1)),
-                 local_rank=int(os.environ.get("LOCAL_RANK", 0)))
+                 local_rank=int(os.environ.get("LOCAL_RANK", 0)),
+                 local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def resolve_device(requested: str, shard: Shard) -> torch.device:
+    """This process's training device: one GPU per local process (torchrun's LOCAL_RANK).
+
+    Several processes on one GPU would each hold a model, DALI buffers and an NCCL
+    communicator on it (NCCL refuses two ranks on one device), so more local processes than
+    visible GPUs is an error, unless each process was given its own GPU through a
+    one-device CUDA_VISIBLE_DEVICES (then it is device 0 of every process).
+    """
     if requested == "cuda" and not torch.cuda.is_available():
         raise ConfigError("runtime.device: cuda requested but no CUDA GPU is available "
                           "(torch.cuda.is_available() is False); use auto or cpu")
     if requested == "cpu" or not torch.cuda.is_available():
         return torch.device("cpu")
-    return torch.device("cuda", shard.local_rank % torch.cuda.device_count())
+    count = torch.cuda.device_count()
+    if shard.local_rank < count:
+        return torch.device("cuda", shard.local_rank)
+    masked = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if count == 1 and masked and "," not in masked:
+        return torch.device("cuda", 0)
+    raise ConfigError(f"runtime.device: {shard.local_world_size} CUDA processes on this node but {count} GPU(s) visible "
+                      f"(local rank {shard.local_rank} has none): start at most {count} processes per node "
+                      "(torchrun --nproc_per_node), or set runtime.device: cpu")
 
 
 def resolve_precision(requested: Precision, device: torch.device, key: str = "runtime.precision") -> ResolvedPrecision:
@@ -119,7 +160,18 @@ def create_runtime(cfg: RuntimeConfig, shard: Shard | None = None) -> Runtime:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     return Runtime(device=device, precision=resolve_precision(cfg.precision, device),
-                   channels_last=cfg.channels_last, compile=cfg.compile, sync_bn=cfg.sync_bn, shard=shard)
+                   channels_last=cfg.channels_last, compile=cfg.compile, sync_bn=cfg.sync_bn, shard=shard,
+                   sync_debug=cfg.sync_debug)
+
+
+@contextlib.contextmanager
+def _sync_debug_errors():
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
 
 
 def seed_everything(seed: int, *, deterministic: bool) -> None:

@@ -43,19 +43,33 @@ class ClassificationStep(nn.Module):
 class DistillationStep(nn.Module):
     """Student and frozen teacher on the same augmented batch.
 
-    `loss = ce_weight * CE(student, labels) + kd_weight * term(student, teacher, labels)`.
+    `loss = ce_weight * CE(student, labels; label_smoothing) + kd_weight * term(student, teacher, labels)`.
 
-    On a GPU the teacher's forward is queued on its own CUDA stream before the student's, so
-    the two overlap; the main stream waits for the side stream before the loss, and tensors
-    that cross streams are recorded on the stream that uses them so the caching allocator does
-    not hand their memory out early. On the CPU (or with `side_stream=False`) the same code
-    runs the two forwards one after the other. The teacher stays in eval mode whatever mode the
-    step is put in, has no gradients, and is never part of the optimizer or the checkpoint.
+    With a side `stream` (a `torch.cuda.Stream`, on a GPU) the teacher's forward is queued on
+    it before the student's forward is queued on the current stream, so the two overlap. Two
+    waits make that safe, and both happen inside every step:
+    - the side stream waits for the current stream before the teacher reads the batch (the
+      batch's producer, e.g. DALI's copy into it, was queued on the current stream);
+    - the current stream waits for the side stream before the loss reads the teacher's
+      logits. Everything queued later on the current stream, including whatever reuses the
+      batch's memory after this step drops it (the caching allocator, or DALI refilling its
+      buffer), therefore runs after the teacher's last read of the batch. That, not
+      `record_stream`, is what protects the batch: DALI's outputs need not come from
+      PyTorch's allocator, for which `record_stream` would do nothing.
+    The teacher's logits come from PyTorch's allocator on the side stream and are read on the
+    current stream, so they are recorded there.
+
+    Without a stream (CPU, or `distill.side_stream: false`) the same code runs the two
+    forwards one after the other. The teacher stays in eval mode whatever mode the step is put
+    in, has no gradients, and is never part of the optimizer or the checkpoint. Its input is
+    cast to `teacher_input_dtype` when given (an fp32 teacher fed the fp16 batches of a
+    reduced-precision run: no autocast would cast them).
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, *, term: Callable, kd_weight: float,
                  ce_weight: float, autocast: Callable[[], ContextManager],
-                 teacher_autocast: Callable[[], ContextManager], side_stream: bool):
+                 teacher_autocast: Callable[[], ContextManager], stream: "torch.cuda.Stream | None" = None,
+                 teacher_input_dtype: torch.dtype | None = None, label_smoothing: float = 0.0):
         super().__init__()
         self.model = student
         self.teacher = teacher.eval().requires_grad_(False)
@@ -64,25 +78,30 @@ class DistillationStep(nn.Module):
         self.ce_weight = ce_weight
         self.autocast = autocast
         self.teacher_autocast = teacher_autocast
-        device = next(teacher.parameters()).device
-        self.stream = torch.cuda.Stream(device) if side_stream and device.type == "cuda" else None
+        self.stream = stream
+        self.teacher_input_dtype = teacher_input_dtype
+        self.label_smoothing = label_smoothing
 
     def train(self, mode: bool = True) -> "DistillationStep":
         super().train(mode)
         self.teacher.eval()
         return self
 
+    def _teacher_forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.teacher_input_dtype is not None and images.dtype != self.teacher_input_dtype:
+            images = images.to(self.teacher_input_dtype)  # keeps the memory format
+        with self.teacher_autocast():
+            return self.teacher(images)
+
     def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """The teacher's logits; with a side stream, queued there (call `student_output` next)."""
         # no_grad rather than inference_mode: the result feeds a loss that autograd saves.
         with torch.no_grad():
             if self.stream is None:
-                with self.teacher_autocast():
-                    return self.teacher(images)
+                return self._teacher_forward(images)
             self.stream.wait_stream(torch.cuda.current_stream())  # the batch is ready
-            with torch.cuda.stream(self.stream), self.teacher_autocast():
-                logits = self.teacher(images)
-            images.record_stream(self.stream)
-            return logits
+            with torch.cuda.stream(self.stream):
+                return self._teacher_forward(images)
 
     def forward(self, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
         teacher_logits = self.teacher_logits(images)  # queued first: overlaps the student below
@@ -94,9 +113,9 @@ class DistillationStep(nn.Module):
             logits = self.model(images)
         if self.stream is not None:
             main = torch.cuda.current_stream()
-            main.wait_stream(self.stream)
+            main.wait_stream(self.stream)  # the teacher is done with the batch and its logits are ready
             teacher_logits.record_stream(main)
-        ce = F.cross_entropy(logits.float(), labels)
+        ce = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
         term = self.term(logits, teacher_logits, labels)
         loss = self.ce_weight * ce + self.kd_weight * term
         agree = (logits.detach().argmax(dim=1) == teacher_logits.argmax(dim=1)).float().mean()

@@ -109,16 +109,33 @@ def render_image(spec: DemoSpec, label: int, rng: np.random.Generator) -> Image.
     return Image.fromarray(np.clip(noisy, 0, 255).astype(np.uint8))
 
 
-def generate_demo_dataset(out: Path, spec: DemoSpec = DemoSpec()) -> None:
-    """Write `out/train/<class>/*.jpg` and `out/val/<class>/*.jpg`; the same bytes every time."""
+def _write_image(spec: DemoSpec, folder: Path, split_id: int, label: int, index: int) -> None:
+    rng = np.random.default_rng([spec.seed, spec.version, split_id, label, index])
+    image = render_image(spec, label, rng)
+    image.save(folder / f"{spec.classes[label]}_{index:04d}.jpg", quality=spec.quality)
+
+
+def generate_demo_dataset(out: Path, spec: DemoSpec = DemoSpec(), workers: int | None = None) -> None:
+    """Write `out/train/<class>/*.jpg` and `out/val/<class>/*.jpg`; the same bytes every time
+    (each image has its own seed), with `workers` processes (default: one per core)."""
+    from concurrent.futures import ProcessPoolExecutor
+
+    from fastkd.env import cpu_count
+
+    jobs = []
     for split, per_class, split_id in (("train", spec.train_per_class, 0), ("val", spec.val_per_class, 1)):
         for label, name in enumerate(spec.classes):
             folder = out / split / name
             folder.mkdir(parents=True, exist_ok=True)
-            for index in range(per_class):
-                rng = np.random.default_rng([spec.seed, spec.version, split_id, label, index])
-                image = render_image(spec, label, rng)
-                image.save(folder / f"{name}_{index:04d}.jpg", quality=spec.quality)
+            jobs += [(spec, folder, split_id, label, index) for index in range(per_class)]
+    workers = max(1, workers or cpu_count())
+    if workers == 1:
+        for job in jobs:
+            _write_image(*job)
+    else:
+        with ProcessPoolExecutor(workers) as pool:
+            for _ in pool.map(_write_image, *zip(*jobs), chunksize=16):
+                pass
     (out / MARKER).write_text(json.dumps(asdict(spec), indent=2) + "\n")
 
 

@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
-import os
-
 from fastkd.config import DataConfig
+from fastkd.env import cpu_count
 from pipelines.base import BatchSpec, Loader, Loaders, Shard
 from pipelines.datasets import Dataset, load_dataset
 
-__all__ = ["BatchSpec", "Loader", "Loaders", "Shard", "build_loaders", "load_data", "available_cpus"]
+__all__ = ["BatchSpec", "Loader", "Loaders", "Shard", "build_loaders", "load_data", "loader_workers"]
+
+# DALI threads per process unless data.num_workers says otherwise: beyond this a pipeline stops
+# gaining, while each thread holds its own decoder buffers (host and, for nvJPEG, device memory).
+MAX_DEFAULT_DALI_THREADS = 8
 
 
-def available_cpus() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
+def loader_workers(num_workers: int | None, shard: Shard, *, dali: bool = False) -> int:
+    """DataLoader workers or DALI threads of one process: `num_workers`, or this process's share
+    of the node's cores (the node's processes split them), at most 8 DALI threads."""
+    if num_workers is not None:
+        return num_workers
+    share = max(1, cpu_count() // max(1, shard.local_world_size))
+    return min(share, MAX_DEFAULT_DALI_THREADS) if dali else share
 
 
 def load_data(cfg: DataConfig) -> Dataset:
@@ -42,8 +47,8 @@ def build_loaders(cfg: DataConfig, *, spec: BatchSpec, seed: int, shard: Shard =
                        synthetic(cfg.synthetic_val_samples, val_batch_size, 1), classes)
 
     dataset = dataset or load_data(cfg)
-    workers = available_cpus() if cfg.num_workers is None else cfg.num_workers
     if cfg.backend == "torchvision":
+        workers = loader_workers(cfg.num_workers, shard)
         from pipelines.torchvision_backend import TorchvisionLoader
 
         common = dict(image_size=cfg.image_size, val_resize=cfg.val_resize, num_workers=workers,
@@ -54,5 +59,6 @@ def build_loaders(cfg: DataConfig, *, spec: BatchSpec, seed: int, shard: Shard =
 
     from pipelines.dali_backend import build_dali_loaders
 
-    return build_dali_loaders(cfg, dataset, spec=spec, seed=seed, shard=shard, num_threads=max(1, workers),
+    threads = max(1, loader_workers(cfg.num_workers, shard, dali=True))
+    return build_dali_loaders(cfg, dataset, spec=spec, seed=seed, shard=shard, num_threads=threads,
                               val_batch_size=val_batch_size)

@@ -54,11 +54,13 @@ class BatchSpec:
 
 @dataclass(frozen=True, kw_only=True)
 class Shard:
-    """This process's share of the data: `rank` of `world_size` (global), `local_rank` = device index."""
+    """This process's share of the data and of its node: `rank` of `world_size` (global),
+    `local_rank` of `local_world_size` (processes on this node)."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1
 
 
 @dataclass

@@ -5,9 +5,15 @@ Training:   file reader -> fused decode + random-resized-crop -> resize to image
 Validation: file reader -> decode -> resize shorter side to val_resize -> centre crop +
             normalize, HWC
 
-HWC batches become NCHW channels-last views with `permute(0, 3, 1, 2)`: no copy. On a GPU the
-decoder is `mixed` (nvJPEG, with a share of the images on the hardware JPEG decoder of
-A100/H100-class GPUs); without one the same graph runs with `cpu` operators.
+Where each part runs follows `data.dali_device` and the training device:
+
+| dali_device | training device | decode (+ crop)          | resize, flip, normalize |
+| ----------- | --------------- | ------------------------ | ----------------------- |
+| gpu         | cuda            | GPU (`mixed`: nvJPEG, and the hardware JPEG decoder of A100/H100-class GPUs) | GPU |
+| cpu         | cuda            | CPU (libjpeg-turbo)      | GPU (hybrid, as NVIDIA's examples: the batch leaves the pipeline on the GPU) |
+| cpu         | cpu             | CPU                      | CPU                     |
+
+HWC batches become NCHW channels-last views with `permute(0, 3, 1, 2)`: no copy.
 
 Order: the file list is permuted once with the run's seed, then the reader reshuffles the
 whole list after every epoch (`shuffle_after_epoch`, the same order on every shard). The
@@ -18,6 +24,7 @@ every random generator, so a resumed run sees the same samples and augmentations
 from __future__ import annotations
 
 import random
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -38,20 +45,37 @@ else:
     _IMPORT_ERROR = None
 
 READER = "Reader"
-# Buffer sizes from NVIDIA's ImageNet examples: enough for nvJPEG and the hardware decoder to
-# preallocate once instead of growing buffers during the first epochs.
-DEVICE_MEMORY_PADDING = 211_025_920
-HOST_MEMORY_PADDING = 140_544_512
-PREALLOCATE_WIDTH_HINT = 5980
-PREALLOCATE_HEIGHT_HINT = 6430
+# Images whose header is read to size the decoders' preallocation (cheap: headers only).
+SIZE_HINT_SAMPLES = 64
 
 
-def resolve_dali_device(requested: str) -> str:
-    if requested == "gpu" and not torch.cuda.is_available():
-        raise ConfigError("data.dali_device: gpu requested but no CUDA GPU is available; use auto or cpu")
+def resolve_dali_device(requested: str, device: torch.device) -> str:
+    """Where DALI decodes ('gpu' or 'cpu'), from `data.dali_device` and the training device."""
+    if requested == "gpu" and device.type != "cuda":
+        why = "runtime.device is cpu" if torch.cuda.is_available() else "no CUDA GPU is available"
+        raise ConfigError(f"data.dali_device: gpu requested but the run trains on the CPU ({why}); use auto or cpu")
     if requested == "auto":
-        return "gpu" if torch.cuda.is_available() else "cpu"
+        return "gpu" if device.type == "cuda" else "cpu"
     return requested
+
+
+def size_hints(files: list[str]) -> tuple[int, int]:
+    """(width, height) to preallocate the GPU decoders for: the largest of a sample of the data.
+
+    Larger images still decode (the decoder grows its buffers once); this only spares the
+    first batches that reallocation.
+    """
+    from PIL import Image
+
+    width = height = 0
+    for path in files[:SIZE_HINT_SAMPLES]:
+        try:
+            with Image.open(path) as image:
+                w, h = image.size
+        except OSError:
+            continue  # broken files are the verifier's business
+        width, height = max(width, w, h), max(height, w, h)  # either orientation (EXIF)
+    return width, height
 
 
 def _require_dali() -> None:
@@ -67,23 +91,35 @@ def _normalize(images, *, dtype, mirror=None):
         mean=[255 * m for m in IMAGENET_MEAN], std=[255 * s for s in IMAGENET_STD], **kwargs)
 
 
-def _train_graph(files: list[str], labels: list[int], *, device: str, image_size: int, shard: Shard,
-                 hw_decoder_load: float, dtype):
+@dataclass(frozen=True)
+class Placement:
+    """Where the operators of a graph run (see the table at the top of this module)."""
+
+    decoder: str
+    """'mixed' (GPU decoding) or 'cpu'."""
+    to_gpu_after_decode: bool
+    """Hybrid: decode on the CPU, augment on the GPU."""
+    decoder_hints: dict[str, Any]
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.decoder == "mixed" or self.to_gpu_after_decode
+
+
+def _train_graph(files: list[str], labels: list[int], *, place: Placement, image_size: int, shard: Shard, dtype):
     # pad_last_batch: the reader stops at the end of its shard (padding the last batch, which the
     # iterator drops or keeps per its policy) instead of reading on into the next epoch's order.
     jpegs, label = fn.readers.file(
         files=files, labels=labels, name=READER, shuffle_after_epoch=True, shard_id=shard.rank,
         num_shards=shard.world_size, pad_last_batch=True)
-    decoder_device = "mixed" if device == "gpu" else "cpu"
-    gpu_hints = dict(device_memory_padding=DEVICE_MEMORY_PADDING, host_memory_padding=HOST_MEMORY_PADDING,
-                     hw_decoder_load=hw_decoder_load, preallocate_width_hint=PREALLOCATE_WIDTH_HINT,
-                     preallocate_height_hint=PREALLOCATE_HEIGHT_HINT) if device == "gpu" else {}
     images = fn.decoders.image_random_crop(
-        jpegs, device=decoder_device, output_type=types.RGB, random_area=list(CROP_AREA),
-        random_aspect_ratio=list(CROP_RATIO), num_attempts=10, **gpu_hints)
+        jpegs, device=place.decoder, output_type=types.RGB, random_area=list(CROP_AREA),
+        random_aspect_ratio=list(CROP_RATIO), num_attempts=10, **place.decoder_hints)
+    if place.to_gpu_after_decode:
+        images = images.gpu()
     images = fn.resize(images, size=[image_size, image_size], antialias=True)
     images = _normalize(images, dtype=dtype, mirror=fn.random.coin_flip(probability=0.5))
-    return images, (label.gpu() if device == "gpu" else label)
+    return images, (label.gpu() if place.on_gpu else label)
 
 
 def _torchvision_centre_crop(images, *, image_size: int, val_resize: int):
@@ -110,27 +146,28 @@ def _torchvision_centre_crop(images, *, image_size: int, val_resize: int):
     return fn.slice(images, start=start, shape=[image_size, image_size], axes=[0, 1])
 
 
-def _val_graph(files: list[str], labels: list[int], *, device: str, image_size: int, val_resize: int,
-               shard: Shard, hw_decoder_load: float, dtype):
+def _val_graph(files: list[str], labels: list[int], *, place: Placement, image_size: int, val_resize: int,
+               shard: Shard, dtype):
     jpegs, label = fn.readers.file(
         files=files, labels=labels, name=READER, random_shuffle=False, shard_id=shard.rank,
         num_shards=shard.world_size, stick_to_shard=True, pad_last_batch=True)
-    decoder_kwargs = dict(device="mixed", hw_decoder_load=hw_decoder_load) if device == "gpu" else dict(device="cpu")
-    images = fn.decoders.image(jpegs, output_type=types.RGB, **decoder_kwargs)
+    images = fn.decoders.image(jpegs, device=place.decoder, output_type=types.RGB, **place.decoder_hints)
+    if place.to_gpu_after_decode:
+        images = images.gpu()
     images = _torchvision_centre_crop(images, image_size=image_size, val_resize=val_resize)
     images = _normalize(images, dtype=dtype)
-    return images, (label.gpu() if device == "gpu" else label)
+    return images, (label.gpu() if place.on_gpu else label)
 
 
 class DaliLoader:
     """A DALI pipeline + iterator honouring the batch contract of `pipelines.base`."""
 
-    def __init__(self, split: Split, *, train: bool, batch_size: int, cfg: DataConfig, device: str, seed: int,
-                 shard: Shard, spec: BatchSpec, num_threads: int):
+    def __init__(self, split: Split, *, train: bool, batch_size: int, cfg: DataConfig, place: Placement, seed: int,
+                 shard: Shard, spec: BatchSpec, num_threads: int, build: bool = True):
         self.batch_size = batch_size
         self.spec = spec
         self.train = train
-        self._device = device
+        self._place = place
         self._shard = shard
         self._num_threads = num_threads
         self._cfg = cfg
@@ -144,26 +181,38 @@ class DaliLoader:
         # Several training processes must take the same number of steps: keep the padded
         # samples (full batches on every rank). One process sees every image once per epoch.
         self._pad_shards = train and shard.world_size > 1
-        self._iterator = self._build(checkpoint=None)
-        self.num_samples = self._samples_per_epoch()
+        if build:  # False only to inspect the graph (`create_pipeline`) where it cannot run
+            self._iterator = self._build(checkpoint=None)
+            self.num_samples = self._samples_per_epoch()
 
-    def _build(self, checkpoint: str | bytes | None):
-        cfg, shard = self._cfg, self._shard
+    def create_pipeline(self, checkpoint: str | bytes | None = None, *, device_id: int | None | str = "auto"):
+        """The DALI pipeline of this loader, not yet built (`device_id` "auto": the training GPU's
+        index when any part runs on the GPU; tests pass None to serialize a GPU graph on the CPU)."""
+        cfg, shard, place = self._cfg, self._shard, self._place
         dtype = types.FLOAT16 if self.spec.dtype == torch.float16 else types.FLOAT
-        device_id = shard.local_rank if self._device == "gpu" else None
+        if device_id == "auto":
+            # The training device's own index, not LOCAL_RANK: with a per-process
+            # CUDA_VISIBLE_DEVICES every process's GPU is device 0.
+            device_id = None
+            if place.on_gpu:
+                device_id = self.spec.device.index if self.spec.device.index is not None else torch.cuda.current_device()
 
+        # exec_dynamic: the validation graph sizes its resize from the decoded images' shape,
+        # which on GPU-decoded images is a GPU -> CPU transition only the dynamic executor allows.
         @pipeline_def(batch_size=self.batch_size, num_threads=self._num_threads, device_id=device_id,
-                      seed=self._seed * 1009 + shard.rank + (0 if self.train else 7),
+                      seed=self._seed * 1009 + shard.rank + (0 if self.train else 7), exec_dynamic=True,
                       prefetch_queue_depth=cfg.dali_prefetch_queue, enable_checkpointing=self.train)
         def pipeline():
             if self.train:
-                return _train_graph(self._files, self._labels, device=self._device, image_size=cfg.image_size,
-                                    shard=shard, hw_decoder_load=cfg.dali_hw_decoder_load, dtype=dtype)
-            return _val_graph(self._files, self._labels, device=self._device, image_size=cfg.image_size,
-                              val_resize=cfg.val_resize, shard=shard, hw_decoder_load=cfg.dali_hw_decoder_load,
-                              dtype=dtype)
+                return _train_graph(self._files, self._labels, place=place, image_size=cfg.image_size,
+                                    shard=shard, dtype=dtype)
+            return _val_graph(self._files, self._labels, place=place, image_size=cfg.image_size,
+                              val_resize=cfg.val_resize, shard=shard, dtype=dtype)
 
-        pipe = pipeline(checkpoint=checkpoint) if checkpoint is not None else pipeline()
+        return pipeline(checkpoint=checkpoint) if checkpoint is not None else pipeline()
+
+    def _build(self, checkpoint: str | bytes | None):
+        pipe = self.create_pipeline(checkpoint)
         pipe.build()
         policy = LastBatchPolicy.FILL if self._pad_shards else LastBatchPolicy.PARTIAL
         return DALIGenericIterator([pipe], ["images", "labels"], reader_name=READER, last_batch_policy=policy,
@@ -190,12 +239,14 @@ class DaliLoader:
             self._iterator = self._build(checkpoint=state["dali"])
 
     def host_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Stage 1: the pipeline's output (already on the GPU when DALI decodes there)."""
+        """Stage 1: the pipeline's output (already on the GPU when DALI augments there)."""
         try:
             for (batch,) in self._iterator:
                 if batch["labels"].shape[0]:  # skip an uneven validation shard's empty trailing batch
                     yield batch["images"], batch["labels"]
-        except RuntimeError as exc:  # DALI reports decoding failures as RuntimeError with a C++ trace
+        except RuntimeError as exc:
+            if not is_decode_failure(exc):
+                raise  # CUDA errors, out of memory, nvJPEG set-up: not the data's fault
             raise DataError(f"DALI could not read or decode an image: {_dali_reason(exc)}{BROKEN_HINT}") from None
 
     def to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,6 +260,16 @@ class DaliLoader:
             yield self.to_device(images, labels)
 
 
+_NOT_THE_DATA = ("out of memory", "cuda error", "cudaerror", "cuda_error", "allocation failed", "cuda driver",
+                 "nvjpeg_status_allocator_failure", "nvjpeg_status_not_initialized")
+
+
+def is_decode_failure(exc: RuntimeError) -> bool:
+    """Whether a DALI error comes from a decoder given bad bytes (and not from the GPU or memory)."""
+    text = str(exc).lower()
+    return "fn.decoders." in text and not any(marker in text for marker in _NOT_THE_DATA)
+
+
 def _dali_reason(exc: RuntimeError) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
     named = [line for line in lines if "/" in line and not line.startswith(("File ", "C++ context"))]
@@ -218,13 +279,22 @@ def _dali_reason(exc: RuntimeError) -> str:
     return (named or useful or lines or ["unknown error"])[0][:300]
 
 
+def placement(dali_device: str, spec: BatchSpec, *, hw_decoder_load: float, files: list[str]) -> Placement:
+    if dali_device == "gpu":
+        width, height = size_hints(files)
+        hints: dict[str, Any] = {"hw_decoder_load": hw_decoder_load}
+        if width and height:
+            hints.update(preallocate_width_hint=width, preallocate_height_hint=height)
+        return Placement(decoder="mixed", to_gpu_after_decode=False, decoder_hints=hints)
+    return Placement(decoder="cpu", to_gpu_after_decode=spec.device.type == "cuda", decoder_hints={})
+
+
 def build_dali_loaders(cfg: DataConfig, dataset: Dataset, *, spec: BatchSpec, seed: int, shard: Shard,
                        num_threads: int, val_batch_size: int) -> Loaders:
     _require_dali()
-    device = resolve_dali_device(cfg.dali_device)
-    if device == "gpu" and spec.device.type != "cuda":
-        raise ConfigError("data.dali_device: gpu decoding needs runtime.device cuda (or auto)")
-    common = dict(cfg=cfg, device=device, seed=seed, shard=shard, spec=spec, num_threads=num_threads)
+    device = resolve_dali_device(cfg.dali_device, spec.device)
+    place = placement(device, spec, hw_decoder_load=cfg.dali_hw_decoder_load, files=dataset.train.files)
+    common = dict(cfg=cfg, place=place, seed=seed, shard=shard, spec=spec, num_threads=num_threads)
     return Loaders(DaliLoader(dataset.train, train=True, batch_size=cfg.batch_size, **common),
                    DaliLoader(dataset.val, train=False, batch_size=val_batch_size, **common),
                    list(dataset.classes))

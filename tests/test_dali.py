@@ -8,12 +8,15 @@ import pytest
 import torch
 from PIL import Image
 
-from fastkd.errors import ConfigError
-from pipelines import build_loaders
-from pipelines.base import BatchSpec, check_batch
+from fastkd.errors import ConfigError, DataError
+from pipelines import build_loaders, load_data
+from pipelines.base import BatchSpec, Shard, check_batch
 from tests.test_pipelines import CPU, data_config
 
 pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+
+from pipelines.dali_backend import (DaliLoader, is_decode_failure, placement, resolve_dali_device,  # noqa: E402
+                                    size_hints)
 
 # Measured on the demo images (64/73, 224/256 px): mean |difference| 0.0015-0.003 in normalized
 # units (about 0.1-0.2 grey levels). Decoders and resampling filters differ in rounding only.
@@ -116,32 +119,116 @@ def test_unusual_files_decode_to_rgb_like_torchvision(tmp_path):
     assert (difference < 0.2).all(), difference  # same colours, same orientation
 
 
-def test_gpu_decoding_without_a_gpu_is_a_clear_error(tiny_imagefolder):
-    if torch.cuda.is_available():
-        pytest.skip("a GPU is present")
-    with pytest.raises(ConfigError, match="data.dali_device: gpu requested but no CUDA GPU is available"):
+def test_gpu_decoding_for_a_cpu_run_is_a_clear_error(tiny_imagefolder):
+    with pytest.raises(ConfigError, match="data.dali_device: gpu requested but the run trains on the CPU"):
         build_loaders(data_config(tiny_imagefolder, "dali", dali_device="gpu"), spec=CPU, seed=0)
 
 
+@pytest.mark.parametrize("requested, device, expected", [
+    ("auto", "cpu", "cpu"), ("auto", "cuda", "gpu"), ("cpu", "cuda", "cpu"), ("gpu", "cuda", "gpu")])
+def test_dali_device_follows_the_training_device_not_the_host(requested, device, expected):
+    assert resolve_dali_device(requested, torch.device(device)) == expected
+
+
+GPU_SPEC = BatchSpec(device=torch.device("cuda", 0), dtype=torch.float16)
+
+
+@pytest.mark.parametrize("dali_device", ["gpu", "cpu"])
+@pytest.mark.parametrize("train", [True, False])
+def test_gpu_graphs_are_valid_without_a_gpu(tiny_imagefolder, dali_device, train):
+    """The GPU (mixed decoder) and hybrid (CPU decoder, GPU augmentation) graphs, constructed and
+    serialized on the CPU: argument and placement errors surface here, not on a GPU."""
+    cfg = data_config(tiny_imagefolder, "dali", dali_device=dali_device)
+    dataset = load_data(cfg)
+    place = placement(dali_device, GPU_SPEC, hw_decoder_load=0.65, files=dataset.train.files)
+    assert place.on_gpu and (place.decoder == "mixed") == (dali_device == "gpu")
+    split = dataset.train if train else dataset.val
+    loader = DaliLoader(split, train=train, batch_size=4, cfg=cfg, place=place, seed=0, shard=Shard(),
+                        spec=GPU_SPEC, num_threads=1, build=False)
+    graph = loader.create_pipeline(device_id=None).serialize()
+    assert (b"decoders__ImageRandomCrop" if train else b"decoders__Image") in graph
+    if dali_device == "gpu":
+        assert b"preallocate_width_hint" in graph  # sized from the data's headers
+
+
+def test_decoder_hints_come_from_the_data(tiny_imagefolder):
+    files = load_data(data_config(tiny_imagefolder, "dali")).train.files
+    width, height = size_hints(files)
+    assert width == height == 64  # the tiny images' largest side, either orientation
+
+
+def test_only_decoder_failures_are_reported_as_broken_images(tiny_imagefolder, monkeypatch):
+    decode = RuntimeError("Critical error in pipeline:\nError in CPU operator "
+                          "`nvidia.dali.fn.decoders.image_random_crop`,\nencountered:\n\nnvImageCodec failure: '#3'")
+    oom = RuntimeError("Error in MIXED operator `nvidia.dali.fn.decoders.image_random_crop`,\nencountered:\n"
+                       "CUDA error: out of memory")
+    assert is_decode_failure(decode) and not is_decode_failure(oom)
+    assert not is_decode_failure(RuntimeError("CUDA driver version is insufficient"))
+    loader = build_loaders(data_config(tiny_imagefolder, "dali"), spec=CPU, seed=0).train
+
+    def failing(error):
+        def iterate():
+            raise error
+            yield
+        return iterate
+
+    monkeypatch.setattr(loader, "_iterator", type("It", (), {"__iter__": lambda self: failing(decode)()})())
+    with pytest.raises(DataError, match="fastkd data verify"):
+        next(iter(loader))
+    monkeypatch.setattr(loader, "_iterator", type("It", (), {"__iter__": lambda self: failing(oom)()})())
+    with pytest.raises(RuntimeError, match="out of memory") as raised:
+        next(iter(loader))
+    assert not isinstance(raised.value, DataError)
+
+
+def test_batches_are_channels_last_views_of_the_pipeline_output(tiny_imagefolder):
+    loader = build_loaders(data_config(tiny_imagefolder, "dali"), spec=CPU, seed=0).train
+    hwc, labels = next(loader.host_batches())
+    images, _ = loader.to_device(hwc, labels)
+    assert hwc.shape[-1] == 3 and images.shape[1] == 3
+    assert images.data_ptr() == hwc.data_ptr() and images.is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.gpu
-def test_gpu_pipeline_honours_the_contract_in_fp16(tiny_imagefolder):
-    spec = BatchSpec(device=torch.device("cuda"), dtype=torch.float16)
-    loaders = build_loaders(data_config(tiny_imagefolder, "dali", dali_device="gpu"), spec=spec, seed=0)
+@pytest.mark.parametrize("dali_device", ["gpu", "cpu"])
+def test_gpu_pipelines_honour_the_contract_in_fp16(tiny_imagefolder, dali_device):
+    """GPU decoding, and hybrid (CPU decoding, GPU augmentation): batches arrive on the GPU."""
+    spec = BatchSpec(device=torch.device("cuda", torch.cuda.current_device()), dtype=torch.float16)
+    loaders = build_loaders(data_config(tiny_imagefolder, "dali", dali_device=dali_device), spec=spec, seed=0)
     for loader in (loaders.train, loaders.val):
         total = 0
-        for images, labels in loader:
+        for hwc, labels in loader.host_batches():
+            assert hwc.is_cuda and labels.is_cuda  # no pageable host copy per batch
+            images, labels = loader.to_device(hwc, labels)
+            assert images.data_ptr() == hwc.data_ptr()  # zero-copy channels-last view
             check_batch(images, labels, spec=spec, image_size=32, num_classes=10, max_batch_size=7)
-            assert images.data_ptr() == images.permute(0, 2, 3, 1).data_ptr()  # zero-copy view
             total += labels.shape[0]
         assert total == loader.num_samples
 
 
 @pytest.mark.gpu
 def test_gpu_and_cpu_decoding_agree_on_validation(tiny_imagefolder):
-    spec = BatchSpec(device=torch.device("cuda"), dtype=torch.float32)
+    spec = BatchSpec(device=torch.device("cuda", torch.cuda.current_device()), dtype=torch.float32)
     gpu = next(iter(build_loaders(data_config(tiny_imagefolder, "dali", dali_device="gpu", val_batch_size=20),
                                   spec=spec, seed=0).val))
     cpu = next(iter(build_loaders(data_config(tiny_imagefolder, "dali", val_batch_size=20), spec=CPU, seed=0).val))
     assert torch.equal(gpu[1].cpu(), cpu[1])
     # nvJPEG and libjpeg-turbo upsample chroma differently: allow a few grey levels on average.
     assert (gpu[0].cpu() - cpu[0]).abs().mean() < 0.05
+
+
+@pytest.mark.gpu
+def test_gpu_training_pipeline_resumes_the_exact_stream(tiny_imagefolder):
+    spec = BatchSpec(device=torch.device("cuda", torch.cuda.current_device()), dtype=torch.float16)
+    cfg = data_config(tiny_imagefolder, "dali", dali_device="gpu")
+    full = stream(build_loaders(cfg, spec=spec, seed=0).train, 2)
+    loader = build_loaders(cfg, spec=spec, seed=0).train
+    iterator = iter(loader)
+    seen = []
+    for _ in range(3):
+        images, labels = next(iterator)
+        seen.append((labels.tolist(), float(images.double().sum())))
+    state = loader.state_dict()
+    resumed = build_loaders(cfg, spec=spec, seed=0).train
+    resumed.load_state_dict(state)
+    assert seen + stream(resumed, 2)[: len(full) - 3] == full

@@ -12,7 +12,6 @@ import yaml
 from fastkd import engine
 from fastkd.checkpoint import load_checkpoint, save_checkpoint
 from fastkd.losses import kd_loss
-from fastkd.models import freeze
 from fastkd.steps import DistillationStep
 from tests.conftest import tiny_config, tiny_config_dict
 from tests.test_train import cli_error, run_cli, write_config
@@ -33,13 +32,14 @@ def distill_dict(root: Path, out: Path, teacher: Path, **distill) -> dict:
     return raw
 
 
-def make_step(side_stream: bool = False) -> DistillationStep:
+def make_step(stream=None, *, teacher_input_dtype=None, label_smoothing=0.0, term=None) -> DistillationStep:
+    """A step over a fresh (not frozen) teacher: the step itself must freeze it."""
     torch.manual_seed(0)
     student = torchvision.models.shufflenet_v2_x0_5(num_classes=10)
-    teacher = freeze(torchvision.models.resnet18(num_classes=10))
-    return DistillationStep(student, teacher, term=lambda s, t, y: kd_loss(s, t, 3.0), kd_weight=0.6,
+    teacher = torchvision.models.resnet18(num_classes=10)
+    return DistillationStep(student, teacher, term=term or (lambda s, t, y: kd_loss(s, t, 3.0)), kd_weight=0.6,
                             ce_weight=0.4, autocast=contextlib.nullcontext, teacher_autocast=contextlib.nullcontext,
-                            side_stream=side_stream)
+                            stream=stream, teacher_input_dtype=teacher_input_dtype, label_smoothing=label_smoothing)
 
 
 def test_teacher_stays_in_eval_after_train_mode_and_gets_no_gradients():
@@ -61,11 +61,11 @@ def test_teacher_stays_in_eval_after_train_mode_and_gets_no_gradients():
     assert set(out.parts) == {"ce", "kd", "agree"}
 
 
-def test_side_stream_setting_gives_identical_results_on_cpu():
-    images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    a = make_step(side_stream=True).train()(images, labels)
-    b = make_step(side_stream=False).train()(images, labels)
-    assert torch.equal(a.loss, b.loss) and torch.equal(a.logits, b.logits)
+def test_teacher_forward_builds_no_graph_even_with_trainable_teacher_weights():
+    step = make_step().train()
+    step.teacher.requires_grad_(True)  # no_grad must hold on its own, not only requires_grad_(False)
+    logits = step.teacher_logits(torch.randn(2, 3, 32, 32))
+    assert logits.grad_fn is None and not logits.requires_grad
 
 
 def test_loss_is_the_weighted_sum_of_its_logged_parts():
@@ -73,15 +73,83 @@ def test_loss_is_the_weighted_sum_of_its_logged_parts():
     assert out.loss.item() == pytest.approx(0.4 * out.parts["ce"].item() + 0.6 * out.parts["kd"].item(), rel=1e-6)
 
 
+def test_label_smoothing_reaches_the_distillation_cross_entropy():
+    images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    out = make_step(label_smoothing=0.2).train()(images, labels)
+    expected = torch.nn.functional.cross_entropy(out.logits.float(), labels, label_smoothing=0.2)
+    assert out.parts["ce"].item() == pytest.approx(expected.item(), rel=1e-6)
+    plain = torch.nn.functional.cross_entropy(out.logits.float(), labels)
+    assert abs(expected.item() - plain.item()) > 1e-3
+
+
+def test_fp32_teacher_takes_half_batches_by_casting_them():
+    images, labels = torch.randn(2, 3, 32, 32).half(), torch.randint(0, 10, (2,))
+    with pytest.raises(RuntimeError):  # what a GPU bf16 run with teacher.precision fp32 met before
+        make_step().teacher_logits(images)
+    logits = make_step(teacher_input_dtype=torch.float32).teacher_logits(images)
+    reference = make_step().teacher_logits(images.float())
+    assert logits.dtype == torch.float32 and torch.equal(logits, reference)
+
+
+class FakeStream:
+    """Stands in for torch.cuda.Stream on the CPU: records waits into a shared event list."""
+
+    def __init__(self, name: str, events: list[str]):
+        self.name, self.events = name, events
+
+    def wait_stream(self, other: "FakeStream") -> None:
+        self.events.append(f"{self.name} waits for {other.name}")
+
+
+def test_side_stream_orders_teacher_student_and_loss(monkeypatch):
+    """The stream protocol, rehearsed on the CPU with a test double of torch.cuda's stream API."""
+    events: list[str] = []
+    main, side = FakeStream("main", events), FakeStream("side", events)
+    current = [main]
+
+    @contextlib.contextmanager
+    def use(stream):
+        current.append(stream)
+        try:
+            yield
+        finally:
+            current.pop()
+
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: current[-1])
+    monkeypatch.setattr(torch.cuda, "stream", use)
+    monkeypatch.setattr(torch.Tensor, "record_stream", lambda self, s: events.append(f"recorded on {s.name}"),
+                        raising=False)
+
+    def term(s, t, y):
+        events.append("loss reads the teacher's logits")
+        return kd_loss(s, t, 3.0)
+
+    step = make_step(side, term=term).train()
+    step.teacher.register_forward_pre_hook(lambda *_: events.append(f"teacher forward on {current[-1].name}"))
+    step.model.register_forward_pre_hook(lambda *_: events.append(f"student forward on {current[-1].name}"))
+    images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    out = step(images, labels)
+    assert events == ["side waits for main", "teacher forward on side", "student forward on main",
+                      "main waits for side", "recorded on main", "loss reads the teacher's logits"]
+    reference = make_step().train()(images, labels)
+    assert torch.equal(out.loss, reference.loss)
+
+
 @pytest.mark.gpu
-def test_side_stream_matches_the_sequential_step_on_gpu():
-    images, labels = torch.randn(8, 3, 32, 32, device="cuda"), torch.randint(0, 10, (8,), device="cuda")
-    results = []
-    for side in (True, False):
-        step = make_step(side_stream=side).cuda().train()
-        assert (step.stream is not None) == side
-        results.append(step(images, labels))
-    torch.testing.assert_close(results[0].loss, results[1].loss)
+def test_side_stream_matches_the_sequential_step_when_the_teacher_is_late():
+    """Forced race: the side stream sleeps before the teacher's forward, and the batch is
+    overwritten on the main stream right after the step (as a loader reusing its buffer)."""
+    images = torch.randn(8, 3, 32, 32, device="cuda")
+    labels = torch.randint(0, 10, (8,), device="cuda")
+    reference = make_step().cuda().train()(images.clone(), labels)
+    side = torch.cuda.Stream()
+    step = make_step(side).cuda().train()
+    step.teacher.register_forward_pre_hook(lambda *_: torch.cuda._sleep(200_000_000))  # ~0.1 s on the side stream
+    batch = images.clone()
+    out = step(batch, labels)
+    batch.zero_()  # main stream: must not overtake the teacher's read of the batch
+    torch.testing.assert_close(out.parts["kd"], reference.parts["kd"])
+    torch.testing.assert_close(out.loss, reference.loss)
 
 
 @pytest.mark.slow

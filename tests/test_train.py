@@ -123,15 +123,18 @@ def stop_after(monkeypatch, step: int) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch, stop_step, backend", [("resnet18", 7, "torchvision"),
-                                                      ("mobilenet_v3_small", 5, "torchvision"),
-                                                      ("resnet18", 3, "dali")])
+@pytest.mark.parametrize("arch, stop_step, backend, precision", [("resnet18", 7, "torchvision", "fp32"),
+                                                                 ("mobilenet_v3_small", 5, "torchvision", "fp32"),
+                                                                 ("resnet18", 3, "dali", "fp32"),
+                                                                 ("resnet18", 7, "torchvision", "fp16")])
 def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tiny_imagefolder, tmp_path, monkeypatch,
-                                                                   arch, stop_step, backend):
-    # mobilenet_v3_small has dropout: resuming must also restore the RNG exactly.
+                                                                   arch, stop_step, backend, precision):
+    # mobilenet_v3_small has dropout: resuming must also restore the RNG exactly; fp16 runs
+    # through the GradScaler, whose scale and growth tracker must be restored too.
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
-    sections = {"model": {"arch": arch}, "data": {"num_workers": 2, "backend": backend, "dali_device": "cpu"}}
+    sections = {"model": {"arch": arch}, "data": {"num_workers": 2, "backend": backend, "dali_device": "cpu"},
+                "runtime": {"device": "cpu", "deterministic": True, "precision": precision}}
     straight = tiny_config(tiny_imagefolder, tmp_path / "a", **sections)
     engine.train(straight, progress=False)
 
@@ -146,6 +149,7 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tiny_imagefol
     a = load_checkpoint(tmp_path / "a" / "tiny" / "last.pt")
     b = load_checkpoint(tmp_path / "b" / "tiny" / "last.pt")
     assert a["step"] == b["step"] == 10
+    assert a["scaler"] == b["scaler"] and bool(a["scaler"]) == (precision == "fp16")
     for key, value in a["model"].items():
         assert torch.equal(value, b["model"][key]), key
     lines_a = (tmp_path / "a" / "tiny" / "metrics.jsonl").read_text().splitlines()

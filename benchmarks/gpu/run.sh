@@ -1,0 +1,118 @@
+#!/usr/bin/env bash
+# The prepared GPU run: GPU tests, smoke runs of train/distill on CUDA, then throughput figures.
+#
+#   benchmarks/gpu/run.sh OUT_DIR [PART ...]     PARTS: env tests smoke loader kd extra (default: all)
+#
+# REHEARSE=1 runs the same commands on the CPU with small data and sizes (to check the script
+# and every override it passes before spending GPU time; its figures mean nothing).
+# Run from the repository root on a machine with a CUDA GPU and NVIDIA DALI importable (staged
+# into /tmp/site as ../shared/gpu/README.md describes, or installed). Each part writes its log
+# under OUT_DIR as it goes (a run cut off still leaves what it did); bench rows go to
+# OUT_DIR/bench.jsonl. Ordered to fail fast: tests, then short runs, then benchmarks.
+set -uo pipefail
+out=${1:?usage: benchmarks/gpu/run.sh OUT_DIR [env tests smoke loader kd extra]}
+shift
+parts=${*:-env tests smoke loader kd extra}
+mkdir -p "$out"
+out=$(cd "$out" && pwd)
+[ -d /tmp/site ] && export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=${PYTHONPATH:-$PWD}
+export FASTKD_CACHE_DIR=$out/cache PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+failed=0
+
+per_class=800
+small=()
+if [ "${REHEARSE:-0}" = 1 ]; then
+  per_class=6
+  small=(runtime.device=cpu data.dali_device=cpu data.image_size=64 data.val_resize=73 data.batch_size=8 data.synthetic_train_samples=64
+         data.synthetic_val_samples=16)
+elif ! "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  echo "benchmarks/gpu/run.sh: needs a CUDA GPU (torch.cuda.is_available() is False here; REHEARSE=1 to" \
+       "rehearse on the CPU)" >&2
+  exit 2
+fi
+
+# step NAME SECONDS COMMAND...: run with a time limit, log to OUT_DIR/NAME.log, keep going on failure.
+step() {
+  local name=$1 limit=$2 started rc
+  shift 2
+  started=$(date +%s)
+  echo "== $name: $*" >> "$out/steps.log"
+  timeout -k 10 "$limit" "$@" > "$out/$name.log" 2>&1
+  rc=$?
+  echo "$name rc=$rc $(( $(date +%s) - started ))s" | tee -a "$out/steps.log"
+  if [ $rc -ne 0 ]; then failed=1; tail -n 25 "$out/$name.log"; fi
+}
+fastkd=("$py" -m fastkd)
+want() { [[ " $parts " == *" $1 "* ]]; }
+
+data=$out/data
+bench=(--out "$out/bench.jsonl" data.root="$data" data.generate_demo=false "${small[@]}")
+runs=(run.out_dir="$out/runs" run.tensorboard=false)
+
+if want env; then
+  { nvidia-smi; "$py" - <<'EOF'
+import json, torch, torchvision
+from fastkd.env import collect_env
+print(json.dumps(collect_env(torch.device("cuda")), indent=2))
+try:
+    import nvidia.dali as dali
+    print("nvidia.dali", dali.__version__, dali.__file__)
+except ImportError as exc:
+    print("nvidia.dali: NOT IMPORTABLE:", exc)
+EOF
+  } > "$out/env.log" 2>&1
+  grep -E "Driver Version|\"device\"|\"torch\"|\"dali\"|\"cuda\"" "$out/env.log"
+fi
+
+if want tests; then
+  step pytest-gpu 240 "$py" -m pytest -q -m gpu -p no:cacheprovider tests
+fi
+
+if want smoke || want loader || want kd || want extra; then
+  # ImageNet-sized JPEGs (300-500 px sides): 8,000 training and 300 validation images.
+  [ -f "$data/fastkd-demo.json" ] || step data 120 "${fastkd[@]}" data synth "$data" --train-per-class "$per_class" \
+    --val-per-class 30
+fi
+
+if want smoke; then
+  smoke=(--no-progress "${runs[@]}" data.root="$data" data.generate_demo=false optim.epochs=1 runtime.sync_debug=true)
+  step smoke-train-synthetic 120 "${fastkd[@]}" train --config configs/bench/gpu_224.yaml "${smoke[@]}" run.name=s1 distill=null \
+    data.backend=synthetic data.synthetic_train_samples=4096 data.synthetic_val_samples=512 "${small[@]}"
+  step smoke-train-dali-gpu-fp16 150 "${fastkd[@]}" train --config configs/bench/gpu_224.yaml "${smoke[@]}" run.name=s2 distill=null \
+    model.arch=resnet18 runtime.precision=fp16 data.dali_device=gpu "${small[@]}"
+  step smoke-distill-dali-gpu-bf16 150 "${fastkd[@]}" distill --config configs/bench/gpu_224.yaml "${smoke[@]}" \
+    run.name=s3 distill.teacher.arch=resnet18 distill.teacher.checkpoint="$out/runs/s2/best.pt" \
+    distill.allow_weak_teacher=true distill.teacher.precision=fp32 runtime.precision=bf16 data.dali_device=gpu "${small[@]}"
+  step smoke-distill-dali-hybrid 150 "${fastkd[@]}" distill --config configs/bench/gpu_224.yaml "${smoke[@]}" \
+    run.name=s4 distill.teacher.arch=resnet18 distill.teacher.checkpoint="$out/runs/s2/best.pt" \
+    distill.allow_weak_teacher=true data.dali_device=cpu "${small[@]}"
+fi
+
+if want loader; then
+  step bench-loader 200 "${fastkd[@]}" bench --config configs/bench/gpu_224.yaml --what loader \
+    --backends dali-gpu,dali-cpu,torchvision,synthetic --steps 30 --warmup 10 --repeats 3 "${bench[@]}"
+fi
+
+if want kd; then
+  window=(--steps 20 --warmup 8 --repeats 3)
+  step bench-r50-r18 300 "${fastkd[@]}" bench --config configs/bench/gpu_r50_r18_224.yaml --what train,distill \
+    --backends synthetic,dali-gpu,torchvision "${window[@]}" "${bench[@]}"
+  step bench-shufflenet 300 "${fastkd[@]}" bench --config configs/bench/gpu_224.yaml --what train,distill \
+    --backends synthetic,dali-gpu,torchvision "${window[@]}" "${bench[@]}"
+fi
+
+if want extra; then
+  window=(--steps 20 --warmup 8 --repeats 3)
+  step bench-shufflenet-nchw 200 "${fastkd[@]}" bench --config configs/bench/gpu_224.yaml --what train,distill \
+    --backends synthetic "${window[@]}" "${bench[@]}" runtime.channels_last=false
+  step bench-r50-r18-hybrid 200 "${fastkd[@]}" bench --config configs/bench/gpu_r50_r18_224.yaml --what distill \
+    --backends dali-cpu "${window[@]}" "${bench[@]}"
+  step bench-r50-r18-compile 300 "${fastkd[@]}" bench --config configs/bench/gpu_r50_r18_224.yaml --what train,distill \
+    --backends synthetic "${window[@]}" "${bench[@]}" runtime.compile=true
+fi
+
+grep -h -E "is bounded by|skipped" "$out"/bench-*.log 2>/dev/null | sort -u > "$out/bottlenecks.txt" || true
+echo "logs in $out (steps.log lists every step and its exit code)"
+exit $failed

@@ -1,0 +1,60 @@
+"""Training and distillation on a CUDA GPU, end to end (marked `gpu`: skipped without one).
+
+DALI decodes on the GPU, the step loop runs with `runtime.sync_debug` (a host sync inside a
+step raises), and each run is stopped after a few steps and resumed.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fastkd import engine, loop
+from fastkd.checkpoint import load_checkpoint
+from fastkd.config import config_from_dict
+from tests.conftest import tiny_config_dict
+from tests.test_distill import distill_dict
+from tests.test_train import stop_after
+
+pytestmark = pytest.mark.gpu
+
+GPU_RUNTIME = {"device": "cuda", "deterministic": False, "sync_debug": True}
+
+
+def stop_then_resume(monkeypatch, raw: dict, run, stop_step: int) -> dict:
+    cfg = config_from_dict(raw)
+    with monkeypatch.context() as patch:
+        stop_after(patch, stop_step)
+        with pytest.raises(loop.Interrupted):
+            run(cfg, progress=False)
+    assert load_checkpoint(cfg.run_dir / "last.pt")["step"] == stop_step
+    return run(cfg, resume=True, progress=False).summary
+
+
+@pytest.mark.parametrize("precision, dali_device", [("fp16", "gpu"), ("bf16", "cpu")])
+def test_train_on_the_gpu_stops_and_resumes(tiny_imagefolder, tmp_path, monkeypatch, precision, dali_device):
+    pytest.importorskip("nvidia.dali")
+    raw = tiny_config_dict(tiny_imagefolder, tmp_path / "runs", data={"backend": "dali", "dali_device": dali_device},
+                           runtime={**GPU_RUNTIME, "precision": precision})
+    summary = stop_then_resume(monkeypatch, raw, engine.train, stop_step=3)
+    assert summary["steps"] == 10 and summary["precision"] == precision
+    assert summary["device"] == torch.cuda.get_device_name(0)
+    checkpoint = load_checkpoint(tmp_path / "runs" / "tiny" / "last.pt")
+    assert bool(checkpoint["scaler"]) == (precision == "fp16")
+    assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
+
+
+@pytest.mark.parametrize("teacher_precision, side_stream", [("fp32", True), (None, False)])
+def test_distill_on_the_gpu_stops_and_resumes(tiny_imagefolder, tmp_path, monkeypatch, teacher_precision,
+                                              side_stream):
+    pytest.importorskip("nvidia.dali")
+    teacher_raw = tiny_config_dict(tiny_imagefolder, tmp_path / "runs", run={"name": "teacher"},
+                                   optim={"epochs": 1, "warmup_epochs": 0},
+                                   runtime={**GPU_RUNTIME, "precision": "bf16"})
+    teacher = engine.train(config_from_dict(teacher_raw), progress=False).run_dir / "best.pt"
+    raw = distill_dict(tiny_imagefolder, tmp_path / "runs", teacher, side_stream=side_stream)
+    raw["distill"]["teacher"]["precision"] = teacher_precision  # fp32 teacher fed fp16 DALI batches
+    raw["data"].update(backend="dali", dali_device="gpu")
+    raw["runtime"] = {**GPU_RUNTIME, "precision": "bf16"}
+    summary = stop_then_resume(monkeypatch, raw, engine.distill, stop_step=6)
+    assert summary["steps"] == 10 and summary["teacher"]["precision"] == (teacher_precision or "bf16")
