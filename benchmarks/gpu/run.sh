@@ -8,7 +8,8 @@
 # Run from the repository root on a machine with a CUDA GPU and NVIDIA DALI importable (staged
 # into /tmp/site as ../shared/gpu/README.md describes, or installed). Each part writes its log
 # under OUT_DIR as it goes (a run cut off still leaves what it did); bench rows go to
-# OUT_DIR/bench.jsonl. Ordered to fail fast: tests, then short runs, then benchmarks.
+# OUT_DIR/bench.jsonl. Data, runs and caches go to WORK (default /tmp/fastkd-gpu), kept between
+# calls on the same machine. Ordered to fail fast: tests, then short runs, then benchmarks.
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu/run.sh OUT_DIR [env tests smoke loader kd extra]}
 shift
@@ -17,7 +18,10 @@ mkdir -p "$out"
 out=$(cd "$out" && pwd)
 [ -d /tmp/site ] && export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONPATH=${PYTHONPATH:-$PWD}
-export FASTKD_CACHE_DIR=$out/cache PYTHONUNBUFFERED=1
+# Data, runs and caches stay out of OUT_DIR (only logs and result rows belong there).
+work=${WORK:-/tmp/fastkd-gpu}
+mkdir -p "$work"
+export FASTKD_CACHE_DIR=$work/cache PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 failed=0
 
@@ -47,9 +51,9 @@ step() {
 fastkd=("$py" -m fastkd)
 want() { [[ " $parts " == *" $1 "* ]]; }
 
-data=$out/data
+data=$work/data
 bench=(--out "$out/bench.jsonl" data.root="$data" data.generate_demo=false "${small[@]}")
-runs=(run.out_dir="$out/runs" run.tensorboard=false)
+runs=(run.out_dir="$work/runs" run.tensorboard=false)
 
 if want env; then
   { nvidia-smi; "$py" - <<'EOF'
@@ -83,10 +87,10 @@ if want smoke; then
   step smoke-train-dali-gpu-fp16 150 "${fastkd[@]}" train --config configs/bench/gpu_224.yaml "${smoke[@]}" run.name=s2 distill=null \
     model.arch=resnet18 runtime.precision=fp16 data.dali_device=gpu "${small[@]}"
   step smoke-distill-dali-gpu-bf16 150 "${fastkd[@]}" distill --config configs/bench/gpu_224.yaml "${smoke[@]}" \
-    run.name=s3 distill.teacher.arch=resnet18 distill.teacher.checkpoint="$out/runs/s2/best.pt" \
+    run.name=s3 distill.teacher.arch=resnet18 distill.teacher.checkpoint="$work/runs/s2/best.pt" \
     distill.allow_weak_teacher=true distill.teacher.precision=fp32 runtime.precision=bf16 data.dali_device=gpu "${small[@]}"
   step smoke-distill-dali-hybrid 150 "${fastkd[@]}" distill --config configs/bench/gpu_224.yaml "${smoke[@]}" \
-    run.name=s4 distill.teacher.arch=resnet18 distill.teacher.checkpoint="$out/runs/s2/best.pt" \
+    run.name=s4 distill.teacher.arch=resnet18 distill.teacher.checkpoint="$work/runs/s2/best.pt" \
     distill.allow_weak_teacher=true data.dali_device=cpu "${small[@]}"
 fi
 
