@@ -21,18 +21,44 @@ def param_groups(model: nn.Module, weight_decay: float, exempt_norm_bias: bool) 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def create_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.Optimizer:
+def create_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device,
+                     fused: bool | None = None) -> torch.optim.Optimizer:
+    """The configured optimizer; torch's fused kernels on a GPU (`fused`: None = on CUDA only).
+
+    Fused optimizers take the GradScaler's scale and inf flag on the device, so an fp16 step
+    needs no host sync (apex's do not: see `_create_apex_optimizer`).
+    """
     groups = param_groups(model, cfg.weight_decay, cfg.no_weight_decay_norm_bias)
     if cfg.implementation == "apex":
         return _create_apex_optimizer(groups, cfg)
-    fused = device.type == "cuda" or None  # torch's fused CUDA kernels: one launch per step
+    fused = (device.type == "cuda") if fused is None else fused
     if cfg.name == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, fused=fused)
-    optimizer = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
-    return optimizer(groups, lr=cfg.lr, betas=cfg.betas, fused=fused)
+        optimizer = torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
+                                    fused=fused or None)
+        if fused and cfg.momentum:
+            _zero_momentum_buffers(optimizer)
+        return optimizer
+    optimizer_class = torch.optim.AdamW if cfg.name == "adamw" else torch.optim.Adam
+    return optimizer_class(groups, lr=cfg.lr, betas=cfg.betas, fused=fused or None)
+
+
+def _zero_momentum_buffers(optimizer: torch.optim.SGD) -> None:
+    """Start fused SGD with zero momentum buffers instead of letting its first step create them.
+
+    Fused SGD allocates the buffers uninitialized on its first step and fills them in its
+    kernel, which an fp16 step skipped by the GradScaler (inf gradients, common at the start
+    of training) never runs: the garbage then enters every later update (NaN losses, seen
+    with torch 2.11 on an H200 and reproduced with 2.14 on the CPU). With zero buffers the
+    first real update, `buf = momentum * 0 + grad`, is the one SGD defines (no dampening).
+    """
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            optimizer.state[param]["momentum_buffer"] = torch.zeros_like(param, memory_format=torch.preserve_format)
 
 
 def _create_apex_optimizer(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    """NVIDIA apex's fused optimizers. With fp16 the GradScaler reads their inf flag on the host
+    every step (apex optimizers do not take it on the device): one host sync per step."""
     try:
         from apex.optimizers import FusedAdam, FusedSGD  # NVIDIA apex, built from source by the user
     except ImportError:

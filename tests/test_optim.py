@@ -101,3 +101,27 @@ def test_apex_without_apex_installed_is_a_clear_error():
         pass
     with pytest.raises(ConfigError, match="optim.implementation: apex requested but NVIDIA apex is not installed"):
         create_optimizer(Small(), OptimConfig(implementation="apex"), torch.device("cpu"))
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_fused_sgd_survives_skipped_first_fp16_steps_and_matches_plain_sgd(nesterov):
+    """The GradScaler skips the first steps (inf gradients); fused SGD must not carry garbage
+    momentum out of them (it allocates its buffers uninitialized on the first step)."""
+    cfg = OptimConfig(lr=0.1, momentum=0.9, nesterov=nesterov, weight_decay=1e-4)
+    losses = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
+        optimizer = create_optimizer(model, cfg, torch.device("cpu"), fused=fused)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+        images, labels = torch.randn(8, 16), torch.randint(0, 4, (8,))
+        losses[fused] = []
+        for step in range(6):
+            loss = nn.functional.cross_entropy(model(images), labels)
+            optimizer.zero_grad()
+            (scaler.scale(loss) * (math.inf if step < 2 else 1.0)).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            losses[fused].append(loss.item())
+    assert all(math.isfinite(x) for x in losses[True]) and losses[True][-1] < losses[True][0]
+    assert losses[True] == pytest.approx(losses[False], rel=1e-5)
