@@ -26,7 +26,7 @@ from fastkd.env import collect_env
 from fastkd.errors import ConfigError
 from fastkd.models import create_model, freeze, load_teacher
 from fastkd.loop import apply_update, backward
-from fastkd.optim import create_optimizer
+from fastkd.optim import create_optimizer, optimizer_params
 from fastkd.report import markdown_table
 from fastkd.runtime import Runtime, create_runtime, seed_everything
 from fastkd.steps import ClassificationStep, DistillationStep
@@ -226,7 +226,7 @@ class Bench:
             step = build_distillation_step(self.cfg.distill, self.runtime, model, self._teacher(),
                                            side_stream=bool(side_stream))
         step.train()
-        params = [p for group in optimizer.param_groups for p in group["params"]]
+        params = optimizer_params(optimizer)
         stream = endless(loader)
         waited = [0.0]
 
@@ -263,7 +263,7 @@ class Bench:
                 step.stream = side
 
     def _breakdown(self, loader: Loader, step: nn.Module, optimizer, scaler) -> dict[str, float]:
-        params = [p for group in optimizer.param_groups for p in group["params"]]
+        params = optimizer_params(optimizer)
         clock = StageClock(self.runtime)
         stream = _stage_stream(loader)
         for index in range(self.window.steps + 2):

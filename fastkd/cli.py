@@ -95,8 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="write FILE (train), its .val and .classes twins without the broken files")
 
     config = commands.add_parser("config", help="show a resolved config, or the reference of all keys")
-    config.add_argument("what", choices=["show", "reference"])
-    _add_config_args(config, required=False)
+    config_commands = config.add_subparsers(dest="config_command", required=True, metavar="WHAT")
+    _add_config_args(config_commands.add_parser("show", help="print the resolved config (with overrides)"))
+    config_commands.add_parser("reference", help="print the reference of every key (markdown)")
     return parser
 
 
@@ -186,11 +187,9 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> None:
     elif args.command == "config":
         from fastkd.config import dump_config, reference_markdown
 
-        if args.what == "reference":
+        if args.config_command == "reference":
             print(reference_markdown())
         else:
-            if not args.config:
-                raise FastkdError("config show: --config is required")
             print(dump_config(load_config(args.config, args.overrides)), end="")
 
 

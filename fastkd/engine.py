@@ -27,7 +27,7 @@ from fastkd.errors import CheckpointError, ConfigError, DataError, FastkdError
 from fastkd.loop import StopFlag, TrainState, Training, evaluate, fit
 from fastkd.metrics import Meter, RunLogger
 from fastkd.losses import distillation_term
-from fastkd.models import check_arch, count_parameters, create_model, load_teacher
+from fastkd.models import check_arch, count_parameters, create_model, load_teacher, load_weights
 from fastkd.optim import create_optimizer, lr_at
 from fastkd.runtime import Runtime, create_runtime, seed_everything, set_rng_state, shard_from_env
 from fastkd.steps import ClassificationStep, DistillationStep
@@ -127,8 +127,6 @@ def _run(cfg: Config, *, resume: bool, progress: bool,
 
         student = create_model(cfg.model.arch, len(loaders.classes), image_size=cfg.data.image_size)
         num_params = count_parameters(student)
-        if checkpoint is not None:
-            student.load_state_dict(checkpoint["model"])
         model, raw = runtime.prepare_model(student, trainable=True)
         if make_step is None:
             step: nn.Module = ClassificationStep(model, autocast=runtime.autocast,
@@ -163,7 +161,7 @@ def _run(cfg: Config, *, resume: bool, progress: bool,
             grad_clip_norm=cfg.optim.grad_clip_norm, log_every_steps=cfg.run.log_every_steps,
             checkpoint_every_steps=cfg.run.checkpoint_every_steps, progress=progress)
         if checkpoint is not None:
-            _restore(training, checkpoint)
+            restore_training(training, checkpoint, source=cfg.run_dir / "last.pt")
             logger.truncate_after(state.epoch)
             if runtime.is_main:
                 print(f"resuming {run_dir} at epoch {state.epoch} (+{state.batches_done} batches), step {state.step}")
@@ -205,8 +203,15 @@ def _open_run_dir(cfg: Config, resume: bool, world_size: int) -> dict[str, Any] 
     return checkpoint
 
 
-def _restore(t: Training, checkpoint: dict[str, Any]) -> None:
+def restore_training(t: Training, checkpoint: dict[str, Any], *, source: Path) -> None:
+    """Everything a checkpoint holds, back into the training state: the one place resume reads.
+
+    Weights, optimizer and scaler, progress counters, and this rank's RNG streams, loader
+    position and partial meters (the loop then starts the loader at `state.batches_done`).
+    """
     shard = t.runtime.shard
+    load_weights(t.model, checkpoint["model"], source=source, arch=checkpoint["arch"],
+                 num_classes=checkpoint["num_classes"])
     state = TrainState(**checkpoint["state"])
     t.state.__dict__.update(state.__dict__)
     t.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -350,11 +355,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path: Path, *, arch: str | None 
                               f"({len(checkpoint['classes'])} vs {len(loaders.classes)} classes)")
     model = create_model(arch, len(loaders.classes), image_size=cfg.data.image_size)
     state_dict = checkpoint["model"] if fastkd_format else checkpoint
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{checkpoint_path} does not fit {arch} with {len(loaders.classes)} classes: "
-                              f"{str(exc).splitlines()[0]}") from None
+    load_weights(model, state_dict, source=checkpoint_path, arch=arch, num_classes=len(loaders.classes))
     model, _ = runtime.prepare_model(model, trainable=False)
     metrics = evaluate(model, loaders.val, runtime)
     return {"checkpoint": str(checkpoint_path), "arch": arch, **metrics}

@@ -18,7 +18,7 @@ import torch
 from fastkd.checkpoint import is_fastkd_checkpoint, load_checkpoint
 from fastkd.config import config_from_dict
 from fastkd.errors import CheckpointError, FastkdError
-from fastkd.models import create_model
+from fastkd.models import create_model, load_weights
 from pipelines.base import IMAGENET_MEAN, IMAGENET_STD
 
 ONNX_TOLERANCE = 1e-3
@@ -31,7 +31,7 @@ def export_student(run_dir: Path, out: Path, *, checkpoint: str = "best", onnx: 
         raise CheckpointError(f"{path} is not a fastkd checkpoint")
     image_size = config_from_dict(payload["config"]).data.image_size
     model = create_model(payload["arch"], payload["num_classes"], image_size=image_size)
-    model.load_state_dict(payload["model"], strict=True)
+    load_weights(model, payload["model"], source=path, arch=payload["arch"], num_classes=payload["num_classes"])
     model.eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 from fastkd.checkpoint import copy_checkpoint, save_checkpoint
 from fastkd.errors import FastkdError
 from fastkd.metrics import Meter, NonFiniteGuard, RunLogger, percent, topk_correct
-from fastkd.optim import set_lr
+from fastkd.optim import optimizer_params, set_lr
 from fastkd.runtime import Runtime, rng_state
 from pipelines.base import Loader
 
@@ -140,7 +140,7 @@ def train_epoch(t: Training) -> tuple[dict[str, float], bool]:
     meter = t.train_meter or Meter(runtime.device)
     t.train_meter = meter
     guard = NonFiniteGuard(runtime.device, first_step=state.step)
-    params = [p for group in t.optimizer.param_groups for p in group["params"]]
+    params = optimizer_params(t.optimizer)
     total = len(t.train_loader)
     bar = tqdm(total=total, initial=state.batches_done, desc=f"epoch {state.epoch + 1}/{t.epochs}",
                disable=None if (t.progress and runtime.is_main) else True,  # None: only on a terminal
@@ -168,7 +168,7 @@ def train_epoch(t: Training) -> tuple[dict[str, float], bool]:
         bar.update(1)
 
         if state.step % t.log_every_steps == 0:
-            check_finite(guard)
+            agree_losses_finite(guard)
             now = time.perf_counter()
             running = _epoch_metrics(meter.compute())
             scalars = {"loss": running.get("loss", math.nan), "lr": lr,
@@ -177,9 +177,9 @@ def train_epoch(t: Training) -> tuple[dict[str, float], bool]:
             t.logger.log_scalars(state.step, scalars, prefix="train/")
             window_images, window_started = 0, now
         if t.checkpoint_every_steps and state.step % t.checkpoint_every_steps == 0 and state.batches_done < total:
-            check_finite(guard)
+            agree_losses_finite(guard)
             save_training_checkpoint(t, best=False)
-        if _stop_requested(t):
+        if agree_to_stop(t):
             finished = state.batches_done >= total
             if not finished:
                 break
@@ -188,7 +188,7 @@ def train_epoch(t: Training) -> tuple[dict[str, float], bool]:
     seconds = time.perf_counter() - started
     state.train_seconds += seconds
     state.train_images += images_seen * runtime.shard.world_size
-    check_finite(guard)
+    agree_losses_finite(guard)
     if not finished:
         return {}, False
     meter.all_reduce()
@@ -213,12 +213,14 @@ def apply_update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
     scaler.update()
 
 
-def _stop_requested(t: Training) -> bool:
+def agree_to_stop(t: Training) -> bool:
+    """Whether to stop after this step. Collective under torchrun: every rank calls it after
+    every step, and at log intervals all of them take the same decision (a stop requested on
+    any rank stops all), or the others would wait forever in the next all-reduce."""
     if not t.runtime.distributed:
         return t.stop.requested
     if t.state.step % t.log_every_steps:
         return False
-    # Every rank must stop after the same step, or the others would wait forever in all-reduce.
     flag = torch.tensor([float(t.stop.requested)], device=t.runtime.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
     if flag.item() and not t.stop.signum:  # host sync: log interval, distributed only
@@ -233,8 +235,10 @@ def _epoch_metrics(means: dict[str, float]) -> dict[str, float]:
     return out
 
 
-def check_finite(guard: NonFiniteGuard) -> None:
-    bad = guard.first_bad_step()  # agreed by every rank (the earliest), so all stop together
+def agree_losses_finite(guard: NonFiniteGuard) -> None:
+    """Stop on a non-finite loss. Collective under torchrun: every rank calls it at the same
+    step; all agree on the earliest bad step, so all stop together."""
+    bad = guard.first_bad_step()
     if bad is not None:
         raise FastkdError(f"loss became non-finite (nan/inf) at step {bad + 1}; stopped without saving "
                           "that state, the last checkpoint is intact (try a lower optim.lr, "
@@ -291,9 +295,23 @@ def checkpoint_payload(t: Training, rank_states: list[dict[str, Any]]) -> dict[s
     }
 
 
+def check_weights_finite(t: Training) -> None:
+    """Refuse to go on (and to save) with non-finite weights or buffers.
+
+    The loss guard sees each loss before its update; an update that breaks the weights shows
+    only in the weights. Every rank holds the same weights, so every rank stops here together.
+    """
+    tensors = [v for v in t.model.state_dict().values() if v.is_floating_point()]
+    if tensors and not bool(torch.stack([torch.isfinite(v).all() for v in tensors]).all()):  # host sync: checkpoints only
+        raise FastkdError(f"the weights became non-finite (nan/inf) by step {t.state.step}; stopped without saving "
+                          "them, the last checkpoint is intact (try a lower optim.lr, optim.grad_clip_norm, or "
+                          "runtime.precision bf16/fp32)")
+
+
 def save_training_checkpoint(t: Training, *, best: bool) -> None:
     """last.pt (and best.pt when the epoch improved val top-1). Called on every rank: each
-    contributes its own RNG and loader state; rank 0 writes."""
+    contributes its own RNG and loader state; rank 0 writes. Non-finite weights are never written."""
+    check_weights_finite(t)
     mine = _rank_state(t)
     if t.runtime.distributed:
         gathered: list[Any] | None = [None] * t.runtime.shard.world_size if t.runtime.is_main else None

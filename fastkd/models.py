@@ -75,6 +75,21 @@ def describe_class_difference(theirs: list[str], ours: list[str]) -> str:
     return "; ".join(parts)
 
 
+def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source: Path, arch: str,
+                 num_classes: int, key: str | None = None) -> None:
+    """`model.load_state_dict(state_dict, strict=True)` with a one-line error naming `source`.
+
+    The one place every weight file is put into a model: resume, eval, export and teachers.
+    """
+    try:
+        model.load_state_dict(state_dict, strict=True)
+    except (RuntimeError, KeyError, TypeError) as exc:
+        detail = " ".join(str(exc).split())
+        prefix = f"{key}: " if key else ""
+        raise CheckpointError(f"{prefix}{source} does not fit {arch} with {num_classes} classes "
+                              f"({detail[:300]})") from None
+
+
 def load_teacher(arch: str, checkpoint: Path, classes: list[str], *, image_size: int = 224) -> nn.Module:
     """A trained teacher, loaded strictly; every mismatch is an error naming the checkpoint.
 
@@ -102,10 +117,5 @@ def load_teacher(arch: str, checkpoint: Path, classes: list[str], *, image_size:
             raise CheckpointError(f"{key}: {checkpoint} is neither a fastkd checkpoint nor a state_dict")
         state_dict = _strip_wrapper_prefixes(state_dict)
     model = create_model(arch, len(classes), image_size=image_size, key="distill.teacher.arch")
-    try:
-        model.load_state_dict(state_dict, strict=True)
-    except RuntimeError as exc:
-        detail = " ".join(str(exc).split())
-        raise CheckpointError(f"{key}: {checkpoint} does not fit {arch} with {len(classes)} classes "
-                              f"({detail[:300]})") from None
+    load_weights(model, state_dict, source=checkpoint, arch=arch, num_classes=len(classes), key=key)
     return freeze(model)

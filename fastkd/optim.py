@@ -99,6 +99,11 @@ def lr_at(step: int, cfg: OptimConfig, steps_per_epoch: int) -> float:
     return cfg.lr * factor
 
 
+def optimizer_params(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
+    """Every parameter the optimizer updates (what gradient clipping sees)."""
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

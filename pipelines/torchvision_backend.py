@@ -11,8 +11,8 @@ stream is the same for any number of workers and can be resumed at any batch.
 from __future__ import annotations
 
 import atexit
+import functools
 import math
-import multiprocessing
 import random
 import signal
 from typing import Any, Iterator
@@ -25,6 +25,7 @@ from PIL import Image, ImageOps
 from fastkd.errors import DataError
 from pipelines.base import BatchSpec, Shard, normalization
 from pipelines.datasets import Split
+from pipelines.verify import unlimited_pixels
 
 BROKEN_HINT = " (list every undecodable file with `fastkd data verify ROOT`)"
 CROP_AREA = (0.08, 1.0)
@@ -32,8 +33,9 @@ CROP_RATIO = (3 / 4, 4 / 3)
 
 
 def decode_rgb(path: str) -> Image.Image:
-    """Decode any PIL-readable image to RGB, applying its EXIF orientation like DALI does."""
-    with Image.open(path) as image:
+    """Decode any PIL-readable image to RGB, applying its EXIF orientation like DALI does
+    (whatever its size: `fastkd data verify` passes huge images, so training decodes them too)."""
+    with unlimited_pixels(), Image.open(path) as image:
         image = ImageOps.exif_transpose(image)
         return image.convert("RGB")
 
@@ -63,8 +65,14 @@ def random_resized_crop_box(width: int, height: int, rng: random.Random,
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """Augmentation seed of one sample in one epoch: independent of rank, worker and position."""
-    return hash((seed, epoch, index)) & 0xFFFF_FFFF_FFFF
+    """Augmentation seed of one sample in one epoch: independent of rank, worker and position.
+
+    NumPy's SeedSequence mixes (seed, epoch, index) into 64 bits by a documented, stable hash
+    (unlike Python's `hash`, whose values no version promises): the stream, and exact resume,
+    do not depend on the interpreter.
+    """
+    words = [seed % 2**64, epoch, index]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0])
 
 
 class ImageListDataset(torch.utils.data.Dataset):
@@ -106,16 +114,37 @@ def _ignore_stop_signals(worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+_OUR_WORKERS: list = []
+"""Every DataLoader worker process a TorchvisionLoader started (and only those)."""
+
+
 def _kill_workers_at_exit() -> None:
-    """At interpreter exit multiprocessing stops daemonic children with SIGTERM, which the workers
-    ignore; stop any still running with SIGKILL first (they are idle by then)."""
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
-            child.join(timeout=5)
+    """At interpreter exit multiprocessing stops daemonic children with SIGTERM and waits for
+    them; our workers ignore SIGTERM (see `_ignore_stop_signals`), so stop those still running
+    with SIGKILL first (they are idle by then). Processes fastkd did not start are not touched."""
+    alive = [worker for worker in _OUR_WORKERS if worker.is_alive()]
+    if not alive:
+        return
+    # The DataLoader's SIGCHLD handler would report these kills as worker failures, raising in
+    # the middle of this hook; the process is exiting, so the default disposition is right.
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    for worker in alive:
+        worker.kill()
+    for worker in alive:
+        worker.join(timeout=5)
 
 
-atexit.register(_kill_workers_at_exit)  # runs before multiprocessing's own exit hook (LIFO)
+@functools.cache
+def _register_exit_hook() -> None:
+    # Registered after multiprocessing's own exit hook, so it runs before it (LIFO).
+    atexit.register(_kill_workers_at_exit)
+
+
+def _remember_workers(loader: torch.utils.data.DataLoader) -> None:
+    workers = getattr(getattr(loader, "_iterator", None), "_workers", None) or []
+    if workers:
+        _register_exit_hook()
+    _OUR_WORKERS.extend(w for w in workers if w not in _OUR_WORKERS)
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -192,7 +221,9 @@ class TorchvisionLoader:
     def host_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Stage 1: decoded, augmented uint8 NHWC batches in (pinned) host memory."""
         try:
-            yield from self._loader
+            batches = iter(self._loader)
+            _remember_workers(self._loader)  # persistent workers: started by the first iter()
+            yield from batches
         except DataError as exc:  # re-raised from a worker with its traceback: keep the last line
             message = str(exc).strip().splitlines()[-1]
             raise DataError(message.split("DataError: ", 1)[-1] + BROKEN_HINT) from None

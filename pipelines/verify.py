@@ -9,13 +9,14 @@ images) pass.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import multiprocessing
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
@@ -30,9 +31,25 @@ class BrokenImage:
     reason: str
 
 
+@contextlib.contextmanager
+def unlimited_pixels() -> Iterator[None]:
+    """Lift PIL's decompression-bomb limit for fastkd's own decoding only (huge images are valid
+    data here), restoring whatever limit the process had."""
+    previous = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = previous
+
+
 def image_problem(path: str) -> str | None:
     """Why `path` cannot be decoded to RGB, or None when it can."""
-    Image.MAX_IMAGE_PIXELS = None  # huge images are valid data, not a decompression bomb here
+    with unlimited_pixels():
+        return _decode_problem(path)
+
+
+def _decode_problem(path: str) -> str | None:
     try:
         if os.path.getsize(path) == 0:
             return "empty file"

@@ -149,6 +149,16 @@ def test_readme_configuration_reference_is_current():
         "README configuration reference is stale: regenerate it with `fastkd config reference`"
 
 
-def test_config_to_dict_is_plain_yaml():
-    text = yaml.safe_dump(config_to_dict(config_from_dict(MINIMAL)))
-    assert "!!python" not in text
+def test_config_to_dict_holds_only_plain_yaml_types():
+    """Checkpoints store it and load it with weights_only=True: no tuples, Paths or dataclasses."""
+
+    def plain(value) -> bool:
+        if isinstance(value, dict):
+            return all(isinstance(k, str) and plain(v) for k, v in value.items())
+        if isinstance(value, list):
+            return all(plain(v) for v in value)
+        return value is None or type(value) in (str, int, float, bool)
+
+    raw = config_to_dict(config_from_dict({**MINIMAL, "optim": {"betas": [0.8, 0.9], "milestones_epochs": [3]},
+                                           "distill": {"teacher": {"arch": "resnet50", "checkpoint": "t.pt"}}}))
+    assert plain(raw) and raw["optim"]["betas"] == [0.8, 0.9]

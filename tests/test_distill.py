@@ -9,12 +9,13 @@ import torch
 import torchvision
 import yaml
 
-from fastkd import engine
+from fastkd import engine, loop
+from fastkd.config import config_from_dict
 from fastkd.checkpoint import load_checkpoint, save_checkpoint
 from fastkd.losses import kd_loss
 from fastkd.steps import DistillationStep
 from tests.conftest import tiny_config, tiny_config_dict
-from tests.test_train import cli_error, run_cli, write_config
+from tests.test_train import cli_error, run_cli, stop_after, write_config
 
 
 @pytest.fixture(scope="session")
@@ -150,6 +151,31 @@ def test_side_stream_matches_the_sequential_step_when_the_teacher_is_late():
     batch.zero_()  # main stream: must not overtake the teacher's read of the batch
     torch.testing.assert_close(out.parts["kd"], reference.parts["kd"])
     torch.testing.assert_close(out.loss, reference.loss)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+def test_distillation_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tiny_imagefolder, tiny_teacher,
+                                                                               tmp_path, monkeypatch, backend):
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    configs = {}
+    for name in ("straight", "interrupted"):
+        raw = distill_dict(tiny_imagefolder, tmp_path / name, tiny_teacher)
+        raw["data"].update(backend=backend, dali_device="cpu", num_workers=2)
+        configs[name] = config_from_dict(raw)
+    engine.distill(configs["straight"], progress=False)
+    with monkeypatch.context() as patch:
+        stop_after(patch, 7)  # inside epoch 2 (5 steps per epoch)
+        with pytest.raises(loop.Interrupted):
+            engine.distill(configs["interrupted"], progress=False)
+    assert load_checkpoint(configs["interrupted"].run_dir / "last.pt")["step"] == 7
+    engine.distill(configs["interrupted"], resume=True, progress=False)
+    a = load_checkpoint(configs["straight"].run_dir / "last.pt")
+    b = load_checkpoint(configs["interrupted"].run_dir / "last.pt")
+    assert a["step"] == b["step"] == 10
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
 
 
 @pytest.mark.slow

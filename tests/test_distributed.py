@@ -28,11 +28,20 @@ from tests.test_train import REPO, write_config
 pytestmark = pytest.mark.slow
 
 
-def torchrun(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "fastkd", *args, "--no-progress"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+HOOKED_FASTKD = str(REPO / "tests" / "fastkd_with_hooks.py")
+
+
+def torchrun_command(*args: str, hooks: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
+    """Two processes of `fastkd` (with tests/fastkd_with_hooks.py's hooks when any are given)."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), **{f"FASTKD_TEST_{k.upper()}": v for k, v in (hooks or {}).items()}}
+    program = [HOOKED_FASTKD] if hooks else ["-m", "fastkd"]
+    return ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *program, *args,
+             "--no-progress"], env)
+
+
+def torchrun(*args: str, timeout: float = 300, hooks: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    command, env = torchrun_command(*args, hooks=hooks)
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def backend_section(backend: str) -> dict:
@@ -103,6 +112,11 @@ def wait_for(path: Path, process: subprocess.Popen, timeout: float = 180) -> Non
         time.sleep(0.1)
 
 
+def same_weights(a: Path, b: Path) -> bool:
+    first, second = load_checkpoint(a)["model"], load_checkpoint(b)["model"]
+    return first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
+
+
 def test_sigterm_then_resume_under_torchrun_matches_an_uninterrupted_run(tiny_imagefolder, tmp_path):
     raw = tiny_config_dict(tiny_imagefolder, tmp_path / "runs", data=backend_section("torchvision"),
                            run={"checkpoint_every_steps": 1}, optim={"epochs": 3})
@@ -110,21 +124,49 @@ def test_sigterm_then_resume_under_torchrun_matches_an_uninterrupted_run(tiny_im
     reference = write_config(tmp_path / "ref.yaml", {**raw, "run": {**raw["run"], "out_dir": str(tmp_path / "ref")}})
     assert torchrun("train", "--config", str(reference)).returncode == 0
 
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    process = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
-                                "2", "-m", "fastkd", "train", "--config", str(config), "--no-progress"], cwd=REPO,
-                               env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # 0.4 s per step: the run lasts long enough for the signal sent after its first checkpoint.
+    command, env = torchrun_command("train", "--config", str(config), hooks={"step_delay": "0.4"})
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     wait_for(tmp_path / "runs" / "tiny" / "last.pt", process)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
-    if "saved a checkpoint" not in err:
-        pytest.skip("the run ended before the signal arrived")
+    assert process.returncode != 0, err[-3000:]
     assert err.count("saved a checkpoint") == 1 and "torchrun <same options>" in err
+    assert load_checkpoint(tmp_path / "runs" / "tiny" / "last.pt")["step"] < 15
     resumed = torchrun("train", "--config", str(config), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a = load_checkpoint(tmp_path / "ref" / "tiny" / "last.pt")["model"]
-    b = load_checkpoint(tmp_path / "runs" / "tiny" / "last.pt")["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert same_weights(tmp_path / "ref" / "tiny" / "last.pt", tmp_path / "runs" / "tiny" / "last.pt")
+
+
+def test_a_stop_requested_on_one_rank_stops_every_rank_at_the_same_step(tiny_imagefolder, tmp_path):
+    raw = tiny_config_dict(tiny_imagefolder, tmp_path / "runs", data=backend_section("torchvision"))
+    config = write_config(tmp_path / "c.yaml", raw)
+    reference = write_config(tmp_path / "ref.yaml", {**raw, "run": {**raw["run"], "out_dir": str(tmp_path / "ref")}})
+    assert torchrun("train", "--config", str(reference)).returncode == 0
+    # Rank 1 alone asks to stop after step 3; the ranks agree at the next log interval (step 4).
+    stopped = torchrun("train", "--config", str(config), hooks={"stop_at": "1:3"})
+    assert stopped.returncode != 0 and "saved a checkpoint" in stopped.stderr, stopped.stderr[-3000:]
+    assert "stopped after step 4" in stopped.stderr
+    checkpoint = load_checkpoint(tmp_path / "runs" / "tiny" / "last.pt")
+    assert checkpoint["step"] == 4 and len(checkpoint["ranks"]) == 2
+    resumed = torchrun("train", "--config", str(config), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert same_weights(tmp_path / "ref" / "tiny" / "last.pt", tmp_path / "runs" / "tiny" / "last.pt")
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+def test_distillation_resumes_exactly_under_torchrun(tiny_imagefolder, tiny_teacher, tmp_path, backend):  # noqa: F811
+    raw = distill_dict(tiny_imagefolder, tmp_path / "runs", tiny_teacher)
+    raw["data"].update(backend_section(backend))
+    config = write_config(tmp_path / "kd.yaml", raw)
+    reference = write_config(tmp_path / "ref.yaml", {**raw, "run": {**raw["run"], "out_dir": str(tmp_path / "ref")}})
+    assert torchrun("distill", "--config", str(reference)).returncode == 0
+    stopped = torchrun("distill", "--config", str(config), hooks={"stop_at": "0:6"})  # inside epoch 2
+    assert stopped.returncode != 0 and "saved a checkpoint" in stopped.stderr, stopped.stderr[-3000:]
+    assert load_checkpoint(tmp_path / "runs" / "tiny" / "last.pt")["step"] == 6
+    resumed = torchrun("distill", "--config", str(config), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert same_weights(tmp_path / "ref" / "tiny" / "last.pt", tmp_path / "runs" / "tiny" / "last.pt")
 
 
 def test_a_failing_rank_brings_the_job_down_with_its_error(tiny_imagefolder, tmp_path):

@@ -109,13 +109,12 @@ def test_fp16_logits_do_not_overflow():
         assert value.dtype == torch.float32 and torch.isfinite(value)
 
 
-def test_gradients_flow_to_the_student_only():
+def test_each_term_gives_the_student_finite_nonzero_gradients():
+    """(That the teacher gets none is the step's job: tests/test_distill.py pins it.)"""
     s, t, y = tensors()
     s.requires_grad_(True)
-    t.requires_grad_(True)
     for cfg_loss in ("kd", "dkd", "dist"):
         cfg = DistillConfig(teacher=TeacherConfig(arch="resnet18", checkpoint="t.pt"), loss=cfg_loss)
-        term = distillation_term(cfg)
         s.grad = None
-        term(s, t.detach(), y).backward()
-        assert s.grad is not None and torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
+        distillation_term(cfg)(s, t, y).backward()
+        assert s.grad is not None and torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0, cfg_loss

@@ -14,7 +14,7 @@ from fastkd.errors import DataError
 from pipelines import build_loaders
 from pipelines.base import BatchSpec, Shard, check_batch
 from pipelines.datasets import load_dataset
-from pipelines.torchvision_backend import EpochSampler, random_resized_crop_box
+from pipelines.torchvision_backend import EpochSampler, random_resized_crop_box, sample_seed
 
 CPU = BatchSpec(device=torch.device("cpu"), dtype=torch.float32)
 BACKENDS = ["torchvision", "synthetic", "dali"]
@@ -57,7 +57,7 @@ def test_validation_sees_every_image_once_in_label_order(backend, tiny_imagefold
     require_backend(backend)
     loaders = build_loaders(data_config(tiny_imagefolder, backend), spec=CPU, seed=0)
     labels = torch.cat([labels for _, labels in loaders.val]).tolist()
-    assert sorted(labels) == sorted([c for c in range(10) for _ in range(2)])
+    assert labels == [c for c in range(10) for _ in range(2)]  # unshuffled: the file list's order
 
 
 def test_imagefolder_layout_lists_classes_in_sorted_order(tiny_imagefolder):
@@ -142,6 +142,48 @@ def test_crop_box_stays_inside_the_image_with_the_allowed_area_and_ratio():
         width, height = rng.randint(20, 600), rng.randint(20, 600)
         top, left, h, w = random_resized_crop_box(width, height, rng)
         assert 0 <= top and top + h <= height and 0 <= left and left + w <= width and h > 0 and w > 0
+        # w and h are rounded to whole pixels: bound area and ratio over the rounding interval.
+        area_low, area_high = (w - 0.5) * (h - 0.5) / (width * height), (w + 0.5) * (h + 0.5) / (width * height)
+        ratio_low, ratio_high = (w - 0.5) / (h + 0.5), (w + 0.5) / (h - 0.5)
+        in_range = area_high >= 0.08 and area_low <= 1.0 and ratio_high >= 3 / 4 and ratio_low <= 4 / 3
+        centred = (top, left) == ((height - h) // 2, (width - w) // 2)  # the fallback after 10 misses
+        assert in_range or centred, (width, height, top, left, h, w)
+
+
+def test_crop_area_and_ratio_are_distributed_as_torchvision_draws_them():
+    """Same distribution as torchvision's RandomResizedCrop.get_params (area fraction drawn from
+    U(0.08, 1) and log aspect from U(log 3/4, log 4/3), redrawn when the box does not fit)."""
+    import torchvision.transforms as T
+
+    torch.manual_seed(0)
+    rng, image = random.Random(1), Image.new("RGB", (1000, 700))
+    ours = [random_resized_crop_box(1000, 700, rng) for _ in range(4000)]
+    theirs = [T.RandomResizedCrop.get_params(image, scale=[0.08, 1.0], ratio=[3 / 4, 4 / 3]) for _ in range(4000)]
+
+    def summary(boxes):
+        areas = [h * w / 7e5 for _, _, h, w in boxes]
+        ratios = [math.log(w / h) for _, _, h, w in boxes]
+        return sum(areas) / len(areas), min(areas), sum(ratios) / len(ratios), min(ratios), max(ratios)
+
+    mine, reference = summary(ours), summary(theirs)
+    assert mine == pytest.approx(reference, abs=0.02), (mine, reference)
+
+
+def test_torchvision_stream_is_the_same_for_any_number_of_workers(tiny_imagefolder):
+    streams = []
+    for workers in (0, 1, 3):
+        loader = build_loaders(data_config(tiny_imagefolder, "torchvision", num_workers=workers), spec=CPU, seed=0).train
+        loader.set_epoch(1)
+        streams.append([(labels.tolist(), images) for images, labels in loader])
+    for other in streams[1:]:
+        assert [labels for labels, _ in other] == [labels for labels, _ in streams[0]]
+        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(other, streams[0]))
+
+
+def test_sample_seeds_come_from_a_documented_mixing_function():
+    """Not Python's hash(): the same value on every interpreter (NumPy's SeedSequence)."""
+    assert sample_seed(7, 2, 31) == 6567792329545502060  # pinned: a change here changes every torchvision stream
+    assert len({sample_seed(0, epoch, index) for epoch in range(3) for index in range(100)}) == 300
 
 
 def test_unusual_images_decode_to_rgb(tmp_path):

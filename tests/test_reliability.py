@@ -137,10 +137,14 @@ def test_a_file_broken_after_the_check_is_a_one_line_error(broken_dataset, tmp_p
         assert f"cannot decode {victim}" in message
 
 
-def start_training(config: Path, *extra: str) -> subprocess.Popen:
-    """In its own process group, as a shell job: Ctrl-C and schedulers signal the whole group."""
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen([sys.executable, "-m", "fastkd", "train", "--config", str(config), "--no-progress",
+HOOKED_FASTKD = str(REPO / "tests" / "fastkd_with_hooks.py")
+
+
+def start_training(config: Path, *extra: str, **hooks: str) -> subprocess.Popen:
+    """`fastkd train` in its own process group, as a shell job (Ctrl-C and schedulers signal the
+    whole group), with the test hooks of tests/fastkd_with_hooks.py given as keyword arguments."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), **{f"FASTKD_TEST_{k.upper()}": v for k, v in hooks.items()}}
+    return subprocess.Popen([sys.executable, HOOKED_FASTKD, "train", "--config", str(config), "--no-progress",
                              *extra], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
 
@@ -178,12 +182,10 @@ def test_signal_finishes_the_step_checkpoints_and_resume_is_exact(tiny_imagefold
     config = write_config(tmp_path / "c.yaml", tiny_config_dict(
         tiny_imagefolder, tmp_path / "runs", optim={"epochs": 3}, run={"checkpoint_every_steps": 1},
         data={"num_workers": 2}))
-    process = start_training(config)
+    process = start_training(config, step_delay="0.4")  # 15 steps: about 6 s, signalled after the first
     wait_for(tmp_path / "runs" / "tiny" / "last.pt", process)
     os.killpg(process.pid, signum)
     _, err = process.communicate(timeout=120)
-    if process.returncode == 0:
-        pytest.skip("the run finished before the signal arrived")
     assert process.returncode == 128 + signum, err
     assert "saved a checkpoint; resume with:" in err and "--resume" in err and "Traceback" not in err
     stopped = load_checkpoint(tmp_path / "runs" / "tiny" / "last.pt")["step"]
@@ -192,22 +194,22 @@ def test_signal_finishes_the_step_checkpoints_and_resume_is_exact(tiny_imagefold
 
 
 @pytest.mark.slow
-def test_kill_9_at_any_moment_leaves_a_loadable_checkpoint_and_resume_is_exact(tiny_imagefolder, tmp_path,
-                                                                              reference_run):
-    # A checkpoint every step: most of the wall time is spent writing them, so the kills land
-    # inside writes as well as between them.
+def test_kill_9_inside_and_between_checkpoint_writes_leaves_a_loadable_checkpoint(tiny_imagefolder, tmp_path,
+                                                                                  reference_run):
     config = write_config(tmp_path / "c.yaml", tiny_config_dict(
         tiny_imagefolder, tmp_path / "runs", optim={"epochs": 3}, run={"checkpoint_every_steps": 1}))
     last = tmp_path / "runs" / "tiny" / "last.pt"
-    extra: tuple[str, ...] = ()
-    for delay in (0.3, 0.9, 0.1):
-        process = start_training(config, *extra)
-        wait_for(last, process)
-        time.sleep(delay)
-        process.kill()
-        process.wait()
-        load_checkpoint(last)  # intact whatever moment the kill hit
-        extra = ("--resume",)
+    # Killed after writing its 3rd checkpoint's temporary file, before the rename: last.pt is the
+    # 2nd one (step 2) and the temporary file is left behind.
+    process = start_training(config, kill_in_write="3")
+    process.communicate(timeout=120)
+    assert process.returncode == -signal.SIGKILL
+    assert load_checkpoint(last)["step"] == 2
+    assert [p.name for p in last.parent.iterdir() if ".tmp-" in p.name], "the kill should have left a temp file"
+    # Resumed, then killed right after its 2nd write (a rename just done): step 4 is on disk.
+    process = start_training(config, "--resume", kill_after_write="2")
+    process.communicate(timeout=120)
+    assert process.returncode == -signal.SIGKILL and load_checkpoint(last)["step"] == 4
     resume_to_the_end(config, tmp_path / "runs" / "tiny", reference_run)
     assert not [p.name for p in last.parent.iterdir() if ".tmp-" in p.name], "stale temporary files left"
 
@@ -233,6 +235,29 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     checkpoint = load_checkpoint(tmp_path / "runs" / "tiny" / "last.pt")
     assert checkpoint["step"] == 5 and all(torch.isfinite(v).all() for v in checkpoint["model"].values()
                                            if v.is_floating_point())
+
+
+def test_an_update_that_breaks_the_weights_is_never_saved(tiny_imagefolder, tmp_path, monkeypatch):
+    """The loss of step 10 is finite (it is computed before the update); the update itself makes a
+    weight NaN just before the epoch's checkpoint: nothing may write those weights."""
+    original = loop.apply_update
+    steps = {"n": 0}
+
+    def breaking(optimizer, scaler, params, grad_clip_norm):
+        original(optimizer, scaler, params, grad_clip_norm)
+        steps["n"] += 1
+        if steps["n"] == 10:
+            with torch.no_grad():
+                params[0].fill_(float("nan"))
+
+    monkeypatch.setattr(loop, "apply_update", breaking)
+    cfg = tiny_config(tiny_imagefolder, tmp_path / "runs", run={"log_every_steps": 1})
+    with pytest.raises(FastkdError, match=r"the weights became non-finite \(nan/inf\) by step 10; stopped without"):
+        engine.train(cfg, progress=False)
+    for name in ("last.pt", "best.pt"):
+        checkpoint = load_checkpoint(tmp_path / "runs" / "tiny" / name)
+        assert checkpoint["step"] == 5
+        assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
 
 
 def test_disk_full_while_saving_is_one_line_and_keeps_the_previous_checkpoint(tiny_imagefolder, tmp_path,
@@ -289,15 +314,57 @@ def test_impossible_values_are_refused_before_anything_is_written(tiny_imagefold
 
 
 def test_stop_request_between_epochs_stops_after_the_epoch_checkpoint(tiny_imagefolder, tmp_path, monkeypatch):
-    original = loop._stop_requested
+    original = loop.agree_to_stop
 
     def fake(t):
         if t.state.step == 5:
             t.stop.signum = signal.SIGTERM
         return original(t)
 
-    monkeypatch.setattr(loop, "_stop_requested", fake)
+    monkeypatch.setattr(loop, "agree_to_stop", fake)
     with pytest.raises(loop.Interrupted):
         engine.train(tiny_config(tiny_imagefolder, tmp_path / "runs"), progress=False)
     checkpoint = load_checkpoint(tmp_path / "runs" / "tiny" / "last.pt")
     assert checkpoint["epoch"] == 1 and checkpoint["step"] == 5
+
+
+def test_importing_fastkd_changes_nothing_global_and_exit_kills_only_its_own_workers(tiny_imagefolder, tmp_path):
+    """No exit hook and no PIL limit change at import; after a DataLoader with workers has run, exit
+    still returns promptly (its workers ignore SIGTERM) and leaves an unrelated child alone."""
+    script = tmp_path / "probe.py"
+    script.write_text(f'''
+import atexit, multiprocessing, os, sys, time
+import numpy, torch, torchvision, PIL.Image, tqdm  # what fastkd imports: their own hooks are not ours
+before, limit = atexit._ncallbacks(), PIL.Image.MAX_IMAGE_PIXELS
+import fastkd.engine, fastkd.bench, pipelines.torchvision_backend, pipelines.verify
+from pipelines.verify import image_problem
+assert atexit._ncallbacks() == before, "an exit hook was registered at import"
+image_problem({str(next((tiny_imagefolder / "train" / "cool_disc").iterdir()))!r})
+assert PIL.Image.MAX_IMAGE_PIXELS == limit, "the PIL pixel limit was changed"
+from pipelines import build_loaders
+from tests.test_pipelines import CPU, data_config
+loader = build_loaders(data_config({str(tiny_imagefolder)!r}, "torchvision", num_workers=2), spec=CPU, seed=0).train
+next(iter(loader))
+print("workers", *[w.pid for w in pipelines.torchvision_backend._OUR_WORKERS], flush=True)
+other = multiprocessing.Process(target=time.sleep, args=(3,), daemon=False)
+other.start()
+print("other", other.pid, flush=True)
+''')
+    started = time.time()
+    done = subprocess.run([sys.executable, str(script)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    workers, other = [int(p) for p in lines["workers"].split()], int(lines["other"])
+    assert len(workers) == 2
+
+    def alive(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        return True
+
+    assert not any(alive(pid) for pid in workers)
+    assert time.time() - started < 60  # exit waited for the 3 s child, not for the workers forever
+    assert not alive(other)  # the non-daemonic child ran to its end: exit waited for it, untouched

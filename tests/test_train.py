@@ -112,14 +112,14 @@ def test_user_errors_show_no_traceback_in_a_real_process(tmp_path):
 
 def stop_after(monkeypatch, step: int) -> None:
     """Make the loop see a stop request (as from SIGTERM) right after optimizer step `step`."""
-    original = loop._stop_requested
+    original = loop.agree_to_stop
 
     def fake(t):
         if t.state.step == step:
             t.stop.signum = 15
         return original(t)
 
-    monkeypatch.setattr(loop, "_stop_requested", fake)
+    monkeypatch.setattr(loop, "agree_to_stop", fake)
 
 
 @pytest.mark.slow

@@ -1,0 +1,122 @@
+"""The README's commands as a user runs them: demo, data synth, config show, eval, export, bad data."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+import torchvision
+import yaml
+
+from fastkd import engine
+from fastkd.checkpoint import load_checkpoint
+from fastkd.cli import main
+from fastkd.synth import MARKER
+from tests.conftest import tiny_config, tiny_config_dict
+from tests.test_train import REPO, cli_error, write_config
+
+TINY_DEMO = ["data.image_size=32", "data.val_resize=36", "data.batch_size=8", "data.num_workers=0",
+             "data.generate_demo=false", "optim.epochs=1", "optim.warmup_epochs=0", "runtime.device=cpu", "run.tensorboard=false",
+             "distill.allow_weak_teacher=true"]
+
+
+@pytest.mark.slow
+def test_demo_trains_teacher_student_and_distilled_student_then_reuses_them(tiny_imagefolder, tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--seeds", "0", "1", "--no-progress", f"data.root={tiny_imagefolder}",
+            *TINY_DEMO]
+    main(argv)
+    printed = capsys.readouterr().out
+    table = printed.split("\n\n")[1] if "\n\n" in printed else printed
+    assert table.count("| teacher ") == 1 and table.count("| student alone ") == 2
+    assert table.count("| student distilled ") == 2
+    assert "Best val top-1, student alone" in printed and (out / "demo.md").is_file()
+    result = json.loads((out / "demo.json").read_text())
+    assert result["seeds"] == [0, 1] and len(result["student_distilled_top1"]) == 2
+    names = ["teacher", "student-s0", "distill-s0", "student-s1", "distill-s1"]
+    summaries = {name: (out / name / "summary.json").stat().st_mtime_ns for name in names}
+    assert json.loads((out / "distill-s1" / "summary.json").read_text())["teacher"]["arch"] == "resnet18"
+    main(argv)  # a second run reuses every finished run
+    again = capsys.readouterr().out
+    assert again.count("[demo] reusing finished run") == 5
+    assert summaries == {name: (out / name / "summary.json").stat().st_mtime_ns for name in names}
+
+
+def test_data_synth_writes_the_demo_layout_and_refuses_a_non_empty_folder(tmp_path, capsys):
+    out = tmp_path / "synth"
+    main(["data", "synth", str(out), "--train-per-class", "2", "--val-per-class", "1", "--workers", "2"])
+    assert "wrote 10 classes x (2 train + 1 val) images" in capsys.readouterr().out
+    assert len(list((out / "train").rglob("*.jpg"))) == 20 and len(list((out / "val").rglob("*.jpg"))) == 10
+    assert (out / MARKER).is_file()
+    assert cli_error(capsys, "data", "synth", str(out)) == f"fastkd: error: output folder is not empty: {out}"
+
+
+def test_config_show_prints_the_resolved_config_with_overrides(capsys):
+    main(["config", "show", "--config", str(REPO / "configs" / "demo" / "distill.yaml"), "optim.lr=0.5",
+          "distill.temperature=2.5"])
+    shown = yaml.safe_load(capsys.readouterr().out)
+    assert shown["optim"]["lr"] == 0.5 and shown["model"]["arch"] == "shufflenet_v2_x0_5"
+    assert shown["distill"]["temperature"] == 2.5 and shown["distill"]["kd_weight"] == 0.9
+    assert shown["runtime"]["sync_debug"] is False  # defaults are filled in
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_imagefolder, tmp_path_factory):
+    out = tmp_path_factory.mktemp("finished")
+    return engine.train(tiny_config(tiny_imagefolder, out, optim={"epochs": 2}), progress=False).run_dir
+
+
+def test_eval_takes_a_plain_state_dict_with_arch(finished_run, tiny_imagefolder, tmp_path, capsys):
+    plain = tmp_path / "plain.pt"
+    torch.save(load_checkpoint(finished_run / "best.pt")["model"], plain)
+    config = write_config(tmp_path / "c.yaml", tiny_config_dict(tiny_imagefolder, tmp_path / "runs",
+                                                                 model={"arch": "shufflenet_v2_x0_5"}))
+    main(["eval", "--checkpoint", str(plain), "--arch", "resnet18", "--config", str(config)])
+    line = capsys.readouterr().out
+    assert line.startswith(f"resnet18 {plain}: val top1 ") and "(20 images)" in line
+    summary = json.loads((finished_run / "summary.json").read_text())
+    assert f"val top1 {summary['best_val_top1']:.2f}" in line  # the same weights, the same figure
+    # Without --arch the config's model (a ShuffleNet) cannot take ResNet weights: one line, exit 2.
+    message = cli_error(capsys, "eval", "--checkpoint", str(plain), "--config", str(config))
+    assert message.startswith(f"fastkd: error: {plain} does not fit shufflenet_v2_x0_5 with 10 classes")
+
+
+def test_export_of_last_writes_the_last_checkpoints_weights(finished_run, tmp_path, capsys):
+    out = tmp_path / "export" / "last.pt"
+    main(["export", str(finished_run), "--out", str(out), "--checkpoint", "last"])
+    assert "exported resnet18 (10 classes" in capsys.readouterr().out
+    model = torchvision.models.resnet18(num_classes=10)
+    model.load_state_dict(torch.load(out, weights_only=True), strict=True)
+    last = load_checkpoint(finished_run / "last.pt")
+    assert all(torch.equal(v, last["model"][k]) for k, v in model.state_dict().items())
+    assert json.loads(out.with_suffix(".json").read_text())["epoch"] == last["epoch"] == 2
+
+
+def test_export_of_a_checkpoint_that_does_not_fit_is_one_line(finished_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(finished_run, run)
+    payload = load_checkpoint(run / "best.pt")
+    payload["arch"] = "resnet34"
+    torch.save(payload, run / "best.pt")
+    message = cli_error(capsys, "export", str(run), "--out", str(tmp_path / "x.pt"))
+    assert message.startswith(f"fastkd: error: {run / 'best.pt'} does not fit resnet34 with 10 classes")
+    assert not (tmp_path / "x.pt").exists()
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("empty class", "class folder has no images"),
+    ("val-only class", "val class folder(s) missing from train: mystery"),
+])
+def test_bad_data_through_the_cli_exits_2_and_writes_nothing(tiny_imagefolder, tmp_path, capsys, damage, expected):
+    root = tmp_path / "data"
+    shutil.copytree(tiny_imagefolder, root)
+    if damage == "empty class":
+        (root / "train" / "zzz_empty").mkdir()
+    else:
+        shutil.copytree(root / "val" / "cool_disc", root / "val" / "mystery")
+    config = write_config(tmp_path / "c.yaml", tiny_config_dict(root, tmp_path / "runs"))
+    message = cli_error(capsys, "train", "--config", str(config))
+    assert message.startswith("fastkd: error: ") and expected in message
+    assert not (tmp_path / "runs").exists()
