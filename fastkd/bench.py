@@ -163,13 +163,13 @@ class Bench:
     def num_classes(self) -> int:
         return len(self.dataset.classes) if self.dataset is not None else self.cfg.data.synthetic_num_classes
 
-    def record(self, what: str, backend: str, rates: list[float], **extra: Any) -> dict[str, Any]:
+    def record(self, what: str, backend: str, rates: list[float], *, warmup: int, **extra: Any) -> dict[str, Any]:
         cfg = self.cfg
         row = {
             "what": what, "backend": backend, "images_per_sec": round(statistics.median(rates), 1),
             "min": round(min(rates), 1), "max": round(max(rates), 1), "repeats": len(rates),
             "rates": [round(rate, 1) for rate in rates],
-            "steps": self.window.steps, "warmup": self.window.warmup, "batch_size": cfg.data.batch_size,
+            "steps": self.window.steps, "warmup": warmup, "batch_size": cfg.data.batch_size,
             "image_size": cfg.data.image_size, "model": cfg.model.arch,
             "teacher": cfg.distill.teacher.arch if cfg.distill and what.startswith("distill") else None,
             "precision": self.runtime.precision, "channels_last": self.runtime.channels_last,
@@ -183,6 +183,12 @@ class Bench:
 
     # -- measurements ------------------------------------------------------------------
 
+    def window_for(self, loader: Loader) -> Window:
+        """The bench window, with warm-up enough to drain what a loader prefetched before timing
+        (16 DataLoader workers x 4 hold 64 batches: timing them would time a queue, not decoding)."""
+        prefetched = getattr(loader, "prefetched_batches", 0)
+        return dataclasses.replace(self.window, warmup=max(self.window.warmup, prefetched + 1))
+
     def measure_loader(self, backend: str) -> None:
         loader = self.loaders(backend).train
         stream = endless(loader)
@@ -191,7 +197,8 @@ class Bench:
             images, labels = next(stream)
             return labels.shape[0]
 
-        self.record("loader", backend, timed_windows(self.window, one, self.runtime.synchronize))
+        window = self.window_for(loader)
+        self.record("loader", backend, timed_windows(window, one, self.runtime.synchronize), warmup=window.warmup)
 
     def _student(self) -> tuple[nn.Module, torch.optim.Optimizer, torch.amp.GradScaler]:
         seed_everything(self.cfg.run.seed, deterministic=False)
@@ -239,11 +246,12 @@ class Bench:
             return labels.shape[0]
 
         started = time.perf_counter()
-        rates = timed_windows(self.window, one, self.runtime.synchronize)
+        window = self.window_for(loader)
+        rates = timed_windows(window, one, self.runtime.synchronize)
         wait_fraction = waited[0] / (time.perf_counter() - started)
         label = what if side_stream in (None, True) or self.runtime.device.type != "cuda" else f"{what}-no-side-stream"
         stages = self.breakdown(loader, step, optimizer, scaler)
-        return self.record(label, backend, rates, data_wait_fraction=round(wait_fraction, 3),
+        return self.record(label, backend, rates, warmup=window.warmup, data_wait_fraction=round(wait_fraction, 3),
                            side_stream=side_stream if what == "distill" else None, stages=stages)
 
     def breakdown(self, loader: Loader, step: nn.Module, optimizer, scaler) -> dict[str, float]:

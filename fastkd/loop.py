@@ -223,9 +223,10 @@ def agree_to_stop(t: Training) -> bool:
         return False
     flag = torch.tensor([float(t.stop.requested)], device=t.runtime.device)
     dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if flag.item() and not t.stop.signum:  # host sync: log interval, distributed only
+    stop = bool(flag.item())  # host sync: log interval, distributed only
+    if stop and not t.stop.signum:
         t.stop.signum = 15
-    return bool(flag.item())
+    return stop
 
 
 def _epoch_metrics(means: dict[str, float]) -> dict[str, float]:
@@ -282,7 +283,7 @@ def checkpoint_payload(t: Training, rank_states: list[dict[str, Any]]) -> dict[s
     state = t.state
     return {
         **t.checkpoint_extra,
-        "model": {k: v.detach().to("cpu", memory_format=torch.contiguous_format)
+        "model": {k: v.detach().to("cpu", memory_format=torch.contiguous_format)  # host sync: checkpoints only
                   for k, v in t.model.state_dict().items()},
         "epoch": state.epoch,
         "step": state.step,

@@ -55,7 +55,7 @@ class Meter:
         return {name: total / self.count for name, total in zip(self.names, totals)}
 
     def state_dict(self) -> dict[str, Any]:
-        totals = None if self.totals is None else self.totals.cpu()
+        totals = None if self.totals is None else self.totals.cpu()  # host sync: checkpoints only
         return {"names": self.names, "totals": totals, "count": self.count}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -68,6 +68,7 @@ class NonFiniteGuard:
     """Remembers, on the device, the first optimizer step whose loss was not finite."""
 
     def __init__(self, device: torch.device, first_step: int = 0):
+        # Two scalars copied to the device once per epoch (a small blocking copy, not per step).
         self._step = torch.tensor(first_step, dtype=torch.int64, device=device)
         self._first_bad = torch.tensor(-1, dtype=torch.int64, device=device)
 

@@ -54,8 +54,9 @@ class DistillationStep(nn.Module):
       logits. Everything queued later on the current stream, including whatever reuses the
       batch's memory after this step drops it (the caching allocator, or DALI refilling its
       buffer), therefore runs after the teacher's last read of the batch. That, not
-      `record_stream`, is what protects the batch: DALI's outputs need not come from
-      PyTorch's allocator, for which `record_stream` would do nothing.
+      `record_stream`, is what protects the batch: with DALI's dynamic executor its outputs
+      are DALI's own buffers handed over through DLPack, not PyTorch allocations, and
+      `record_stream` does nothing for them.
     The teacher's logits come from PyTorch's allocator on the side stream and are read on the
     current stream, so they are recorded there.
 

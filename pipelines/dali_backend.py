@@ -67,12 +67,14 @@ def size_hints(files: list[str]) -> tuple[int, int]:
     """
     from PIL import Image
 
+    from pipelines.verify import unlimited_pixels
+
     width = height = 0
     for path in files[:SIZE_HINT_SAMPLES]:
         try:
-            with Image.open(path) as image:
+            with unlimited_pixels(), Image.open(path) as image:
                 w, h = image.size
-        except OSError:
+        except (OSError, ValueError):
             continue  # broken files are the verifier's business
         width, height = max(width, w, h), max(height, w, h)  # either orientation (EXIF)
     return width, height
@@ -265,9 +267,11 @@ _NOT_THE_DATA = ("out of memory", "cuda error", "cudaerror", "cuda_error", "allo
 
 
 def is_decode_failure(exc: RuntimeError) -> bool:
-    """Whether a DALI error comes from a decoder given bad bytes (and not from the GPU or memory)."""
+    """Whether a DALI error comes from the data: a decoder given bad bytes or a reader given a
+    missing or unreadable file (and not from the GPU or memory)."""
     text = str(exc).lower()
-    return "fn.decoders." in text and not any(marker in text for marker in _NOT_THE_DATA)
+    from_data = "fn.decoders." in text or "fn.readers." in text
+    return from_data and not any(marker in text for marker in _NOT_THE_DATA)
 
 
 def _dali_reason(exc: RuntimeError) -> str:

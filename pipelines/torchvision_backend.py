@@ -30,6 +30,7 @@ from pipelines.verify import unlimited_pixels
 BROKEN_HINT = " (list every undecodable file with `fastkd data verify ROOT`)"
 CROP_AREA = (0.08, 1.0)
 CROP_RATIO = (3 / 4, 4 / 3)
+PREFETCH_FACTOR = 4  # batches each DataLoader worker prepares ahead
 
 
 def decode_rgb(path: str) -> Image.Image:
@@ -196,11 +197,13 @@ class TorchvisionLoader:
         self.spec = spec
         self.sampler = EpochSampler(len(split), shuffle=train, seed=seed, shard=shard, batch_size=batch_size)
         self.num_samples = len(self.sampler.indices())
+        self.prefetched_batches = num_workers * PREFETCH_FACTOR
+        """Batches the workers hold ready at most (a benchmark must drain them before timing)."""
         dataset = ImageListDataset(split, train=train, image_size=image_size, val_resize=val_resize)
         self._loader = torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
             pin_memory=spec.device.type == "cuda", drop_last=False,
-            persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
+            persistent_workers=num_workers > 0, prefetch_factor=PREFETCH_FACTOR if num_workers > 0 else None,
             worker_init_fn=_ignore_stop_signals,
             # Its own generator: drawing worker seeds must not consume the global RNG (exact resume).
             generator=torch.Generator().manual_seed(seed))

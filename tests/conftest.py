@@ -54,3 +54,13 @@ def tiny_config_dict(root: Path, out_dir: Path, **sections: dict[str, Any]) -> d
 
 def tiny_config(root: Path, out_dir: Path, **sections: dict[str, Any]) -> Config:
     return config_from_dict(tiny_config_dict(root, out_dir, **sections))
+
+
+REPO = Path(__file__).resolve().parents[1]
+HOOKED_FASTKD = str(REPO / "tests" / "fastkd_with_hooks.py")
+"""`fastkd` with the test hooks of tests/fastkd_with_hooks.py (run it as a script)."""
+
+
+def hooked_env(**hooks: str) -> dict[str, str]:
+    """Environment for a `fastkd` subprocess: the repository importable, hooks as FASTKD_TEST_*."""
+    return {**os.environ, "PYTHONPATH": str(REPO), **{f"FASTKD_TEST_{k.upper()}": v for k, v in hooks.items()}}

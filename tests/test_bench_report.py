@@ -79,3 +79,13 @@ def test_report_of_an_unfinished_run_is_an_error(tmp_path, capsys):
         main(["report", str(tmp_path / "half")])
     assert info.value.code == 2
     assert f"not a finished fastkd run (no summary.json): {tmp_path / 'half'}" in capsys.readouterr().err
+
+
+def test_warm_up_drains_what_the_loader_prefetched():
+    from types import SimpleNamespace
+
+    from fastkd.bench import Bench, Window
+
+    bench = Bench(cfg=None, runtime=None, window=Window(steps=20, warmup=8, repeats=3), config_path="x")
+    assert bench.window_for(SimpleNamespace(prefetched_batches=64)).warmup == 65  # 16 workers x 4
+    assert bench.window_for(SimpleNamespace()).warmup == 8

@@ -148,10 +148,24 @@ def test_gpu_graphs_are_valid_without_a_gpu(tiny_imagefolder, dali_device, train
     split = dataset.train if train else dataset.val
     loader = DaliLoader(split, train=train, batch_size=4, cfg=cfg, place=place, seed=0, shard=Shard(),
                         spec=GPU_SPEC, num_threads=1, build=False)
-    graph = loader.create_pipeline(device_id=None).serialize()
-    assert (b"decoders__ImageRandomCrop" if train else b"decoders__Image") in graph
+    pipe = loader.create_pipeline(device_id=None)
+    graph = pipe.serialize()
     if dali_device == "gpu":
         assert b"preallocate_width_hint" in graph  # sized from the data's headers
+    devices = operator_devices(pipe)
+    decoder = "decoders__ImageRandomCrop" if train else "decoders__Image"
+    assert devices[decoder] == ("mixed" if dali_device == "gpu" else "cpu")
+    assert devices["Resize"] == devices["CropMirrorNormalize"] == "gpu"  # augmentation on the GPU either way
+
+
+def operator_devices(pipe) -> dict[str, str]:
+    """Operator name -> device of a constructed (not built) pipeline."""
+    devices = {}
+    for op in pipe._ops:
+        text = str(op.spec)
+        name = text.split("OpSpec for ", 1)[1].split(":", 1)[0].strip()
+        devices[name] = text.split("device: ", 1)[1].split()[0]
+    return devices
 
 
 def test_decoder_hints_come_from_the_data(tiny_imagefolder):

@@ -84,7 +84,7 @@ def test_label_smoothing_reaches_the_distillation_cross_entropy():
 
 
 def test_fp32_teacher_takes_half_batches_by_casting_them():
-    images, labels = torch.randn(2, 3, 32, 32).half(), torch.randint(0, 10, (2,))
+    images = torch.randn(2, 3, 32, 32).half()
     with pytest.raises(RuntimeError):  # what a GPU bf16 run with teacher.precision fp32 met before
         make_step().teacher_logits(images)
     logits = make_step(teacher_input_dtype=torch.float32).teacher_logits(images)
@@ -137,18 +137,26 @@ def test_side_stream_orders_teacher_student_and_loss(monkeypatch):
 
 
 @pytest.mark.gpu
-def test_side_stream_matches_the_sequential_step_when_the_teacher_is_late():
-    """Forced race: the side stream sleeps before the teacher's forward, and the batch is
-    overwritten on the main stream right after the step (as a loader reusing its buffer)."""
+@pytest.mark.parametrize("late", ["teacher", "batch"])
+def test_side_stream_matches_the_sequential_step_under_a_forced_race(late):
+    """Forced races. "teacher": the side stream sleeps before the teacher's forward and the batch
+    is overwritten on the main stream right after the step (a loader reusing its buffer): the
+    main stream must wait for the teacher. "batch": the main stream sleeps before it writes the
+    batch (a late producer): the teacher must wait for the main stream before reading it."""
     images = torch.randn(8, 3, 32, 32, device="cuda")
     labels = torch.randint(0, 10, (8,), device="cuda")
     reference = make_step().cuda().train()(images.clone(), labels)
-    side = torch.cuda.Stream()
-    step = make_step(side).cuda().train()
-    step.teacher.register_forward_pre_hook(lambda *_: torch.cuda._sleep(200_000_000))  # ~0.1 s on the side stream
-    batch = images.clone()
-    out = step(batch, labels)
-    batch.zero_()  # main stream: must not overtake the teacher's read of the batch
+    step = make_step(torch.cuda.Stream()).cuda().train()
+    batch = torch.zeros_like(images)
+    if late == "teacher":
+        step.teacher.register_forward_pre_hook(lambda *_: torch.cuda._sleep(200_000_000))  # ~0.1 s, side stream
+        batch.copy_(images)
+        out = step(batch, labels)
+        batch.zero_()  # main stream: must not overtake the teacher's read of the batch
+    else:
+        torch.cuda._sleep(200_000_000)  # main stream: the batch arrives late
+        batch.copy_(images)
+        out = step(batch, labels)
     torch.testing.assert_close(out.parts["kd"], reference.parts["kd"])
     torch.testing.assert_close(out.loss, reference.loss)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -20,7 +19,7 @@ from fastkd.checkpoint import load_checkpoint
 from fastkd.config import DataConfig
 from pipelines import build_loaders
 from pipelines.base import Shard
-from tests.conftest import tiny_config_dict
+from tests.conftest import HOOKED_FASTKD, hooked_env, tiny_config_dict
 from tests.test_distill import distill_dict, tiny_teacher  # noqa: F401  (fixture)
 from tests.test_pipelines import CPU
 from tests.test_train import REPO, write_config
@@ -28,12 +27,9 @@ from tests.test_train import REPO, write_config
 pytestmark = pytest.mark.slow
 
 
-HOOKED_FASTKD = str(REPO / "tests" / "fastkd_with_hooks.py")
-
-
 def torchrun_command(*args: str, hooks: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:
     """Two processes of `fastkd` (with tests/fastkd_with_hooks.py's hooks when any are given)."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), **{f"FASTKD_TEST_{k.upper()}": v for k, v in (hooks or {}).items()}}
+    env = hooked_env(**(hooks or {}))
     program = [HOOKED_FASTKD] if hooks else ["-m", "fastkd"]
     return ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *program, *args,
              "--no-progress"], env)

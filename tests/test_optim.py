@@ -113,6 +113,9 @@ def test_fused_sgd_survives_skipped_first_fp16_steps_and_matches_plain_sgd(neste
         torch.manual_seed(0)
         model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4))
         optimizer = create_optimizer(model, cfg, torch.device("cpu"), fused=fused)
+        if fused:  # zero from the start, not whatever memory an uninitialized buffer held
+            assert all(torch.equal(optimizer.state[p]["momentum_buffer"], torch.zeros_like(p))
+                       for p in model.parameters())
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
         images, labels = torch.randn(8, 16), torch.randint(0, 4, (8,))
         losses[fused] = []

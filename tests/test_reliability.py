@@ -20,7 +20,7 @@ from fastkd.checkpoint import load_checkpoint
 from fastkd.cli import main
 from fastkd.errors import FastkdError
 from pipelines.verify import find_broken_images, image_problem
-from tests.conftest import tiny_config, tiny_config_dict
+from tests.conftest import HOOKED_FASTKD, hooked_env, tiny_config, tiny_config_dict
 from tests.test_train import REPO, cli_error, write_config
 
 BROKEN = ("truncated.jpg", "empty.jpg", "text.jpg")
@@ -137,16 +137,12 @@ def test_a_file_broken_after_the_check_is_a_one_line_error(broken_dataset, tmp_p
         assert f"cannot decode {victim}" in message
 
 
-HOOKED_FASTKD = str(REPO / "tests" / "fastkd_with_hooks.py")
-
-
 def start_training(config: Path, *extra: str, **hooks: str) -> subprocess.Popen:
     """`fastkd train` in its own process group, as a shell job (Ctrl-C and schedulers signal the
     whole group), with the test hooks of tests/fastkd_with_hooks.py given as keyword arguments."""
-    env = {**os.environ, "PYTHONPATH": str(REPO), **{f"FASTKD_TEST_{k.upper()}": v for k, v in hooks.items()}}
     return subprocess.Popen([sys.executable, HOOKED_FASTKD, "train", "--config", str(config), "--no-progress",
-                             *extra], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                             *extra], cwd=REPO, env=hooked_env(**hooks), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
 def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:

@@ -101,6 +101,60 @@ def test_sync_debug_is_a_no_op_off_the_gpu():
         torch.zeros(1).item()
 
 
+def test_sync_debug_makes_host_syncs_errors_inside_the_block_on_a_gpu(monkeypatch):
+    mode = ["default"]
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: {"default": 0, "error": 2}[mode[0]])
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda m: mode.__setitem__(0, {0: "default"}.get(m, m)))
+    gpu = cpu_runtime(device=torch.device("cuda", 0), precision="bf16", sync_debug=True)
+    with gpu.no_host_sync():
+        assert mode[0] == "error"
+    assert mode[0] == "default"
+    with cpu_runtime(device=torch.device("cuda", 0), precision="bf16").no_host_sync():  # off unless asked
+        assert mode[0] == "default"
+
+
+def test_the_training_step_runs_inside_the_sync_check(tiny_imagefolder, tmp_path, monkeypatch):
+    import contextlib
+
+    from fastkd.steps import ClassificationStep
+
+    inside, seen = [False], []
+
+    @contextlib.contextmanager
+    def recording(self):
+        inside[0] = True
+        try:
+            yield
+        finally:
+            inside[0] = False
+
+    original = ClassificationStep.forward
+
+    def forward(self, images, labels):
+        seen.append(inside[0])
+        return original(self, images, labels)
+
+    monkeypatch.setattr(Runtime, "no_host_sync", recording)
+    monkeypatch.setattr(ClassificationStep, "forward", forward)
+    engine.train(tiny_config(tiny_imagefolder, tmp_path / "runs", optim={"epochs": 1, "warmup_epochs": 0}),
+                 progress=False)
+    assert seen == [True] * 5
+
+
+def test_sync_debug_with_sync_batchnorm_is_refused():
+    with pytest.raises(ConfigError, match="runtime.sync_debug: SyncBatchNorm synchronizes"):
+        create_runtime(RuntimeConfig(device="cpu", sync_debug=True, sync_bn=True), Shard())
+
+
+@pytest.mark.gpu
+def test_a_host_sync_inside_the_block_raises_on_a_gpu():
+    runtime = create_runtime(RuntimeConfig(device="cuda", sync_debug=True), Shard())
+    with pytest.raises(RuntimeError, match="called a synchronizing CUDA operation"):
+        with runtime.no_host_sync():
+            torch.ones(1, device="cuda").item()
+    torch.ones(1, device="cuda").item()  # and the mode is restored after
+
+
 def test_fp16_grad_scaler_skips_non_finite_steps_and_backs_off():
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 2)

@@ -89,6 +89,9 @@ if want smoke; then
   step smoke-distill-dali-gpu-bf16 150 "${fastkd[@]}" distill --config configs/bench/gpu_224.yaml "${smoke[@]}" \
     run.name=s3 distill.teacher.arch=resnet18 distill.teacher.checkpoint="$work/runs/s2/best.pt" \
     distill.allow_weak_teacher=true distill.teacher.precision=fp32 runtime.precision=bf16 data.dali_device=gpu "${small[@]}"
+  step smoke-train-compiled 240 "${fastkd[@]}" train --config configs/bench/gpu_r50_r18_224.yaml "${smoke[@]}" \
+    run.name=s5 distill=null data.backend=synthetic data.synthetic_train_samples=4096 data.synthetic_val_samples=512 \
+    runtime.compile=true "${small[@]}"
   step smoke-distill-dali-hybrid 150 "${fastkd[@]}" distill --config configs/bench/gpu_224.yaml "${smoke[@]}" \
     run.name=s4 distill.teacher.arch=resnet18 distill.teacher.checkpoint="$work/runs/s2/best.pt" \
     distill.allow_weak_teacher=true data.dali_device=cpu "${small[@]}"
