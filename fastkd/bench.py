@@ -12,11 +12,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import statistics
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -30,12 +32,15 @@ from fastkd.optim import create_optimizer, optimizer_params
 from fastkd.report import markdown_table
 from fastkd.runtime import Runtime, create_runtime, seed_everything
 from fastkd.steps import ClassificationStep, DistillationStep
+from fastkd.teacher_cache import CacheKey, CachedTeacher, TeacherCache
 from pipelines import build_loaders, load_data
 from pipelines.base import Loader
 from pipelines.datasets import Dataset
 
 BACKENDS = ("torchvision", "dali-cpu", "dali-gpu", "synthetic")
-WHATS = ("loader", "train", "distill")
+WHATS = ("loader", "train", "distill", "distill-cached")
+"""distill-cached: the student against logits read from a teacher cache (`fastkd teacher-cache`),
+no teacher forward; the cache is a temporary one of random logits (speed does not depend on them)."""
 
 
 @dataclass(frozen=True)
@@ -124,21 +129,19 @@ class StageClock:
         return totals
 
 
-def _next_batch(stream: Iterator, loader: Loader, clock: StageClock | None):
-    """Next batch; with a clock, host wait and host-to-device copy are timed separately."""
-    if clock is None:
-        return next(stream)
+def _next_batch(stream: Iterator, loader: Loader, clock: StageClock):
+    """Next (images, labels, indices); host wait and host-to-device copy are timed separately."""
     started = time.perf_counter()
     item = next(stream)
     clock.host_time("data wait", time.perf_counter() - started)
     if hasattr(loader, "to_device"):
-        return clock.device("host-to-device copy", lambda: loader.to_device(*item))
+        return (*clock.device("host-to-device copy", lambda: loader.to_device(item[0], item[1])), item[2])
     return item
 
 
 def _stage_stream(loader: Loader) -> Iterator:
-    """Endless full host-stage batches (or device batches for loaders without stages)."""
-    return endless(loader, lambda l: l.host_batches() if hasattr(l, "host_batches") else iter(l))
+    """Endless full host-stage batches with indices (device batches for loaders without stages)."""
+    return endless(loader, lambda l: l.host_batches() if hasattr(l, "host_batches") else l.indexed())
 
 
 @dataclass
@@ -156,8 +159,8 @@ class Bench:
         data = dataclasses.replace(self.cfg.data, **backend_overrides(backend))
         if backend == "synthetic":
             data = dataclasses.replace(data, synthetic_num_classes=self.num_classes)
-            return build_loaders(data, spec=self.runtime.batch_spec, seed=self.cfg.run.seed)
-        return build_loaders(data, spec=self.runtime.batch_spec, seed=self.cfg.run.seed, dataset=self.dataset)
+            return build_loaders(data, spec=self.runtime.batch_spec, seed=self.cfg.data_seed)
+        return build_loaders(data, spec=self.runtime.batch_spec, seed=self.cfg.data_seed, dataset=self.dataset)
 
     @property
     def num_classes(self) -> int:
@@ -222,26 +225,50 @@ class Bench:
         if text not in self.notes:
             self.notes.append(text)
 
+    def _synthetic_cache(self, loader: Loader, folder: Path) -> CachedTeacher:
+        """A one-epoch teacher cache of random logits for every sample the loader can yield."""
+        num_samples = len(self.dataset.train) if self.dataset is not None else self.cfg.data.synthetic_train_samples
+        key = CacheKey(dataset="bench", num_samples=num_samples, classes=[str(i) for i in range(self.num_classes)],
+                       seed=0, image_size=self.cfg.data.image_size, augmentation={}, teacher_arch="bench",
+                       teacher_checkpoint="bench", teacher_precision="bench")
+        cache = TeacherCache.create_or_resume(folder, key, num_classes=self.num_classes, dtype="fp16",
+                                              teacher_val={"val_top1": 0.0, "val_top5": 0.0})
+        rows = cache.new_epoch_file(0)
+        rows[:] = np.random.default_rng(0).normal(0, 3, size=rows.shape)
+        rows.flush()
+        del rows
+        cache.commit_epoch(0)
+        return CachedTeacher(cache, self.runtime.device)
+
     def measure_steps(self, what: str, backend: str, *, side_stream: bool | None = None) -> dict[str, Any]:
-        """Training steps (`train`) or teacher + student steps (`distill`) fed by one backend."""
+        """Training steps (`train`), teacher + student steps (`distill`) or student steps against
+        cached teacher logits (`distill-cached`), fed by one backend."""
+        with tempfile.TemporaryDirectory(prefix="fastkd-bench-cache-") as folder:
+            return self._measure_steps(what, backend, side_stream=side_stream, cache_folder=Path(folder))
+
+    def _measure_steps(self, what: str, backend: str, *, side_stream: bool | None, cache_folder: Path) -> dict[str, Any]:
         loader = self.loaders(backend).train
         model, optimizer, scaler = self._student()
         if what == "train":
             step: nn.Module = ClassificationStep(model, autocast=self.runtime.autocast)
-        else:
+        elif what == "distill":
             assert self.cfg.distill is not None
             step = build_distillation_step(self.cfg.distill, self.runtime, model, self._teacher(),
                                            side_stream=bool(side_stream))
+        else:
+            assert self.cfg.distill is not None
+            step = build_distillation_step(self.cfg.distill, self.runtime, model, None, side_stream=False,
+                                           recorded=self._synthetic_cache(loader, cache_folder))
         step.train()
         params = optimizer_params(optimizer)
-        stream = endless(loader)
+        stream = endless(loader, lambda l: l.indexed())
         waited = [0.0]
 
         def one() -> int:
             started = time.perf_counter()
-            images, labels = next(stream)
+            images, labels, indices = next(stream)
             waited[0] += time.perf_counter() - started
-            backward(step(images, labels).loss, optimizer, scaler)
+            backward(step(images, labels, indices).loss, optimizer, scaler)
             apply_update(optimizer, scaler, params, None)
             return labels.shape[0]
 
@@ -250,9 +277,10 @@ class Bench:
         rates = timed_windows(window, one, self.runtime.synchronize)
         wait_fraction = waited[0] / (time.perf_counter() - started)
         label = what if side_stream in (None, True) or self.runtime.device.type != "cuda" else f"{what}-no-side-stream"
+        extra = {"teacher_cache": "temporary, random fp16 logits"} if what == "distill-cached" else {}
         stages = self.breakdown(loader, step, optimizer, scaler)
         return self.record(label, backend, rates, warmup=window.warmup, data_wait_fraction=round(wait_fraction, 3),
-                           side_stream=side_stream if what == "distill" else None, stages=stages)
+                           side_stream=side_stream if what == "distill" else None, stages=stages, **extra)
 
     def breakdown(self, loader: Loader, step: nn.Module, optimizer, scaler) -> dict[str, float]:
         """Milliseconds per batch in each stage, over `window.steps` batches (stages in sequence).
@@ -278,9 +306,10 @@ class Bench:
             if index == 2:  # two untimed batches first
                 clock = StageClock(self.runtime)
                 self.runtime.synchronize()
-            images, labels = _next_batch(stream, loader, clock)
+            images, labels, indices = _next_batch(stream, loader, clock)
             if isinstance(step, DistillationStep):
-                teacher_logits = clock.device("teacher forward", lambda: step.teacher_logits(images))
+                stage = "cache lookup" if step.recorded is not None else "teacher forward"
+                teacher_logits = clock.device(stage, lambda: step.teacher_logits(images, indices))
                 clock.device("student forward+backward", lambda: backward(
                     step.student_output(images, labels, teacher_logits).loss, optimizer, scaler))
             else:
@@ -299,8 +328,9 @@ def run_bench(cfg: Config, *, config_path: str, what: Sequence[str], backends: S
     for backend in backends:
         if backend not in BACKENDS:
             raise ConfigError(f"--backends: {backend!r} is not one of {', '.join(BACKENDS)}")
-    if "distill" in what and cfg.distill is None:
-        raise ConfigError("--what distill needs a config with a distill section (the teacher's arch)")
+    for item in ("distill", "distill-cached"):
+        if item in what and cfg.distill is None:
+            raise ConfigError(f"--what {item} needs a config with a distill section (the teacher's arch)")
     runtime = create_runtime(cfg.runtime)
     dataset = None
     if any(b != "synthetic" for b in backends):
@@ -322,8 +352,11 @@ def run_bench(cfg: Config, *, config_path: str, what: Sequence[str], backends: S
             elif item == "train":
                 bench.measure_steps("train", backend)
             else:
-                if "train" not in what:
+                if "train" not in what and not any(r["what"] == "train" and r["backend"] == backend for r in bench.rows):
                     bench.measure_steps("train", backend)  # the same student alone, same loader
+                if item == "distill-cached":
+                    bench.measure_steps("distill-cached", backend)
+                    continue
                 bench.measure_steps("distill", backend, side_stream=True)
                 if runtime.device.type == "cuda":
                     bench.measure_steps("distill", backend, side_stream=False)
@@ -356,7 +389,8 @@ def format_rows(rows: list[dict[str, Any]], notes: Sequence[str] = ()) -> str:
     stage_rows = [r for r in rows if r.get("stages")]
     stages = ""
     if stage_rows:
-        names = ["data wait", "host-to-device copy", "teacher forward", "student forward+backward", "optimizer"]
+        names = ["data wait", "host-to-device copy", "teacher forward", "cache lookup", "student forward+backward",
+                 "optimizer"]
         stages = "\n\nms per batch, by stage:\n" + markdown_table(
             ["what", "backend", *names],
             [[r["what"], r["backend"], *[f"{r['stages'].get(n, 0.0):.1f}" for n in names]] for r in stage_rows])
@@ -372,7 +406,7 @@ def bottleneck_sentences(rows: list[dict[str, Any]], runtime: Runtime) -> list[s
         if not stages:
             continue
         data = stages.get("data wait", 0.0) + stages.get("host-to-device copy", 0.0)
-        teacher = stages.get("teacher forward", 0.0)
+        teacher = stages.get("teacher forward", 0.0) + stages.get("cache lookup", 0.0)
         student = stages.get("student forward+backward", 0.0) + stages.get("optimizer", 0.0)
         name = f"{row['what']} with {row['backend']}"
         ceiling = ceilings.get(row["what"])

@@ -6,6 +6,7 @@ User errors (`FastkdError`) print one line and exit with code 2; `--debug` shows
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import sys
 from pathlib import Path
@@ -38,6 +39,14 @@ def build_parser() -> argparse.ArgumentParser:
     distill.add_argument("--resume", action="store_true", help="continue the run in its run directory")
     distill.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    cache = commands.add_parser("teacher-cache", help="record the teacher's logits on the training crops, once "
+                                "for every student (distill.teacher_cache)")
+    _add_config_args(cache)
+    cache.add_argument("--epochs", type=int, help="epochs to record (default optim.epochs); recorded ones are kept")
+    cache.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16",
+                       help="storage of the logits (fp32: bit-exact replay)")
+    cache.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     evaluate = commands.add_parser("eval", help="val top-1/top-5 of a checkpoint")
     evaluate.add_argument("--checkpoint", required=True, type=Path)
     evaluate.add_argument("--arch", help="model builder for a plain state_dict (default: model.arch)")
@@ -45,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="images/second of loaders, training and distillation per backend")
     _add_config_args(bench)
-    bench.add_argument("--what", default="loader,train,distill", help="comma list of loader, train, distill")
+    bench.add_argument("--what", default="loader,train,distill",
+                       help="comma list of loader, train, distill, distill-cached (the student against a teacher "
+                       "cache: no teacher forward)")
     bench.add_argument("--backends", default="torchvision,dali-cpu,dali-gpu,synthetic",
                        help="comma list of torchvision, dali-cpu, dali-gpu, synthetic")
     bench.add_argument("--steps", type=int, default=20, help="batches per timed window")
@@ -62,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--seeds", type=int, nargs="+", default=[0], help="student seeds (spread over seeds)")
     demo.add_argument("--configs", type=Path, help="folder with teacher/student/distill.yaml (default configs/demo)")
     demo.add_argument("--no-progress", action="store_true")
+    demo.add_argument("--no-teacher-cache", action="store_true",
+                      help="run the teacher live in every distillation (default: record it once, replay it)")
     demo.add_argument("overrides", nargs="*", metavar="key=value", help="overrides for all three configs")
 
     export = commands.add_parser("export", help="write a run's student as a torchvision state_dict (+ ONNX)")
@@ -130,6 +143,16 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> None:
             _exit_interrupted(stop, argv)
         if result.is_main:
             _print_summary(result.run_dir, result.summary)
+    elif args.command == "teacher-cache":
+        from fastkd import engine
+
+        cfg = load_config(args.config, args.overrides)
+        done = engine.record_teacher_cache(cfg, epochs=args.epochs, dtype=args.dtype, progress=not args.no_progress)
+        if int(os.environ.get("RANK", "0")) == 0:
+            recorded = f"recorded epochs {', '.join(map(str, done['recorded_now']))}" if done["recorded_now"] else \
+                "nothing to record"
+            print(f"teacher cache {done['path']}: {recorded}; epochs 0-{done['epochs'] - 1} of {done['num_samples']} "
+                  f"samples in {done['dtype']} (teacher val top1 {done['teacher']['val_top1']:.2f})")
     elif args.command == "eval":
         from fastkd import engine
 
@@ -155,7 +178,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> None:
         from fastkd.demo import run_demo
 
         result = run_demo(args.out, seeds=args.seeds, overrides=args.overrides, configs=args.configs,
-                          progress=not args.no_progress)
+                          progress=not args.no_progress, teacher_cache=not args.no_teacher_cache)
         print(f"\n{result['table']}\n\n{result['verdict']}\n(written to {args.out / 'demo.md'})")
     elif args.command == "export":
         from fastkd.export import export_student

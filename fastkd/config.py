@@ -103,6 +103,8 @@ class DataConfig:
     """synthetic backend: training samples per epoch."""
     synthetic_val_samples: int = 1280
     """synthetic backend: validation samples."""
+    seed: Optional[int] = None
+    """Seed of the training stream (sample order, crops, flips); null = run.seed. Fix it to vary only the model's initialization across seeds, and share one teacher cache between them."""
 
     def __post_init__(self) -> None:
         _require(self.backend == "synthetic" or bool(self.root), "root",
@@ -257,6 +259,8 @@ class DistillConfig:
     """dist: weight of the intra-class relation term."""
     side_stream: bool = True
     """Run the teacher's forward on its own CUDA stream, overlapping the student's (no effect on the CPU)."""
+    teacher_cache: str = ""
+    """Folder of the teacher's recorded logits (`fastkd teacher-cache`): replayed instead of running the teacher; empty = live teacher."""
     allow_weak_teacher: bool = False
     """Train even when the teacher's val top-1 is near chance level."""
 
@@ -267,6 +271,10 @@ class DistillConfig:
         _require(self.kd_weight + self.ce_weight > 0, "kd_weight", "kd_weight and ce_weight cannot both be 0")
         for key in ("dkd_alpha", "dkd_beta", "dist_beta", "dist_gamma"):
             _require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
+
+    @property
+    def teacher_cache_path(self) -> Path:
+        return Path(_expand(self.teacher_cache))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -287,6 +295,11 @@ class Config:
     @property
     def run_dir(self) -> Path:
         return Path(_expand(self.run.out_dir)) / self.run.name
+
+    @property
+    def data_seed(self) -> int:
+        """The training stream's seed: data.seed, or run.seed when that is null."""
+        return self.run.seed if self.data.seed is None else self.data.seed
 
 
 SECTIONS: dict[str, type] = {

@@ -16,8 +16,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+import numpy as np
+import torch
 import torch.distributed as dist
 from torch import nn
+from tqdm import tqdm
 
 from fastkd.checkpoint import is_fastkd_checkpoint, load_checkpoint
 from fastkd.config import Config, DistillConfig, changed_keys, config_from_dict, config_to_dict, dump_config
@@ -29,7 +32,9 @@ from fastkd.losses import distillation_term
 from fastkd.models import check_arch, count_parameters, create_model, load_teacher, load_weights
 from fastkd.optim import create_optimizer, lr_at
 from fastkd.runtime import Runtime, create_runtime, seed_everything, set_rng_state, shard_from_env
-from fastkd.steps import ClassificationStep, DistillationStep
+from fastkd.steps import ClassificationStep, DistillationStep, frozen_forward
+from fastkd.teacher_cache import DTYPES, CacheKey, CachedTeacher, TeacherCache, dataset_digest, file_sha256
+from pipelines.augment import AUGMENTATION
 from pipelines import build_loaders, load_data, loader_workers
 from pipelines.base import Loaders
 from pipelines.datasets import Dataset
@@ -59,19 +64,98 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True) -> RunR
     return _run(cfg, resume=resume, progress=progress, make_step=_make_distillation_step)
 
 
-def build_distillation_step(kd: DistillConfig, runtime: Runtime, student: nn.Module, teacher: nn.Module, *,
-                            side_stream: bool, label_smoothing: float = 0.0) -> DistillationStep:
+def record_teacher_cache(cfg: Config, *, epochs: int | None = None, dtype: str = "fp16",
+                         progress: bool = True) -> dict[str, Any]:
+    """`fastkd teacher-cache`: run the frozen teacher over epochs 0..E-1 of the run's training
+    stream (the exact crops a student will see) and store its logits per (epoch, sample) in
+    `distill.teacher_cache`. Finished epochs are kept: a second call resumes or extends it.
+    Under torchrun each rank records the rows of its shard into the same files."""
+    kd = cfg.distill
+    if kd is None:
+        raise ConfigError("distill: `fastkd teacher-cache` needs a distill section (teacher and teacher_cache)")
+    if not kd.teacher_cache:
+        raise ConfigError("distill.teacher_cache: name the folder to record the teacher's logits into")
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    epochs = cfg.optim.epochs if epochs is None else epochs
+    if epochs < 1:
+        raise ConfigError(f"--epochs: must be >= 1, got {epochs}")
+    check_arch(kd.teacher.arch, "distill.teacher.arch")
+    shard = shard_from_env()
+    runtime = create_runtime(cfg.runtime, shard)
+    with _process_group(shard.world_size, runtime):
+        _ensure_demo_data(cfg, runtime)
+        seed_everything(cfg.run.seed + shard.rank, deterministic=cfg.runtime.deterministic)
+        dataset = _load_dataset(cfg, runtime)
+        loaders = build_loaders(cfg.data, spec=runtime.batch_spec, seed=cfg.data_seed, shard=shard, dataset=dataset)
+        key = teacher_cache_key(cfg, runtime, dataset, loaders.classes)
+        teacher, about = load_checked_teacher(cfg, runtime, loaders)
+        teacher_val = {"val_top1": about["val_top1"], "val_top5": about["val_top5"]}
+        cache = None
+        for turn in (True, False):  # rank 0 creates (or checks) the folder; the others then open it
+            if runtime.is_main == turn:
+                cache = TeacherCache.create_or_resume(kd.teacher_cache_path, key, num_classes=len(loaders.classes),
+                                                      dtype=dtype, teacher_val=teacher_val)
+                if runtime.is_main:
+                    cache.remove_stale_files()  # left by a recording killed midway
+            _barrier()
+        assert cache is not None
+        precision = runtime.resolve_precision(kd.teacher.precision)
+        todo = [epoch for epoch in range(epochs) if epoch not in cache.recorded_epochs]
+        for epoch in todo:
+            _record_epoch(cache, epoch, teacher, loaders.train, runtime, precision, progress=progress)
+        return {"path": str(kd.teacher_cache_path), "epochs": epochs, "recorded_now": todo, "dtype": dtype,
+                "num_samples": key.num_samples, "teacher": about}
+
+
+def _record_epoch(cache: TeacherCache, epoch: int, teacher: nn.Module, loader, runtime: Runtime, precision: str, *,
+                  progress: bool) -> None:
+    rows = None
+    for turn in (True, False):  # rank 0 creates the epoch's file, the others open it
+        if runtime.is_main == turn:
+            rows = cache.new_epoch_file(epoch) if runtime.is_main else cache.open_epoch_file(epoch)
+        _barrier()
+    assert rows is not None
+    written = np.zeros(cache.key.num_samples, dtype=np.uint8)
+    loader.set_epoch(epoch)
+    batches = tqdm(loader.indexed(), total=len(loader), desc=f"teacher logits, epoch {epoch}", leave=False,
+                   disable=None if (progress and runtime.is_main) else True)
+    for images, _, indices in batches:
+        logits = frozen_forward(teacher, images, autocast=lambda: runtime.autocast(precision),
+                                input_dtype=runtime.input_dtype(precision))
+        index = indices.numpy()
+        rows[index] = logits.float().cpu().numpy()  # host sync: recording, not training
+        written[index] = 1
+    rows.flush()
+    del rows
+    coverage = torch.from_numpy(written).to(runtime.device)
+    if runtime.distributed:
+        dist.all_reduce(coverage, op=dist.ReduceOp.MAX)
+    missing = int((coverage == 0).sum())  # host sync: once per epoch
+    if missing:
+        raise DataError(f"teacher cache: epoch {epoch} left {missing} sample(s) without logits")
+    _barrier()  # every rank's rows are in the file
+    if runtime.is_main:
+        cache.commit_epoch(epoch)
+        print(f"teacher cache: epoch {epoch} recorded ({cache.describe_epochs()})", flush=True)
+    _barrier()
+
+
+def build_distillation_step(kd: DistillConfig, runtime: Runtime, student: nn.Module, teacher: nn.Module | None, *,
+                            side_stream: bool, label_smoothing: float = 0.0,
+                            recorded: CachedTeacher | None = None) -> DistillationStep:
     teacher_precision = runtime.resolve_precision(kd.teacher.precision)
     return DistillationStep(student, teacher, term=distillation_term(kd), kd_weight=kd.kd_weight,
                             ce_weight=kd.ce_weight, autocast=runtime.autocast,
                             teacher_autocast=lambda: runtime.autocast(teacher_precision),
-                            stream=runtime.create_side_stream(side_stream),
+                            stream=runtime.create_side_stream(side_stream and recorded is None),
                             teacher_input_dtype=runtime.input_dtype(teacher_precision),
-                            label_smoothing=label_smoothing)
+                            label_smoothing=label_smoothing, recorded=recorded)
 
 
-def _make_distillation_step(cfg: Config, runtime: Runtime, student: nn.Module,
-                            loaders: Loaders) -> tuple[nn.Module, dict[str, Any]]:
+def load_checked_teacher(cfg: Config, runtime: Runtime, loaders: Loaders) -> tuple[nn.Module, dict[str, Any]]:
+    """The run's teacher, placed on the device, and its measured val top-1/top-5; a teacher near
+    chance level is refused unless `distill.allow_weak_teacher`."""
     kd = cfg.distill
     assert kd is not None
     teacher = load_teacher(kd.teacher.arch, kd.teacher.checkpoint_path, loaders.classes,
@@ -87,12 +171,46 @@ def _make_distillation_step(cfg: Config, runtime: Runtime, student: nn.Module,
         raise FastkdError(f"distill.teacher.checkpoint: the teacher's val top-1 is {measured['top1']:.2f}%, near "
                           f"chance ({chance:.2f}%): is {kd.teacher.checkpoint_path} the trained teacher? "
                           "(set distill.allow_weak_teacher: true to distil anyway)")
+    return teacher, {"arch": kd.teacher.arch, "checkpoint": str(kd.teacher.checkpoint_path),
+                     "val_top1": measured["top1"], "val_top5": measured["top5"], "precision": teacher_precision}
+
+
+def teacher_cache_key(cfg: Config, runtime: Runtime, dataset: Dataset | None, classes: list[str]) -> CacheKey:
+    """What a teacher cache must have been recorded for to serve this run."""
+    kd = cfg.distill
+    assert kd is not None
+    if dataset is None:
+        raise ConfigError("distill.teacher_cache: a teacher cache needs real data (data.backend torchvision or dali)")
+    load_checkpoint(kd.teacher.checkpoint_path)  # a missing or unreadable teacher is an error here too
+    return CacheKey(dataset=dataset_digest(dataset.train.files, dataset.train.labels, cfg.data.root_path),
+                    num_samples=len(dataset.train), classes=list(classes), seed=cfg.data_seed,
+                    image_size=cfg.data.image_size, augmentation=dict(AUGMENTATION), teacher_arch=kd.teacher.arch,
+                    teacher_checkpoint=file_sha256(kd.teacher.checkpoint_path),
+                    teacher_precision=runtime.resolve_precision(kd.teacher.precision))
+
+
+def _make_distillation_step(cfg: Config, runtime: Runtime, student: nn.Module, loaders: Loaders,
+                            dataset: Dataset | None) -> tuple[nn.Module, dict[str, Any]]:
+    kd = cfg.distill
+    assert kd is not None
+    if kd.teacher_cache:
+        # Replay: no teacher is loaded or run; its logits come from the cache, checked against this run.
+        key = teacher_cache_key(cfg, runtime, dataset, loaders.classes)
+        cache = TeacherCache.open(kd.teacher_cache_path, key, epochs=cfg.optim.epochs)
+        recorded: CachedTeacher | None = CachedTeacher(cache, runtime.device)
+        teacher, about = None, {"arch": kd.teacher.arch, "checkpoint": str(kd.teacher.checkpoint_path),
+                                **cache.manifest["teacher_val"], "precision": key.teacher_precision,
+                                "cache": str(kd.teacher_cache_path)}
+        if runtime.is_main:
+            print(f"teacher {kd.teacher.arch}: logits from the cache {kd.teacher_cache_path} "
+                  f"({cache.describe_epochs()}, {cache.manifest['dtype']}); val top1 {about['val_top1']:.2f}",
+                  flush=True)
+    else:
+        recorded = None
+        teacher, about = load_checked_teacher(cfg, runtime, loaders)
     step = build_distillation_step(kd, runtime, student, teacher, side_stream=kd.side_stream,
-                                   label_smoothing=cfg.optim.label_smoothing)
-    return step, {"teacher": {"arch": kd.teacher.arch, "checkpoint": str(kd.teacher.checkpoint_path),
-                              "val_top1": measured["top1"], "val_top5": measured["top5"],
-                              "precision": teacher_precision},
-                  "loss": kd.loss, "temperature": kd.temperature, "kd_weight": kd.kd_weight,
+                                   label_smoothing=cfg.optim.label_smoothing, recorded=recorded)
+    return step, {"teacher": about, "loss": kd.loss, "temperature": kd.temperature, "kd_weight": kd.kd_weight,
                   "ce_weight": kd.ce_weight}
 
 
@@ -108,7 +226,8 @@ def near_chance_top1(num_classes: int, num_images: int) -> float:
 
 
 def _run(cfg: Config, *, resume: bool, progress: bool,
-         make_step: Callable[[Config, Runtime, nn.Module, Loaders], tuple[nn.Module, dict]] | None) -> RunResult:
+         make_step: Callable[[Config, Runtime, nn.Module, Loaders, Dataset | None], tuple[nn.Module, dict]] | None
+         ) -> RunResult:
     check_arch(cfg.model.arch)
     if cfg.distill is not None:
         check_arch(cfg.distill.teacher.arch, "distill.teacher.arch")
@@ -120,7 +239,7 @@ def _run(cfg: Config, *, resume: bool, progress: bool,
         _ensure_demo_data(cfg, runtime)
         seed_everything(cfg.run.seed + shard.rank, deterministic=cfg.runtime.deterministic)
         dataset = _load_dataset(cfg, runtime)
-        loaders = build_loaders(cfg.data, spec=runtime.batch_spec, seed=cfg.run.seed, shard=shard, dataset=dataset)
+        loaders = build_loaders(cfg.data, spec=runtime.batch_spec, seed=cfg.data_seed, shard=shard, dataset=dataset)
         if checkpoint is not None and list(checkpoint["classes"]) != loaders.classes:
             raise CheckpointError(f"--resume: the dataset's classes differ from those of {cfg.run_dir / 'last.pt'}")
 
@@ -132,7 +251,7 @@ def _run(cfg: Config, *, resume: bool, progress: bool,
                                                  label_smoothing=cfg.optim.label_smoothing)
             extra_summary: dict[str, Any] = {}
         else:
-            step, extra_summary = make_step(cfg, runtime, model, loaders)
+            step, extra_summary = make_step(cfg, runtime, model, loaders, dataset)
         optimizer = create_optimizer(raw, cfg.optim, runtime.device)
         scaler = runtime.create_scaler()
         state = TrainState()
@@ -348,7 +467,7 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path: Path, *, arch: str | None 
     fastkd_format = is_fastkd_checkpoint(checkpoint)
     arch = arch or (checkpoint["arch"] if fastkd_format else cfg.model.arch)
     check_arch(arch)
-    loaders = build_loaders(cfg.data, spec=runtime.batch_spec, seed=cfg.run.seed)
+    loaders = build_loaders(cfg.data, spec=runtime.batch_spec, seed=cfg.data_seed)
     if fastkd_format and list(checkpoint["classes"]) != loaders.classes:
         raise CheckpointError(f"{checkpoint_path}: its classes differ from the dataset's "
                               f"({len(checkpoint['classes'])} vs {len(loaders.classes)} classes)")

@@ -101,6 +101,7 @@ def fit(t: Training) -> TrainState:
     wall_before = state.wall_seconds
     for epoch in range(state.epoch, t.epochs):
         t.train_loader.set_epoch(epoch, state.batches_done)
+        t.step.set_epoch(epoch)
         epoch_started = time.perf_counter()
         train_metrics, finished = train_epoch(t)
         if not finished:
@@ -149,12 +150,12 @@ def train_epoch(t: Training) -> tuple[dict[str, float], bool]:
     window_images, window_started = 0, time.perf_counter()
     started = window_started
     finished = True
-    for images, labels in t.train_loader:
+    for images, labels, indices in t.train_loader.indexed():
         lr = t.lr_at(state.step)
         set_lr(t.optimizer, lr)
         batch_size = labels.shape[0]
         with runtime.no_host_sync():
-            out = t.step(images, labels)
+            out = t.step(images, labels, indices)
             backward(out.loss, t.optimizer, t.scaler)
             apply_update(t.optimizer, t.scaler, params, t.grad_clip_norm)
             correct = topk_correct(out.logits.detach(), labels)

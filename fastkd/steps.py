@@ -7,7 +7,7 @@ distillation step keeps its teacher in eval mode whatever mode it is put in.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager
+from typing import Callable, ContextManager, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -33,11 +33,35 @@ class ClassificationStep(nn.Module):
         self.autocast = autocast
         self.label_smoothing = label_smoothing
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor | None = None) -> StepOutput:
         with self.autocast():
             logits = self.model(images)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
         return StepOutput(loss=loss, logits=logits, parts={"ce": loss.detach()})
+
+
+def frozen_forward(teacher: nn.Module, images: torch.Tensor, *, autocast: Callable[[], ContextManager],
+                   input_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """A frozen model's logits, building no autograd graph, under its own autocast and input dtype.
+
+    no_grad rather than inference_mode: the result feeds a loss that autograd saves.
+    """
+    if input_dtype is not None and images.dtype != input_dtype:
+        images = images.to(input_dtype)  # keeps the memory format
+    with torch.no_grad(), autocast():
+        return teacher(images)
+
+
+class RecordedLogits(Protocol):
+    """Teacher logits looked up instead of computed (`fastkd.teacher_cache.CachedTeacher`)."""
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def __call__(self, indices: torch.Tensor) -> torch.Tensor:
+        """The logits of these samples (host int64 indices) in the current epoch, on the device."""
 
 
 class DistillationStep(nn.Module):
@@ -65,15 +89,22 @@ class DistillationStep(nn.Module):
     in, has no gradients, and is never part of the optimizer or the checkpoint. Its input is
     cast to `teacher_input_dtype` when given (an fp32 teacher fed the fp16 batches of a
     reduced-precision run: no autocast would cast them).
+
+    With `recorded` logits (a teacher cache) there is no teacher at all: the logits of the
+    batch's samples are looked up by index, and the step costs what the student alone costs.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, *, term: Callable, kd_weight: float,
+    def __init__(self, student: nn.Module, teacher: nn.Module | None, *, term: Callable, kd_weight: float,
                  ce_weight: float, autocast: Callable[[], ContextManager],
                  teacher_autocast: Callable[[], ContextManager], stream: "torch.cuda.Stream | None" = None,
-                 teacher_input_dtype: torch.dtype | None = None, label_smoothing: float = 0.0):
+                 teacher_input_dtype: torch.dtype | None = None, label_smoothing: float = 0.0,
+                 recorded: RecordedLogits | None = None):
         super().__init__()
+        if (teacher is None) == (recorded is None):
+            raise ValueError("DistillationStep takes a teacher or recorded logits, exactly one of them")
         self.model = student
-        self.teacher = teacher.eval().requires_grad_(False)
+        self.teacher = teacher.eval().requires_grad_(False) if teacher is not None else None
+        self.recorded = recorded
         self.term = term
         self.kd_weight = kd_weight
         self.ce_weight = ce_weight
@@ -85,34 +116,38 @@ class DistillationStep(nn.Module):
 
     def train(self, mode: bool = True) -> "DistillationStep":
         super().train(mode)
-        self.teacher.eval()
+        if self.teacher is not None:
+            self.teacher.eval()
         return self
 
+    def set_epoch(self, epoch: int) -> None:
+        if self.recorded is not None:
+            self.recorded.set_epoch(epoch)
+
     def _teacher_forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.teacher_input_dtype is not None and images.dtype != self.teacher_input_dtype:
-            images = images.to(self.teacher_input_dtype)  # keeps the memory format
-        with self.teacher_autocast():
-            return self.teacher(images)
+        return frozen_forward(self.teacher, images, autocast=self.teacher_autocast, input_dtype=self.teacher_input_dtype)
 
-    def teacher_logits(self, images: torch.Tensor) -> torch.Tensor:
+    def teacher_logits(self, images: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
         """The teacher's logits; with a side stream, queued there (call `student_output` next)."""
-        # no_grad rather than inference_mode: the result feeds a loss that autograd saves.
-        with torch.no_grad():
-            if self.stream is None:
-                return self._teacher_forward(images)
-            self.stream.wait_stream(torch.cuda.current_stream())  # the batch is ready
-            with torch.cuda.stream(self.stream):
-                return self._teacher_forward(images)
+        if self.recorded is not None:
+            if indices is None:
+                raise ValueError("recorded teacher logits need the batch's sample indices")
+            return self.recorded(indices)
+        if self.stream is None:
+            return self._teacher_forward(images)
+        self.stream.wait_stream(torch.cuda.current_stream())  # the batch is ready
+        with torch.cuda.stream(self.stream):
+            return self._teacher_forward(images)
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor) -> StepOutput:
-        teacher_logits = self.teacher_logits(images)  # queued first: overlaps the student below
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor | None = None) -> StepOutput:
+        teacher_logits = self.teacher_logits(images, indices)  # queued first: overlaps the student below
         return self.student_output(images, labels, teacher_logits)
 
     def student_output(self, images: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor) -> StepOutput:
         """The student's forward and the loss against given teacher logits."""
         with self.autocast():
             logits = self.model(images)
-        if self.stream is not None:
+        if self.stream is not None and self.recorded is None:
             main = torch.cuda.current_stream()
             main.wait_stream(self.stream)  # the teacher is done with the batch and its logits are ready
             teacher_logits.record_stream(main)

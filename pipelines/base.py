@@ -9,6 +9,9 @@ A training or validation loader yields `(images, labels)`:
 - `len(loader)` is the number of batches of one epoch on this process (partial last batch
   included); `loader.num_samples` the number of images this process sees per epoch.
 
+Training loaders also yield, through `indexed()`, `(images, labels, indices)`: each sample's
+index in the split (int64 `[B]`, on the host), which a teacher cache is keyed by.
+
 The loop never branches on the backend: it only relies on this contract and on
 `set_epoch(epoch, start_batch)` / `state_dict()` / `load_state_dict()` for exact resume.
 Backends that produce batches off the device also expose the two stages of `__iter__`,
@@ -33,6 +36,9 @@ class Loader(Protocol):
     def __len__(self) -> int: ...
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
+
+    def indexed(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Training batches with their samples' indices (host int64 `[B]`)."""
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Prepare the next `iter()` to yield epoch `epoch` from batch `start_batch` on."""

@@ -1,7 +1,8 @@
 """NVIDIA DALI pipelines: JPEG decoding and augmentation on the GPU (or DALI's CPU backend).
 
-Training:   file reader -> fused decode + random-resized-crop -> resize to image_size ->
-            random horizontal flip + normalize (fp16 on a GPU with AMP, else fp32), HWC
+Training:   Python source (order, crop and flip as explicit numbers: `pipelines.augment`) ->
+            decode only the crop's region (`decoders.image_slice`) -> resize to image_size ->
+            flip + normalize (fp16 on a GPU with AMP, else fp32), HWC
 Validation: file reader -> decode -> resize shorter side to val_resize -> centre crop +
             normalize, HWC
 
@@ -15,25 +16,28 @@ Where each part runs follows `data.dali_device` and the training device:
 
 HWC batches become NCHW channels-last views with `permute(0, 3, 1, 2)`: no copy.
 
-Order: the file list is permuted once with the run's seed, then the reader reshuffles the
-whole list after every epoch (`shuffle_after_epoch`, the same order on every shard). The
-training pipeline has DALI checkpointing enabled: `state_dict()` holds the reader position and
-every random generator, so a resumed run sees the same samples and augmentations.
+The training stream is the torchvision backend's: the same order (a permutation of (seed,
+epoch), sharded by global rank) and the same crop and flip per (seed, epoch, sample), read by
+DALI's parallel external source (`pipelines.dali_source.TrainSamples`) in Python worker
+processes. It is a pure function of (seed, epoch, batch): resuming rebuilds the pipeline at the
+checkpoint's epoch and batch, with no pipeline state to save, and the loader yields each
+sample's index (what a teacher cache is keyed by).
 """
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
 
 from fastkd.config import DataConfig
-from fastkd.errors import ConfigError, DataError
+from fastkd.errors import CheckpointError, ConfigError, DataError
 from pipelines.base import IMAGENET_MEAN, IMAGENET_STD, BatchSpec, Loaders, Shard
 from pipelines.datasets import Dataset, Split
-from pipelines.torchvision_backend import BROKEN_HINT, CROP_AREA, CROP_RATIO
+from pipelines.augment import epoch_order
+from pipelines.dali_source import PADDING, UNREADABLE, TrainSamples
+from pipelines.torchvision_backend import BROKEN_HINT
 
 try:
     import nvidia.dali.math as dmath
@@ -108,20 +112,17 @@ class Placement:
         return self.decoder == "mixed" or self.to_gpu_after_decode
 
 
-def _train_graph(files: list[str], labels: list[int], *, place: Placement, image_size: int, shard: Shard, dtype):
-    # pad_last_batch: the reader stops at the end of its shard (padding the last batch, which the
-    # iterator drops or keeps per its policy) instead of reading on into the next epoch's order.
-    jpegs, label = fn.readers.file(
-        files=files, labels=labels, name=READER, shuffle_after_epoch=True, shard_id=shard.rank,
-        num_shards=shard.world_size, pad_last_batch=True)
-    images = fn.decoders.image_random_crop(
-        jpegs, device=place.decoder, output_type=types.RGB, random_area=list(CROP_AREA),
-        random_aspect_ratio=list(CROP_RATIO), num_attempts=10, **place.decoder_hints)
+def _train_graph(source: TrainSamples, *, place: Placement, image_size: int, dtype):
+    jpegs, anchor, shape, flip, label, index = fn.external_source(
+        source=source, batch=False, parallel=True, num_outputs=6, prefetch_queue_depth=2)
+    images = fn.decoders.image_slice(
+        jpegs, anchor, shape, device=place.decoder, output_type=types.RGB, axis_names="WH",
+        normalized_anchor=False, normalized_shape=False, **place.decoder_hints)
     if place.to_gpu_after_decode:
         images = images.gpu()
     images = fn.resize(images, size=[image_size, image_size], antialias=True)
-    images = _normalize(images, dtype=dtype, mirror=fn.random.coin_flip(probability=0.5))
-    return images, (label.gpu() if place.on_gpu else label)
+    images = _normalize(images, dtype=dtype, mirror=flip)
+    return images, (label.gpu() if place.on_gpu else label), index  # the index stays on the host
 
 
 def _torchvision_centre_crop(images, *, image_size: int, val_resize: int):
@@ -174,20 +175,16 @@ class DaliLoader:
         self._num_threads = num_threads
         self._cfg = cfg
         self._seed = seed
-        # Seed the order: DALI's epoch reshuffle uses a fixed seed shared by all shards.
-        order = list(range(len(split)))
-        if train:
-            random.Random(seed).shuffle(order)
-        self._files = [split.files[i] for i in order]
-        self._labels = [split.labels[i] for i in order]
-        # Several training processes must take the same number of steps: keep the padded
-        # samples (full batches on every rank). One process sees every image once per epoch.
-        self._pad_shards = train and shard.world_size > 1
+        self._files, self._labels = list(split.files), list(split.labels)
+        self.num_samples = len(epoch_order(len(self._files), seed=seed, epoch=0, shuffle=train, rank=shard.rank,
+                                           world_size=shard.world_size))
+        self._position: tuple[int, int] | None = None
+        """(epoch, batch) the training pipeline yields next; None when unknown (rebuild)."""
+        self._pipe = None
         if build:  # False only to inspect the graph (`create_pipeline`) where it cannot run
-            self._iterator = self._build(checkpoint=None)
-            self.num_samples = self._samples_per_epoch()
+            self._iterator = self._build(0, 0)
 
-    def create_pipeline(self, checkpoint: str | bytes | None = None, *, device_id: int | None | str = "auto"):
+    def create_pipeline(self, first_epoch: int = 0, first_batch: int = 0, *, device_id: int | None | str = "auto"):
         """The DALI pipeline of this loader, not yet built (`device_id` "auto": the training GPU's
         index when any part runs on the GPU; tests pass None to serialize a GPU graph on the CPU)."""
         cfg, shard, place = self._cfg, self._shard, self._place
@@ -198,58 +195,81 @@ class DaliLoader:
             device_id = None
             if place.on_gpu:
                 device_id = self.spec.device.index if self.spec.device.index is not None else torch.cuda.current_device()
+        # Python workers for the training source: forked (quick) unless CUDA is already
+        # initialized in this process, where only spawned workers are safe.
+        workers = dict(py_num_workers=max(1, self._num_threads // 2),
+                       py_start_method="spawn" if torch.cuda.is_initialized() else "fork") if self.train else {}
 
         # exec_dynamic: the validation graph sizes its resize from the decoded images' shape,
         # which on GPU-decoded images is a GPU -> CPU transition only the dynamic executor allows.
         @pipeline_def(batch_size=self.batch_size, num_threads=self._num_threads, device_id=device_id,
                       seed=self._seed * 1009 + shard.rank + (0 if self.train else 7), exec_dynamic=True,
-                      prefetch_queue_depth=cfg.dali_prefetch_queue, enable_checkpointing=self.train)
+                      prefetch_queue_depth=cfg.dali_prefetch_queue, **workers)
         def pipeline():
             if self.train:
-                return _train_graph(self._files, self._labels, place=place, image_size=cfg.image_size,
-                                    shard=shard, dtype=dtype)
+                source = TrainSamples(self._files, self._labels, seed=self._seed, rank=shard.rank,
+                                      world_size=shard.world_size, batch_size=self.batch_size,
+                                      first_epoch=first_epoch, first_batch=first_batch)
+                return _train_graph(source, place=place, image_size=cfg.image_size, dtype=dtype)
             return _val_graph(self._files, self._labels, place=place, image_size=cfg.image_size,
                               val_resize=cfg.val_resize, shard=shard, dtype=dtype)
 
-        return pipeline(checkpoint=checkpoint) if checkpoint is not None else pipeline()
+        return pipeline()
 
-    def _build(self, checkpoint: str | bytes | None):
-        pipe = self.create_pipeline(checkpoint)
+    def _build(self, first_epoch: int, first_batch: int):
+        self._pipe = None  # the previous pipeline (and its Python workers) goes first
+        pipe = self.create_pipeline(first_epoch, first_batch)
         pipe.build()
-        policy = LastBatchPolicy.FILL if self._pad_shards else LastBatchPolicy.PARTIAL
-        return DALIGenericIterator([pipe], ["images", "labels"], reader_name=READER, last_batch_policy=policy,
-                                   auto_reset=True, prepare_first_batch=False)
-
-    def _samples_per_epoch(self) -> int:
-        if self._pad_shards:
-            return len(self._iterator) * self.batch_size
-        n, world, rank = len(self._files), self._shard.world_size, self._shard.rank
-        return (rank + 1) * n // world - rank * n // world
+        self._pipe = pipe
+        if self.train:
+            self._position = (first_epoch, first_batch)
+            return DALIGenericIterator([pipe], ["images", "labels", "indices"], auto_reset=True,
+                                       prepare_first_batch=False)
+        return DALIGenericIterator([pipe], ["images", "labels"], reader_name=READER,
+                                   last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True,
+                                   prepare_first_batch=False)
 
     def __len__(self) -> int:
-        return len(self._iterator)
+        return -(-self.num_samples // self.batch_size)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        # The pipeline carries its own position (restored by load_state_dict); nothing to do.
-        pass
+        """Training: the next iteration yields `epoch` from `start_batch` on (a rebuild unless the
+        pipeline is already there, as after a whole epoch). Validation has one fixed order."""
+        if self.train and self._position != (epoch, start_batch):
+            self._iterator = self._build(epoch, start_batch)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"dali": self._iterator.checkpoints()[0]} if self.train else {}
+        return {}  # the stream is a pure function of (seed, epoch, batch)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if self.train and state.get("dali") is not None:
-            self._iterator = self._build(checkpoint=state["dali"])
+        if state.get("dali") is not None:
+            raise CheckpointError("this checkpoint holds the state of an older fastkd's DALI pipeline, whose stream "
+                                  "cannot be continued exactly; restart the run (or resume it with that version)")
 
-    def host_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Stage 1: the pipeline's output (already on the GPU when DALI augments there)."""
+    def host_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """Stage 1: the pipeline's output (already on the GPU when DALI augments there): images,
+        labels and, for training, the samples' indices (on the host)."""
+        finished = False
         try:
             for (batch,) in self._iterator:
-                if batch["labels"].shape[0]:  # skip an uneven validation shard's empty trailing batch
-                    yield batch["images"], batch["labels"]
-        except RuntimeError as exc:
+                labels = batch["labels"]
+                if not labels.shape[0]:  # an uneven validation shard's empty trailing batch
+                    continue
+                indices = batch.get("indices")
+                if indices is None:
+                    yield batch["images"], labels, None
+                    continue
+                indices = indices.view(-1)
+                real = int((indices != PADDING).sum())  # host tensor: no device sync
+                yield batch["images"][:real], labels[:real], indices[:real]
+            finished = True
+        except Exception as exc:  # DALI raises RuntimeError, or Exception for its Python workers' errors
             if not is_decode_failure(exc):
                 raise  # CUDA errors, out of memory, nvJPEG set-up: not the data's fault
             raise DataError(f"DALI could not read or decode an image: {_dali_reason(exc)}{BROKEN_HINT}") from None
+        finally:
+            if self.train:  # a whole epoch moves the pipeline on; a partial one leaves it unknown
+                self._position = (self._position[0] + 1, 0) if finished and self._position else None
 
     def to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage 2: HWC -> NCHW view with channels-last strides (no copy); to the device if needed."""
@@ -257,8 +277,14 @@ class DaliLoader:
         return (images.contiguous(memory_format=self.spec.memory_format),
                 labels.view(-1).to(self.spec.device, torch.int64, non_blocking=True))
 
+    def indexed(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        if not self.train:
+            raise NotImplementedError("sample indices come with training batches only")
+        for images, labels, indices in self.host_batches():
+            yield *self.to_device(images, labels), indices
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels in self.host_batches():
+        for images, labels, _ in self.host_batches():
             yield self.to_device(images, labels)
 
 
@@ -266,16 +292,22 @@ _NOT_THE_DATA = ("out of memory", "cuda error", "cudaerror", "cuda_error", "allo
                  "nvjpeg_status_allocator_failure", "nvjpeg_status_not_initialized")
 
 
-def is_decode_failure(exc: RuntimeError) -> bool:
-    """Whether a DALI error comes from the data: a decoder given bad bytes or a reader given a
-    missing or unreadable file (and not from the GPU or memory)."""
-    text = str(exc).lower()
+def is_decode_failure(exc: Exception) -> bool:
+    """Whether a DALI error comes from the data: a decoder given bad bytes, a reader or the
+    training source given a missing or unreadable file (and not from the GPU or memory)."""
+    text = str(exc)
+    if UNREADABLE in text:
+        return True
+    text = text.lower()
     from_data = "fn.decoders." in text or "fn.readers." in text
     return from_data and not any(marker in text for marker in _NOT_THE_DATA)
 
 
-def _dali_reason(exc: RuntimeError) -> str:
+def _dali_reason(exc: Exception) -> str:
     lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    named = [line.split(UNREADABLE, 1)[1] for line in lines if UNREADABLE in line]
+    if named:
+        return f"cannot read {named[0][:300]}"
     named = [line for line in lines if "/" in line and not line.startswith(("File ", "C++ context"))]
     useful = [line for line in lines if not line.startswith(("File ", "C++ context", "Current pipeline",
                                                              "Critical error", "Error in ", "which was used",

@@ -44,8 +44,14 @@ class SyntheticLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def indexed(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Batches with their sample indices (positions in the epoch; the pool repeats them)."""
         for batch in range(self._start_batch, len(self)):
-            size = min(self.batch_size, self.num_samples - batch * self.batch_size)
+            first = batch * self.batch_size
+            size = min(self.batch_size, self.num_samples - first)
             slot = batch % _POOL_BATCHES
-            yield self._images[slot][:size], self._labels[slot][:size]
+            yield self._images[slot][:size], self._labels[slot][:size], torch.arange(first, first + size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        for images, labels, _ in self.indexed():
+            yield images, labels

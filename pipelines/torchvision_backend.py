@@ -13,7 +13,6 @@ from __future__ import annotations
 import atexit
 import functools
 import math
-import random
 import signal
 from typing import Any, Iterator
 
@@ -23,13 +22,12 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
 
 from fastkd.errors import DataError
+from pipelines.augment import epoch_order, train_crop
 from pipelines.base import BatchSpec, Shard, normalization
 from pipelines.datasets import Split
 from pipelines.verify import unlimited_pixels
 
 BROKEN_HINT = " (list every undecodable file with `fastkd data verify ROOT`)"
-CROP_AREA = (0.08, 1.0)
-CROP_RATIO = (3 / 4, 4 / 3)
 PREFETCH_FACTOR = 4  # batches each DataLoader worker prepares ahead
 
 
@@ -41,70 +39,35 @@ def decode_rgb(path: str) -> Image.Image:
         return image.convert("RGB")
 
 
-def random_resized_crop_box(width: int, height: int, rng: random.Random,
-                            area: tuple[float, float] = CROP_AREA,
-                            ratio: tuple[float, float] = CROP_RATIO) -> tuple[int, int, int, int]:
-    """(top, left, height, width) drawn as torchvision's RandomResizedCrop.get_params does."""
-    image_area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = image_area * rng.uniform(*area)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
-    # Fallback: centre crop at the closest allowed aspect ratio.
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        h, w = height, int(round(height * ratio[1]))
-    else:
-        w, h = width, height
-    return (height - h) // 2, (width - w) // 2, h, w
-
-
-def sample_seed(seed: int, epoch: int, index: int) -> int:
-    """Augmentation seed of one sample in one epoch: independent of rank, worker and position.
-
-    NumPy's SeedSequence mixes (seed, epoch, index) into 64 bits by a documented, stable hash
-    (unlike Python's `hash`, whose values no version promises): the stream, and exact resume,
-    do not depend on the interpreter.
-    """
-    words = [seed % 2**64, epoch, index]
-    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0])
-
-
 class ImageListDataset(torch.utils.data.Dataset):
-    """Items are `(sample index, augmentation seed)` pairs; returns HWC uint8 and the label."""
+    """Items are `(sample index, epoch)` pairs; returns HWC uint8, the label and the index."""
 
-    def __init__(self, split: Split, *, train: bool, image_size: int, val_resize: int):
+    def __init__(self, split: Split, *, train: bool, image_size: int, val_resize: int, seed: int):
         self.files = split.files
         self.labels = split.labels
         self.train = train
         self.image_size = image_size
         self.val_resize = val_resize
+        self.seed = seed
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int]:
-        index, seed = item
+    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+        index, epoch = item
         try:
             image = decode_rgb(self.files[index])
         except Exception as exc:  # any decoder failure: name the file, not the worker's traceback
             raise DataError(f"cannot decode {self.files[index]}: {exc}") from None
         size = [self.image_size, self.image_size]
         if self.train:
-            rng = random.Random(seed)
-            top, left, h, w = random_resized_crop_box(image.width, image.height, rng)
-            image = TF.resized_crop(image, top, left, h, w, size, antialias=True)
-            if rng.random() < 0.5:
+            crop = train_crop(self.seed, epoch, index, image.width, image.height)
+            image = TF.resized_crop(image, crop.top, crop.left, crop.height, crop.width, size, antialias=True)
+            if crop.flip:
                 image = TF.hflip(image)
         else:
             image = TF.center_crop(TF.resize(image, self.val_resize, antialias=True), size)
-        return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)), self.labels[index]
+        return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)), self.labels[index], index
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -149,13 +112,8 @@ def _remember_workers(loader: torch.utils.data.DataLoader) -> None:
 
 
 class EpochSampler(torch.utils.data.Sampler):
-    """One rank's `(index, seed)` items for one epoch, from a given batch on.
-
-    Training (`shuffle=True`): a permutation seeded by (seed, epoch), padded by wrapping to a
-    multiple of the world size so every rank takes the same number of steps (as
-    DistributedSampler does). Validation: the natural order split `rank::world_size` without
-    padding, so every image is counted exactly once across ranks.
-    """
+    """One rank's `(index, epoch)` items for one epoch (`pipelines.augment.epoch_order`), from a
+    given batch on."""
 
     def __init__(self, num_items: int, *, shuffle: bool, seed: int, shard: Shard, batch_size: int):
         self.num_items = num_items
@@ -171,21 +129,15 @@ class EpochSampler(torch.utils.data.Sampler):
 
     def indices(self) -> list[int]:
         """This rank's sample indices for the whole current epoch."""
-        if self.shuffle:
-            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-            order = torch.randperm(self.num_items, generator=generator).tolist()
-            padded = math.ceil(self.num_items / self.shard.world_size) * self.shard.world_size
-            order += order[: padded - self.num_items]
-        else:
-            order = list(range(self.num_items))
-        return order[self.shard.rank::self.shard.world_size]
+        return epoch_order(self.num_items, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle,
+                           rank=self.shard.rank, world_size=self.shard.world_size)
 
     def __len__(self) -> int:
         return max(0, len(self.indices()) - self.start_batch * self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         for index in self.indices()[self.start_batch * self.batch_size:]:
-            yield index, sample_seed(self.seed, self.epoch, index)
+            yield index, self.epoch
 
 
 class TorchvisionLoader:
@@ -199,7 +151,7 @@ class TorchvisionLoader:
         self.num_samples = len(self.sampler.indices())
         self.prefetched_batches = num_workers * PREFETCH_FACTOR
         """Batches the workers hold ready at most (a benchmark must drain them before timing)."""
-        dataset = ImageListDataset(split, train=train, image_size=image_size, val_resize=val_resize)
+        dataset = ImageListDataset(split, train=train, image_size=image_size, val_resize=val_resize, seed=seed)
         self._loader = torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
             pin_memory=spec.device.type == "cuda", drop_last=False,
@@ -221,8 +173,9 @@ class TorchvisionLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
-    def host_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        """Stage 1: decoded, augmented uint8 NHWC batches in (pinned) host memory."""
+    def host_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """Stage 1: decoded, augmented uint8 NHWC batches in (pinned) host memory, with their
+        labels and sample indices."""
         try:
             batches = iter(self._loader)
             _remember_workers(self._loader)  # persistent workers: started by the first iter()
@@ -239,6 +192,10 @@ class TorchvisionLoader:
         return (images.contiguous(memory_format=self.spec.memory_format),
                 labels.to(self.spec.device, non_blocking=True))
 
+    def indexed(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for pixels, labels, indices in self.host_batches():
+            yield *self.to_device(pixels, labels), indices
+
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for pixels, labels in self.host_batches():
-            yield self.to_device(pixels, labels)
+        for images, labels, _ in self.indexed():
+            yield images, labels

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import importlib.util
-import io
 
 import pytest
 import torch
 from PIL import Image
 
-from fastkd.errors import ConfigError, DataError
+from fastkd.errors import CheckpointError, ConfigError, DataError
 from pipelines import build_loaders, load_data
 from pipelines.base import BatchSpec, Shard, check_batch
 from tests.test_pipelines import CPU, data_config
@@ -61,22 +60,39 @@ def test_training_stream_is_seeded_and_reshuffled_every_epoch(tiny_imagefolder):
 
 
 @pytest.mark.parametrize("epochs_before, batches_before", [(0, 3), (1, 0), (1, 4)])
-def test_pipeline_checkpoint_resumes_the_exact_stream(tiny_imagefolder, epochs_before, batches_before):
+def test_training_stream_resumes_exactly_at_any_epoch_and_batch(tiny_imagefolder, epochs_before, batches_before):
+    """The stream is a pure function of (seed, epoch, batch): a new loader set to a position
+    yields exactly what an uninterrupted one yields from there (nothing else is saved)."""
     cfg = data_config(tiny_imagefolder, "dali")
     full = stream(build_loaders(cfg, spec=CPU, seed=0).train, 3)
-    loader = build_loaders(cfg, spec=CPU, seed=0).train
-    seen = stream(loader, epochs_before)
-    iterator = iter(loader)
-    for _ in range(batches_before):
-        images, labels = next(iterator)
-        seen.append((labels.tolist(), float(images.double().sum())))
-    buffer = io.BytesIO()
-    torch.save(loader.state_dict(), buffer)  # as inside a fastkd checkpoint
-    buffer.seek(0)
     resumed = build_loaders(cfg, spec=CPU, seed=0).train
-    resumed.load_state_dict(torch.load(buffer, weights_only=True))
+    assert resumed.state_dict() == {}
+    resumed.set_epoch(epochs_before, batches_before)
+    per_epoch = len(full) // 3
     rest = stream(resumed, 3 - epochs_before)
-    assert seen + rest == full
+    assert rest == full[epochs_before * per_epoch + batches_before:]
+
+
+def test_dali_and_torchvision_cut_the_same_training_crops(tiny_imagefolder):
+    """Same order, same crop and flip per (seed, epoch, sample); pixels differ by resampling only."""
+    batches = {}
+    for backend in ("torchvision", "dali"):
+        loader = build_loaders(data_config(tiny_imagefolder, backend, image_size=48, val_resize=55, batch_size=8), spec=CPU,
+                               seed=3).train
+        loader.set_epoch(2)
+        batches[backend] = list(loader.indexed())
+    assert len(batches["dali"]) == len(batches["torchvision"]) == 5
+    for (a, la, ia), (b, lb, ib) in zip(batches["torchvision"], batches["dali"]):
+        assert torch.equal(ia, ib) and torch.equal(la, lb)
+        difference = (a - b).abs()
+        assert difference.mean() < VAL_MEAN_ABS_TOLERANCE, difference.mean()
+        assert difference.flatten().quantile(0.999) < 0.2
+
+
+def test_an_old_dali_pipeline_state_is_refused(tiny_imagefolder):
+    loader = build_loaders(data_config(tiny_imagefolder, "dali"), spec=CPU, seed=0).train
+    with pytest.raises(CheckpointError, match="older fastkd's DALI pipeline"):
+        loader.load_state_dict({"dali": b"checkpoint of the reader-based pipeline"})
 
 
 def test_partial_last_batch_counts_and_len(tiny_imagefolder):
@@ -153,7 +169,7 @@ def test_gpu_graphs_are_valid_without_a_gpu(tiny_imagefolder, dali_device, train
     if dali_device == "gpu":
         assert b"preallocate_width_hint" in graph  # sized from the data's headers
     devices = operator_devices(pipe)
-    decoder = "decoders__ImageRandomCrop" if train else "decoders__Image"
+    decoder = "decoders__ImageSlice" if train else "decoders__Image"
     assert devices[decoder] == ("mixed" if dali_device == "gpu" else "cpu")
     assert devices["Resize"] == devices["CropMirrorNormalize"] == "gpu"  # augmentation on the GPU either way
 
@@ -200,7 +216,7 @@ def test_only_decoder_failures_are_reported_as_broken_images(tiny_imagefolder, m
 
 def test_batches_are_channels_last_views_of_the_pipeline_output(tiny_imagefolder):
     loader = build_loaders(data_config(tiny_imagefolder, "dali"), spec=CPU, seed=0).train
-    hwc, labels = next(loader.host_batches())
+    hwc, labels, _ = next(loader.host_batches())
     images, _ = loader.to_device(hwc, labels)
     assert hwc.shape[-1] == 3 and images.shape[1] == 3
     assert images.data_ptr() == hwc.data_ptr() and images.is_contiguous(memory_format=torch.channels_last)
@@ -214,7 +230,7 @@ def test_gpu_pipelines_honour_the_contract_in_fp16(tiny_imagefolder, dali_device
     loaders = build_loaders(data_config(tiny_imagefolder, "dali", dali_device=dali_device), spec=spec, seed=0)
     for loader in (loaders.train, loaders.val):
         total = 0
-        for hwc, labels in loader.host_batches():
+        for hwc, labels, _ in loader.host_batches():
             assert hwc.is_cuda and labels.is_cuda  # no pageable host copy per batch
             images, labels = loader.to_device(hwc, labels)
             assert images.data_ptr() == hwc.data_ptr()  # zero-copy channels-last view

@@ -14,7 +14,8 @@ from fastkd.errors import DataError
 from pipelines import build_loaders
 from pipelines.base import BatchSpec, Shard, check_batch
 from pipelines.datasets import load_dataset
-from pipelines.torchvision_backend import EpochSampler, random_resized_crop_box, sample_seed
+from pipelines.augment import random_resized_crop_box, sample_seed
+from pipelines.torchvision_backend import EpochSampler
 
 CPU = BatchSpec(device=torch.device("cpu"), dtype=torch.float32)
 BACKENDS = ["torchvision", "synthetic", "dali"]

@@ -133,8 +133,7 @@ def test_a_file_broken_after_the_check_is_a_one_line_error(broken_dataset, tmp_p
     victim.write_bytes(b"\xff\xd8\xff garbage")  # ...then a file breaks (verification switched off)
     message = cli_error(capsys, "train", "--config", str(write_config(tmp_path / "c.yaml", raw)))
     assert "list every undecodable file with `fastkd data verify ROOT`" in message
-    if backend == "torchvision":
-        assert f"cannot decode {victim}" in message
+    assert str(victim) in message  # both backends name the file
 
 
 def start_training(config: Path, *extra: str, **hooks: str) -> subprocess.Popen:
@@ -217,8 +216,8 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     original = ClassificationStep.forward
     calls = {"n": 0}
 
-    def poisoned(self, images, labels):
-        out = original(self, images, labels)
+    def poisoned(self, images, labels, indices=None):
+        out = original(self, images, labels, indices)
         calls["n"] += 1
         if calls["n"] == 7:  # step 7: inside epoch 2 (5 steps per epoch)
             out.loss = out.loss * float("nan")

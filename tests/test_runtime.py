@@ -75,13 +75,13 @@ def test_process_group_backend_follows_the_runtime_device_not_the_host(two_gpus,
 
 
 def test_loader_threads_split_the_nodes_cores_between_its_processes(monkeypatch):
-    monkeypatch.setattr("pipelines.cpu_count", lambda: 64)
+    monkeypatch.setattr("pipelines.loaders.cpu_count", lambda: 64)
     assert loader_workers(None, Shard(local_world_size=8), dali=True) == 8
     assert loader_workers(None, Shard(), dali=True) == 8  # capped: threads hold decoder buffers
     assert loader_workers(None, Shard(local_world_size=16), dali=True) == 4
     assert loader_workers(None, Shard()) == 64  # DataLoader workers: every core
     assert loader_workers(3, Shard(local_world_size=8), dali=True) == 3  # data.num_workers wins
-    monkeypatch.setattr("pipelines.cpu_count", lambda: 2)
+    monkeypatch.setattr("pipelines.loaders.cpu_count", lambda: 2)
     assert loader_workers(None, Shard(local_world_size=4), dali=True) == 1
 
 
@@ -130,9 +130,9 @@ def test_the_training_step_runs_inside_the_sync_check(tiny_imagefolder, tmp_path
 
     original = ClassificationStep.forward
 
-    def forward(self, images, labels):
+    def forward(self, images, labels, indices=None):
         seen.append(inside[0])
-        return original(self, images, labels)
+        return original(self, images, labels, indices)
 
     monkeypatch.setattr(Runtime, "no_host_sync", recording)
     monkeypatch.setattr(ClassificationStep, "forward", forward)

@@ -1,0 +1,252 @@
+"""Teacher cache: the frozen teacher's logits on the exact training crops, recorded once and
+replayed by any number of students at student-only cost.
+
+The training stream is a pure function of (seed, epoch, sample) on every backend
+(`pipelines.augment`), so the teacher's logits can be keyed by (epoch, sample index): they fit
+whatever batch size, number of processes or backend replays them.
+
+On disk, a folder:
+
+    manifest.json      format, what the stream and the teacher were (the key), classes,
+                       dtype, and per recorded epoch the sha256 of its file
+    epoch-0000.npy     [num_samples, num_classes] logits (fp16 or fp32), row = sample index
+
+Epoch files are written to a temporary name, flushed and renamed; the manifest is replaced
+atomically after each epoch, so a recording killed midway keeps every finished epoch and
+resumes at the first missing one. Reading memory-maps the files; each is checked against its
+size and sha256 the first time it is used, so a truncated or altered file is an error, never
+silent garbage. A cache whose key differs from the run's (dataset, seed, image size,
+augmentation, teacher checkpoint, precision, classes) is refused with one line naming what
+differs. A run needing epochs past the recorded ones is refused before it starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from fastkd.errors import ConfigError, DataError
+
+FORMAT = "fastkd-teacher-cache-v1"
+MANIFEST = "manifest.json"
+DTYPES = {"fp16": np.float16, "fp32": np.float32}
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def dataset_digest(files: Sequence[str], labels: Sequence[int], root: Path) -> str:
+    """The training list's identity: every file (relative to the data root) with its label, in order."""
+    digest = hashlib.sha256()
+    for path, label in zip(files, labels):
+        try:
+            name = os.path.relpath(path, root)
+        except ValueError:  # another drive (Windows)
+            name = path
+        digest.update(f"{name}\t{label}\n".encode())
+    return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class CacheKey:
+    """Everything the recorded logits depend on: a run replays a cache only if its key is equal."""
+
+    dataset: str
+    """sha256 of the training file list with labels (`dataset_digest`)."""
+    num_samples: int
+    classes: list[str]
+    seed: int
+    image_size: int
+    augmentation: dict[str, Any]
+    teacher_arch: str
+    teacher_checkpoint: str
+    """sha256 of the teacher's checkpoint file."""
+    teacher_precision: str
+
+    def difference(self, other: "CacheKey") -> str | None:
+        """What differs from `other` (the run's key), in words, or None."""
+        for name, mine in asdict(self).items():
+            theirs = getattr(other, name)
+            if mine == theirs:
+                continue
+            if name in ("dataset", "teacher_checkpoint"):
+                what = "training file list" if name == "dataset" else "teacher checkpoint"
+                return f"the {what} differs (sha256 {mine[:12]}... recorded, {theirs[:12]}... now)"
+            if name == "classes":
+                return f"the class list differs ({len(mine)} classes recorded, {len(theirs)} now)"
+            return f"{name} differs ({mine} recorded, {theirs} now)"
+        return None
+
+
+class TeacherCache:
+    """A cache folder: recorded epochs read memory-mapped, new epochs written atomically."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any]):
+        self.path = path
+        self.manifest = manifest
+        self.key = CacheKey(**manifest["key"])
+        self._checked: set[int] = set()
+        self._arrays: dict[int, np.ndarray] = {}
+
+    # -- opening ----------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: Path, key: CacheKey, *, epochs: int, source: str = "distill.teacher_cache") -> "TeacherCache":
+        """The cache at `path` for a run with `key` that needs epochs 0..epochs-1; errors name it."""
+        manifest = _read_manifest(path, source)
+        cache = cls(path, manifest)
+        different = cache.key.difference(key)
+        if different:
+            raise ConfigError(f"{source}: {path} was recorded for another run: {different}")
+        missing = [e for e in range(epochs) if e not in cache.recorded_epochs]
+        if missing:
+            raise ConfigError(f"{source}: {path} holds {cache.describe_epochs()}, the run needs epochs 0-{epochs - 1} "
+                              f"(record them with `fastkd teacher-cache --config ... --epochs {epochs}`)")
+        for epoch in range(epochs):  # every file checked before the run writes anything
+            cache.epoch_logits(epoch)
+        return cache
+
+    @classmethod
+    def create_or_resume(cls, path: Path, key: CacheKey, *, num_classes: int, dtype: str,
+                         teacher_val: dict[str, float]) -> "TeacherCache":
+        """For recording: a new cache, or the partly recorded one at `path` if its key matches."""
+        if (path / MANIFEST).is_file():
+            cache = cls(path, _read_manifest(path, "teacher-cache"))
+            different = cache.key.difference(key)
+            if different:
+                raise ConfigError(f"distill.teacher_cache: {path} holds a cache of another run ({different}); "
+                                  "choose another folder or delete it")
+            if cache.manifest["dtype"] != dtype:
+                raise ConfigError(f"--dtype: {path} was recorded in {cache.manifest['dtype']}, not {dtype}")
+            return cache
+        if path.exists() and any(path.iterdir()):
+            raise ConfigError(f"distill.teacher_cache: {path} exists and is not a teacher cache")
+        path.mkdir(parents=True, exist_ok=True)
+        cache = cls(path, {"format": FORMAT, "key": asdict(key), "num_classes": num_classes, "dtype": dtype,
+                           "teacher_val": teacher_val, "epochs": {}})
+        cache.write_manifest()
+        return cache
+
+    # -- reading ----------------------------------------------------------------------
+
+    @property
+    def recorded_epochs(self) -> list[int]:
+        return sorted(int(e) for e in self.manifest["epochs"])
+
+    def describe_epochs(self) -> str:
+        epochs = self.recorded_epochs
+        if not epochs:
+            return "no recorded epoch"
+        if epochs == list(range(epochs[-1] + 1)):
+            return f"epochs 0-{epochs[-1]}"
+        return "epochs " + ", ".join(map(str, epochs))
+
+    def epoch_path(self, epoch: int) -> Path:
+        return self.path / f"epoch-{epoch:04d}.npy"
+
+    def epoch_logits(self, epoch: int) -> np.ndarray:
+        """The memory-mapped logits of one recorded epoch, checked on first use."""
+        if epoch not in self._arrays:
+            entry = self.manifest["epochs"].get(str(epoch))
+            path = self.epoch_path(epoch)
+            if entry is None:
+                raise DataError(f"teacher cache {self.path}: epoch {epoch} was not recorded ({self.describe_epochs()})")
+            if not path.is_file() or path.stat().st_size != entry["bytes"] or file_sha256(path) != entry["sha256"]:
+                raise DataError(f"teacher cache {self.path}: {path.name} is missing, truncated or altered "
+                                "(its size or sha256 differs from the manifest); record that epoch again")
+            array = np.load(path, mmap_mode="r")
+            expected = (self.key.num_samples, self.manifest["num_classes"])
+            if array.shape != expected or array.dtype != DTYPES[self.manifest["dtype"]]:
+                raise DataError(f"teacher cache {self.path}: {path.name} holds {array.dtype} {array.shape}, "
+                                f"expected {self.manifest['dtype']} {expected}")
+            self._arrays[epoch] = array
+        return self._arrays[epoch]
+
+    def rows(self, epoch: int, indices: np.ndarray) -> np.ndarray:
+        return np.asarray(self.epoch_logits(epoch)[indices])
+
+    # -- writing ----------------------------------------------------------------------
+
+    def temp_epoch_path(self, epoch: int) -> Path:
+        return self.path / f".epoch-{epoch:04d}.npy.tmp"
+
+    def new_epoch_file(self, epoch: int) -> np.memmap:
+        """A zeroed memory-mapped file for one epoch's logits, under a temporary name."""
+        shape = (self.key.num_samples, self.manifest["num_classes"])
+        return np.lib.format.open_memmap(self.temp_epoch_path(epoch), mode="w+", dtype=DTYPES[self.manifest["dtype"]],
+                                         shape=shape)
+
+    def open_epoch_file(self, epoch: int) -> np.memmap:
+        """The same temporary file opened by another process of the recording (torchrun)."""
+        return np.load(self.temp_epoch_path(epoch), mmap_mode="r+")
+
+    def commit_epoch(self, epoch: int) -> None:
+        """Make a fully written temporary epoch file the recorded one (fsync, rename, manifest)."""
+        tmp = self.temp_epoch_path(epoch)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        final = self.epoch_path(epoch)
+        os.replace(tmp, final)
+        self.manifest["epochs"][str(epoch)] = {"sha256": file_sha256(final), "bytes": final.stat().st_size}
+        self.write_manifest()
+
+    def write_manifest(self) -> None:
+        tmp = self.path / f".{MANIFEST}.tmp-{os.getpid()}"
+        tmp.write_text(json.dumps(self.manifest, indent=2) + "\n")
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path / MANIFEST)
+
+    def remove_stale_files(self) -> None:
+        for stale in self.path.glob(".*.tmp*"):
+            stale.unlink(missing_ok=True)
+
+
+def _read_manifest(path: Path, source: str) -> dict[str, Any]:
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise ConfigError(f"{source}: no teacher cache at {path} (no {MANIFEST}; record one with "
+                          "`fastkd teacher-cache --config ...`)")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise DataError(f"teacher cache {path}: {MANIFEST} is unreadable or corrupt ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise DataError(f"teacher cache {path}: {MANIFEST} is not a {FORMAT} manifest")
+    return manifest
+
+
+class CachedTeacher:
+    """The step's view of a cache: logits of the current epoch's samples, on the device.
+
+    Rows are gathered on the host into pinned memory and copied without blocking (PyTorch's
+    pinned-memory cache keeps each buffer until its copy has run).
+    """
+
+    def __init__(self, cache: TeacherCache, device: torch.device):
+        self.cache = cache
+        self.device = device
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __call__(self, indices: torch.Tensor) -> torch.Tensor:
+        rows = torch.from_numpy(self.cache.rows(self.epoch, indices.numpy()))
+        if self.device.type == "cuda":
+            pinned = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
+            pinned.copy_(rows)
+            return pinned.to(self.device, non_blocking=True)
+        return rows

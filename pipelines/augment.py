@@ -1,0 +1,114 @@
+"""Training augmentation as explicit numbers: the sample order and each sample's crop and flip
+are pure functions of (seed, epoch, sample index).
+
+Every backend cuts the same crops from the same samples in the same order (torchvision with
+PIL, DALI on the CPU or the GPU), whatever the batch size, the number of workers or of
+processes; a resumed run continues the stream exactly, and a teacher's logits recorded for
+(epoch, sample) fit the crop a student sees again later (`fastkd.teacher_cache`).
+
+Light on purpose (NumPy and PIL only): DALI's Python workers import it.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+from dataclasses import dataclass
+
+import numpy as np
+from PIL import Image
+
+CROP_AREA = (0.08, 1.0)
+"""RandomResizedCrop's range of the crop's area, as a fraction of the image's."""
+CROP_RATIO = (3 / 4, 4 / 3)
+"""RandomResizedCrop's range of the crop's aspect ratio (width / height)."""
+FLIP_PROBABILITY = 0.5
+AUGMENTATION = {"crop_area": list(CROP_AREA), "crop_ratio": list(CROP_RATIO), "flip": FLIP_PROBABILITY,
+                "resize": "antialiased bilinear", "order": "numpy permutation of (seed, epoch)", "version": 1}
+"""What defines the training stream besides the seed, files and image size (teacher caches
+record it and refuse a stream made otherwise)."""
+
+_EXIF_ORIENTATION = 0x0112
+_TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """Augmentation seed of one sample in one epoch: independent of rank, worker and position.
+
+    NumPy's SeedSequence mixes (seed, epoch, index) into 64 bits by a documented, stable hash
+    (unlike Python's `hash`, whose values no version promises): the stream, and exact resume,
+    do not depend on the interpreter.
+    """
+    words = [seed % 2**64, epoch, index]
+    return int(np.random.SeedSequence(words).generate_state(1, np.uint64)[0])
+
+
+def random_resized_crop_box(width: int, height: int, rng: random.Random,
+                            area: tuple[float, float] = CROP_AREA,
+                            ratio: tuple[float, float] = CROP_RATIO) -> tuple[int, int, int, int]:
+    """(top, left, height, width) drawn as torchvision's RandomResizedCrop.get_params does."""
+    image_area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = image_area * rng.uniform(*area)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return rng.randint(0, height - h), rng.randint(0, width - w), h, w
+    # Fallback: centre crop at the closest allowed aspect ratio.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        h, w = height, int(round(height * ratio[1]))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
+
+
+@dataclass(frozen=True)
+class Crop:
+    """One training sample's augmentation, in pixels of the decoded (EXIF-oriented) image."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+    flip: bool
+
+
+def train_crop(seed: int, epoch: int, index: int, width: int, height: int) -> Crop:
+    """The random-resized crop and horizontal flip of sample `index` in `epoch`."""
+    rng = random.Random(sample_seed(seed, epoch, index))
+    top, left, h, w = random_resized_crop_box(width, height, rng)
+    return Crop(top, left, h, w, rng.random() < FLIP_PROBABILITY)
+
+
+def epoch_order(num_items: int, *, seed: int, epoch: int, shuffle: bool, rank: int = 0,
+                world_size: int = 1) -> list[int]:
+    """This rank's sample indices for one epoch, in the order they are seen.
+
+    Training (`shuffle`): a permutation drawn from (seed, epoch), padded by wrapping to a
+    multiple of the world size so every rank takes the same number of steps (as PyTorch's
+    DistributedSampler), then dealt out `rank::world_size`. Validation: the natural order, dealt
+    out the same way without padding, so every image is counted exactly once across ranks.
+    """
+    if not shuffle:
+        return list(range(num_items))[rank::world_size]
+    order = np.random.default_rng([seed % 2**63, epoch]).permutation(num_items).tolist()
+    padded = math.ceil(num_items / world_size) * world_size
+    order += order[: padded - num_items]
+    return order[rank::world_size]
+
+
+def oriented_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of an encoded image as decoded, EXIF orientation applied (header only)."""
+    with Image.open(io.BytesIO(data)) as image:
+        width, height = image.size
+        try:
+            orientation = image.getexif().get(_EXIF_ORIENTATION, 1)
+        except Exception:  # a damaged EXIF block: decoders ignore it too
+            orientation = 1
+    return (height, width) if orientation in _TRANSPOSED_ORIENTATIONS else (width, height)

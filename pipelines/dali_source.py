@@ -1,0 +1,77 @@
+"""The training samples of a DALI pipeline, one per call, with their explicit augmentation.
+
+DALI's parallel external source calls a `TrainSamples` object in Python worker processes, once
+per sample, with the sample's place in the stream (`SampleInfo`: epoch and position). It
+returns the encoded file, the crop (anchor and shape, in pixels of the EXIF-oriented image),
+the flip, the label and the sample's index: the same numbers the torchvision backend uses
+(`pipelines.augment`), so both cut the same crops. Light on purpose (no torch): DALI starts
+its workers by forking or, once CUDA is initialized, by spawning processes that import it.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+from PIL import UnidentifiedImageError
+
+from pipelines.augment import epoch_order, oriented_size, train_crop
+
+UNREADABLE = "fastkd: cannot read "
+"""Starts the message of a file that cannot be read or whose header cannot be parsed."""
+PADDING = -1
+"""The index of a padding sample (a repeat that fills an epoch's last batch); dropped after DALI."""
+
+
+class TrainSamples:
+    """Sample `k` of pipeline epoch `e` is position `k` of `epoch_order(first_epoch + e)` (shifted by
+    `first_batch` batches in the first epoch, to resume mid-epoch); each epoch's last batch is
+    filled with padding samples (index `PADDING`), since DALI's sample mode has no partial batches."""
+
+    def __init__(self, files: Sequence[str], labels: Sequence[int], *, seed: int, rank: int, world_size: int,
+                 batch_size: int, first_epoch: int = 0, first_batch: int = 0):
+        self.files = list(files)
+        self.labels = list(labels)
+        self.seed = seed
+        self.rank = rank
+        self.world_size = world_size
+        self.batch_size = batch_size
+        self.first_epoch = first_epoch
+        self.first_batch = first_batch
+        self._order: tuple[int, list[int]] | None = None
+
+    def order(self, epoch: int) -> list[int]:
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, epoch_order(len(self.files), seed=self.seed, epoch=epoch, shuffle=True,
+                                              rank=self.rank, world_size=self.world_size))
+        return self._order[1]
+
+    def samples_in_epoch(self, pipeline_epoch: int) -> tuple[int, int]:
+        """(first position, number of real samples) the pipeline's epoch `pipeline_epoch` yields."""
+        order = self.order(self.first_epoch + pipeline_epoch)
+        start = self.first_batch * self.batch_size if pipeline_epoch == 0 else 0
+        return start, max(0, len(order) - start)
+
+    def __call__(self, sample_info: Any) -> tuple[np.ndarray, ...]:
+        start, count = self.samples_in_epoch(sample_info.epoch_idx)
+        padded = -(-count // self.batch_size) * self.batch_size
+        position = sample_info.idx_in_epoch
+        if position >= padded:
+            raise StopIteration
+        order = self.order(self.first_epoch + sample_info.epoch_idx)
+        index = order[start + min(position, count - 1)]
+        path = self.files[index]
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            width, height = oriented_size(data)
+        except Exception as exc:  # named here: DALI would report only its worker's traceback
+            reason = "not an image, or an unsupported format" if isinstance(exc, UnidentifiedImageError) else exc
+            raise ValueError(f"{UNREADABLE}{path}: {reason}") from None
+        crop = train_crop(self.seed, self.first_epoch + sample_info.epoch_idx, index, width, height)
+        return (np.frombuffer(data, dtype=np.uint8),
+                np.array([crop.left, crop.top], dtype=np.int32),
+                np.array([crop.width, crop.height], dtype=np.int32),
+                np.array(int(crop.flip), dtype=np.int32),
+                np.array(self.labels[index], dtype=np.int32),
+                np.array(index if position < count else PADDING, dtype=np.int64))

@@ -1,0 +1,268 @@
+"""Teacher cache: record the teacher's logits once, replay them exactly, refuse what does not fit."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+
+from fastkd import engine
+from fastkd.checkpoint import load_checkpoint
+from fastkd.config import config_from_dict
+from fastkd.errors import ConfigError
+from fastkd.models import load_teacher
+from fastkd.runtime import create_runtime, seed_everything
+from fastkd.teacher_cache import TeacherCache
+from pipelines import build_loaders, load_data
+from tests.conftest import REPO, hooked_env
+from tests.test_distill import distill_dict, tiny_teacher  # noqa: F401  (fixture)
+from tests.test_train import cli_error, write_config
+
+pytestmark = pytest.mark.slow
+
+
+def kd_raw(root: Path, out: Path, teacher: Path, cache: Path, **data) -> dict:
+    raw = distill_dict(root, out, teacher)
+    raw["distill"]["teacher_cache"] = str(cache)
+    raw["data"].update(data)
+    return raw
+
+
+def record(raw: dict, *, epochs: int | None = None, dtype: str = "fp32") -> dict:
+    return engine.record_teacher_cache(config_from_dict(raw), epochs=epochs, dtype=dtype, progress=False)
+
+
+def online(raw: dict) -> dict:
+    """The same run with the live teacher."""
+    live = json.loads(json.dumps(raw))
+    live["distill"]["teacher_cache"] = ""
+    live["run"]["name"] = raw["run"]["name"] + "-online"
+    return live
+
+
+def live_teacher(cfg, checkpoint: Path):
+    """The run's loaders and its teacher, prepared as a run prepares them (device, memory format,
+    deterministic kernels)."""
+    runtime = create_runtime(cfg.runtime)
+    seed_everything(cfg.run.seed, deterministic=cfg.runtime.deterministic)
+    loaders = build_loaders(cfg.data, spec=runtime.batch_spec, seed=cfg.data_seed, dataset=load_data(cfg.data))
+    teacher = load_teacher("resnet18", checkpoint, loaders.classes, image_size=32)
+    return loaders, runtime.prepare_model(teacher, trainable=False)[0]
+
+
+@pytest.fixture(scope="module")
+def random_teacher(tmp_path_factory) -> Path:
+    """A freshly initialized ResNet-18 as a plain state_dict: logits of ordinary size (the tiny
+    trained teacher's diverged to thousands, where fp16 keeps only a unit of precision)."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("random-teacher") / "resnet18.pt"
+    torch.save(torchvision.models.resnet18(num_classes=10).state_dict(), path)
+    return path
+
+
+def final_weights(raw: dict) -> dict[str, torch.Tensor]:
+    return load_checkpoint(config_from_dict(raw).run_dir / "last.pt")["model"]
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+def test_recorded_logits_equal_the_live_teachers_on_the_same_crops(tiny_imagefolder, tiny_teacher, tmp_path,  # noqa: F811
+                                                                  backend):
+    raw = kd_raw(tiny_imagefolder, tmp_path / "runs", tiny_teacher, tmp_path / "cache", backend=backend,
+                 dali_device="cpu")
+    done = record(raw, epochs=2)
+    assert done["recorded_now"] == [0, 1] and done["num_samples"] == 40
+    cfg = config_from_dict(raw)
+    loaders, teacher = live_teacher(cfg, tiny_teacher)
+    cache = TeacherCache(tmp_path / "cache", json.loads((tmp_path / "cache" / "manifest.json").read_text()))
+    seen = []
+    for epoch in (0, 1):
+        loaders.train.set_epoch(epoch)
+        for images, _, indices in loaders.train.indexed():
+            with torch.no_grad():
+                live = teacher(images)
+            assert torch.equal(torch.from_numpy(cache.rows(epoch, indices.numpy())), live)
+            seen += [(epoch, i) for i in indices.tolist()]
+    assert sorted(seen) == [(e, i) for e in (0, 1) for i in range(40)]  # every sample of every epoch
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+def test_a_student_distilled_from_an_fp32_cache_ends_bit_identical_to_online_distillation(
+        tiny_imagefolder, tiny_teacher, tmp_path, backend):  # noqa: F811
+    raw = kd_raw(tiny_imagefolder, tmp_path / "runs", tiny_teacher, tmp_path / "cache", backend=backend,
+                 dali_device="cpu")
+    record(raw, dtype="fp32")
+    cached = engine.distill(config_from_dict(raw), progress=False).summary
+    engine.distill(config_from_dict(online(raw)), progress=False)
+    a, b = final_weights(raw), final_weights(online(raw))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert cached["teacher"]["cache"] == str(tmp_path / "cache")
+
+
+def test_an_fp16_cache_differs_from_the_live_teacher_by_fp16_rounding_only(tiny_imagefolder, random_teacher,
+                                                                          tmp_path):
+    """fp16 storage is not bit-exact: each logit is rounded to 11 significant bits, nothing else.
+    Training amplifies that rounding like any perturbation (tiny data, lr 0.05): the first epoch's
+    loss stays within 2% of online distillation here; bit-identical runs need --dtype fp32."""
+    half = kd_raw(tiny_imagefolder, tmp_path / "runs", random_teacher, tmp_path / "cache-16")
+    full = kd_raw(tiny_imagefolder, tmp_path / "runs", random_teacher, tmp_path / "cache-32")
+    record(half, dtype="fp16")
+    record(full, dtype="fp32")
+    for epoch in (0, 1):
+        a = np.load(tmp_path / "cache-16" / f"epoch-{epoch:04d}.npy").astype(np.float64)
+        b = np.load(tmp_path / "cache-32" / f"epoch-{epoch:04d}.npy").astype(np.float64)
+        assert np.all(np.abs(a - b) <= np.abs(b) * 2.0**-11 + 2.0**-24) and not np.array_equal(a, b)
+    engine.distill(config_from_dict(half), progress=False)
+    engine.distill(config_from_dict(online(half)), progress=False)
+    losses = [json.loads((config_from_dict(r).run_dir / "metrics.jsonl").read_text().splitlines()[0])["train_loss"]
+              for r in (half, online(half))]
+    assert losses[0] != losses[1] and abs(losses[0] - losses[1]) < 0.02 * losses[1]
+
+
+def test_replay_under_another_batch_size_reads_each_samples_row(tiny_imagefolder, tiny_teacher, tmp_path):  # noqa: F811
+    raw = kd_raw(tiny_imagefolder, tmp_path / "runs", tiny_teacher, tmp_path / "cache", batch_size=8)
+    record(raw, epochs=1)
+    other = kd_raw(tiny_imagefolder, tmp_path / "runs", tiny_teacher, tmp_path / "cache", batch_size=5)
+    loaders, teacher = live_teacher(config_from_dict(other), tiny_teacher)
+    cache = TeacherCache(tmp_path / "cache", json.loads((tmp_path / "cache" / "manifest.json").read_text()))
+    loaders.train.set_epoch(0)
+    batches = list(loaders.train.indexed())
+    assert [len(i) for _, _, i in batches] == [5] * 8
+    for images, _, indices in batches:
+        with torch.no_grad():
+            live = teacher(images)  # another batch composition than when recorded: equal up to float rounding
+        torch.testing.assert_close(torch.from_numpy(cache.rows(0, indices.numpy())), live, rtol=1e-4, atol=1e-4)
+
+
+def torchrun(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           "-m", "fastkd", *args, "--no-progress"], cwd=REPO, env=hooked_env(), capture_output=True,
+                          text=True, timeout=300)
+
+
+def test_two_processes_record_the_same_cache_and_replay_it_exactly(tiny_imagefolder, tiny_teacher, tmp_path):  # noqa: F811
+    one = kd_raw(tiny_imagefolder, tmp_path / "runs", tiny_teacher, tmp_path / "cache-1", batch_size=4)
+    record(one, epochs=2)
+    two = kd_raw(tiny_imagefolder, tmp_path / "runs", tiny_teacher, tmp_path / "cache-2", batch_size=4)
+    config = write_config(tmp_path / "two.yaml", two)
+    done = torchrun("teacher-cache", "--config", str(config), "--dtype", "fp32")
+    assert done.returncode == 0, done.stderr[-3000:]
+    for epoch in (0, 1):  # each rank wrote its shard's rows: the same file as one process wrote
+        name = f"epoch-{epoch:04d}.npy"
+        assert np.array_equal(np.load(tmp_path / "cache-1" / name), np.load(tmp_path / "cache-2" / name))
+    replay = torchrun("distill", "--config", str(config))
+    assert replay.returncode == 0, replay.stderr[-3000:]
+    live = write_config(tmp_path / "live.yaml", online(two))
+    assert torchrun("distill", "--config", str(live)).returncode == 0
+    a, b = final_weights(two), final_weights(online(two))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("change, expected", [
+    ("run.seed=1", "seed differs (0 recorded, 1 now)"),
+    ("data.image_size=30", "image_size differs (32 recorded, 30 now)"),
+    ("distill.teacher.precision=bf16", "teacher_precision differs (fp32 recorded, bf16 now)"),
+    ("optim.epochs=3", "holds epochs 0-1, the run needs epochs 0-2"),
+])
+def test_a_cache_that_does_not_fit_the_run_is_refused_before_anything_is_written(
+        tiny_imagefolder, tiny_teacher, tmp_path, capsys, change, expected):  # noqa: F811
+    raw = kd_raw(tiny_imagefolder, tmp_path / "runs", tiny_teacher, tmp_path / "cache")
+    record(raw)
+    config = write_config(tmp_path / "kd.yaml", raw)
+    message = cli_error(capsys, "distill", "--config", str(config), change)
+    assert message.startswith(f"fastkd: error: distill.teacher_cache: {tmp_path / 'cache'} ") and expected in message
+    assert not (tmp_path / "runs").exists()
+
+
+def test_another_teacher_or_dataset_is_named(tiny_imagefolder, tiny_teacher, tmp_path, capsys):  # noqa: F811
+    raw = kd_raw(tiny_imagefolder, tmp_path / "runs", tiny_teacher, tmp_path / "cache")
+    record(raw, epochs=2)
+    other_teacher = tmp_path / "teacher.pt"
+    payload = load_checkpoint(tiny_teacher)
+    payload["model"]["fc.bias"] = payload["model"]["fc.bias"] + 1
+    torch.save(payload, other_teacher)
+    config = write_config(tmp_path / "kd.yaml", raw)
+    message = cli_error(capsys, "distill", "--config", str(config), f"distill.teacher.checkpoint={other_teacher}")
+    assert "the teacher checkpoint differs" in message
+    data = tmp_path / "data"
+    shutil.copytree(tiny_imagefolder, data)
+    next((data / "train" / "cool_disc").iterdir()).unlink()
+    message = cli_error(capsys, "distill", "--config", str(config), f"data.root={data}")
+    assert "the training file list differs" in message
+    assert not (tmp_path / "runs").exists()
+
+
+def test_a_truncated_or_altered_epoch_file_is_an_error(tiny_imagefolder, tiny_teacher, tmp_path, capsys):  # noqa: F811
+    raw = kd_raw(tiny_imagefolder, tmp_path / "runs", tiny_teacher, tmp_path / "cache")
+    record(raw)
+    epoch_file = tmp_path / "cache" / "epoch-0001.npy"
+    data = bytearray(epoch_file.read_bytes())
+    data[-5] ^= 0xFF  # one flipped byte in the logits
+    epoch_file.write_bytes(bytes(data))
+    config = write_config(tmp_path / "kd.yaml", raw)
+    assert "epoch-0001.npy is missing, truncated or altered" in cli_error(capsys, "distill", "--config", str(config))
+    epoch_file.write_bytes(bytes(data[:-100]))
+    assert "epoch-0001.npy is missing, truncated or altered" in cli_error(capsys, "distill", "--config", str(config))
+    assert not (tmp_path / "runs").exists()
+    (tmp_path / "cache" / "manifest.json").write_text("{ not json")
+    assert "manifest.json is unreadable or corrupt" in cli_error(capsys, "distill", "--config", str(config))
+
+
+def test_a_recording_stopped_midway_resumes_at_the_first_missing_epoch(tiny_imagefolder, tiny_teacher, tmp_path,  # noqa: F811
+                                                                       monkeypatch):
+    raw = kd_raw(tiny_imagefolder, tmp_path / "runs", tiny_teacher, tmp_path / "cache")
+    commit = TeacherCache.commit_epoch
+
+    def crash_at_epoch_1(self, epoch):
+        if epoch == 1:
+            raise KeyboardInterrupt  # killed after writing epoch 1's rows, before its rename
+        commit(self, epoch)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(TeacherCache, "commit_epoch", crash_at_epoch_1)
+        with pytest.raises(KeyboardInterrupt):
+            record(raw)
+    assert (tmp_path / "cache" / ".epoch-0001.npy.tmp").exists()
+    assert json.loads((tmp_path / "cache" / "manifest.json").read_text())["epochs"].keys() == {"0"}
+    assert record(raw)["recorded_now"] == [1]
+    assert not list((tmp_path / "cache").glob(".*tmp*"))
+    straight = kd_raw(tiny_imagefolder, tmp_path / "runs", tiny_teacher, tmp_path / "straight")
+    record(straight)
+    for name in ("epoch-0000.npy", "epoch-0001.npy"):
+        assert (tmp_path / "cache" / name).read_bytes() == (tmp_path / "straight" / name).read_bytes()
+
+
+def test_recording_into_a_cache_of_another_run_is_refused(tiny_imagefolder, tiny_teacher, tmp_path, capsys):  # noqa: F811
+    raw = kd_raw(tiny_imagefolder, tmp_path / "runs", tiny_teacher, tmp_path / "cache")
+    record(raw, epochs=1)
+    config = write_config(tmp_path / "kd.yaml", raw)
+    message = cli_error(capsys, "teacher-cache", "--config", str(config), "run.seed=5")
+    assert message.startswith(f"fastkd: error: distill.teacher_cache: {tmp_path / 'cache'} holds a cache of another run")
+    with pytest.raises(ConfigError, match="recorded in fp32, not fp16"):
+        record(raw, epochs=2, dtype="fp16")
+
+
+def test_bench_measures_cached_distillation(tiny_imagefolder, tmp_path, capsys):
+    from fastkd.cli import main
+
+    raw = kd_raw(tiny_imagefolder, tmp_path / "runs", tmp_path / "absent.pt", tmp_path / "cache")
+    out = tmp_path / "bench.jsonl"
+    main(["bench", "--config", str(write_config(tmp_path / "b.yaml", raw)), "--what", "distill-cached",
+          "--backends", "torchvision", "--steps", "2", "--warmup", "1", "--repeats", "1", "--out", str(out)])
+    rows = {r["what"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert set(rows) == {"train", "distill-cached"}  # the student alone on the same loader, for the ratio
+    assert rows["distill-cached"]["teacher_cache"] and "cache lookup" in rows["distill-cached"]["stages"]
+    assert "teacher forward" not in rows["distill-cached"]["stages"]
+    assert "distill-cached" in capsys.readouterr().out
+
+
+def test_teacher_cache_without_a_folder_or_distill_section_is_one_line(tiny_imagefolder, tmp_path, capsys):
+    raw = distill_dict(tiny_imagefolder, tmp_path / "runs", tmp_path / "t.pt")
+    message = cli_error(capsys, "teacher-cache", "--config", str(write_config(tmp_path / "kd.yaml", raw)))
+    assert message == "fastkd: error: distill.teacher_cache: name the folder to record the teacher's logits into"
