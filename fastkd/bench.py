@@ -227,7 +227,8 @@ class Bench:
 
     def _synthetic_cache(self, loader: Loader, folder: Path) -> CachedTeacher:
         """A one-epoch teacher cache of random logits for every sample the loader can yield."""
-        num_samples = len(self.dataset.train) if self.dataset is not None else self.cfg.data.synthetic_train_samples
+        # Indices are positions in the split (real data) or in the epoch (synthetic batches).
+        num_samples = max(len(self.dataset.train) if self.dataset is not None else 0, loader.num_samples)
         key = CacheKey(dataset="bench", num_samples=num_samples, classes=[str(i) for i in range(self.num_classes)],
                        seed=0, image_size=self.cfg.data.image_size, augmentation={}, teacher_arch="bench",
                        teacher_checkpoint="bench", teacher_precision="bench")
