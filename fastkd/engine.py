@@ -69,7 +69,8 @@ def record_teacher_cache(cfg: Config, *, epochs: int | None = None, dtype: str =
     """`fastkd teacher-cache`: run the frozen teacher over epochs 0..E-1 of the run's training
     stream (the exact crops a student will see) and store its logits per (epoch, sample) in
     `distill.teacher_cache`. Finished epochs are kept: a second call resumes or extends it.
-    Under torchrun each rank records the rows of its shard into the same files."""
+    Under torchrun every rank runs the teacher on its shard and sends its rows to rank 0, which
+    alone writes the files (no file is shared between processes or nodes)."""
     kd = cfg.distill
     if kd is None:
         raise ConfigError("distill: `fastkd teacher-cache` needs a distill section (teacher and teacher_cache)")
@@ -90,12 +91,13 @@ def record_teacher_cache(cfg: Config, *, epochs: int | None = None, dtype: str =
         loaders = build_loaders(cfg.data, spec=runtime.batch_spec, seed=cfg.data_seed, shard=shard, dataset=dataset)
         key = teacher_cache_key(cfg, runtime, dataset, loaders.classes)
         teacher, about = load_checked_teacher(cfg, runtime, loaders)
-        teacher_val = {"val_top1": about["val_top1"], "val_top5": about["val_top5"]}
         cache = None
-        for turn in (True, False):  # rank 0 creates (or checks) the folder; the others then open it
+        for turn in (True, False):  # rank 0 creates (or checks) the folder; the others then read it
             if runtime.is_main == turn:
-                cache = TeacherCache.create_or_resume(kd.teacher_cache_path, key, num_classes=len(loaders.classes),
-                                                      dtype=dtype, teacher_val=teacher_val)
+                cache = TeacherCache.create_or_resume(
+                    kd.teacher_cache_path, key, num_classes=len(loaders.classes), dtype=dtype,
+                    teacher_val={"val_top1": about["val_top1"], "val_top5": about["val_top5"]},
+                    recorded_with=_recording_setup(cfg, runtime))
                 if runtime.is_main:
                     cache.remove_stale_files()  # left by a recording killed midway
             _barrier()
@@ -108,37 +110,42 @@ def record_teacher_cache(cfg: Config, *, epochs: int | None = None, dtype: str =
                 "num_samples": key.num_samples, "teacher": about}
 
 
+def _recording_setup(cfg: Config, runtime: Runtime) -> dict[str, Any]:
+    """How the logits were computed, beyond the key: replays elsewhere are close, not bit-exact."""
+    return {"backend": cfg.data.backend, "dali_device": cfg.data.dali_device, "device": str(runtime.device),
+            "batch_dtype": str(runtime.batch_spec.dtype), "channels_last": runtime.channels_last,
+            "batch_size": cfg.data.batch_size, "world_size": runtime.shard.world_size}
+
+
 def _record_epoch(cache: TeacherCache, epoch: int, teacher: nn.Module, loader, runtime: Runtime, precision: str, *,
                   progress: bool) -> None:
-    rows = None
-    for turn in (True, False):  # rank 0 creates the epoch's file, the others open it
-        if runtime.is_main == turn:
-            rows = cache.new_epoch_file(epoch) if runtime.is_main else cache.open_epoch_file(epoch)
-        _barrier()
-    assert rows is not None
-    written = np.zeros(cache.key.num_samples, dtype=np.uint8)
+    rows = cache.new_epoch_file(epoch) if runtime.is_main else None
+    written = np.zeros(cache.key.num_samples, dtype=bool)
     loader.set_epoch(epoch)
     batches = tqdm(loader.indexed(), total=len(loader), desc=f"teacher logits, epoch {epoch}", leave=False,
                    disable=None if (progress and runtime.is_main) else True)
     for images, _, indices in batches:
         logits = frozen_forward(teacher, images, autocast=lambda: runtime.autocast(precision),
-                                input_dtype=runtime.input_dtype(precision))
-        index = indices.numpy()
-        rows[index] = logits.float().cpu().numpy()  # host sync: recording, not training
-        written[index] = 1
+                                input_dtype=runtime.input_dtype(precision)).float()
+        indices = indices.to(runtime.device)
+        if runtime.distributed:  # every rank's batch has the same size (shards are padded equal)
+            all_logits = [torch.empty_like(logits) for _ in range(runtime.shard.world_size)]
+            all_indices = [torch.empty_like(indices) for _ in range(runtime.shard.world_size)]
+            dist.all_gather(all_logits, logits)
+            dist.all_gather(all_indices, indices)
+            logits, indices = torch.cat(all_logits), torch.cat(all_indices)
+        if rows is not None:
+            index = indices.cpu().numpy()  # host sync: recording, not training
+            rows[index] = logits.cpu().numpy()
+            written[index] = True
+    if rows is None:
+        return
     rows.flush()
     del rows
-    coverage = torch.from_numpy(written).to(runtime.device)
-    if runtime.distributed:
-        dist.all_reduce(coverage, op=dist.ReduceOp.MAX)
-    missing = int((coverage == 0).sum())  # host sync: once per epoch
-    if missing:
-        raise DataError(f"teacher cache: epoch {epoch} left {missing} sample(s) without logits")
-    _barrier()  # every rank's rows are in the file
-    if runtime.is_main:
-        cache.commit_epoch(epoch)
-        print(f"teacher cache: epoch {epoch} recorded ({cache.describe_epochs()})", flush=True)
-    _barrier()
+    if not written.all():
+        raise DataError(f"teacher cache: epoch {epoch} left {int((~written).sum())} sample(s) without logits")
+    cache.commit_epoch(epoch)
+    print(f"teacher cache: epoch {epoch} recorded ({cache.describe_epochs()})", flush=True)
 
 
 def build_distillation_step(kd: DistillConfig, runtime: Runtime, student: nn.Module, teacher: nn.Module | None, *,
@@ -196,11 +203,13 @@ def _make_distillation_step(cfg: Config, runtime: Runtime, student: nn.Module, l
     if kd.teacher_cache:
         # Replay: no teacher is loaded or run; its logits come from the cache, checked against this run.
         key = teacher_cache_key(cfg, runtime, dataset, loaders.classes)
-        cache = TeacherCache.open(kd.teacher_cache_path, key, epochs=cfg.optim.epochs)
+        cache = TeacherCache.open(kd.teacher_cache_path, key, epochs=cfg.optim.epochs,
+                                  verify=runtime.shard.local_rank == 0)
+        _barrier()  # the node's files were verified by its first process
         recorded: CachedTeacher | None = CachedTeacher(cache, runtime.device)
         teacher, about = None, {"arch": kd.teacher.arch, "checkpoint": str(kd.teacher.checkpoint_path),
                                 **cache.manifest["teacher_val"], "precision": key.teacher_precision,
-                                "cache": str(kd.teacher_cache_path)}
+                                "cache": str(kd.teacher_cache_path), "cache_digest": cache.digest}
         if runtime.is_main:
             print(f"teacher {kd.teacher.arch}: logits from the cache {kd.teacher_cache_path} "
                   f"({cache.describe_epochs()}, {cache.manifest['dtype']}); val top1 {about['val_top1']:.2f}",
@@ -252,6 +261,11 @@ def _run(cfg: Config, *, resume: bool, progress: bool,
             extra_summary: dict[str, Any] = {}
         else:
             step, extra_summary = make_step(cfg, runtime, model, loaders, dataset)
+        cache_digest = extra_summary.get("teacher", {}).get("cache_digest")
+        if checkpoint is not None and checkpoint.get("teacher_cache_digest") != cache_digest:
+            raise CheckpointError(f"--resume: {cfg.run_dir / 'last.pt'} was trained from other teacher logits than "
+                                  f"those in {cfg.distill.teacher_cache_path if cfg.distill else '(none)'} now "
+                                  "(the teacher cache was recorded again or switched on or off)")
         optimizer = create_optimizer(raw, cfg.optim, runtime.device)
         scaler = runtime.create_scaler()
         state = TrainState()
@@ -275,7 +289,7 @@ def _run(cfg: Config, *, resume: bool, progress: bool,
             state=state, epochs=cfg.optim.epochs, run_dir=run_dir, logger=logger,
             checkpoint_extra={"arch": cfg.model.arch, "classes": list(loaders.classes),
                               "num_classes": len(loaders.classes), "config": config_to_dict(cfg),
-                              "kind": "distill" if make_step else "train"},
+                              "kind": "distill" if make_step else "train", "teacher_cache_digest": cache_digest},
             grad_clip_norm=cfg.optim.grad_clip_norm, log_every_steps=cfg.run.log_every_steps,
             checkpoint_every_steps=cfg.run.checkpoint_every_steps, progress=progress)
         if checkpoint is not None:

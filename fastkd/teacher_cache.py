@@ -13,9 +13,9 @@ On disk, a folder:
 
 Epoch files are written to a temporary name, flushed and renamed; the manifest is replaced
 atomically after each epoch, so a recording killed midway keeps every finished epoch and
-resumes at the first missing one. Reading memory-maps the files; each is checked against its
-size and sha256 the first time it is used, so a truncated or altered file is an error, never
-silent garbage. A cache whose key differs from the run's (dataset, seed, image size,
+resumes at the first missing one. Reading memory-maps the files; before a run starts every
+epoch it needs is checked against its size and sha256 (by one process per node), so a
+truncated or altered file is an error, never silent garbage. A cache whose key differs from the run's (dataset, seed, image size,
 augmentation, teacher checkpoint, precision, classes) is refused with one line naming what
 differs. A run needing epochs past the recorded ones is refused before it starts.
 """
@@ -103,8 +103,12 @@ class TeacherCache:
     # -- opening ----------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: Path, key: CacheKey, *, epochs: int, source: str = "distill.teacher_cache") -> "TeacherCache":
-        """The cache at `path` for a run with `key` that needs epochs 0..epochs-1; errors name it."""
+    def open(cls, path: Path, key: CacheKey, *, epochs: int, verify: bool = True,
+             source: str = "distill.teacher_cache") -> "TeacherCache":
+        """The cache at `path` for a run with `key` that needs epochs 0..epochs-1; errors name it.
+
+        With `verify` every needed epoch file's size and sha256 are checked now, before the run
+        writes anything (one process per node does it: the files are the same for all)."""
         manifest = _read_manifest(path, source)
         cache = cls(path, manifest)
         different = cache.key.difference(key)
@@ -114,13 +118,20 @@ class TeacherCache:
         if missing:
             raise ConfigError(f"{source}: {path} holds {cache.describe_epochs()}, the run needs epochs 0-{epochs - 1} "
                               f"(record them with `fastkd teacher-cache --config ... --epochs {epochs}`)")
-        for epoch in range(epochs):  # every file checked before the run writes anything
-            cache.epoch_logits(epoch)
+        for epoch in range(epochs):
+            cache.epoch_logits(epoch, verify=verify)
         return cache
+
+    @property
+    def digest(self) -> str:
+        """Identity of the recorded logits (dtype and every epoch's sha256): a resumed run checks
+        it is replaying the cache it started with."""
+        return hashlib.sha256(json.dumps([self.manifest["dtype"], self.manifest["epochs"]],
+                                         sort_keys=True).encode()).hexdigest()
 
     @classmethod
     def create_or_resume(cls, path: Path, key: CacheKey, *, num_classes: int, dtype: str,
-                         teacher_val: dict[str, float]) -> "TeacherCache":
+                         teacher_val: dict[str, float], recorded_with: dict[str, Any] | None = None) -> "TeacherCache":
         """For recording: a new cache, or the partly recorded one at `path` if its key matches."""
         if (path / MANIFEST).is_file():
             cache = cls(path, _read_manifest(path, "teacher-cache"))
@@ -135,7 +146,7 @@ class TeacherCache:
             raise ConfigError(f"distill.teacher_cache: {path} exists and is not a teacher cache")
         path.mkdir(parents=True, exist_ok=True)
         cache = cls(path, {"format": FORMAT, "key": asdict(key), "num_classes": num_classes, "dtype": dtype,
-                           "teacher_val": teacher_val, "epochs": {}})
+                           "teacher_val": teacher_val, "recorded_with": recorded_with or {}, "epochs": {}})
         cache.write_manifest()
         return cache
 
@@ -156,14 +167,16 @@ class TeacherCache:
     def epoch_path(self, epoch: int) -> Path:
         return self.path / f"epoch-{epoch:04d}.npy"
 
-    def epoch_logits(self, epoch: int) -> np.ndarray:
-        """The memory-mapped logits of one recorded epoch, checked on first use."""
+    def epoch_logits(self, epoch: int, *, verify: bool = True) -> np.ndarray:
+        """The memory-mapped logits of one recorded epoch, checked when first opened (its size
+        always, its sha256 with `verify`)."""
         if epoch not in self._arrays:
             entry = self.manifest["epochs"].get(str(epoch))
             path = self.epoch_path(epoch)
             if entry is None:
                 raise DataError(f"teacher cache {self.path}: epoch {epoch} was not recorded ({self.describe_epochs()})")
-            if not path.is_file() or path.stat().st_size != entry["bytes"] or file_sha256(path) != entry["sha256"]:
+            if (not path.is_file() or path.stat().st_size != entry["bytes"]
+                    or (verify and file_sha256(path) != entry["sha256"])):
                 raise DataError(f"teacher cache {self.path}: {path.name} is missing, truncated or altered "
                                 "(its size or sha256 differs from the manifest); record that epoch again")
             array = np.load(path, mmap_mode="r")
@@ -187,10 +200,6 @@ class TeacherCache:
         shape = (self.key.num_samples, self.manifest["num_classes"])
         return np.lib.format.open_memmap(self.temp_epoch_path(epoch), mode="w+", dtype=DTYPES[self.manifest["dtype"]],
                                          shape=shape)
-
-    def open_epoch_file(self, epoch: int) -> np.memmap:
-        """The same temporary file opened by another process of the recording (torchrun)."""
-        return np.load(self.temp_epoch_path(epoch), mmap_mode="r+")
 
     def commit_epoch(self, epoch: int) -> None:
         """Make a fully written temporary epoch file the recorded one (fsync, rename, manifest)."""
@@ -244,9 +253,11 @@ class CachedTeacher:
         self.epoch = epoch
 
     def __call__(self, indices: torch.Tensor) -> torch.Tensor:
-        rows = torch.from_numpy(self.cache.rows(self.epoch, indices.numpy()))
-        if self.device.type == "cuda":
-            pinned = torch.empty(rows.shape, dtype=rows.dtype, pin_memory=True)
-            pinned.copy_(rows)
-            return pinned.to(self.device, non_blocking=True)
-        return rows
+        logits = self.cache.epoch_logits(self.epoch)
+        index = indices.numpy()
+        if self.device.type != "cuda":
+            return torch.from_numpy(np.take(logits, index, axis=0))
+        pinned = torch.empty((len(index), logits.shape[1]), dtype=torch.from_numpy(logits[:0]).dtype,
+                             pin_memory=True)
+        np.take(logits, index, axis=0, out=pinned.numpy())  # gathered straight into pinned memory
+        return pinned.to(self.device, non_blocking=True)

@@ -15,6 +15,7 @@ import io
 import math
 import random
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -103,9 +104,26 @@ def epoch_order(num_items: int, *, seed: int, epoch: int, shuffle: bool, rank: i
     return order[rank::world_size]
 
 
+def stream_state() -> dict[str, Any]:
+    """What a checkpoint keeps of a loader's position besides (epoch, batch): the stream's version."""
+    return {"stream": AUGMENTATION["version"]}
+
+
+def check_stream_state(state: dict[str, Any]) -> None:
+    """Refuse to continue a stream another version of fastkd began (it would differ from here on)."""
+    if state.get("stream") != AUGMENTATION["version"]:
+        from fastkd.errors import CheckpointError
+
+        raise CheckpointError("--resume: the checkpoint was written by a fastkd whose training stream (order or "
+                              "augmentation) differs from this one's, so the run cannot continue exactly; start it "
+                              "again, or resume it with the fastkd that began it")
+
+
 def oriented_size(data: bytes) -> tuple[int, int]:
     """(width, height) of an encoded image as decoded, EXIF orientation applied (header only)."""
-    with Image.open(io.BytesIO(data)) as image:
+    from pipelines.verify import unlimited_pixels
+
+    with unlimited_pixels(), Image.open(io.BytesIO(data)) as image:
         width, height = image.size
         try:
             orientation = image.getexif().get(_EXIF_ORIENTATION, 1)

@@ -32,10 +32,10 @@ from typing import Any, Iterator
 import torch
 
 from fastkd.config import DataConfig
-from fastkd.errors import CheckpointError, ConfigError, DataError
+from fastkd.errors import ConfigError, DataError
 from pipelines.base import IMAGENET_MEAN, IMAGENET_STD, BatchSpec, Loaders, Shard
 from pipelines.datasets import Dataset, Split
-from pipelines.augment import epoch_order
+from pipelines.augment import check_stream_state, epoch_order, stream_state
 from pipelines.dali_source import PADDING, UNREADABLE, TrainSamples
 from pipelines.torchvision_backend import BROKEN_HINT
 
@@ -115,9 +115,11 @@ class Placement:
 def _train_graph(source: TrainSamples, *, place: Placement, image_size: int, dtype):
     jpegs, anchor, shape, flip, label, index = fn.external_source(
         source=source, batch=False, parallel=True, num_outputs=6, prefetch_queue_depth=2)
+    # adjust_orientation: the window is in pixels of the EXIF-oriented image (DALI 2's default,
+    # stated so that a DALI without it fails when the graph is built).
     images = fn.decoders.image_slice(
         jpegs, anchor, shape, device=place.decoder, output_type=types.RGB, axis_names="WH",
-        normalized_anchor=False, normalized_shape=False, **place.decoder_hints)
+        normalized_anchor=False, normalized_shape=False, adjust_orientation=True, **place.decoder_hints)
     if place.to_gpu_after_decode:
         images = images.gpu()
     images = fn.resize(images, size=[image_size, image_size], antialias=True)
@@ -195,10 +197,10 @@ class DaliLoader:
             device_id = None
             if place.on_gpu:
                 device_id = self.spec.device.index if self.spec.device.index is not None else torch.cuda.current_device()
-        # Python workers for the training source: forked (quick) unless CUDA is already
-        # initialized in this process, where only spawned workers are safe.
-        workers = dict(py_num_workers=max(1, self._num_threads // 2),
-                       py_start_method="spawn" if torch.cuda.is_initialized() else "fork") if self.train else {}
+        # Python workers for the training source: forked (quick) in CPU-only runs; spawned
+        # whenever a GPU is involved, since forking after CUDA (torch's or DALI's) is unsafe.
+        start = "spawn" if place.on_gpu or torch.cuda.is_initialized() else "fork"
+        workers = dict(py_num_workers=max(1, self._num_threads // 2), py_start_method=start) if self.train else {}
 
         # exec_dynamic: the validation graph sizes its resize from the decoded images' shape,
         # which on GPU-decoded images is a GPU -> CPU transition only the dynamic executor allows.
@@ -217,7 +219,7 @@ class DaliLoader:
         return pipeline()
 
     def _build(self, first_epoch: int, first_batch: int):
-        self._pipe = None  # the previous pipeline (and its Python workers) goes first
+        self._iterator = self._pipe = None  # the previous pipeline and its Python workers go first
         pipe = self.create_pipeline(first_epoch, first_batch)
         pipe.build()
         self._pipe = pipe
@@ -239,17 +241,17 @@ class DaliLoader:
             self._iterator = self._build(epoch, start_batch)
 
     def state_dict(self) -> dict[str, Any]:
-        return {}  # the stream is a pure function of (seed, epoch, batch)
+        return stream_state()  # the stream is a pure function of (seed, epoch, batch)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("dali") is not None:
-            raise CheckpointError("this checkpoint holds the state of an older fastkd's DALI pipeline, whose stream "
-                                  "cannot be continued exactly; restart the run (or resume it with that version)")
+        check_stream_state(state)
 
     def host_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """Stage 1: the pipeline's output (already on the GPU when DALI augments there): images,
         labels and, for training, the samples' indices (on the host)."""
-        finished = False
+        finished, start = False, self._position
+        if self.train:
+            self._position = None  # unknown until this epoch has been read to its end
         try:
             for (batch,) in self._iterator:
                 labels = batch["labels"]
@@ -268,8 +270,8 @@ class DaliLoader:
                 raise  # CUDA errors, out of memory, nvJPEG set-up: not the data's fault
             raise DataError(f"DALI could not read or decode an image: {_dali_reason(exc)}{BROKEN_HINT}") from None
         finally:
-            if self.train:  # a whole epoch moves the pipeline on; a partial one leaves it unknown
-                self._position = (self._position[0] + 1, 0) if finished and self._position else None
+            if self.train and finished and start is not None:  # a whole epoch moves the pipeline on
+                self._position = (start[0] + 1, 0)
 
     def to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage 2: HWC -> NCHW view with channels-last strides (no copy); to the device if needed."""

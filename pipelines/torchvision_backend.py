@@ -22,7 +22,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
 
 from fastkd.errors import DataError
-from pipelines.augment import epoch_order, train_crop
+from pipelines.augment import check_stream_state, epoch_order, stream_state, train_crop
 from pipelines.base import BatchSpec, Shard, normalization
 from pipelines.datasets import Split
 from pipelines.verify import unlimited_pixels
@@ -168,10 +168,11 @@ class TorchvisionLoader:
         self.sampler.set_epoch(epoch, start_batch)
 
     def state_dict(self) -> dict[str, Any]:
-        return {}  # the stream is a pure function of (seed, epoch, batch)
+        return stream_state() if self.sampler.shuffle else {}  # a pure function of (seed, epoch, batch)
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        pass
+        if self.sampler.shuffle:
+            check_stream_state(state)
 
     def host_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Stage 1: decoded, augmented uint8 NHWC batches in (pinned) host memory, with their

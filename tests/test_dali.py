@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -66,7 +67,7 @@ def test_training_stream_resumes_exactly_at_any_epoch_and_batch(tiny_imagefolder
     cfg = data_config(tiny_imagefolder, "dali")
     full = stream(build_loaders(cfg, spec=CPU, seed=0).train, 3)
     resumed = build_loaders(cfg, spec=CPU, seed=0).train
-    assert resumed.state_dict() == {}
+    assert resumed.state_dict() == {"stream": 1}  # the stream's version; the position is (epoch, batch)
     resumed.set_epoch(epochs_before, batches_before)
     per_epoch = len(full) // 3
     rest = stream(resumed, 3 - epochs_before)
@@ -89,10 +90,41 @@ def test_dali_and_torchvision_cut_the_same_training_crops(tiny_imagefolder):
         assert difference.flatten().quantile(0.999) < 0.2
 
 
-def test_an_old_dali_pipeline_state_is_refused(tiny_imagefolder):
-    loader = build_loaders(data_config(tiny_imagefolder, "dali"), spec=CPU, seed=0).train
-    with pytest.raises(CheckpointError, match="older fastkd's DALI pipeline"):
-        loader.load_state_dict({"dali": b"checkpoint of the reader-based pipeline"})
+def test_exif_oriented_training_images_are_cut_like_torchvision(tmp_path):
+    """The crop window is computed on the oriented image; DALI must slice that image, not the
+    stored one (a half-red half-noise picture shows any mismatch)."""
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for folder in ("a", "b"):
+            (tmp_path / split / folder).mkdir(parents=True)
+            for i, orientation in enumerate((6, 8, 3, 5)):  # rotations, and a transpose
+                pixels = (rng.random((60, 100, 3)) * 255).astype(np.uint8)
+                pixels[:, :50] = (250, 10, 10)
+                image = Image.fromarray(pixels)
+                exif = image.getexif()
+                exif[0x0112] = orientation
+                image.save(tmp_path / split / folder / f"{i}.jpg", exif=exif, quality=95)
+    batches = {}
+    for backend in ("torchvision", "dali"):
+        loader = build_loaders(data_config(tmp_path, backend, image_size=32, val_resize=36, batch_size=8), spec=CPU,
+                               seed=0).train
+        loader.set_epoch(0)
+        batches[backend] = list(loader.indexed())
+    assert len(batches["torchvision"]) == len(batches["dali"]) == 1
+    for (a, _, ia), (b, _, ib) in zip(batches["torchvision"], batches["dali"]):
+        assert torch.equal(ia, ib) and len(ia) == 8
+        assert (a - b).abs().mean() < VAL_MEAN_ABS_TOLERANCE and (a - b).abs().amax() < 0.25
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+def test_a_stream_begun_by_another_fastkd_is_not_continued(tiny_imagefolder, backend):
+    """Checkpoints of the older streams (DALI's reader state, or torchvision's torch.randperm
+    order saved as {}) cannot be continued exactly: refused, not silently changed."""
+    loader = build_loaders(data_config(tiny_imagefolder, backend), spec=CPU, seed=0).train
+    loader.load_state_dict(loader.state_dict())
+    for old in ({}, {"dali": b"checkpoint of the reader-based pipeline"}):
+        with pytest.raises(CheckpointError, match="training stream .* differs from this one's"):
+            loader.load_state_dict(old)
 
 
 def test_partial_last_batch_counts_and_len(tiny_imagefolder):

@@ -13,17 +13,17 @@ import pytest
 import torch
 import torchvision
 
-from fastkd import engine
+from fastkd import engine, loop
 from fastkd.checkpoint import load_checkpoint
 from fastkd.config import config_from_dict
 from fastkd.errors import ConfigError
 from fastkd.models import load_teacher
 from fastkd.runtime import create_runtime, seed_everything
-from fastkd.teacher_cache import TeacherCache
+from fastkd.teacher_cache import CachedTeacher, TeacherCache
 from pipelines import build_loaders, load_data
 from tests.conftest import REPO, hooked_env
 from tests.test_distill import distill_dict, tiny_teacher  # noqa: F401  (fixture)
-from tests.test_train import cli_error, write_config
+from tests.test_train import cli_error, stop_after, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -127,17 +127,50 @@ def test_an_fp16_cache_differs_from_the_live_teacher_by_fp16_rounding_only(tiny_
 
 def test_replay_under_another_batch_size_reads_each_samples_row(tiny_imagefolder, tiny_teacher, tmp_path):  # noqa: F811
     raw = kd_raw(tiny_imagefolder, tmp_path / "runs", tiny_teacher, tmp_path / "cache", batch_size=8)
-    record(raw, epochs=1)
+    record(raw, epochs=2)
     other = kd_raw(tiny_imagefolder, tmp_path / "runs", tiny_teacher, tmp_path / "cache", batch_size=5)
-    loaders, teacher = live_teacher(config_from_dict(other), tiny_teacher)
-    cache = TeacherCache(tmp_path / "cache", json.loads((tmp_path / "cache" / "manifest.json").read_text()))
-    loaders.train.set_epoch(0)
+    cfg = config_from_dict(other)
+    loaders, teacher = live_teacher(cfg, tiny_teacher)
+    cache = TeacherCache.open(tmp_path / "cache", engine.teacher_cache_key(
+        cfg, create_runtime(cfg.runtime), load_data(cfg.data), loaders.classes), epochs=2)
+    step = engine.build_distillation_step(cfg.distill, create_runtime(cfg.runtime),
+                                          torchvision.models.shufflenet_v2_x0_5(num_classes=10), None,
+                                          side_stream=False, recorded=CachedTeacher(cache, torch.device("cpu")))
+    step.set_epoch(1)
+    loaders.train.set_epoch(1)
     batches = list(loaders.train.indexed())
     assert [len(i) for _, _, i in batches] == [5] * 8
-    for images, _, indices in batches:
+    for images, labels, indices in batches:
         with torch.no_grad():
             live = teacher(images)  # another batch composition than when recorded: equal up to float rounding
-        torch.testing.assert_close(torch.from_numpy(cache.rows(0, indices.numpy())), live, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(step.teacher_logits(images, indices), live, rtol=1e-4, atol=1e-3)
+        assert torch.isfinite(step(images, labels, indices).loss)
+
+
+def test_a_cached_distillation_resumes_exactly_and_only_with_its_own_cache(tiny_imagefolder, tiny_teacher,  # noqa: F811
+                                                                           tmp_path, monkeypatch, capsys):
+    raws = [kd_raw(tiny_imagefolder, tmp_path / name, tiny_teacher, tmp_path / "cache", backend="dali",
+                   dali_device="cpu") for name in ("straight", "stopped")]
+    record(raws[0])
+    engine.distill(config_from_dict(raws[0]), progress=False)
+    with monkeypatch.context() as patch:
+        stop_after(patch, 7)  # inside epoch 2: the DALI pipeline is rebuilt at (1, 2) on resume
+        with pytest.raises(loop.Interrupted):
+            engine.distill(config_from_dict(raws[1]), progress=False)
+    engine.distill(config_from_dict(raws[1]), resume=True, progress=False)
+    a, b = final_weights(raws[0]), final_weights(raws[1])
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # The same folder recorded again (in fp16 now) is other logits: a resume from it is refused.
+    with monkeypatch.context() as patch:
+        stop_after(patch, 7)
+        stopped = kd_raw(tiny_imagefolder, tmp_path / "again", tiny_teacher, tmp_path / "cache")
+        with pytest.raises(loop.Interrupted):
+            engine.distill(config_from_dict(stopped), progress=False)
+    shutil.rmtree(tmp_path / "cache")
+    record(stopped, dtype="fp16")
+    config = write_config(tmp_path / "kd.yaml", stopped)
+    message = cli_error(capsys, "distill", "--config", str(config), "--resume")
+    assert "was trained from other teacher logits than those in" in message
 
 
 def torchrun(*args: str) -> subprocess.CompletedProcess:

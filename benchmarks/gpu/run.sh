@@ -92,6 +92,12 @@ if want smoke; then
   step smoke-train-compiled 240 "${fastkd[@]}" train --config configs/bench/gpu_r50_r18_224.yaml "${smoke[@]}" \
     run.name=s5 distill=null data.backend=synthetic data.synthetic_train_samples=4096 data.synthetic_val_samples=512 \
     runtime.compile=true "${small[@]}"
+  cache=(distill.teacher.arch=resnet18 distill.teacher.checkpoint="$work/runs/s2/best.pt" distill.allow_weak_teacher=true
+         distill.teacher_cache="$work/teacher-cache" data.dali_device=gpu)
+  step smoke-teacher-cache-record 150 "${fastkd[@]}" teacher-cache --config configs/bench/gpu_224.yaml --epochs 1 \
+    --no-progress "${runs[@]}" data.root="$data" data.generate_demo=false optim.epochs=1 "${cache[@]}" "${small[@]}"
+  step smoke-distill-cached 150 "${fastkd[@]}" distill --config configs/bench/gpu_224.yaml "${smoke[@]}" \
+    run.name=s6 "${cache[@]}" "${small[@]}"
   step smoke-distill-dali-hybrid 150 "${fastkd[@]}" distill --config configs/bench/gpu_224.yaml "${smoke[@]}" \
     run.name=s4 distill.teacher.arch=resnet18 distill.teacher.checkpoint="$work/runs/s2/best.pt" \
     distill.allow_weak_teacher=true data.dali_device=cpu "${small[@]}"
@@ -104,7 +110,7 @@ fi
 
 if want kd; then
   window=(--steps 20 --warmup 8 --repeats 3)
-  step bench-r50-r18 300 "${fastkd[@]}" bench --config configs/bench/gpu_r50_r18_224.yaml --what train,distill \
+  step bench-r50-r18 300 "${fastkd[@]}" bench --config configs/bench/gpu_r50_r18_224.yaml --what train,distill,distill-cached \
     --backends synthetic,dali-gpu,torchvision "${window[@]}" "${bench[@]}"
   step bench-shufflenet 300 "${fastkd[@]}" bench --config configs/bench/gpu_224.yaml --what train,distill \
     --backends synthetic,dali-gpu,torchvision "${window[@]}" "${bench[@]}"
