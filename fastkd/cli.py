@@ -243,7 +243,6 @@ def _print_summary(run_dir: Path, summary: dict) -> None:
 
 
 def _exit_interrupted(stop: "Interrupted", argv: list[str]) -> None:
-    import os
 
     command = list(argv)
     if "--resume" not in command:
