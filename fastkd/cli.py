@@ -243,7 +243,6 @@ def _print_summary(run_dir: Path, summary: dict) -> None:
 
 
 def _exit_interrupted(stop: "Interrupted", argv: list[str]) -> None:
-
     command = list(argv)
     if "--resume" not in command:
         command.insert(command.index(next(a for a in command if a in ("train", "distill"))) + 1, "--resume")
