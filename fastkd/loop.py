@@ -23,6 +23,7 @@ from fastkd.errors import FastkdError
 from fastkd.metrics import Meter, NonFiniteGuard, RunLogger, percent, topk_correct
 from fastkd.optim import optimizer_params, set_lr
 from fastkd.runtime import Runtime, rng_state
+from fastkd.steps import frozen_forward
 from pipelines.base import Loader
 
 
@@ -254,13 +255,10 @@ def evaluate(model: nn.Module, loader: Loader, runtime: Runtime, precision: str 
     model.eval()
     meter = Meter(runtime.device, names=("loss", "top1", "top5"))  # fixed: a rank may see no batch
     resolved = runtime.resolve_precision(precision)  # type: ignore[arg-type]
-    input_dtype = runtime.input_dtype(resolved)
     loader.set_epoch(0)
     for images, labels in loader:
-        if input_dtype is not None:
-            images = images.to(input_dtype)
-        with runtime.autocast(resolved):
-            logits = model(images)
+        logits = frozen_forward(model, images, autocast=lambda: runtime.autocast(resolved),
+                                input_dtype=runtime.input_dtype(resolved))
         correct = topk_correct(logits, labels)
         loss_sum = F.cross_entropy(logits.float(), labels, reduction="sum")
         meter.update(labels.shape[0], {"loss": loss_sum, "top1": correct[0], "top5": correct[1]})

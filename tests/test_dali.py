@@ -74,14 +74,19 @@ def test_training_stream_resumes_exactly_at_any_epoch_and_batch(tiny_imagefolder
     assert rest == full[epochs_before * per_epoch + batches_before:]
 
 
-def test_dali_and_torchvision_cut_the_same_training_crops(tiny_imagefolder):
-    """Same order, same crop and flip per (seed, epoch, sample); pixels differ by resampling only."""
+def training_batches_per_backend(root, *, seed: int, epoch: int, **data) -> dict[str, list]:
+    """One epoch of (images, labels, indices) training batches of 8 from torchvision and DALI."""
     batches = {}
     for backend in ("torchvision", "dali"):
-        loader = build_loaders(data_config(tiny_imagefolder, backend, image_size=48, val_resize=55, batch_size=8), spec=CPU,
-                               seed=3).train
-        loader.set_epoch(2)
+        loader = build_loaders(data_config(root, backend, batch_size=8, **data), spec=CPU, seed=seed).train
+        loader.set_epoch(epoch)
         batches[backend] = list(loader.indexed())
+    return batches
+
+
+def test_dali_and_torchvision_cut_the_same_training_crops(tiny_imagefolder):
+    """Same order, same crop and flip per (seed, epoch, sample); pixels differ by resampling only."""
+    batches = training_batches_per_backend(tiny_imagefolder, seed=3, epoch=2, image_size=48, val_resize=55)
     assert len(batches["dali"]) == len(batches["torchvision"]) == 5
     for (a, la, ia), (b, lb, ib) in zip(batches["torchvision"], batches["dali"]):
         assert torch.equal(ia, ib) and torch.equal(la, lb)
@@ -104,12 +109,7 @@ def test_exif_oriented_training_images_are_cut_like_torchvision(tmp_path):
                 exif = image.getexif()
                 exif[0x0112] = orientation
                 image.save(tmp_path / split / folder / f"{i}.jpg", exif=exif, quality=95)
-    batches = {}
-    for backend in ("torchvision", "dali"):
-        loader = build_loaders(data_config(tmp_path, backend, image_size=32, val_resize=36, batch_size=8), spec=CPU,
-                               seed=0).train
-        loader.set_epoch(0)
-        batches[backend] = list(loader.indexed())
+    batches = training_batches_per_backend(tmp_path, seed=0, epoch=0, image_size=32, val_resize=36)
     assert len(batches["torchvision"]) == len(batches["dali"]) == 1
     for (a, _, ia), (b, _, ib) in zip(batches["torchvision"], batches["dali"]):
         assert torch.equal(ia, ib) and len(ia) == 8
