@@ -34,13 +34,16 @@ from fastkd.runtime import Runtime, create_runtime, seed_everything
 from fastkd.steps import ClassificationStep, DistillationStep
 from fastkd.teacher_cache import CacheKey, CachedTeacher, TeacherCache
 from pipelines import build_loaders, load_data
-from pipelines.base import Loader
+from pipelines.base import Loader, Shard
+from pipelines.loaders import loader_workers
 from pipelines.datasets import Dataset
 
 BACKENDS = ("torchvision", "dali-cpu", "dali-gpu", "synthetic")
-WHATS = ("loader", "train", "distill", "distill-cached")
-"""distill-cached: the student against logits read from a teacher cache (`fastkd teacher-cache`),
-no teacher forward; the cache is a temporary one of random logits (speed does not depend on them)."""
+WHATS = ("loader", "loader-stages", "train", "distill", "distill-cached")
+"""loader-stages: DALI CPU pipelines cut after each stage of the training graph (dali-cpu only;
+`pipelines.dali_stages`). distill-cached: the student against logits read from a teacher cache
+(`fastkd teacher-cache`), no teacher forward; the cache is a temporary one of random logits
+(speed does not depend on them)."""
 
 
 @dataclass(frozen=True)
@@ -203,6 +206,24 @@ class Bench:
         window = self.window_for(loader)
         self.record("loader", backend, timed_windows(window, one, self.runtime.synchronize), warmup=window.warmup)
 
+    def measure_dali_stages(self, stages: Sequence[str]) -> None:
+        """Images/second of DALI CPU pipelines ending after each of `stages` (`pipelines.dali_stages`)."""
+        from pipelines.dali_stages import CEILING, run_endlessly, stage_pipeline
+
+        assert self.dataset is not None
+        data = self.cfg.data
+        threads = max(1, loader_workers(data.num_workers, Shard(), dali=True))
+        for stage in stages:
+            if any(r["what"] == "loader-stage" and r.get("stage") == stage for r in self.rows):
+                continue
+            pipe = stage_pipeline(stage, list(self.dataset.train.files), list(self.dataset.train.labels),
+                                  seed=self.cfg.data_seed, batch_size=data.batch_size, image_size=data.image_size,
+                                  num_threads=threads)
+            rates = timed_windows(self.window, run_endlessly(pipe), lambda: None)
+            del pipe  # its threads and Python workers go before the next stage is timed
+            self.record("loader-stage", "dali-cpu", rates, warmup=self.window.warmup, stage=stage,
+                        ceiling=stage == CEILING, dali_threads=threads)
+
     def _student(self) -> tuple[nn.Module, torch.optim.Optimizer, torch.amp.GradScaler]:
         seed_everything(self.cfg.run.seed, deterministic=False)
         model = create_model(self.cfg.model.arch, self.num_classes, image_size=self.cfg.data.image_size)
@@ -350,6 +371,17 @@ def run_bench(cfg: Config, *, config_path: str, what: Sequence[str], backends: S
             echo(f"[bench] {item} with {backend} ...")
             if item == "loader":
                 bench.measure_loader(backend)
+                if backend == "dali-cpu":
+                    from pipelines.dali_stages import CEILING
+
+                    bench.measure_dali_stages([CEILING])
+            elif item == "loader-stages":
+                if backend == "dali-cpu":
+                    from pipelines.dali_stages import STAGES
+
+                    bench.measure_dali_stages(STAGES)
+                else:
+                    bench.note(f"loader-stages measures dali-cpu pipelines; {backend} has none (--what loader times it)")
             elif item == "train":
                 bench.measure_steps("train", backend)
             else:
@@ -369,7 +401,7 @@ def run_bench(cfg: Config, *, config_path: str, what: Sequence[str], backends: S
             for row in bench.rows:
                 f.write(json.dumps(row) + "\n")
     echo(format_rows(bench.rows, bench.notes))
-    for sentence in bottleneck_sentences(bench.rows, runtime):
+    for sentence in loader_sentences(bench.rows) + bottleneck_sentences(bench.rows, runtime):
         echo(sentence)
     return bench.rows
 
@@ -384,7 +416,8 @@ def format_rows(rows: list[dict[str, Any]], notes: Sequence[str] = ()) -> str:
               f"{first['steps']} batches")
     table = markdown_table(
         ["what", "backend", "model", "images/s", "min", "max", "data wait"],
-        [[r["what"], r["backend"], r["model"] + (f" <- {r['teacher']}" if r.get("teacher") else ""),
+        [[r["what"], r["backend"] + (f": {r['stage']}" if r.get("stage") else ""),
+          r["model"] + (f" <- {r['teacher']}" if r.get("teacher") else ""),
           f"{r['images_per_sec']:.1f}", f"{r['min']:.1f}", f"{r['max']:.1f}",
           f"{r['data_wait_fraction']:.0%}" if r.get("data_wait_fraction") is not None else ""] for r in rows])
     stage_rows = [r for r in rows if r.get("stages")]
@@ -396,6 +429,20 @@ def format_rows(rows: list[dict[str, Any]], notes: Sequence[str] = ()) -> str:
             ["what", "backend", *names],
             [[r["what"], r["backend"], *[f"{r['stages'].get(n, 0.0):.1f}" for n in names]] for r in stage_rows])
     return header + "\n\n" + table + stages + "".join(f"\n- {n}" for n in notes)
+
+
+def loader_sentences(rows: list[dict[str, Any]]) -> list[str]:
+    """The DALI CPU loader against the machine's decode ceiling and the torchvision DataLoader."""
+    ceiling_row = next((r for r in rows if r.get("ceiling")), None)
+    ceiling = ceiling_row["images_per_sec"] if ceiling_row else None
+    loaders = {r["backend"]: r["images_per_sec"] for r in rows if r["what"] == "loader"}
+    if ceiling is None or "dali-cpu" not in loaders:
+        return []
+    rate = loaders["dali-cpu"]
+    versus = (f" and {rate / loaders['torchvision']:.2f}x the torchvision DataLoader ({loaders['torchvision']:.0f} "
+              "images/s)") if loaders.get("torchvision") else ""
+    return [f"The dali-cpu loader yields {rate:.0f} images/s: {rate / ceiling:.0%} of DALI's bare "
+            f"{ceiling_row['stage']} on this machine (the ceiling, {ceiling:.0f} images/s){versus}."]
 
 
 def bottleneck_sentences(rows: list[dict[str, Any]], runtime: Runtime) -> list[str]:

@@ -97,6 +97,8 @@ class DataConfig:
     """Share of JPEGs sent to the GPU's hardware JPEG decoder (A100/H100); the rest use CUDA nvJPEG."""
     dali_prefetch_queue: int = 2
     """Batches DALI prepares ahead of the training step."""
+    dali_cpu_resize: Literal["torch", "dali"] = "torch"
+    """Training on the CPU with DALI: who resizes, flips and normalizes the decoded crops: `torch` (its uint8 antialiased kernel, after the pipeline: the faster) or `dali` (inside the pipeline). Unused on a GPU."""
     synthetic_num_classes: int = 100
     """synthetic backend: number of classes."""
     synthetic_train_samples: int = 6400

@@ -119,11 +119,12 @@ def check_stream_state(state: dict[str, Any]) -> None:
                               "again, or resume it with the fastkd that began it")
 
 
-def oriented_size(data: bytes) -> tuple[int, int]:
-    """(width, height) of an encoded image as decoded, EXIF orientation applied (header only)."""
+def oriented_size(source: bytes | str) -> tuple[int, int]:
+    """(width, height) of an image (encoded bytes, or a file's path) as decoded, EXIF orientation
+    applied (from the header only)."""
     from pipelines.verify import unlimited_pixels
 
-    with unlimited_pixels(), Image.open(io.BytesIO(data)) as image:
+    with unlimited_pixels(), Image.open(io.BytesIO(source) if isinstance(source, bytes) else source) as image:
         width, height = image.size
         try:
             orientation = image.getexif().get(_EXIF_ORIENTATION, 1)

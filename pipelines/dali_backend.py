@@ -2,7 +2,10 @@
 
 Training:   Python source (order, crop and flip as explicit numbers: `pipelines.augment`) ->
             decode only the crop's region (`decoders.image_slice`) -> resize to image_size ->
-            flip + normalize (fp16 on a GPU with AMP, else fp32), HWC
+            flip + normalize (fp16 on a GPU with AMP, else fp32), HWC. Training on the CPU,
+            the pipeline ends at the decoded crops and torch's uint8 kernels finish them
+            (`pipelines.resample`, `data.dali_cpu_resize: torch`): DALI's CPU resize costs
+            more than its decoding.
 Validation: file reader -> decode -> resize shorter side to val_resize -> centre crop +
             normalize, HWC
 
@@ -12,7 +15,7 @@ Where each part runs follows `data.dali_device` and the training device:
 | ----------- | --------------- | ------------------------ | ----------------------- |
 | gpu         | cuda            | GPU (`mixed`: nvJPEG, and the hardware JPEG decoder of A100/H100-class GPUs) | GPU |
 | cpu         | cuda            | CPU (libjpeg-turbo)      | GPU (hybrid, as NVIDIA's examples: the batch leaves the pipeline on the GPU) |
-| cpu         | cpu             | CPU                      | CPU                     |
+| cpu         | cpu             | CPU                      | CPU (torch after the pipeline, or DALI: `data.dali_cpu_resize`) |
 
 HWC batches become NCHW channels-last views with `permute(0, 3, 1, 2)`: no copy.
 
@@ -29,6 +32,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 
 from fastkd.config import DataConfig
@@ -36,7 +40,8 @@ from fastkd.errors import ConfigError, DataError
 from pipelines.base import IMAGENET_MEAN, IMAGENET_STD, BatchSpec, Loaders, Shard
 from pipelines.datasets import Dataset, Split
 from pipelines.augment import check_stream_state, epoch_order, stream_state
-from pipelines.dali_source import PADDING, UNREADABLE, TrainSamples
+from pipelines.dali_source import PADDING, PARAMS, UNREADABLE, TrainSamples
+from pipelines.resample import CropFinisher
 from pipelines.torchvision_backend import BROKEN_HINT
 
 try:
@@ -49,6 +54,7 @@ else:
     _IMPORT_ERROR = None
 
 READER = "Reader"
+_FLIP, _LABEL, _INDEX = (PARAMS.index(name) for name in ("flip", "label", "index"))
 # Images whose header is read to size the decoders' preallocation (cheap: headers only).
 SIZE_HINT_SAMPLES = 64
 
@@ -106,6 +112,9 @@ class Placement:
     to_gpu_after_decode: bool
     """Hybrid: decode on the CPU, augment on the GPU."""
     decoder_hints: dict[str, Any]
+    finish_with_torch: bool = False
+    """Training on the CPU: the pipeline yields the decoded crops, torch resizes, flips and
+    normalizes them (`pipelines.resample`)."""
 
     @property
     def on_gpu(self) -> bool:
@@ -113,18 +122,24 @@ class Placement:
 
 
 def _train_graph(source: TrainSamples, *, place: Placement, image_size: int, dtype):
-    jpegs, anchor, shape, flip, label, index = fn.external_source(
-        source=source, batch=False, parallel=True, num_outputs=6, prefetch_queue_depth=2)
+    paths, params = fn.external_source(source=source, batch=False, parallel=True, num_outputs=2,
+                                       prefetch_queue_depth=2)
+    # Plain reads: mapping each small file measured slower than reading it.
+    jpegs = fn.io.file.read(paths, dont_use_mmap=True)
+    anchor, shape = fn.cast(params[0:2], dtype=types.INT32), fn.cast(params[2:4], dtype=types.INT32)
     # adjust_orientation: the window is in pixels of the EXIF-oriented image (DALI 2's default,
     # stated so that a DALI without it fails when the graph is built).
     images = fn.decoders.image_slice(
         jpegs, anchor, shape, device=place.decoder, output_type=types.RGB, axis_names="WH",
         normalized_anchor=False, normalized_shape=False, adjust_orientation=True, **place.decoder_hints)
+    if place.finish_with_torch:
+        return images, params
     if place.to_gpu_after_decode:
         images = images.gpu()
     images = fn.resize(images, size=[image_size, image_size], antialias=True)
-    images = _normalize(images, dtype=dtype, mirror=flip)
-    return images, (label.gpu() if place.on_gpu else label), index  # the index stays on the host
+    images = _normalize(images, dtype=dtype, mirror=fn.cast(params[4], dtype=types.INT32))
+    label = fn.cast(params[5], dtype=types.INT32)
+    return images, (label.gpu() if place.on_gpu else label), params[6]  # the index stays on the host
 
 
 def _torchvision_centre_crop(images, *, image_size: int, val_resize: int):
@@ -182,6 +197,7 @@ class DaliLoader:
                                            world_size=shard.world_size))
         self._position: tuple[int, int] | None = None
         """(epoch, batch) the training pipeline yields next; None when unknown (rebuild)."""
+        self._finisher = CropFinisher(spec.dtype)
         self._pipe = None
         if build:  # False only to inspect the graph (`create_pipeline`) where it cannot run
             self._iterator = self._build(0, 0)
@@ -225,6 +241,8 @@ class DaliLoader:
         self._pipe = pipe
         if self.train:
             self._position = (first_epoch, first_batch)
+            if self._place.finish_with_torch:
+                return _finished_with_torch(pipe, self._finisher, self._cfg.image_size)
             return DALIGenericIterator([pipe], ["images", "labels", "indices"], auto_reset=True,
                                        prepare_first_batch=False)
         return DALIGenericIterator([pipe], ["images", "labels"], reader_name=READER,
@@ -290,6 +308,30 @@ class DaliLoader:
             yield self.to_device(images, labels)
 
 
+class _finished_with_torch:
+    """Iterating yields one epoch of a CPU training pipeline's batches, their crops finished by
+    torch (`pipelines.resample`), as `{"images": NHWC float, "labels", "indices"}` (the keys of
+    DALI's iterator)."""
+
+    def __init__(self, pipe, finisher: CropFinisher, image_size: int):
+        self._pipe = pipe
+        self._finish = finisher
+        self._image_size = image_size
+
+    def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor]]]:
+        while True:
+            try:
+                crops, params = self._pipe.run()
+            except StopIteration:  # the source's epoch has ended
+                self._pipe.reset()
+                return
+            params = torch.from_numpy(np.array(params.as_tensor()))  # [B, len(PARAMS)]
+            params = params[params[:, _INDEX] != PADDING]  # padding samples are not worth resizing
+            # The crops are DALI's memory, valid until the next run(): each is read once, here.
+            images = self._finish(lambda k: torch.from_dlpack(crops[k]), params[:, _FLIP].tolist(), self._image_size)
+            yield ({"images": images, "labels": params[:, _LABEL].contiguous(), "indices": params[:, _INDEX].contiguous()},)
+
+
 _NOT_THE_DATA = ("out of memory", "cuda error", "cudaerror", "cuda_error", "allocation failed", "cuda driver",
                  "nvjpeg_status_allocator_failure", "nvjpeg_status_not_initialized")
 
@@ -301,7 +343,7 @@ def is_decode_failure(exc: Exception) -> bool:
     if UNREADABLE in text:
         return True
     text = text.lower()
-    from_data = "fn.decoders." in text or "fn.readers." in text
+    from_data = "fn.decoders." in text or "fn.readers." in text or "fn.io.file." in text
     return from_data and not any(marker in text for marker in _NOT_THE_DATA)
 
 
@@ -317,21 +359,25 @@ def _dali_reason(exc: Exception) -> str:
     return (named or useful or lines or ["unknown error"])[0][:300]
 
 
-def placement(dali_device: str, spec: BatchSpec, *, hw_decoder_load: float, files: list[str]) -> Placement:
+def placement(dali_device: str, spec: BatchSpec, *, hw_decoder_load: float, files: list[str],
+              cpu_resize: str = "torch") -> Placement:
     if dali_device == "gpu":
         width, height = size_hints(files)
         hints: dict[str, Any] = {"hw_decoder_load": hw_decoder_load}
         if width and height:
             hints.update(preallocate_width_hint=width, preallocate_height_hint=height)
         return Placement(decoder="mixed", to_gpu_after_decode=False, decoder_hints=hints)
-    return Placement(decoder="cpu", to_gpu_after_decode=spec.device.type == "cuda", decoder_hints={})
+    on_cpu = spec.device.type != "cuda"
+    return Placement(decoder="cpu", to_gpu_after_decode=not on_cpu, decoder_hints={},
+                     finish_with_torch=on_cpu and cpu_resize == "torch")
 
 
 def build_dali_loaders(cfg: DataConfig, dataset: Dataset, *, spec: BatchSpec, seed: int, shard: Shard,
                        num_threads: int, val_batch_size: int) -> Loaders:
     _require_dali()
     device = resolve_dali_device(cfg.dali_device, spec.device)
-    place = placement(device, spec, hw_decoder_load=cfg.dali_hw_decoder_load, files=dataset.train.files)
+    place = placement(device, spec, hw_decoder_load=cfg.dali_hw_decoder_load, files=dataset.train.files,
+                      cpu_resize=cfg.dali_cpu_resize)
     common = dict(cfg=cfg, place=place, seed=seed, shard=shard, spec=spec, num_threads=num_threads)
     return Loaders(DaliLoader(dataset.train, train=True, batch_size=cfg.batch_size, **common),
                    DaliLoader(dataset.val, train=False, batch_size=val_batch_size, **common),

@@ -2,10 +2,14 @@
 
 DALI's parallel external source calls a `TrainSamples` object in Python worker processes, once
 per sample, with the sample's place in the stream (`SampleInfo`: epoch and position). It
-returns the encoded file, the crop (anchor and shape, in pixels of the EXIF-oriented image),
-the flip, the label and the sample's index: the same numbers the torchvision backend uses
-(`pipelines.augment`), so both cut the same crops. Light on purpose (no torch): DALI starts
-its workers by forking or, once CUDA is initialized, by spawning processes that import it.
+returns the file's path (UTF-8 bytes: DALI's `fn.io.file.read` reads the file in its own
+threads) and one int64 row of numbers (`PARAMS`): the crop (anchor and shape, in pixels of the
+EXIF-oriented image), the flip, the label and the sample's index: the same numbers the
+torchvision backend uses (`pipelines.augment`), so both cut the same crops. One row rather
+than one output per number: the pipeline's caller feeds every output of every sample to DALI
+on the training thread. The image's size comes from its header, parsed once per worker. Light
+on purpose (no torch): DALI starts its workers by forking or, once CUDA is initialized, by
+spawning processes that import it.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ UNREADABLE = "fastkd: cannot read "
 """Starts the message of a file that cannot be read or whose header cannot be parsed."""
 PADDING = -1
 """The index of a padding sample (a repeat that fills an epoch's last batch); dropped after DALI."""
+PARAMS = ("left", "top", "width", "height", "flip", "label", "index")
+"""The numbers of a sample, in the order of its params row."""
 
 
 class TrainSamples:
@@ -39,6 +45,8 @@ class TrainSamples:
         self.first_epoch = first_epoch
         self.first_batch = first_batch
         self._order: tuple[int, list[int]] | None = None
+        self._sizes: dict[int, tuple[int, int]] = {}
+        """Oriented (width, height) of the files seen (a header is parsed once per worker)."""
 
     def order(self, epoch: int) -> list[int]:
         if self._order is None or self._order[0] != epoch:
@@ -52,7 +60,7 @@ class TrainSamples:
         start = self.first_batch * self.batch_size if pipeline_epoch == 0 else 0
         return start, max(0, len(order) - start)
 
-    def __call__(self, sample_info: Any) -> tuple[np.ndarray, ...]:
+    def __call__(self, sample_info: Any) -> tuple[np.ndarray, np.ndarray]:
         start, count = self.samples_in_epoch(sample_info.epoch_idx)
         padded = -(-count // self.batch_size) * self.batch_size
         position = sample_info.idx_in_epoch
@@ -61,17 +69,14 @@ class TrainSamples:
         order = self.order(self.first_epoch + sample_info.epoch_idx)
         index = order[start + min(position, count - 1)]
         path = self.files[index]
-        try:
-            with open(path, "rb") as f:
-                data = f.read()
-            width, height = oriented_size(data)
-        except Exception as exc:  # named here: DALI would report only its worker's traceback
-            reason = "not an image, or an unsupported format" if isinstance(exc, UnidentifiedImageError) else exc
-            raise ValueError(f"{UNREADABLE}{path}: {reason}") from None
+        if index not in self._sizes:
+            try:
+                self._sizes[index] = oriented_size(path)
+            except Exception as exc:  # named here: DALI would report only its worker's traceback
+                reason = "not an image, or an unsupported format" if isinstance(exc, UnidentifiedImageError) else exc
+                raise ValueError(f"{UNREADABLE}{path}: {reason}") from None
+        width, height = self._sizes[index]
         crop = train_crop(self.seed, self.first_epoch + sample_info.epoch_idx, index, width, height)
-        return (np.frombuffer(data, dtype=np.uint8),
-                np.array([crop.left, crop.top], dtype=np.int32),
-                np.array([crop.width, crop.height], dtype=np.int32),
-                np.array(int(crop.flip), dtype=np.int32),
-                np.array(self.labels[index], dtype=np.int32),
-                np.array(index if position < count else PADDING, dtype=np.int64))
+        params = (crop.left, crop.top, crop.width, crop.height, int(crop.flip), self.labels[index],
+                  index if position < count else PADDING)
+        return np.frombuffer(path.encode(), dtype=np.uint8), np.array(params, dtype=np.int64)
