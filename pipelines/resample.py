@@ -49,14 +49,14 @@ class BatchBuffers:
         for i in free:
             tensor = self._pool[i][0]
             if tensor.shape == shape and tensor.dtype == dtype:
-                return tensor
+                return tensor.view(shape)  # a view: holding it counts as a use of the memory
         tensor = torch.empty(shape, dtype=dtype)
         if len(self._pool) >= self.capacity:
             if not free:  # the caller keeps every batch: nothing to recycle
                 return tensor
             del self._pool[free[0]]  # a free batch of another shape (the image size changed)
         self._pool.append((tensor, _storage_users(tensor)))
-        return tensor
+        return tensor.view(shape)
 
 
 @contextlib.contextmanager

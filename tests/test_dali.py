@@ -84,9 +84,12 @@ def training_batches_per_backend(root, *, seed: int, epoch: int, **data) -> dict
     return batches
 
 
-def test_dali_and_torchvision_cut_the_same_training_crops(tiny_imagefolder):
-    """Same order, same crop and flip per (seed, epoch, sample); pixels differ by resampling only."""
-    batches = training_batches_per_backend(tiny_imagefolder, seed=3, epoch=2, image_size=48, val_resize=55)
+@pytest.mark.parametrize("cpu_resize", ["torch", "dali"])
+def test_dali_and_torchvision_cut_the_same_training_crops(tiny_imagefolder, cpu_resize):
+    """Same order, same crop and flip per (seed, epoch, sample); pixels differ by resampling only,
+    whether torch (the default) or DALI resizes DALI's decoded crops."""
+    batches = training_batches_per_backend(tiny_imagefolder, seed=3, epoch=2, image_size=48, val_resize=55,
+                                           dali_cpu_resize=cpu_resize)
     assert len(batches["dali"]) == len(batches["torchvision"]) == 5
     for (a, la, ia), (b, lb, ib) in zip(batches["torchvision"], batches["dali"]):
         assert torch.equal(ia, ib) and torch.equal(la, lb)
@@ -214,6 +217,41 @@ def operator_devices(pipe) -> dict[str, str]:
         name = text.split("OpSpec for ", 1)[1].split(":", 1)[0].strip()
         devices[name] = text.split("device: ", 1)[1].split()[0]
     return devices
+
+
+def test_training_on_the_cpu_finishes_crops_with_torch_unless_told_otherwise():
+    cpu_spec = BatchSpec(device=torch.device("cpu"), dtype=torch.float32)
+    assert placement("cpu", cpu_spec, hw_decoder_load=0.65, files=[]).finish_with_torch
+    assert not placement("cpu", cpu_spec, hw_decoder_load=0.65, files=[], cpu_resize="dali").finish_with_torch
+    assert not placement("cpu", GPU_SPEC, hw_decoder_load=0.65, files=[]).finish_with_torch  # hybrid: GPU resize
+
+
+@pytest.mark.parametrize("cpu_resize", ["torch", "dali"])
+def test_batches_kept_by_the_caller_are_never_overwritten(tiny_imagefolder, cpu_resize):
+    """Batch memory is recycled (`pipelines.resample.BatchBuffers`) only once the caller has let
+    go of it: batches kept in a list equal the same stream read batch by batch."""
+    cfg = data_config(tiny_imagefolder, "dali", batch_size=4, dali_cpu_resize=cpu_resize)
+    on_the_fly = stream(build_loaders(cfg, spec=CPU, seed=0).train, 2)
+    loader = build_loaders(cfg, spec=CPU, seed=0).train
+    kept = [batch for epoch in range(2) for batch in (loader.set_epoch(epoch), list(loader))[1]]
+    assert [(labels.tolist(), float(images.double().sum())) for images, labels in kept] == on_the_fly
+    assert len({images.data_ptr() for images, _ in kept}) == len(kept)
+
+
+def test_a_file_gone_after_the_first_epoch_is_named(tiny_imagefolder, tmp_path):
+    """Sizes are read once, files every epoch (by DALI): a file removed mid-run is a data error
+    naming it, not a crash in a worker."""
+    import shutil
+
+    root = tmp_path / "data"
+    shutil.copytree(tiny_imagefolder, root)
+    loader = build_loaders(data_config(root, "dali", batch_size=8, verify_images=False), spec=CPU, seed=0).train
+    list(loader)
+    gone = sorted((root / "train").rglob("*.*"))[0]
+    gone.unlink()
+    loader.set_epoch(1)
+    with pytest.raises(DataError, match=gone.name):
+        list(loader)
 
 
 def test_decoder_hints_come_from_the_data(tiny_imagefolder):

@@ -1,0 +1,58 @@
+"""Crops finished by torch on the CPU (`pipelines.resample`), against PIL's resize (what the
+torchvision backend uses), and the batch pool's reuse rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipelines.base import IMAGENET_MEAN, IMAGENET_STD
+from pipelines.resample import BatchBuffers, CropFinisher
+
+
+def pil_reference(crop: np.ndarray, size: int, flip: bool) -> torch.Tensor:
+    """torchvision's path: PIL's bilinear (antialiased) resize, flip, then (x / 255 - mean) / std."""
+    image = Image.fromarray(crop).resize((size, size), Image.BILINEAR)
+    if flip:
+        image = image.transpose(Image.FLIP_LEFT_RIGHT)
+    pixels = torch.from_numpy(np.asarray(image, dtype=np.float64) / 255)
+    return ((pixels - torch.tensor(IMAGENET_MEAN, dtype=torch.float64)) / torch.tensor(IMAGENET_STD, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("size", [32, 224])
+def test_finished_crops_match_pil_within_a_grey_level(size):
+    rng = np.random.default_rng(0)
+    shapes = [(300, 280), (size, size), (size // 2 + 3, size + 17), (611, 97)]  # down, same, up, stretched
+    crops = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in shapes]
+    for crop in crops[:2]:  # smooth content as well as noise
+        crop[:] = np.linspace(0, 255, crop.shape[1], dtype=np.uint8)[None, :, None]
+    flips = [True, False, True, False]
+    batch = CropFinisher()(lambda k: torch.from_numpy(crops[k]), flips, size)
+    assert batch.shape == (4, size, size, 3) and batch.dtype == torch.float32
+    assert batch.permute(0, 3, 1, 2).is_contiguous(memory_format=torch.channels_last)
+    grey_level = 1 / 255 / min(IMAGENET_STD)
+    for k, (crop, flip) in enumerate(zip(crops, flips)):
+        difference = (batch[k].double() - pil_reference(crop, size, flip)).abs()
+        assert difference.mean() < 0.25 * grey_level, (k, difference.mean() / grey_level)  # rounding only
+        assert difference.max() <= 1.01 * grey_level, (k, difference.max() / grey_level)
+
+
+def test_a_batch_is_reused_only_once_nobody_holds_it():
+    pool = BatchBuffers(capacity=2)
+    first = pool.empty((2, 4, 4, 3), torch.float32)
+    address = first.data_ptr()
+    view = first.permute(0, 3, 1, 2)[:1]  # what a caller keeps: a view, not the tensor itself
+    del first
+    second = pool.empty((2, 4, 4, 3), torch.float32)
+    assert second.data_ptr() != address  # the view still holds the first batch
+    del view, second
+    assert pool.empty((2, 4, 4, 3), torch.float32).data_ptr() == address  # released: reused
+    held = [pool.empty((2, 4, 4, 3), torch.float32) for _ in range(4)]  # more than the pool holds
+    assert len({t.data_ptr() for t in held}) == 4
+    del held
+    other = pool.empty((1, 8, 8, 3), torch.float32)  # a new size evicts a free batch of the old size
+    address = other.data_ptr()
+    del other
+    assert pool.empty((1, 8, 8, 3), torch.float32).data_ptr() == address
