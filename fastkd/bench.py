@@ -133,13 +133,18 @@ class StageClock:
 
 
 def _next_batch(stream: Iterator, loader: Loader, clock: StageClock):
-    """Next (images, labels, indices); host wait and host-to-device copy are timed separately."""
+    """Next (images, labels, indices, teacher images); host wait and host-to-device copy are timed separately."""
     started = time.perf_counter()
-    item = next(stream)
+    images, labels, indices, teacher = next(stream)
     clock.host_time("data wait", time.perf_counter() - started)
-    if hasattr(loader, "to_device"):
-        return (*clock.device("host-to-device copy", lambda: loader.to_device(item[0], item[1])), item[2])
-    return item
+    if not hasattr(loader, "to_device"):
+        return images, labels, indices, teacher
+
+    def copy():
+        return (*loader.to_device(images, labels), None if teacher is None else loader.images_to_device(teacher))
+
+    images, labels, teacher = clock.device("host-to-device copy", copy)
+    return images, labels, indices, teacher
 
 
 def _stage_stream(loader: Loader) -> Iterator:
@@ -158,12 +163,16 @@ class Bench:
     rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
 
-    def loaders(self, backend: str):
+    def loaders(self, backend: str, *, teacher_view: bool = False):
+        """The backend's loaders; `teacher_view`: with the teacher's own view of each crop, if it has one."""
         data = dataclasses.replace(self.cfg.data, **backend_overrides(backend))
+        teacher_size = self.cfg.distill.teacher.image_size if teacher_view and self.cfg.distill else None
         if backend == "synthetic":
             data = dataclasses.replace(data, synthetic_num_classes=self.num_classes)
-            return build_loaders(data, spec=self.runtime.batch_spec, seed=self.cfg.data_seed)
-        return build_loaders(data, spec=self.runtime.batch_spec, seed=self.cfg.data_seed, dataset=self.dataset)
+            return build_loaders(data, spec=self.runtime.batch_spec, seed=self.cfg.data_seed,
+                                 teacher_image_size=teacher_size)
+        return build_loaders(data, spec=self.runtime.batch_spec, seed=self.cfg.data_seed, dataset=self.dataset,
+                             teacher_image_size=teacher_size)
 
     @property
     def num_classes(self) -> int:
@@ -178,6 +187,7 @@ class Bench:
             "steps": self.window.steps, "warmup": warmup, "batch_size": cfg.data.batch_size,
             "image_size": cfg.data.image_size, "model": cfg.model.arch,
             "teacher": cfg.distill.teacher.arch if cfg.distill and what.startswith("distill") else None,
+            "teacher_image_size": cfg.distill.teacher.image_size if cfg.distill and what.startswith("distill") else None,
             "precision": self.runtime.precision, "channels_last": self.runtime.channels_last,
             "compile": self.runtime.compile, "num_workers": cfg.data.num_workers,
             "dali_cpu_resize": cfg.data.dali_cpu_resize if backend == "dali-cpu" else None, **extra,
@@ -270,7 +280,7 @@ class Bench:
             return self._measure_steps(what, backend, side_stream=side_stream, cache_folder=Path(folder))
 
     def _measure_steps(self, what: str, backend: str, *, side_stream: bool | None, cache_folder: Path) -> dict[str, Any]:
-        loader = self.loaders(backend).train
+        loader = self.loaders(backend, teacher_view=what == "distill").train
         model, optimizer, scaler = self._student()
         if what == "train":
             step: nn.Module = ClassificationStep(model, autocast=self.runtime.autocast)
@@ -289,9 +299,9 @@ class Bench:
 
         def one() -> int:
             started = time.perf_counter()
-            images, labels, indices = next(stream)
+            images, labels, indices, teacher_images = next(stream)
             waited[0] += time.perf_counter() - started
-            backward(step(images, labels, indices).loss, optimizer, scaler)
+            backward(step(images, labels, indices, teacher_images).loss, optimizer, scaler)
             apply_update(optimizer, scaler, params, None)
             return labels.shape[0]
 
@@ -329,10 +339,11 @@ class Bench:
             if index == 2:  # two untimed batches first
                 clock = StageClock(self.runtime)
                 self.runtime.synchronize()
-            images, labels, indices = _next_batch(stream, loader, clock)
+            images, labels, indices, teacher_images = _next_batch(stream, loader, clock)
+            teacher_view = images if teacher_images is None else teacher_images
             if isinstance(step, DistillationStep):
                 stage = "cache lookup" if step.recorded is not None else "teacher forward"
-                teacher_logits = clock.device(stage, lambda: step.teacher_logits(images, indices))
+                teacher_logits = clock.device(stage, lambda: step.teacher_logits(teacher_view, indices))
                 clock.device("student forward+backward", lambda: backward(
                     step.student_output(images, labels, teacher_logits).loss, optimizer, scaler))
             else:

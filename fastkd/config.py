@@ -72,9 +72,17 @@ class DataConfig:
     dali_device: Literal["auto", "gpu", "cpu"] = "auto"
     """Where DALI decodes: `gpu` (nvJPEG, `mixed`), `cpu`, or `auto` (gpu when CUDA is available)."""
     image_size: int = 224
-    """Training crop side (RandomResizedCrop) and validation centre-crop side, in pixels."""
-    val_resize: int = 256
-    """Validation: shorter side resized to this many pixels before the centre crop."""
+    """Training crop side (RandomResizedCrop) in pixels: the whole run's, or the end of a size schedule (`start_image_size`)."""
+    start_image_size: Optional[int] = None
+    """Progressive resolution: the training size at first; it grows to `image_size` over `size_ramp_epochs`. null = `image_size` throughout."""
+    size_ramp_epochs: Optional[tuple[int, int]] = None
+    """[first, last] (0-based epochs): `start_image_size` up to epoch `first`, then linear to `image_size` at epoch `last`, rounded to a multiple of `image_size_step`."""
+    image_size_step: int = 32
+    """Scheduled training sizes are multiples of this many pixels."""
+    val_image_size: Optional[int] = None
+    """Validation centre-crop side; null = `image_size` (train low, test high: set it above)."""
+    val_resize: Optional[int] = None
+    """Validation: shorter side resized to this many pixels before the centre crop; null = 8/7 of the validation crop (256 for 224)."""
     batch_size: int = 64
     """Training images per step per process (the global batch is this times the world size)."""
     val_batch_size: Optional[int] = None
@@ -112,8 +120,24 @@ class DataConfig:
         _require(self.backend == "synthetic" or bool(self.root), "root",
                  "is required (the dataset folder) unless data.backend is synthetic")
         _require(self.image_size >= 16, "image_size", f"must be >= 16, got {self.image_size}")
-        _require(self.val_resize >= self.image_size, "val_resize",
-                 f"must be >= data.image_size ({self.image_size}), got {self.val_resize}")
+        _require(self.image_size_step >= 1, "image_size_step", f"must be >= 1, got {self.image_size_step}")
+        if self.start_image_size is not None:
+            for key in ("start_image_size", "image_size"):
+                size = getattr(self, key)
+                _require(size >= 16 and size % self.image_size_step == 0, key,
+                         f"must be a multiple of data.image_size_step ({self.image_size_step}) and >= 16 with a size "
+                         f"schedule, got {size}")
+            ramp = self.size_ramp_epochs
+            _require(ramp is not None and 0 <= ramp[0] < ramp[1], "size_ramp_epochs",
+                     f"must be [first, last] epochs with 0 <= first < last when data.start_image_size is set, got "
+                     f"{list(ramp) if ramp else ramp}")
+        else:
+            _require(self.size_ramp_epochs is None, "size_ramp_epochs", "needs data.start_image_size (the size it ramps from)")
+        _require(self.val_image_size is None or self.val_image_size >= 16, "val_image_size",
+                 f"must be >= 16 or null, got {self.val_image_size}")
+        _require(self.val_resize is None or self.val_resize >= self.val_crop_size, "val_resize",
+                 f"must be >= the validation crop (data.val_image_size or data.image_size: {self.val_crop_size}), "
+                 f"got {self.val_resize}")
         _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         _require(self.val_batch_size is None or self.val_batch_size >= 1, "val_batch_size",
                  f"must be >= 1 or null, got {self.val_batch_size}")
@@ -129,6 +153,16 @@ class DataConfig:
     @property
     def root_path(self) -> Path:
         return Path(_expand(self.root))
+
+    @property
+    def val_crop_size(self) -> int:
+        """The validation centre crop's side: `val_image_size`, or `image_size`."""
+        return self.val_image_size or self.image_size
+
+    @property
+    def val_resize_size(self) -> int:
+        """The validation resize of the shorter side: `val_resize`, or 8/7 of the crop (rounded)."""
+        return self.val_resize or int(self.val_crop_size * 8 / 7 + 0.5)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -228,8 +262,11 @@ class TeacherConfig:
     """A fastkd checkpoint (`best.pt` of a `fastkd train` run) or a plain torchvision state_dict."""
     precision: Optional[Precision] = None
     """Teacher autocast precision; null = same as runtime.precision."""
+    image_size: Optional[int] = None
+    """The teacher's input size: each training crop is also resized to it for the teacher (the student gets its own size from `data`); null = the teacher sees the student's batch."""
 
     def __post_init__(self) -> None:
+        _require(self.image_size is None or self.image_size >= 16, "image_size", f"must be >= 16 or null, got {self.image_size}")
         _require(bool(self.arch), "arch", "is required: the teacher's torchvision builder name")
         _require(bool(self.checkpoint), "checkpoint",
                  "is required: a trained teacher (fastkd never distils from a random teacher)")

@@ -34,7 +34,7 @@ from fastkd.optim import create_optimizer, lr_at
 from fastkd.runtime import Runtime, create_runtime, seed_everything, set_rng_state, shard_from_env
 from fastkd.steps import ClassificationStep, DistillationStep, frozen_forward
 from fastkd.teacher_cache import DTYPES, CacheKey, CachedTeacher, TeacherCache, dataset_digest, file_sha256
-from pipelines.augment import AUGMENTATION
+from pipelines.augment import AUGMENTATION, size_schedule
 from pipelines import build_loaders, load_data, loader_workers
 from pipelines.base import Loaders
 from pipelines.datasets import Dataset
@@ -82,13 +82,15 @@ def record_teacher_cache(cfg: Config, *, epochs: int | None = None, dtype: str =
     if epochs < 1:
         raise ConfigError(f"--epochs: must be >= 1, got {epochs}")
     check_arch(kd.teacher.arch, "distill.teacher.arch")
+    check_image_sizes(cfg)
     shard = shard_from_env()
     runtime = create_runtime(cfg.runtime, shard)
     with _process_group(shard.world_size, runtime):
         _ensure_demo_data(cfg, runtime)
         seed_everything(cfg.run.seed + shard.rank, deterministic=cfg.runtime.deterministic)
         dataset = _load_dataset(cfg, runtime)
-        loaders = build_loaders(cfg.data, spec=runtime.batch_spec, seed=cfg.data_seed, shard=shard, dataset=dataset)
+        loaders = build_loaders(cfg.data, spec=runtime.batch_spec, seed=cfg.data_seed, shard=shard, dataset=dataset,
+                                teacher_image_size=kd.teacher.image_size)
         key = teacher_cache_key(cfg, runtime, dataset, loaders.classes)
         teacher, about = load_checked_teacher(cfg, runtime, loaders)
         cache = None
@@ -124,7 +126,8 @@ def _record_epoch(cache: TeacherCache, epoch: int, teacher: nn.Module, loader, r
     loader.set_epoch(epoch)
     batches = tqdm(loader.indexed(), total=len(loader), desc=f"teacher logits, epoch {epoch}", leave=False,
                    disable=None if (progress and runtime.is_main) else True)
-    for images, _, indices in batches:
+    for images, _, indices, teacher_images in batches:
+        images = images if teacher_images is None else teacher_images
         logits = frozen_forward(teacher, images, autocast=lambda: runtime.autocast(precision),
                                 input_dtype=runtime.input_dtype(precision)).float()
         indices = indices.to(runtime.device)
@@ -166,7 +169,7 @@ def load_checked_teacher(cfg: Config, runtime: Runtime, loaders: Loaders) -> tup
     kd = cfg.distill
     assert kd is not None
     teacher = load_teacher(kd.teacher.arch, kd.teacher.checkpoint_path, loaders.classes,
-                           image_size=cfg.data.image_size)
+                           image_size=kd.teacher.image_size or cfg.data.image_size)
     teacher, _ = runtime.prepare_model(teacher, trainable=False)
     teacher_precision = runtime.resolve_precision(kd.teacher.precision)
     measured = evaluate(teacher, loaders.val, runtime, precision=teacher_precision)
@@ -182,6 +185,13 @@ def load_checked_teacher(cfg: Config, runtime: Runtime, loaders: Loaders) -> tup
                      "val_top1": measured["top1"], "val_top5": measured["top5"], "precision": teacher_precision}
 
 
+def teacher_input_size(cfg: Config) -> int | dict[str, int]:
+    """The size of the crops the teacher sees: its own (`distill.teacher.image_size`), else the
+    student's, which may follow a schedule (then its numbers)."""
+    assert cfg.distill is not None
+    return cfg.distill.teacher.image_size or size_schedule(cfg.data).describe()
+
+
 def teacher_cache_key(cfg: Config, runtime: Runtime, dataset: Dataset | None, classes: list[str]) -> CacheKey:
     """What a teacher cache must have been recorded for to serve this run."""
     kd = cfg.distill
@@ -191,7 +201,7 @@ def teacher_cache_key(cfg: Config, runtime: Runtime, dataset: Dataset | None, cl
     load_checkpoint(kd.teacher.checkpoint_path)  # a missing or unreadable teacher is an error here too
     return CacheKey(dataset=dataset_digest(dataset.train.files, dataset.train.labels, cfg.data.root_path),
                     num_samples=len(dataset.train), classes=list(classes), seed=cfg.data_seed,
-                    image_size=cfg.data.image_size, augmentation=dict(AUGMENTATION), teacher_arch=kd.teacher.arch,
+                    image_size=teacher_input_size(cfg), augmentation=dict(AUGMENTATION), teacher_arch=kd.teacher.arch,
                     teacher_checkpoint=file_sha256(kd.teacher.checkpoint_path),
                     teacher_precision=runtime.resolve_precision(kd.teacher.precision))
 
@@ -234,12 +244,33 @@ def near_chance_top1(num_classes: int, num_images: int) -> float:
     return 100.0 * max(2 * p, p + three_sigma)
 
 
+def live_teacher_view(cfg: Config) -> int | None:
+    """The side of the second view of each crop a live teacher needs (`distill.teacher.image_size`);
+    None when the teacher sees the student's batch or its logits come from a cache."""
+    kd = cfg.distill
+    return kd.teacher.image_size if kd is not None and not kd.teacher_cache else None
+
+
+def check_image_sizes(cfg: Config) -> None:
+    """Models built for one input size (ViTs) cannot follow a size schedule or another val size."""
+    models = [("model.arch", cfg.model.arch, cfg.data.image_size)]
+    if cfg.distill is not None:
+        models.append(("distill.teacher.arch", cfg.distill.teacher.arch,
+                       cfg.distill.teacher.image_size or cfg.data.image_size))
+    data = cfg.data
+    for key, arch, size in models:
+        if arch.startswith("vit_") and (data.start_image_size is not None or data.val_crop_size != size):
+            raise ConfigError(f"{key}: {arch} takes {size} px inputs only; it cannot train with data.start_image_size "
+                              f"or be validated at data.val_image_size {data.val_crop_size}")
+
+
 def _run(cfg: Config, *, resume: bool, progress: bool,
          make_step: Callable[[Config, Runtime, nn.Module, Loaders, Dataset | None], tuple[nn.Module, dict]] | None
          ) -> RunResult:
     check_arch(cfg.model.arch)
     if cfg.distill is not None:
         check_arch(cfg.distill.teacher.arch, "distill.teacher.arch")
+    check_image_sizes(cfg)
     shard = shard_from_env()
     runtime = create_runtime(cfg.runtime, shard)
     with _process_group(shard.world_size, runtime):
@@ -248,7 +279,8 @@ def _run(cfg: Config, *, resume: bool, progress: bool,
         _ensure_demo_data(cfg, runtime)
         seed_everything(cfg.run.seed + shard.rank, deterministic=cfg.runtime.deterministic)
         dataset = _load_dataset(cfg, runtime)
-        loaders = build_loaders(cfg.data, spec=runtime.batch_spec, seed=cfg.data_seed, shard=shard, dataset=dataset)
+        loaders = build_loaders(cfg.data, spec=runtime.batch_spec, seed=cfg.data_seed, shard=shard, dataset=dataset,
+                                teacher_image_size=live_teacher_view(cfg))
         if checkpoint is not None and list(checkpoint["classes"]) != loaders.classes:
             raise CheckpointError(f"--resume: the dataset's classes differ from those of {cfg.run_dir / 'last.pt'}")
 

@@ -151,12 +151,12 @@ def train_epoch(t: Training) -> tuple[dict[str, float], bool]:
     window_images, window_started = 0, time.perf_counter()
     started = window_started
     finished = True
-    for images, labels, indices in t.train_loader.indexed():
+    for images, labels, indices, teacher_images in t.train_loader.indexed():
         lr = t.lr_at(state.step)
         set_lr(t.optimizer, lr)
         batch_size = labels.shape[0]
         with runtime.no_host_sync():
-            out = t.step(images, labels, indices)
+            out = t.step(images, labels, indices, teacher_images)
             backward(out.loss, t.optimizer, t.scaler)
             apply_update(t.optimizer, t.scaler, params, t.grad_clip_norm)
             correct = topk_correct(out.logits.detach(), labels)

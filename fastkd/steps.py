@@ -36,7 +36,8 @@ class ClassificationStep(nn.Module):
     def set_epoch(self, epoch: int) -> None:
         pass
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor | None = None) -> StepOutput:
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor | None = None,
+                teacher_images: torch.Tensor | None = None) -> StepOutput:
         with self.autocast():
             logits = self.model(images)
         loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
@@ -139,8 +140,11 @@ class DistillationStep(nn.Module):
         with torch.cuda.stream(self.stream):
             return self._teacher_forward(images)
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor | None = None) -> StepOutput:
-        teacher_logits = self.teacher_logits(images, indices)  # queued first: overlaps the student below
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor | None = None,
+                teacher_images: torch.Tensor | None = None) -> StepOutput:
+        """`teacher_images`: the same crops at the teacher's own input size (None: it sees `images`)."""
+        teacher_view = images if teacher_images is None else teacher_images
+        teacher_logits = self.teacher_logits(teacher_view, indices)  # queued first: overlaps the student below
         return self.student_output(images, labels, teacher_logits)
 
     def student_output(self, images: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor) -> StepOutput:

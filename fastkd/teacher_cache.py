@@ -68,7 +68,8 @@ class CacheKey:
     num_samples: int
     classes: list[str]
     seed: int
-    image_size: int
+    image_size: int | dict[str, int]
+    """The side of the crops the teacher saw, or the numbers of their size schedule."""
     augmentation: dict[str, Any]
     teacher_arch: str
     teacher_checkpoint: str

@@ -87,6 +87,45 @@ def train_crop(seed: int, epoch: int, index: int, width: int, height: int) -> Cr
     return Crop(top, left, h, w, rng.random() < FLIP_PROBABILITY)
 
 
+@dataclass(frozen=True)
+class SizeSchedule:
+    """The training image side of each epoch (FFCV's progressive resizing): `start` up to epoch
+    `first`, then growing linearly to `end` at epoch `last`, rounded to the nearest multiple of
+    `step` (halves up); `end` from then on. Fixed at `end` without a `start`.
+
+    A pure function of the epoch, like the rest of the stream: every backend, rank and resumed
+    run sees the same size in the same epoch."""
+
+    end: int
+    start: int | None = None
+    first: int = 0
+    last: int = 1
+    step: int = 32
+
+    def at(self, epoch: int) -> int:
+        if self.start is None or epoch >= self.last:
+            return self.end
+        if epoch <= self.first:
+            return self.start
+        size = self.start + (self.end - self.start) * (epoch - self.first) / (self.last - self.first)
+        return int(math.floor(size / self.step + 0.5)) * self.step
+
+    def describe(self) -> int | dict[str, int]:
+        """The size, or the schedule's numbers (what a teacher cache records)."""
+        if self.start is None:
+            return self.end
+        return {"start": self.start, "end": self.end, "first": self.first, "last": self.last, "step": self.step}
+
+
+def size_schedule(data: Any) -> SizeSchedule:
+    """The training size schedule of a `DataConfig`."""
+    if data.start_image_size is None:
+        return SizeSchedule(end=data.image_size)
+    first, last = data.size_ramp_epochs
+    return SizeSchedule(end=data.image_size, start=data.start_image_size, first=first, last=last,
+                        step=data.image_size_step)
+
+
 def epoch_order(num_items: int, *, seed: int, epoch: int, shuffle: bool, rank: int = 0,
                 world_size: int = 1) -> list[int]:
     """This rank's sample indices for one epoch, in the order they are seen.

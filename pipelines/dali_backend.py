@@ -1,8 +1,10 @@
 """NVIDIA DALI pipelines: JPEG decoding and augmentation on the GPU (or DALI's CPU backend).
 
 Training:   Python source (order, crop and flip as explicit numbers: `pipelines.augment`) ->
-            decode only the crop's region (`decoders.image_slice`) -> resize to image_size ->
-            flip + normalize (fp16 on a GPU with AMP, else fp32), HWC. Training on the CPU,
+            decode only the crop's region (`decoders.image_slice`) -> resize to the epoch's
+            size (`data` size schedule; it comes with each sample, so a new size needs no new
+            pipeline) -> flip + normalize (fp16 on a GPU with AMP, else fp32), HWC; with a
+            teacher of its own input size, the same crop resized again for it. Training on the CPU,
             the pipeline ends at the decoded crops and torch's uint8 kernels finish them
             (`pipelines.resample`, `data.dali_cpu_resize: torch`): DALI's CPU resize costs
             more than its decoding.
@@ -39,7 +41,7 @@ from fastkd.config import DataConfig
 from fastkd.errors import ConfigError, DataError
 from pipelines.base import IMAGENET_MEAN, IMAGENET_STD, BatchSpec, Loaders, Shard
 from pipelines.datasets import Dataset, Split
-from pipelines.augment import check_stream_state, epoch_order, stream_state
+from pipelines.augment import check_stream_state, epoch_order, size_schedule, stream_state
 from pipelines.dali_source import PADDING, PARAMS, UNREADABLE, TrainSamples
 from pipelines.resample import CropFinisher
 from pipelines.torchvision_backend import BROKEN_HINT
@@ -54,7 +56,7 @@ else:
     _IMPORT_ERROR = None
 
 READER = "Reader"
-_FLIP, _LABEL, _INDEX = (PARAMS.index(name) for name in ("flip", "label", "index"))
+_PARAM = {name: i for i, name in enumerate(PARAMS)}
 # Images whose header is read to size the decoders' preallocation (cheap: headers only).
 SIZE_HINT_SAMPLES = 64
 
@@ -121,7 +123,9 @@ class Placement:
         return self.decoder == "mixed" or self.to_gpu_after_decode
 
 
-def _train_graph(source: TrainSamples, *, place: Placement, image_size: int, dtype):
+def _train_graph(source: TrainSamples, *, place: Placement, dtype, teacher_view: bool = False):
+    """Outputs: images, labels, indices (and the teacher's view of the same crops); on the CPU
+    with torch finishing, the decoded crops and the params rows."""
     paths, params = fn.external_source(source=source, batch=False, parallel=True, num_outputs=2,
                                        prefetch_queue_depth=2)
     # Plain reads: mapping each small file measured slower than reading it.
@@ -136,10 +140,17 @@ def _train_graph(source: TrainSamples, *, place: Placement, image_size: int, dty
         return images, params
     if place.to_gpu_after_decode:
         images = images.gpu()
-    images = fn.resize(images, size=[image_size, image_size], antialias=True)
-    images = _normalize(images, dtype=dtype, mirror=fn.cast(params[4], dtype=types.INT32))
-    label = fn.cast(params[5], dtype=types.INT32)
-    return images, (label.gpu() if place.on_gpu else label), params[6]  # the index stays on the host
+    flip = fn.cast(params[_PARAM["flip"]], dtype=types.INT32)
+
+    def view(side):  # the epoch's size comes with each sample: no rebuild when it changes
+        side = fn.cast(side, dtype=types.FLOAT)
+        return _normalize(fn.resize(images, resize_x=side, resize_y=side, antialias=True), dtype=dtype, mirror=flip)
+
+    label = fn.cast(params[_PARAM["label"]], dtype=types.INT32)
+    outputs = [view(params[_PARAM["size"]]), label.gpu() if place.on_gpu else label, params[_PARAM["index"]]]
+    if teacher_view:
+        outputs.append(view(params[_PARAM["teacher_size"]]))
+    return tuple(outputs)  # the index stays on the host
 
 
 def _torchvision_centre_crop(images, *, image_size: int, val_resize: int):
@@ -183,8 +194,11 @@ class DaliLoader:
     """A DALI pipeline + iterator honouring the batch contract of `pipelines.base`."""
 
     def __init__(self, split: Split, *, train: bool, batch_size: int, cfg: DataConfig, place: Placement, seed: int,
-                 shard: Shard, spec: BatchSpec, num_threads: int, build: bool = True):
+                 shard: Shard, spec: BatchSpec, num_threads: int, teacher_size: int | None = None,
+                 build: bool = True):
         self.batch_size = batch_size
+        self.teacher_size = teacher_size if train else None
+        """The side of the teacher's view of each training crop (None: no second view)."""
         self.spec = spec
         self.train = train
         self._place = place
@@ -227,10 +241,11 @@ class DaliLoader:
             if self.train:
                 source = TrainSamples(self._files, self._labels, seed=self._seed, rank=shard.rank,
                                       world_size=shard.world_size, batch_size=self.batch_size,
+                                      sizes=size_schedule(cfg), teacher_size=self.teacher_size,
                                       first_epoch=first_epoch, first_batch=first_batch)
-                return _train_graph(source, place=place, image_size=cfg.image_size, dtype=dtype)
-            return _val_graph(self._files, self._labels, place=place, image_size=cfg.image_size,
-                              val_resize=cfg.val_resize, shard=shard, dtype=dtype)
+                return _train_graph(source, place=place, dtype=dtype, teacher_view=self.teacher_size is not None)
+            return _val_graph(self._files, self._labels, place=place, image_size=cfg.val_crop_size,
+                              val_resize=cfg.val_resize_size, shard=shard, dtype=dtype)
 
         return pipeline()
 
@@ -242,9 +257,9 @@ class DaliLoader:
         if self.train:
             self._position = (first_epoch, first_batch)
             if self._place.finish_with_torch:
-                return _finished_with_torch(pipe, self._finisher, self._cfg.image_size)
-            return DALIGenericIterator([pipe], ["images", "labels", "indices"], auto_reset=True,
-                                       prepare_first_batch=False)
+                return _finished_with_torch(pipe, self._finisher)
+            outputs = ["images", "labels", "indices"] + (["teacher_images"] if self.teacher_size else [])
+            return DALIGenericIterator([pipe], outputs, auto_reset=True, prepare_first_batch=False)
         return DALIGenericIterator([pipe], ["images", "labels"], reader_name=READER,
                                    last_batch_policy=LastBatchPolicy.PARTIAL, auto_reset=True,
                                    prepare_first_batch=False)
@@ -264,9 +279,10 @@ class DaliLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_stream_state(state)
 
-    def host_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    def host_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
         """Stage 1: the pipeline's output (already on the GPU when DALI augments there): images,
-        labels and, for training, the samples' indices (on the host)."""
+        labels and, for training, the samples' indices (on the host) and the teacher's view of
+        the same crops (None without one)."""
         finished, start = False, self._position
         if self.train:
             self._position = None  # unknown until this epoch has been read to its end
@@ -275,13 +291,14 @@ class DaliLoader:
                 labels = batch["labels"]
                 if not labels.shape[0]:  # an uneven validation shard's empty trailing batch
                     continue
-                indices = batch.get("indices")
+                indices, teacher = batch.get("indices"), batch.get("teacher_images")
                 if indices is None:
-                    yield batch["images"], labels, None
+                    yield batch["images"], labels, None, None
                     continue
                 indices = indices.view(-1)
                 real = int((indices != PADDING).sum())  # host tensor: no device sync
-                yield batch["images"][:real], labels[:real], indices[:real]
+                yield (batch["images"][:real], labels[:real], indices[:real],
+                       None if teacher is None else teacher[:real])
             finished = True
         except Exception as exc:  # DALI raises RuntimeError, or Exception for its Python workers' errors
             if not is_decode_failure(exc):
@@ -291,32 +308,34 @@ class DaliLoader:
             if self.train and finished and start is not None:  # a whole epoch moves the pipeline on
                 self._position = (start[0] + 1, 0)
 
-    def to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stage 2: HWC -> NCHW view with channels-last strides (no copy); to the device if needed."""
+    def images_to_device(self, images: torch.Tensor) -> torch.Tensor:
+        """HWC -> NCHW view with channels-last strides (no copy); to the device if needed."""
         images = images.permute(0, 3, 1, 2).to(self.spec.device, non_blocking=True)
-        return (images.contiguous(memory_format=self.spec.memory_format),
-                labels.view(-1).to(self.spec.device, torch.int64, non_blocking=True))
+        return images.contiguous(memory_format=self.spec.memory_format)
 
-    def indexed(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage 2: images as `images_to_device`; labels to int64 on the device."""
+        return self.images_to_device(images), labels.view(-1).to(self.spec.device, torch.int64, non_blocking=True)
+
+    def indexed(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         if not self.train:
             raise NotImplementedError("sample indices come with training batches only")
-        for images, labels, indices in self.host_batches():
-            yield *self.to_device(images, labels), indices
+        for images, labels, indices, teacher in self.host_batches():
+            yield *self.to_device(images, labels), indices, None if teacher is None else self.images_to_device(teacher)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels, _ in self.host_batches():
+        for images, labels, *_ in self.host_batches():
             yield self.to_device(images, labels)
 
 
 class _finished_with_torch:
     """Iterating yields one epoch of a CPU training pipeline's batches, their crops finished by
-    torch (`pipelines.resample`), as `{"images": NHWC float, "labels", "indices"}` (the keys of
-    DALI's iterator)."""
+    torch (`pipelines.resample`) at the epoch's size (and at the teacher's, when it has its
+    own), as dicts with the keys of DALI's iterator."""
 
-    def __init__(self, pipe, finisher: CropFinisher, image_size: int):
+    def __init__(self, pipe, finisher: CropFinisher):
         self._pipe = pipe
         self._finish = finisher
-        self._image_size = image_size
 
     def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor]]]:
         while True:
@@ -326,10 +345,16 @@ class _finished_with_torch:
                 self._pipe.reset()
                 return
             params = torch.from_numpy(np.array(params.as_tensor()))  # [B, len(PARAMS)]
-            params = params[params[:, _INDEX] != PADDING]  # padding samples are not worth resizing
-            # The crops are DALI's memory, valid until the next run(): each is read once, here.
-            images = self._finish(lambda k: torch.from_dlpack(crops[k]), params[:, _FLIP].tolist(), self._image_size)
-            yield ({"images": images, "labels": params[:, _LABEL].contiguous(), "indices": params[:, _INDEX].contiguous()},)
+            params = params[params[:, _PARAM["index"]] != PADDING]  # padding samples are not worth resizing
+            flips = params[:, _PARAM["flip"]].tolist()
+            size, teacher_size = (int(params[0, _PARAM[name]]) for name in ("size", "teacher_size"))
+            # The crops are DALI's memory, valid until the next run(): read here, before it.
+            crop = lambda k: torch.from_dlpack(crops[k])  # noqa: E731
+            batch = {"images": self._finish(crop, flips, size), "labels": params[:, _PARAM["label"]].contiguous(),
+                     "indices": params[:, _PARAM["index"]].contiguous()}
+            if teacher_size:
+                batch["teacher_images"] = self._finish(crop, flips, teacher_size)
+            yield (batch,)
 
 
 _NOT_THE_DATA = ("out of memory", "cuda error", "cudaerror", "cuda_error", "allocation failed", "cuda driver",
@@ -373,12 +398,13 @@ def placement(dali_device: str, spec: BatchSpec, *, hw_decoder_load: float, file
 
 
 def build_dali_loaders(cfg: DataConfig, dataset: Dataset, *, spec: BatchSpec, seed: int, shard: Shard,
-                       num_threads: int, val_batch_size: int) -> Loaders:
+                       num_threads: int, val_batch_size: int, teacher_image_size: int | None = None) -> Loaders:
     _require_dali()
     device = resolve_dali_device(cfg.dali_device, spec.device)
     place = placement(device, spec, hw_decoder_load=cfg.dali_hw_decoder_load, files=dataset.train.files,
                       cpu_resize=cfg.dali_cpu_resize)
     common = dict(cfg=cfg, place=place, seed=seed, shard=shard, spec=spec, num_threads=num_threads)
-    return Loaders(DaliLoader(dataset.train, train=True, batch_size=cfg.batch_size, **common),
+    return Loaders(DaliLoader(dataset.train, train=True, batch_size=cfg.batch_size, teacher_size=teacher_image_size,
+                              **common),
                    DaliLoader(dataset.val, train=False, batch_size=val_batch_size, **common),
                    list(dataset.classes))

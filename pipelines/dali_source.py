@@ -19,14 +19,15 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import UnidentifiedImageError
 
-from pipelines.augment import epoch_order, oriented_size, train_crop
+from pipelines.augment import SizeSchedule, epoch_order, oriented_size, train_crop
 
 UNREADABLE = "fastkd: cannot read "
 """Starts the message of a file that cannot be read or whose header cannot be parsed."""
 PADDING = -1
 """The index of a padding sample (a repeat that fills an epoch's last batch); dropped after DALI."""
-PARAMS = ("left", "top", "width", "height", "flip", "label", "index")
-"""The numbers of a sample, in the order of its params row."""
+PARAMS = ("left", "top", "width", "height", "flip", "label", "index", "size", "teacher_size")
+"""The numbers of a sample, in the order of its params row (`size`: the epoch's scheduled side;
+`teacher_size`: the side of the teacher's view, 0 without one)."""
 
 
 class TrainSamples:
@@ -35,8 +36,11 @@ class TrainSamples:
     filled with padding samples (index `PADDING`), since DALI's sample mode has no partial batches."""
 
     def __init__(self, files: Sequence[str], labels: Sequence[int], *, seed: int, rank: int, world_size: int,
-                 batch_size: int, first_epoch: int = 0, first_batch: int = 0):
+                 batch_size: int, sizes: SizeSchedule, teacher_size: int | None = None, first_epoch: int = 0,
+                 first_batch: int = 0):
         self.files = list(files)
+        self.sizes = sizes
+        self.teacher_size = teacher_size or 0
         self.labels = list(labels)
         self.seed = seed
         self.rank = rank
@@ -76,7 +80,8 @@ class TrainSamples:
                 reason = "not an image, or an unsupported format" if isinstance(exc, UnidentifiedImageError) else exc
                 raise ValueError(f"{UNREADABLE}{path}: {reason}") from None
         width, height = self._sizes[index]
-        crop = train_crop(self.seed, self.first_epoch + sample_info.epoch_idx, index, width, height)
+        epoch = self.first_epoch + sample_info.epoch_idx
+        crop = train_crop(self.seed, epoch, index, width, height)
         params = (crop.left, crop.top, crop.width, crop.height, int(crop.flip), self.labels[index],
-                  index if position < count else PADDING)
+                  index if position < count else PADDING, self.sizes.at(epoch), self.teacher_size)
         return np.frombuffer(path.encode(), dtype=np.uint8), np.array(params, dtype=np.int64)

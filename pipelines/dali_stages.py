@@ -13,6 +13,7 @@ from typing import Any, Callable
 from nvidia.dali import fn, pipeline_def, types
 
 from pipelines.dali_backend import _normalize, _train_graph, Placement
+from pipelines.augment import SizeSchedule
 from pipelines.dali_source import TrainSamples
 
 CEILING = "random-crop decode"
@@ -28,7 +29,8 @@ def _reader(files: list[str], labels: list[int]):
 def _stage_graphs(files: list[str], labels: list[int], *, seed: int, batch_size: int,
                   image_size: int) -> dict[str, Callable[[], Any]]:
     def source() -> TrainSamples:
-        return TrainSamples(files, labels, seed=seed, rank=0, world_size=1, batch_size=batch_size)
+        return TrainSamples(files, labels, seed=seed, rank=0, world_size=1, batch_size=batch_size,
+                            sizes=SizeSchedule(image_size))
 
     def reader_only():
         return tuple(_reader(files, labels))
@@ -43,11 +45,10 @@ def _stage_graphs(files: list[str], labels: list[int], *, seed: int, batch_size:
 
     def window_decode():  # fastkd's source: the crop's window, decoded; torch finishes it
         return _train_graph(source(), place=Placement(decoder="cpu", to_gpu_after_decode=False, decoder_hints={},
-                                                      finish_with_torch=True),
-                            image_size=image_size, dtype=types.FLOAT)
+                                                      finish_with_torch=True), dtype=types.FLOAT)
 
     def dali_resize():
-        return _train_graph(source(), place=_CPU, image_size=image_size, dtype=types.FLOAT)
+        return _train_graph(source(), place=_CPU, dtype=types.FLOAT)
 
     def random_crop_resize_normalize():  # the DALI CPU graph of NVIDIA's examples
         jpegs, label = _reader(files, labels)

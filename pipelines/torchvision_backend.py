@@ -22,7 +22,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
 
 from fastkd.errors import DataError
-from pipelines.augment import check_stream_state, epoch_order, stream_state, train_crop
+from pipelines.augment import SizeSchedule, check_stream_state, epoch_order, stream_state, train_crop
 from pipelines.base import BatchSpec, Shard, normalization
 from pipelines.datasets import Split
 from pipelines.verify import unlimited_pixels
@@ -39,35 +39,45 @@ def decode_rgb(path: str) -> Image.Image:
         return image.convert("RGB")
 
 
-class ImageListDataset(torch.utils.data.Dataset):
-    """Items are `(sample index, epoch)` pairs; returns HWC uint8, the label and the index."""
+def _pixels(image: Image.Image) -> torch.Tensor:
+    return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))
 
-    def __init__(self, split: Split, *, train: bool, image_size: int, val_resize: int, seed: int):
+
+class ImageListDataset(torch.utils.data.Dataset):
+    """Items are `(sample index, epoch)` pairs; returns HWC uint8, the label and the index (and,
+    with a `teacher_size`, the same crop resized for the teacher)."""
+
+    def __init__(self, split: Split, *, train: bool, sizes: SizeSchedule, val_size: int, val_resize: int, seed: int,
+                 teacher_size: int | None = None):
         self.files = split.files
         self.labels = split.labels
         self.train = train
-        self.image_size = image_size
+        self.sizes = sizes
+        self.val_size = val_size
         self.val_resize = val_resize
         self.seed = seed
+        self.teacher_size = teacher_size
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, item: tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(self, item: tuple[int, int]) -> tuple:
         index, epoch = item
         try:
             image = decode_rgb(self.files[index])
         except Exception as exc:  # any decoder failure: name the file, not the worker's traceback
             raise DataError(f"cannot decode {self.files[index]}: {exc}") from None
-        size = [self.image_size, self.image_size]
-        if self.train:
-            crop = train_crop(self.seed, epoch, index, image.width, image.height)
-            image = TF.resized_crop(image, crop.top, crop.left, crop.height, crop.width, size, antialias=True)
-            if crop.flip:
-                image = TF.hflip(image)
-        else:
-            image = TF.center_crop(TF.resize(image, self.val_resize, antialias=True), size)
-        return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)), self.labels[index], index
+        if not self.train:
+            size = [self.val_size, self.val_size]
+            return _pixels(TF.center_crop(TF.resize(image, self.val_resize, antialias=True), size)), self.labels[index], index
+        crop = train_crop(self.seed, epoch, index, image.width, image.height)
+        views = []
+        for side in (self.sizes.at(epoch), self.teacher_size):  # the student's, then the teacher's
+            if side is None:
+                continue
+            view = TF.resized_crop(image, crop.top, crop.left, crop.height, crop.width, [side, side], antialias=True)
+            views.append(_pixels(TF.hflip(view) if crop.flip else view))
+        return views[0], self.labels[index], index, *views[1:]
 
 
 def _ignore_stop_signals(worker_id: int) -> None:
@@ -143,15 +153,17 @@ class EpochSampler(torch.utils.data.Sampler):
 class TorchvisionLoader:
     """DataLoader over an image list, handing over batches per the contract in `pipelines.base`."""
 
-    def __init__(self, split: Split, *, train: bool, batch_size: int, image_size: int, val_resize: int,
-                 num_workers: int, seed: int, shard: Shard, spec: BatchSpec):
+    def __init__(self, split: Split, *, train: bool, batch_size: int, sizes: SizeSchedule, val_size: int,
+                 val_resize: int, num_workers: int, seed: int, shard: Shard, spec: BatchSpec,
+                 teacher_size: int | None = None):
         self.batch_size = batch_size
         self.spec = spec
         self.sampler = EpochSampler(len(split), shuffle=train, seed=seed, shard=shard, batch_size=batch_size)
         self.num_samples = len(self.sampler.indices())
         self.prefetched_batches = num_workers * PREFETCH_FACTOR
         """Batches the workers hold ready at most (a benchmark must drain them before timing)."""
-        dataset = ImageListDataset(split, train=train, image_size=image_size, val_resize=val_resize, seed=seed)
+        dataset = ImageListDataset(split, train=train, sizes=sizes, val_size=val_size, val_resize=val_resize, seed=seed,
+                                   teacher_size=teacher_size if train else None)
         self._loader = torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
             pin_memory=spec.device.type == "cuda", drop_last=False,
@@ -174,29 +186,32 @@ class TorchvisionLoader:
         if self.sampler.shuffle:
             check_stream_state(state)
 
-    def host_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def host_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """Stage 1: decoded, augmented uint8 NHWC batches in (pinned) host memory, with their
-        labels and sample indices."""
+        labels, sample indices and the teacher's view of the same crops (None without one)."""
         try:
             batches = iter(self._loader)
             _remember_workers(self._loader)  # persistent workers: started by the first iter()
-            yield from batches
+            for pixels, labels, indices, *teacher in batches:
+                yield pixels, labels, indices, (teacher[0] if teacher else None)
         except DataError as exc:  # re-raised from a worker with its traceback: keep the last line
             message = str(exc).strip().splitlines()[-1]
             raise DataError(message.split("DataError: ", 1)[-1] + BROKEN_HINT) from None
 
-    def to_device(self, pixels: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stage 2: copy to the device and normalize there."""
+    def images_to_device(self, pixels: torch.Tensor) -> torch.Tensor:
         # NHWC uint8 -> NCHW view with channels-last strides; the normalization keeps them.
         images = pixels.to(self.spec.device, non_blocking=True).permute(0, 3, 1, 2).to(self.spec.dtype)
         images = images.sub_(self._mean).mul_(self._inv_std)
-        return (images.contiguous(memory_format=self.spec.memory_format),
-                labels.to(self.spec.device, non_blocking=True))
+        return images.contiguous(memory_format=self.spec.memory_format)
 
-    def indexed(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        for pixels, labels, indices in self.host_batches():
-            yield *self.to_device(pixels, labels), indices
+    def to_device(self, pixels: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage 2: copy to the device and normalize there."""
+        return self.images_to_device(pixels), labels.to(self.spec.device, non_blocking=True)
+
+    def indexed(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        for pixels, labels, indices, teacher in self.host_batches():
+            yield *self.to_device(pixels, labels), indices, None if teacher is None else self.images_to_device(teacher)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels, _ in self.indexed():
+        for images, labels, *_ in self.indexed():
             yield images, labels

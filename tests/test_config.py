@@ -26,7 +26,7 @@ def error_of(raw: dict, overrides: tuple[str, ...] = ()) -> str:
 
 def test_defaults_fill_every_section_from_a_minimal_config():
     cfg = config_from_dict(MINIMAL)
-    assert cfg.data.image_size == 224 and cfg.data.val_resize == 256
+    assert cfg.data.image_size == 224 and cfg.data.val_resize is None and cfg.data.val_resize_size == 256
     assert cfg.optim.name == "sgd" and cfg.runtime.precision == "auto" and cfg.distill is None
     assert cfg.run_dir == Path("runs") / "run"
 
@@ -69,7 +69,14 @@ def test_bad_choice_lists_the_choices_and_suggests():
     ("runtime.compile=1", "runtime.compile: expected true or false, got int 1"),
     ("optim.lr=-0.1", "optim.lr: must be > 0, got -0.1"),
     ("data.batch_size=0", "data.batch_size: must be >= 1, got 0"),
-    ("data.val_resize=100", "data.val_resize: must be >= data.image_size (224), got 100"),
+    ("data.val_resize=100", "data.val_resize: must be >= the validation crop (data.val_image_size or "
+                            "data.image_size: 224), got 100"),
+    ("data.start_image_size=100", "data.start_image_size: must be a multiple of data.image_size_step (32) and >= 16 "
+                                  "with a size schedule, got 100"),
+    ("data.start_image_size=160", "data.size_ramp_epochs: must be [first, last] epochs with 0 <= first < last when "
+                                  "data.start_image_size is set, got None"),
+    ("data.size_ramp_epochs=[3,5]", "data.size_ramp_epochs: needs data.start_image_size (the size it ramps from)"),
+    ("distill.teacher.image_size=8", "distill.teacher.image_size: must be >= 16 or null, got 8"),
     ("optim.warmup_epochs=200", "optim.warmup_epochs: must be within [0, optim.epochs=100), got 200.0"),
     ("optim.milestones_epochs=[60, 30]", "optim.milestones_epochs: must be increasing positive epochs, got [60, 30]"),
     ("run.name=a/b", "run.name: must be a plain folder name, got 'a/b'"),

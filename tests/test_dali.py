@@ -91,7 +91,7 @@ def test_dali_and_torchvision_cut_the_same_training_crops(tiny_imagefolder, cpu_
     batches = training_batches_per_backend(tiny_imagefolder, seed=3, epoch=2, image_size=48, val_resize=55,
                                            dali_cpu_resize=cpu_resize)
     assert len(batches["dali"]) == len(batches["torchvision"]) == 5
-    for (a, la, ia), (b, lb, ib) in zip(batches["torchvision"], batches["dali"]):
+    for (a, la, ia, _), (b, lb, ib, _) in zip(batches["torchvision"], batches["dali"]):
         assert torch.equal(ia, ib) and torch.equal(la, lb)
         difference = (a - b).abs()
         assert difference.mean() < VAL_MEAN_ABS_TOLERANCE, difference.mean()
@@ -114,7 +114,7 @@ def test_exif_oriented_training_images_are_cut_like_torchvision(tmp_path):
                 image.save(tmp_path / split / folder / f"{i}.jpg", exif=exif, quality=95)
     batches = training_batches_per_backend(tmp_path, seed=0, epoch=0, image_size=32, val_resize=36)
     assert len(batches["torchvision"]) == len(batches["dali"]) == 1
-    for (a, _, ia), (b, _, ib) in zip(batches["torchvision"], batches["dali"]):
+    for (a, _, ia, _), (b, _, ib, _) in zip(batches["torchvision"], batches["dali"]):
         assert torch.equal(ia, ib) and len(ia) == 8
         assert (a - b).abs().mean() < VAL_MEAN_ABS_TOLERANCE and (a - b).abs().amax() < 0.25
 
@@ -286,7 +286,7 @@ def test_only_decoder_failures_are_reported_as_broken_images(tiny_imagefolder, m
 
 def test_batches_are_channels_last_views_of_the_pipeline_output(tiny_imagefolder):
     loader = build_loaders(data_config(tiny_imagefolder, "dali"), spec=CPU, seed=0).train
-    hwc, labels, _ = next(loader.host_batches())
+    hwc, labels, *_ = next(loader.host_batches())
     images, _ = loader.to_device(hwc, labels)
     assert hwc.shape[-1] == 3 and images.shape[1] == 3
     assert images.data_ptr() == hwc.data_ptr() and images.is_contiguous(memory_format=torch.channels_last)
@@ -300,7 +300,7 @@ def test_gpu_pipelines_honour_the_contract_in_fp16(tiny_imagefolder, dali_device
     loaders = build_loaders(data_config(tiny_imagefolder, "dali", dali_device=dali_device), spec=spec, seed=0)
     for loader in (loaders.train, loaders.val):
         total = 0
-        for hwc, labels, _ in loader.host_batches():
+        for hwc, labels, *_ in loader.host_batches():
             assert hwc.is_cuda and labels.is_cuda  # no pageable host copy per batch
             images, labels = loader.to_device(hwc, labels)
             assert images.data_ptr() == hwc.data_ptr()  # zero-copy channels-last view

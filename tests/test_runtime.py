@@ -130,9 +130,9 @@ def test_the_training_step_runs_inside_the_sync_check(tiny_imagefolder, tmp_path
 
     original = ClassificationStep.forward
 
-    def forward(self, images, labels, indices=None):
+    def forward(self, images, labels, indices=None, teacher_images=None):
         seen.append(inside[0])
-        return original(self, images, labels, indices)
+        return original(self, images, labels, indices, teacher_images)
 
     monkeypatch.setattr(Runtime, "no_host_sync", recording)
     monkeypatch.setattr(ClassificationStep, "forward", forward)

@@ -84,7 +84,7 @@ def test_recorded_logits_equal_the_live_teachers_on_the_same_crops(tiny_imagefol
     seen = []
     for epoch in (0, 1):
         loaders.train.set_epoch(epoch)
-        for images, _, indices in loaders.train.indexed():
+        for images, _, indices, _ in loaders.train.indexed():
             with torch.no_grad():
                 live = teacher(images)
             assert torch.equal(torch.from_numpy(cache.rows(epoch, indices.numpy())), live)
@@ -139,8 +139,8 @@ def test_replay_under_another_batch_size_reads_each_samples_row(tiny_imagefolder
     step.set_epoch(1)
     loaders.train.set_epoch(1)
     batches = list(loaders.train.indexed())
-    assert [len(i) for _, _, i in batches] == [5] * 8
-    for images, labels, indices in batches:
+    assert [len(i) for _, _, i, _ in batches] == [5] * 8
+    for images, labels, indices, _ in batches:
         with torch.no_grad():
             live = teacher(images)  # another batch composition than when recorded: equal up to float rounding
         torch.testing.assert_close(step.teacher_logits(images, indices), live, rtol=1e-4, atol=1e-3)
