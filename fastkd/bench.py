@@ -190,7 +190,8 @@ class Bench:
             "teacher_image_size": cfg.distill.teacher.image_size if cfg.distill and what.startswith("distill") else None,
             "precision": self.runtime.precision, "channels_last": self.runtime.channels_last,
             "compile": self.runtime.compile, "num_workers": cfg.data.num_workers,
-            "dali_cpu_resize": cfg.data.dali_cpu_resize if backend == "dali-cpu" else None, **extra,
+            "dali_cpu_resize": (cfg.data.dali_cpu_resize if backend == "dali-cpu" and self.runtime.device.type == "cpu"
+                                else None), **extra,
             "device": self.env["device"], "cpu_count": self.env["cpu_count"], "torch": self.env["torch"],
             "torchvision": self.env["torchvision"], "dali": self.env["dali"], "git": self.env["git"],
             "config": self.config_path, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -383,7 +384,7 @@ def run_bench(cfg: Config, *, config_path: str, what: Sequence[str], backends: S
             echo(f"[bench] {item} with {backend} ...")
             if item == "loader":
                 bench.measure_loader(backend)
-                if backend == "dali-cpu":
+                if backend == "dali-cpu" and runtime.device.type == "cpu":  # on a GPU it is the hybrid path
                     from pipelines.dali_stages import CEILING
 
                     bench.measure_dali_stages([CEILING])

@@ -130,7 +130,9 @@ def _train_graph(source: TrainSamples, *, place: Placement, dtype, teacher_view:
                                        prefetch_queue_depth=2)
     # Plain reads: mapping each small file measured slower than reading it.
     jpegs = fn.io.file.read(paths, dont_use_mmap=True)
-    anchor, shape = fn.cast(params[0:2], dtype=types.INT32), fn.cast(params[2:4], dtype=types.INT32)
+    left, width = _PARAM["left"], _PARAM["width"]  # (left, top) and (width, height): adjacent columns
+    anchor = fn.cast(params[left:left + 2], dtype=types.INT32)
+    shape = fn.cast(params[width:width + 2], dtype=types.INT32)
     # adjust_orientation: the window is in pixels of the EXIF-oriented image (DALI 2's default,
     # stated so that a DALI without it fails when the graph is built).
     images = fn.decoders.image_slice(
@@ -190,6 +192,14 @@ def _val_graph(files: list[str], labels: list[int], *, place: Placement, image_s
     return images, (label.gpu() if place.on_gpu else label)
 
 
+def python_workers(num_threads: int, *, gpu: bool) -> dict[str, Any]:
+    """Pipeline arguments for the training source's Python workers: half as many as DALI threads;
+    forked (quick) in CPU-only runs, spawned whenever a GPU is involved, since forking after
+    CUDA (torch's or DALI's) is unsafe."""
+    start = "spawn" if gpu or torch.cuda.is_initialized() else "fork"
+    return {"py_num_workers": max(1, num_threads // 2), "py_start_method": start}
+
+
 class DaliLoader:
     """A DALI pipeline + iterator honouring the batch contract of `pipelines.base`."""
 
@@ -227,10 +237,7 @@ class DaliLoader:
             device_id = None
             if place.on_gpu:
                 device_id = self.spec.device.index if self.spec.device.index is not None else torch.cuda.current_device()
-        # Python workers for the training source: forked (quick) in CPU-only runs; spawned
-        # whenever a GPU is involved, since forking after CUDA (torch's or DALI's) is unsafe.
-        start = "spawn" if place.on_gpu or torch.cuda.is_initialized() else "fork"
-        workers = dict(py_num_workers=max(1, self._num_threads // 2), py_start_method=start) if self.train else {}
+        workers = python_workers(self._num_threads, gpu=place.on_gpu) if self.train else {}
 
         # exec_dynamic: the validation graph sizes its resize from the decoded images' shape,
         # which on GPU-decoded images is a GPU -> CPU transition only the dynamic executor allows.
@@ -328,6 +335,16 @@ class DaliLoader:
             yield self.to_device(images, labels)
 
 
+def run_or_reset(pipe):
+    """The pipeline's next outputs, or None at the end of the source's epoch (the pipeline is
+    then reset for the next one)."""
+    try:
+        return pipe.run()
+    except StopIteration:
+        pipe.reset()
+        return None
+
+
 class _finished_with_torch:
     """Iterating yields one epoch of a CPU training pipeline's batches, their crops finished by
     torch (`pipelines.resample`) at the epoch's size (and at the teacher's, when it has its
@@ -338,12 +355,8 @@ class _finished_with_torch:
         self._finish = finisher
 
     def __iter__(self) -> Iterator[tuple[dict[str, torch.Tensor]]]:
-        while True:
-            try:
-                crops, params = self._pipe.run()
-            except StopIteration:  # the source's epoch has ended
-                self._pipe.reset()
-                return
+        while (outputs := run_or_reset(self._pipe)) is not None:
+            crops, params = outputs
             params = torch.from_numpy(np.array(params.as_tensor()))  # [B, len(PARAMS)]
             params = params[params[:, _PARAM["index"]] != PADDING]  # padding samples are not worth resizing
             flips = params[:, _PARAM["flip"]].tolist()

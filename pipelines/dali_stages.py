@@ -8,11 +8,12 @@ operators; the bench times `run()` over whole batches, epoch after epoch.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable
 
 from nvidia.dali import fn, pipeline_def, types
 
-from pipelines.dali_backend import _normalize, _train_graph, Placement
+from pipelines.dali_backend import Placement, _normalize, _train_graph, python_workers, run_or_reset
 from pipelines.augment import SizeSchedule
 from pipelines.dali_source import TrainSamples
 
@@ -44,8 +45,7 @@ def _stage_graphs(files: list[str], labels: list[int], *, seed: int, batch_size:
         return fn.decoders.image_random_crop(jpegs, output_type=types.RGB), label
 
     def window_decode():  # fastkd's source: the crop's window, decoded; torch finishes it
-        return _train_graph(source(), place=Placement(decoder="cpu", to_gpu_after_decode=False, decoder_hints={},
-                                                      finish_with_torch=True), dtype=types.FLOAT)
+        return _train_graph(source(), place=dataclasses.replace(_CPU, finish_with_torch=True), dtype=types.FLOAT)
 
     def dali_resize():
         return _train_graph(source(), place=_CPU, dtype=types.FLOAT)
@@ -71,7 +71,7 @@ def stage_pipeline(stage: str, files: list[str], labels: list[int], *, seed: int
                    image_size: int, num_threads: int):
     """A built DALI CPU pipeline that ends after `stage` (one of `STAGES`)."""
     graph = _stage_graphs(files, labels, seed=seed, batch_size=batch_size, image_size=image_size)[stage]
-    workers = dict(py_num_workers=max(1, num_threads // 2), py_start_method="fork") if "fastkd" in stage else {}
+    workers = python_workers(num_threads, gpu=False) if "fastkd" in stage else {}
     pipe = pipeline_def(graph, batch_size=batch_size, num_threads=num_threads, device_id=None, seed=seed,
                         exec_dynamic=True, **workers)()
     pipe.build()
@@ -81,10 +81,7 @@ def stage_pipeline(stage: str, files: list[str], labels: list[int], *, seed: int
 def run_endlessly(pipe) -> Callable[[], int]:
     """One batch per call (a new epoch when the last one ended); returns the batch size."""
     def one() -> int:
-        try:
-            pipe.run()
-        except StopIteration:
-            pipe.reset()
+        if run_or_reset(pipe) is None:
             pipe.run()
         return pipe.max_batch_size
 

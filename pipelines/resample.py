@@ -17,6 +17,7 @@ than the resize; a pooled batch is reused only once nothing else holds its memor
 from __future__ import annotations
 
 import contextlib
+import threading
 from typing import Callable, Iterator, Sequence
 
 import torch
@@ -26,8 +27,12 @@ from pipelines.base import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _storage_users(tensor: torch.Tensor) -> int:
-    """How many tensors (views included) share `tensor`'s memory."""
+    """How many tensors (views included) share `tensor`'s memory (a private torch call: without
+    it, `BatchBuffers` allocates every batch anew)."""
     return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
+
+
+_CAN_COUNT_USERS = hasattr(torch._C, "_storage_Use_Count")
 
 
 class BatchBuffers:
@@ -35,7 +40,10 @@ class BatchBuffers:
     the one a caller still holds, nor any view of it), or a new one while the pool has room.
 
     Reuse is decided by the memory's reference count, so a batch kept by the caller (a list of
-    batches, a tensor saved for backward) is never overwritten.
+    batches, a view of one, a tensor saved for backward, a NumPy array over it) is never
+    overwritten. What the count cannot see: a caller that keeps only the batch's
+    `untyped_storage()` object, or shares the batch with another process; keep a tensor (or a
+    copy) instead.
     """
 
     def __init__(self, capacity: int = 4):
@@ -45,6 +53,8 @@ class BatchBuffers:
 
     def empty(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         shape = tuple(shape)
+        if not _CAN_COUNT_USERS or self.capacity == 0:
+            return torch.empty(shape, dtype=dtype)
         free = [i for i, (tensor, alone) in enumerate(self._pool) if _storage_users(tensor) == alone]
         for i in free:
             tensor = self._pool[i][0]
@@ -62,8 +72,13 @@ class BatchBuffers:
 @contextlib.contextmanager
 def _one_thread() -> Iterator[None]:
     """torch on one thread: a crop is too small to split, and DALI's decoding threads hold the
-    other cores (two threads on such work measured a third slower on 2 cores)."""
+    other cores (two threads on such work measured a third slower on 2 cores). The setting is
+    the process's: it is only changed on the main thread, which runs the training step too (a
+    loader iterated on another thread would change it under a running step)."""
     threads = torch.get_num_threads()
+    if threading.current_thread() is not threading.main_thread() or threads == 1:
+        yield
+        return
     torch.set_num_threads(1)
     try:
         yield
@@ -78,6 +93,8 @@ def _as_image_batch(hwc: torch.Tensor) -> torch.Tensor:
     the output channels-last (for a batch of one it would otherwise allocate it contiguous and
     repack it, as torchvision's v2 `resize` notes) and takes its fast uint8 path.
     """
+    if not hwc.is_contiguous():
+        hwc = hwc.contiguous()
     h, w, c = hwc.shape
     return hwc.as_strided((1, c, h, w), (h * w * c, 1, w * c, c))
 

@@ -56,3 +56,26 @@ def test_a_batch_is_reused_only_once_nobody_holds_it():
     address = other.data_ptr()
     del other
     assert pool.empty((1, 8, 8, 3), torch.float32).data_ptr() == address
+
+
+def test_a_batch_saved_for_backward_is_not_reused():
+    """Only the autograd graph holds the batch (the caller dropped it): not free yet."""
+    pool = BatchBuffers(capacity=2)
+    batch = pool.empty((2, 8, 8, 3), torch.float32).normal_()
+    address = batch.data_ptr()
+    conv = torch.nn.Conv2d(3, 4, 3)
+    loss = conv(batch.permute(0, 3, 1, 2)).square().sum()  # the input is saved for the weight's gradient
+    del batch
+    again = pool.empty((2, 8, 8, 3), torch.float32)
+    assert again.data_ptr() != address
+    loss.backward()
+    del loss, again
+    assert pool.empty((2, 8, 8, 3), torch.float32).data_ptr() == address  # the graph is gone: reused
+
+
+def test_non_contiguous_crops_are_finished_like_contiguous_ones():
+    crop = torch.from_numpy(np.random.default_rng(1).integers(0, 256, (40, 50, 3), dtype=np.uint8))
+    strided = crop.permute(1, 0, 2).contiguous().permute(1, 0, 2)  # same pixels, other strides
+    assert not strided.is_contiguous()
+    finish = CropFinisher()
+    assert torch.equal(finish(lambda k: crop, [True], 16).clone(), finish(lambda k: strided, [True], 16))
