@@ -1,0 +1,142 @@
+"""Progressive resolution, a validation size of its own, and a teacher with its own input size
+(one crop per sample, resized for the student and again for the teacher)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastkd import engine, loop
+from fastkd.checkpoint import load_checkpoint
+from fastkd.config import config_from_dict, load_config
+from pipelines import build_loaders
+from pipelines.augment import SizeSchedule
+from tests.test_distill import distill_dict, tiny_teacher  # noqa: F401  (fixture)
+from tests.test_pipelines import CPU, data_config
+from tests.test_train import cli_error, stop_after, write_config
+
+HAVE_DALI = importlib.util.find_spec("nvidia.dali") is not None
+BACKENDS = [("torchvision", {}), ("synthetic", {}),
+            pytest.param("dali", {"dali_cpu_resize": "torch"}, marks=pytest.mark.skipif(not HAVE_DALI, reason="no DALI")),
+            pytest.param("dali", {"dali_cpu_resize": "dali"}, marks=pytest.mark.skipif(not HAVE_DALI, reason="no DALI"))]
+RAMP = dict(image_size=48, start_image_size=16, size_ramp_epochs=(1, 3), image_size_step=16)
+"""16 px up to epoch 1, 48 px from epoch 3: epochs 0-4 train at 16, 16, 32, 48, 48."""
+
+
+def test_the_schedule_ramps_linearly_and_rounds_to_the_step():
+    ramp = SizeSchedule(end=192, start=160, first=10, last=14, step=32)
+    assert [ramp.at(e) for e in range(8, 17)] == [160, 160, 160, 160, 192, 192, 192, 192, 192]  # 168 -> 160, 176 -> 192
+    assert [SizeSchedule(end=64, start=32, first=0, last=4, step=8).at(e) for e in range(6)] == [32, 40, 48, 56, 64, 64]
+    assert {SizeSchedule(end=224).at(e) for e in range(100)} == {224}
+    assert SizeSchedule(end=224).describe() == 224
+    assert SizeSchedule(end=64, start=32, first=0, last=4, step=8).describe()["start"] == 32
+
+
+@pytest.mark.parametrize("backend, extra", BACKENDS)
+def test_every_backend_trains_at_the_epochs_size_and_validates_at_its_own(tiny_imagefolder, backend, extra):
+    cfg = data_config(tiny_imagefolder, backend, batch_size=8, val_resize=None, val_image_size=56, **RAMP, **extra)
+    loaders = build_loaders(cfg, spec=CPU, seed=0, teacher_image_size=40)
+    sizes = []
+    for epoch in range(5):
+        loaders.train.set_epoch(epoch)
+        images, labels, indices, teacher_images = next(iter(loaders.train.indexed()))
+        sizes.append(images.shape[-1])
+        assert images.shape[-2] == images.shape[-1] and images.is_contiguous(memory_format=torch.channels_last)
+        assert teacher_images.shape == (len(labels), 3, 40, 40)  # the teacher's size does not follow the schedule
+        assert teacher_images.is_contiguous(memory_format=torch.channels_last)
+    assert sizes == [16, 16, 32, 48, 48]
+    images, _ = next(iter(loaders.val))
+    assert images.shape[-2:] == (56, 56)
+    assert cfg.val_resize_size == 64  # 8/7 of the crop, as 256 for 224
+
+
+@pytest.mark.parametrize("backend, extra", [b for b in BACKENDS if "synthetic" not in str(b)])
+def test_the_teachers_view_is_the_students_crop_at_another_size(tiny_imagefolder, backend, extra):
+    """Resizing the teacher's 64 px view down to 24 px gives the student's 24 px batch, up to
+    resampling rounding; a view of another sample would not."""
+    cfg = data_config(tiny_imagefolder, backend, batch_size=8, image_size=24, val_resize=28, **extra)
+    loader = build_loaders(cfg, spec=CPU, seed=3, teacher_image_size=64).train
+    loader.set_epoch(1)
+    for images, _, _, teacher_images in loader.indexed():
+        down = F.interpolate(teacher_images, size=(24, 24), mode="bilinear", antialias=True, align_corners=False)
+        matched = (down - images).abs().mean()
+        shuffled = (down.roll(1, dims=0) - images).abs().mean()
+        assert matched < 0.05 and matched < shuffled / 5, (matched, shuffled)
+
+
+@pytest.mark.skipif(not HAVE_DALI, reason="no DALI")
+@pytest.mark.parametrize("dali_device", ["gpu", "cpu"])
+def test_gpu_graphs_resize_the_crop_twice_for_a_teacher_view(tiny_imagefolder, dali_device):
+    from pipelines.dali_backend import DaliLoader, placement
+    from pipelines.base import Shard
+    from tests.test_dali import GPU_SPEC
+
+    from pipelines import load_data
+
+    cfg = data_config(tiny_imagefolder, "dali", dali_device=dali_device, val_resize=None, **RAMP)
+    dataset = load_data(cfg)
+    place = placement(dali_device, GPU_SPEC, hw_decoder_load=0.65, files=dataset.train.files)
+    loader = DaliLoader(dataset.train, train=True, batch_size=4, cfg=cfg, place=place, seed=0, shard=Shard(),
+                        spec=GPU_SPEC, num_threads=1, teacher_size=40, build=False)
+    pipe = loader.create_pipeline(device_id=None)
+    pipe.serialize()
+    resizes = [str(op.spec) for op in pipe._ops if "OpSpec for Resize" in str(op.spec)]
+    assert len(resizes) == 2 and all("device: gpu" in spec for spec in resizes)
+
+
+def resolution_raw(root, out, teacher, backend: str, **distill) -> dict:
+    raw = distill_dict(root, out, teacher, **distill)
+    raw["data"].update(backend=backend, dali_device="cpu", num_workers=2, image_size=32, start_image_size=16,
+                       size_ramp_epochs=[0, 1], image_size_step=16, val_image_size=40, val_resize=None)
+    raw["distill"]["teacher"]["image_size"] = 48
+    return raw
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torchvision", pytest.param("dali", marks=pytest.mark.skipif(not HAVE_DALI,
+                                                                                                   reason="no DALI"))])
+def test_distillation_resumes_exactly_across_a_size_change(tiny_imagefolder, tiny_teacher, tmp_path, monkeypatch,  # noqa: F811
+                                                           backend):
+    """Epoch 0 trains at 16 px, epoch 1 at 32 px, the teacher at 48 px throughout; stopped inside
+    epoch 1 and resumed, the student ends bit-identical to an uninterrupted run."""
+    configs = {name: config_from_dict(resolution_raw(tiny_imagefolder, tmp_path / name, tiny_teacher, backend))
+               for name in ("straight", "interrupted")}
+    engine.distill(configs["straight"], progress=False)
+    with monkeypatch.context() as patch:
+        stop_after(patch, 7)  # inside epoch 1 (5 steps per epoch)
+        with pytest.raises(loop.Interrupted):
+            engine.distill(configs["interrupted"], progress=False)
+    engine.distill(configs["interrupted"], resume=True, progress=False)
+    a = load_checkpoint(configs["straight"].run_dir / "last.pt")
+    b = load_checkpoint(configs["interrupted"].run_dir / "last.pt")
+    assert a["step"] == b["step"] == 10
+    assert all(torch.equal(value, b["model"][key]) for key, value in a["model"].items())
+    metrics = [json.loads(line) for line in (configs["straight"].run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 2
+
+
+@pytest.mark.slow
+def test_a_cache_of_the_teachers_view_serves_any_student_schedule(tiny_imagefolder, tiny_teacher, tmp_path, capsys):  # noqa: F811
+    """The cache keeps the teacher's 48 px logits: a student replaying it ends bit-identical to
+    online distillation with the same teacher view, whatever its own schedule; a cache of
+    another teacher size is refused."""
+    raw = resolution_raw(tiny_imagefolder, tmp_path / "runs", tiny_teacher, "torchvision",
+                         teacher_cache=str(tmp_path / "cache"))
+    engine.record_teacher_cache(config_from_dict(raw), dtype="fp32", progress=False)
+    engine.distill(config_from_dict(raw), progress=False)
+    live = json.loads(json.dumps(raw))
+    live["distill"]["teacher_cache"], live["run"]["name"] = "", "online"
+    engine.distill(config_from_dict(live), progress=False)
+    a = load_checkpoint(config_from_dict(raw).run_dir / "last.pt")["model"]
+    b = load_checkpoint(config_from_dict(live).run_dir / "last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+    config = write_config(tmp_path / "kd.yaml", raw)
+    other_schedule = ["data.start_image_size=32", "data.size_ramp_epochs=[0,1]", "run.name=fixed32"]
+    assert engine.distill(load_config(config, other_schedule), progress=False).summary["teacher"]["cache"]
+    message = cli_error(capsys, "distill", "--config", str(config), "distill.teacher.image_size=40", "run.name=t40")
+    assert "image_size differs (48 recorded, 40 now)" in message
