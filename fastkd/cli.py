@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
-from fastkd.errors import FastkdError
+from fastkd.errors import ConfigError, FastkdError
 
 if TYPE_CHECKING:
     from fastkd.loop import Interrupted
@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--warmup", type=int, default=5, help="untimed batches first")
     bench.add_argument("--repeats", type=int, default=3, help="timed windows (median and spread)")
     bench.add_argument("--out", type=Path, help="append rows to this JSONL file")
+    bench.add_argument("--image-sizes", default="",
+                       help="comma list of training sizes to measure in turn (default: data.image_size), e.g. "
+                            "160,192,224 to predict the time a size schedule saves")
 
     report = commands.add_parser("report", help="one table and plots of finished runs")
     report.add_argument("run_dirs", type=Path, nargs="+")
@@ -166,9 +169,16 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> None:
         if min(args.steps, args.repeats) < 1 or args.warmup < 0:
             raise FastkdError("--steps and --repeats must be >= 1, --warmup >= 0")
         cfg = load_config(args.config, args.overrides)
-        run_bench(cfg, config_path=args.config, what=[w for w in args.what.split(",") if w],
-                  backends=[b for b in args.backends.split(",") if b],
-                  window=Window(steps=args.steps, warmup=args.warmup, repeats=args.repeats), out=args.out)
+        sizes = [item.strip() for item in args.image_sizes.split(",") if item.strip()]
+        if not all(size.isdigit() for size in sizes):
+            raise ConfigError(f"--image-sizes: expected a comma list of pixel sizes, got {args.image_sizes!r}")
+        for size in sizes or [None]:
+            sized = cfg if size is None else load_config(args.config, [*args.overrides, f"data.image_size={size}",
+                                                                        "data.start_image_size=null",
+                                                                        "data.size_ramp_epochs=null"])
+            run_bench(sized, config_path=args.config, what=[w for w in args.what.split(",") if w],
+                      backends=[b for b in args.backends.split(",") if b],
+                      window=Window(steps=args.steps, warmup=args.warmup, repeats=args.repeats), out=args.out)
     elif args.command == "report":
         from fastkd.report import write_report
 

@@ -29,14 +29,16 @@ def export_student(run_dir: Path, out: Path, *, checkpoint: str = "best", onnx: 
     payload = load_checkpoint(path)
     if not is_fastkd_checkpoint(payload):
         raise CheckpointError(f"{path} is not a fastkd checkpoint")
-    image_size = config_from_dict(payload["config"]).data.image_size
-    model = create_model(payload["arch"], payload["num_classes"], image_size=image_size)
+    data = config_from_dict(payload["config"]).data
+    image_size = data.val_crop_size  # what the model was tested at (a run may train lower: a size schedule)
+    model = create_model(payload["arch"], payload["num_classes"], image_size=data.image_size)
     load_weights(model, payload["model"], source=path, arch=payload["arch"], num_classes=payload["num_classes"])
     model.eval()
     out.parent.mkdir(parents=True, exist_ok=True)
     torch.save(model.state_dict(), out)
     meta = {"arch": payload["arch"], "num_classes": payload["num_classes"], "classes": list(payload["classes"]),
-            "image_size": image_size, "mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+            "image_size": image_size, "resize": data.val_resize_size, "mean": list(IMAGENET_MEAN),
+            "std": list(IMAGENET_STD),
             "source": str(path), "epoch": payload["epoch"], "best_top1": payload["best_top1"]}
     out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
     if onnx:

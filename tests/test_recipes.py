@@ -38,7 +38,7 @@ ORIGINAL = {
     "kd_shufflenet_x2_0_to_x1_0_T3_alpha0.5": ("shufflenet_v2_x1_0", "shufflenet_v2_x2_0", "cosine", 1, 3, 0.5, 80.78),
     "kd_resnet50_to_resnet18_T3_alpha0.6": ("resnet18", "resnet50", "cosine", 1, 3, 0.6, 82.45),
 }
-EXTRA = {"shufflenet_v2_x0_5"}  # fastkd's own: the original published no x0.5 figure
+EXTRA = {"shufflenet_v2_x0_5", "fast_kd_resnet50_to_resnet18"}  # fastkd's own: not in the original's tables
 
 
 def test_every_original_result_has_a_config_and_nothing_else_is_there():
@@ -72,3 +72,20 @@ def test_readme_lists_every_config_with_its_original_top1():
         row = re.search(rf"^\| `{re.escape(name)}` \| ([0-9.]+) \|", readme, re.M)
         assert row, f"README has no results row for {name}"
         assert float(row.group(1)) == pytest.approx(expected[-1]), name
+
+
+def test_the_fast_recipe_keeps_the_original_kd_and_changes_only_time_to_accuracy():
+    """Same student, teacher, T, alpha and optimizer as the original's ResNet-50 -> ResNet-18;
+    fewer epochs, a cached teacher at 224 px, a student ramped 160 -> 192 px, tested at 256 px."""
+    original = load_config(CONFIGS / "kd_resnet50_to_resnet18_T3_alpha0.6.yaml")
+    fast = load_config(CONFIGS / "fast_kd_resnet50_to_resnet18.yaml")
+    assert fast.model == original.model and fast.distill.teacher.arch == original.distill.teacher.arch
+    assert (fast.distill.temperature, fast.distill.kd_weight) == (original.distill.temperature, original.distill.kd_weight)
+    assert (fast.optim.name, fast.optim.lr, fast.optim.weight_decay) == (original.optim.name, original.optim.lr,
+                                                                         original.optim.weight_decay)
+    assert fast.optim.epochs < original.optim.epochs and fast.distill.teacher_cache
+    from pipelines.augment import size_schedule
+
+    sizes = [size_schedule(fast.data).at(epoch) for epoch in range(fast.optim.epochs)]
+    assert sizes[0] == 160 and sizes[-1] == 192 and sorted(sizes) == sizes
+    assert fast.distill.teacher.image_size == 224 and fast.data.val_crop_size == 256

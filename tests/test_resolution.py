@@ -115,8 +115,10 @@ def test_distillation_resumes_exactly_across_a_size_change(tiny_imagefolder, tin
     b = load_checkpoint(configs["interrupted"].run_dir / "last.pt")
     assert a["step"] == b["step"] == 10
     assert all(torch.equal(value, b["model"][key]) for key, value in a["model"].items())
-    metrics = [json.loads(line) for line in (configs["straight"].run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert len(metrics) == 2
+    from fastkd.export import export_student
+
+    meta = export_student(configs["straight"].run_dir, tmp_path / "student.pt")
+    assert (meta["image_size"], meta["resize"]) == (40, 46)  # what it was tested at, for deployment
 
 
 @pytest.mark.slow
@@ -140,3 +142,21 @@ def test_a_cache_of_the_teachers_view_serves_any_student_schedule(tiny_imagefold
     assert engine.distill(load_config(config, other_schedule), progress=False).summary["teacher"]["cache"]
     message = cli_error(capsys, "distill", "--config", str(config), "distill.teacher.image_size=40", "run.name=t40")
     assert "image_size differs (48 recorded, 40 now)" in message
+
+
+def test_bench_measures_each_training_size_in_turn(tiny_imagefolder, tmp_path, capsys):
+    from fastkd.cli import main
+    from tests.conftest import tiny_config_dict
+
+    raw = tiny_config_dict(tiny_imagefolder, tmp_path / "runs")
+    raw["data"].update(start_image_size=16, size_ramp_epochs=[0, 1], image_size_step=16, val_resize=None)
+    config = write_config(tmp_path / "bench.yaml", raw)
+    out = tmp_path / "rows.jsonl"
+    main(["bench", "--config", str(config), "--what", "loader,train", "--backends", "synthetic,torchvision",
+          "--steps", "1", "--warmup", "1", "--repeats", "1", "--image-sizes", "16,48", "--out", str(out)])
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["what"], r["backend"], r["image_size"]) for r in rows] == [
+        (what, backend, size) for size in (16, 48) for backend in ("synthetic", "torchvision")
+        for what in ("loader", "train")]
+    assert cli_error(capsys, "bench", "--config", str(config), "--image-sizes", "big") == \
+        "fastkd: error: --image-sizes: expected a comma list of pixel sizes, got 'big'"

@@ -101,6 +101,15 @@ if want smoke; then
   step smoke-distill-dali-hybrid 150 "${fastkd[@]}" distill --config configs/bench/gpu_224.yaml "${smoke[@]}" \
     run.name=s4 distill.teacher.arch=resnet18 distill.teacher.checkpoint="$work/runs/s2/best.pt" \
     distill.allow_weak_teacher=true data.dali_device=cpu "${small[@]}"
+  # A size schedule (two epochs: 160 then 224 px), the teacher's own 224 px view of each crop,
+  # validation at 256 px: two resizes per crop on the GPU, and a new size with no new pipeline.
+  res=(data.start_image_size=160 data.image_size=224 distill.teacher.image_size=224 data.val_image_size=256)
+  [ "${REHEARSE:-0}" = 1 ] && res=(data.start_image_size=32 data.image_size=64 distill.teacher.image_size=64
+                                   data.val_image_size=80)
+  step smoke-distill-resolution 200 "${fastkd[@]}" distill --config configs/bench/gpu_224.yaml "${smoke[@]}" \
+    run.name=s7 optim.epochs=2 distill.teacher.arch=resnet18 distill.teacher.checkpoint="$work/runs/s2/best.pt" \
+    distill.allow_weak_teacher=true data.dali_device=gpu "${small[@]}" "${res[@]}" data.size_ramp_epochs=[0,1] \
+    data.image_size_step=32 data.val_resize=null
 fi
 
 if want loader; then
