@@ -6,8 +6,9 @@ teacher view: (a) and (c) share one, since the teacher sees 64 px crops in both)
     python benchmarks/resolution_demo.py --out runs/resolution-demo --seeds 0 1 2
 
 Trains the demo teacher first unless `OUT/teacher` has finished; prints and writes
-`OUT/resolution.md` (mean and standard deviation over the seeds of the best val top-1 and of the
-training wall time). Finished runs are reused.
+`OUT/resolution.md`: mean and standard deviation over the seeds of the best val top-1 and of the
+training wall time, then each variant's last checkpoint tested at every size of `TEST_SIZES`
+(which tells the schedule's effect from the test size's). Finished runs are reused.
 """
 
 from __future__ import annotations
@@ -32,6 +33,12 @@ VARIANTS = {
     "(c) 48 px student, 64 px teacher view, tested at 64 px": ("cache-64", [
         "data.image_size=48", "distill.teacher.image_size=64", "data.val_image_size=64", "data.val_resize=null"]),
 }
+TEST_SIZES = (48, 64, 80)
+"""Validation crop sides every variant's last checkpoint is tested at (resize: 8/7 of the crop)."""
+
+
+def mean_sd(values: list[float]) -> str:
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
 
 def main() -> None:
@@ -43,9 +50,9 @@ def main() -> None:
     base = [f"run.out_dir={args.out}"]
     teacher_cfg = load_config(folder / "teacher.yaml", base)
     teacher = _run_or_reuse(teacher_cfg, progress=False)
-    rows, cache_seconds = [], {}
+    rows, test_rows, cache_seconds = [], [], {}
     for name, (cache, overrides) in VARIANTS.items():
-        results = []
+        results, configs = [], []
         for seed in args.seeds:
             slug = name.split(")")[0].strip("(")
             cfg = load_config(folder / "distill.yaml", [
@@ -54,24 +61,28 @@ def main() -> None:
                 f"distill.teacher_cache={args.out / cache}", *overrides])
             if cache not in cache_seconds:
                 started = time.perf_counter()
-                engine.record_teacher_cache(cfg, progress=False)
-                cache_seconds[cache] = time.perf_counter() - started
+                recorded = engine.record_teacher_cache(cfg, progress=False)["recorded_now"]
+                cache_seconds[cache] = time.perf_counter() - started if recorded else None  # None: reused
             results.append(_run_or_reuse(cfg, progress=False))
+            configs.append(cfg)
         top1 = [r["best_val_top1"] for r in results]
         wall = [r["wall_seconds"] for r in results]
-        rows.append([name, f"{statistics.mean(top1):.2f} ± {statistics.stdev(top1):.2f}",
-                     f"{statistics.mean(wall):.1f} ± {statistics.stdev(wall):.1f}",
-                     ", ".join(f"{t:.2f}" for t in top1), cache])
+        rows.append([name, mean_sd(top1), mean_sd(wall), ", ".join(f"{t:.2f}" for t in top1), cache])
+        test_rows.append([name, *(mean_sd([engine.evaluate_checkpoint(
+            load_config(cfg.run_dir / "config.yaml", [f"data.val_image_size={size}", "data.val_resize=null"]),
+            cfg.run_dir / "last.pt")["top1"] for cfg in configs]) for size in TEST_SIZES)])
     env = collect_env(None)
     table = markdown_table(["student (ShuffleNet-v2 x0.5, 20 epochs, from the teacher cache)",
                             "best val top-1 (mean ± sd)", "training wall s (mean ± sd)", "per seed", "cache"], rows)
+    tested = markdown_table(["last checkpoint, val top-1 (mean ± sd) when tested at",
+                             *(f"{size} px" for size in TEST_SIZES)], test_rows)
     text = (f"Seeds {args.seeds}; teacher ResNet-18 {teacher['best_val_top1']:.2f}% val top-1; "
             f"{env.get('device')}, torch {env.get('torch')}. Cache recording: "
-            + ", ".join(f"{k} {v:.0f} s" for k, v in cache_seconds.items()) + ".\n\n" + table + "\n")
+            + ", ".join(f"{k} {v:.0f} s" if v is not None else f"{k} reused" for k, v in cache_seconds.items()) + ".\n\n" + table + "\n\n" + tested + "\n")
     print(text)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "resolution.md").write_text(text)
-    (args.out / "resolution.json").write_text(json.dumps({"rows": rows, "cache_seconds": cache_seconds}, indent=2))
+    (args.out / "resolution.json").write_text(json.dumps({"rows": rows, "tested_at": test_rows, "cache_seconds": cache_seconds}, indent=2))
 
 
 if __name__ == "__main__":

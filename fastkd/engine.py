@@ -323,7 +323,8 @@ def _run(cfg: Config, *, resume: bool, progress: bool,
                               "num_classes": len(loaders.classes), "config": config_to_dict(cfg),
                               "kind": "distill" if make_step else "train", "teacher_cache_digest": cache_digest},
             grad_clip_norm=cfg.optim.grad_clip_norm, log_every_steps=cfg.run.log_every_steps,
-            checkpoint_every_steps=cfg.run.checkpoint_every_steps, progress=progress)
+            checkpoint_every_steps=cfg.run.checkpoint_every_steps, progress=progress,
+            image_size_at=size_schedule(cfg.data).at)
         if checkpoint is not None:
             restore_training(training, checkpoint, source=cfg.run_dir / "last.pt")
             logger.truncate_after(state.epoch)

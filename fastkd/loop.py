@@ -93,6 +93,8 @@ class Training:
     progress: bool = True
     train_meter: Meter | None = None
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None
+    image_size_at: Callable[[int], int] | None = None
+    """The training image side of an epoch (the data's size schedule), recorded with its metrics."""
 
 
 def fit(t: Training) -> TrainState:
@@ -121,6 +123,7 @@ def fit(t: Training) -> TrainState:
         save_training_checkpoint(t, best=improved)
         record = {
             "epoch": state.epoch, "step": state.step, "lr": t.lr_at(max(state.step - 1, 0)),
+            **({"image_size": t.image_size_at(epoch)} if t.image_size_at else {}),
             **{f"train_{k}": v for k, v in train_metrics.items()},
             **{f"val_{k}": v for k, v in val_metrics.items() if k != "count"},
             "val_images": val_metrics["count"],

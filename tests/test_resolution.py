@@ -115,6 +115,9 @@ def test_distillation_resumes_exactly_across_a_size_change(tiny_imagefolder, tin
     b = load_checkpoint(configs["interrupted"].run_dir / "last.pt")
     assert a["step"] == b["step"] == 10
     assert all(torch.equal(value, b["model"][key]) for key, value in a["model"].items())
+    for run in configs.values():  # the resumed run's log too: each epoch's line names its size
+        lines = (run.run_dir / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["image_size"] for line in lines] == [16, 32]
     from fastkd.export import export_student
 
     meta = export_student(configs["straight"].run_dir, tmp_path / "student.pt")
