@@ -31,9 +31,12 @@ PARAMS = ("left", "top", "width", "height", "flip", "label", "index", "size", "t
 
 
 class TrainSamples:
-    """Sample `k` of pipeline epoch `e` is position `k` of `epoch_order(first_epoch + e)` (shifted by
-    `first_batch` batches in the first epoch, to resume mid-epoch); each epoch's last batch is
-    filled with padding samples (index `PADDING`), since DALI's sample mode has no partial batches."""
+    """The pipeline's stream never ends: its sample `p` is position `p` of epoch after epoch,
+    from `first_epoch` (shifted by `first_batch` batches, to resume mid-epoch) on, each epoch's
+    last batch filled with padding samples (index `PADDING`), since DALI's sample mode has no
+    partial batches. The loader takes `batches_in_epoch` batches per epoch from it; DALI never
+    resets the pipeline between epochs, so its prefetching runs on across them (a reset drains
+    the queue: measured as a first batch taking twice the others)."""
 
     def __init__(self, files: Sequence[str], labels: Sequence[int], *, seed: int, rank: int, world_size: int,
                  batch_size: int, sizes: SizeSchedule, teacher_size: int | None = None, first_epoch: int = 0,
@@ -48,6 +51,8 @@ class TrainSamples:
         self.batch_size = batch_size
         self.first_epoch = first_epoch
         self.first_batch = first_batch
+        self.num_samples = -(-len(self.files) // world_size)
+        """This rank's samples per epoch (`epoch_order` pads the permutation to the world size)."""
         self._order: tuple[int, list[int]] | None = None
         self._sizes = np.full((len(self.files), 2), -1, dtype=np.int32)
         """Oriented (width, height) of each file once seen (a header is parsed once per worker;
@@ -59,20 +64,26 @@ class TrainSamples:
                                               rank=self.rank, world_size=self.world_size))
         return self._order[1]
 
-    def samples_in_epoch(self, pipeline_epoch: int) -> tuple[int, int]:
-        """(first position, number of real samples) the pipeline's epoch `pipeline_epoch` yields."""
-        order = self.order(self.first_epoch + pipeline_epoch)
-        start = self.first_batch * self.batch_size if pipeline_epoch == 0 else 0
-        return start, max(0, len(order) - start)
+    def batches_in_epoch(self, epoch: int) -> int:
+        """How many batches of the stream belong to `epoch` (the first one from `first_batch` on)."""
+        start = self.first_batch if epoch == self.first_epoch else 0
+        return max(0, -(-self.num_samples // self.batch_size) - start)
+
+    def locate(self, position: int) -> tuple[int, int]:
+        """(epoch, position in the epoch's order) of the stream's sample `position`: a padding
+        sample when past the order's end."""
+        epoch, skipped = self.first_epoch, self.first_batch * self.batch_size
+        first_epoch_samples = self.batches_in_epoch(epoch) * self.batch_size
+        if position >= first_epoch_samples:
+            later, position = divmod(position - first_epoch_samples, self.batches_in_epoch(epoch + 1) * self.batch_size)
+            epoch, skipped = epoch + 1 + later, 0
+        return epoch, skipped + position
 
     def __call__(self, sample_info: Any) -> tuple[np.ndarray, np.ndarray]:
-        start, count = self.samples_in_epoch(sample_info.epoch_idx)
-        padded = -(-count // self.batch_size) * self.batch_size
-        position = sample_info.idx_in_epoch
-        if position >= padded:
-            raise StopIteration
-        order = self.order(self.first_epoch + sample_info.epoch_idx)
-        index = order[start + min(position, count - 1)]
+        # DALI's epoch stays 0: the source never raises StopIteration.
+        epoch, position = self.locate(sample_info.idx_in_epoch)
+        order = self.order(epoch)
+        index = order[min(position, len(order) - 1)]
         path = self.files[index]
         if self._sizes[index, 0] < 0:
             try:
@@ -81,8 +92,7 @@ class TrainSamples:
                 reason = "not an image, or an unsupported format" if isinstance(exc, UnidentifiedImageError) else exc
                 raise ValueError(f"{UNREADABLE}{path}: {reason}") from None
         width, height = (int(v) for v in self._sizes[index])
-        epoch = self.first_epoch + sample_info.epoch_idx
         crop = train_crop(self.seed, epoch, index, width, height)
         params = (crop.left, crop.top, crop.width, crop.height, int(crop.flip), self.labels[index],
-                  index if position < count else PADDING, self.sizes.at(epoch), self.teacher_size)
+                  index if position < len(order) else PADDING, self.sizes.at(epoch), self.teacher_size)
         return np.frombuffer(path.encode(), dtype=np.uint8), np.array(params, dtype=np.int64)

@@ -3,7 +3,7 @@ loader-stages`: what each stage costs on the machine at hand, and the ceiling a 
 measured against (DALI's own random-crop decode, with nothing after it).
 
 Each graph is a prefix of the training path, built with this module's or `dali_backend`'s
-operators; the bench times `run()` over whole batches, epoch after epoch.
+operators; the bench times `run()` over whole batches, epoch after epoch (no stage ever resets).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from nvidia.dali import fn, pipeline_def, types
 
-from pipelines.dali_backend import Placement, _normalize, _train_graph, python_workers, run_or_reset
+from pipelines.dali_backend import Placement, _normalize, _train_graph, python_workers
 from pipelines.augment import SizeSchedule
 from pipelines.dali_source import TrainSamples
 
@@ -79,10 +79,10 @@ def stage_pipeline(stage: str, files: list[str], labels: list[int], *, seed: int
 
 
 def run_endlessly(pipe) -> Callable[[], int]:
-    """One batch per call (a new epoch when the last one ended); returns the batch size."""
+    """One batch per call (readers wrap around at an epoch's end; fastkd's source never ends);
+    returns the batch size."""
     def one() -> int:
-        if run_or_reset(pipe) is None:
-            pipe.run()
+        pipe.run()
         return pipe.max_batch_size
 
     return one

@@ -74,6 +74,42 @@ def test_training_stream_resumes_exactly_at_any_epoch_and_batch(tiny_imagefolder
     assert rest == full[epochs_before * per_epoch + batches_before:]
 
 
+def test_the_source_runs_epoch_after_epoch_from_a_resumed_batch():
+    from pipelines.augment import SizeSchedule
+    from pipelines.dali_source import PADDING, TrainSamples
+
+    source = TrainSamples([f"{i}.jpg" for i in range(10)], list(range(10)), seed=0, rank=0, world_size=1,
+                          batch_size=4, sizes=SizeSchedule(32), first_epoch=2, first_batch=1)
+    assert [source.batches_in_epoch(epoch) for epoch in (2, 3, 4)] == [2, 3, 3]
+    located = [source.locate(p) for p in range(24)]
+    assert located[:8] == [(2, p) for p in range(4, 12)]  # epoch 2 from its batch 1; 10 and 11 pad it
+    assert located[8:20] == [(3, p) for p in range(12)] and located[20:] == [(4, p) for p in range(4)]
+    source._sizes[:] = 16  # no files to read the sizes from
+    params = [source(type("Info", (), {"idx_in_epoch": p})())[1] for p in range(8, 20)]
+    assert [int(row[6]) for row in params[10:]] == [PADDING, PADDING]
+    assert sorted(int(row[6]) for row in params[:10]) == list(range(10))
+
+
+def test_the_training_pipeline_runs_on_across_epochs_and_a_stop_midway(tiny_imagefolder, monkeypatch):
+    """No reset at an epoch's end (it would drain the prefetch queue) and no rebuild to continue
+    after a consumer stopped inside an epoch: the pipeline is built once."""
+    import itertools
+
+    cfg = data_config(tiny_imagefolder, "dali")
+    full = stream(build_loaders(cfg, spec=CPU, seed=0).train, 3)
+    per_epoch = len(full) // 3
+    loader = build_loaders(cfg, spec=CPU, seed=0).train
+    pipe = loader._pipe
+    monkeypatch.setattr(type(pipe), "reset", lambda self: pytest.fail("the training pipeline was reset"))
+    seen = stream(loader, 1)
+    loader.set_epoch(1)
+    seen += [(labels.tolist(), float(images.double().sum())) for images, labels in itertools.islice(loader, 2)]
+    loader.set_epoch(1, 2)
+    seen += stream(loader, 2)
+    assert loader._pipe is pipe and seen == full
+    assert len(seen) == 3 * per_epoch
+
+
 def training_batches_per_backend(root, *, seed: int, epoch: int, **data) -> dict[str, list]:
     """One epoch of (images, labels, indices) training batches of 8 from torchvision and DALI."""
     batches = {}
@@ -274,12 +310,13 @@ def test_only_decoder_failures_are_reported_as_broken_images(tiny_imagefolder, m
         def iterate():
             raise error
             yield
-        return iterate
+        return iterate()
 
-    monkeypatch.setattr(loader, "_iterator", type("It", (), {"__iter__": lambda self: failing(decode)()})())
+    monkeypatch.setattr(loader, "_iterator", failing(decode))
     with pytest.raises(DataError, match="fastkd data verify"):
         next(iter(loader))
-    monkeypatch.setattr(loader, "_iterator", type("It", (), {"__iter__": lambda self: failing(oom)()})())
+    loader.set_epoch(0)  # a failed epoch leaves the stream's place unknown: set_epoch rebuilds it
+    monkeypatch.setattr(loader, "_iterator", failing(oom))
     with pytest.raises(RuntimeError, match="out of memory") as raised:
         next(iter(loader))
     assert not isinstance(raised.value, DataError)
