@@ -90,12 +90,13 @@ def test_the_source_runs_epoch_after_epoch_from_a_resumed_batch():
     assert sorted(int(row[6]) for row in params[:10]) == list(range(10))
 
 
-def test_the_training_pipeline_runs_on_across_epochs_and_a_stop_midway(tiny_imagefolder, monkeypatch):
+@pytest.mark.parametrize("cpu_resize", ["torch", "dali"])  # dali: DALI's own iterator, as on a GPU
+def test_the_training_pipeline_runs_on_across_epochs_and_a_stop_midway(tiny_imagefolder, monkeypatch, cpu_resize):
     """No reset at an epoch's end (it would drain the prefetch queue) and no rebuild to continue
     after a consumer stopped inside an epoch: the pipeline is built once."""
     import itertools
 
-    cfg = data_config(tiny_imagefolder, "dali")
+    cfg = data_config(tiny_imagefolder, "dali", dali_cpu_resize=cpu_resize)
     full = stream(build_loaders(cfg, spec=CPU, seed=0).train, 3)
     per_epoch = len(full) // 3
     loader = build_loaders(cfg, spec=CPU, seed=0).train
