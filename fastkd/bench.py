@@ -99,6 +99,23 @@ def timed_windows(window: Window, run_one: Callable[[], int], sync: Callable[[],
     return rates
 
 
+def cpu_times() -> tuple[int, int] | None:
+    """(all, idle) time of every CPU since boot, in clock ticks (Linux's /proc/stat), else None."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(value) for value in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return sum(ticks), ticks[3] + ticks[4]  # idle + iowait
+
+
+def busy_fraction(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
+    """The share of the machine's CPU time that was busy between two `cpu_times()` readings."""
+    if before is None or after is None or after[0] <= before[0]:
+        return None
+    return round(1 - (after[1] - before[1]) / (after[0] - before[0]), 3)
+
+
 class StageClock:
     """Accumulates per-stage time: CUDA events on a GPU (read once at the end), timers on the CPU."""
 
@@ -210,13 +227,19 @@ class Bench:
     def measure_loader(self, backend: str) -> None:
         loader = self.loaders(backend).train
         stream = endless(loader)
+        side = [0]
 
         def one() -> int:
             images, labels = next(stream)
+            side[0] = images.shape[-1]
             return labels.shape[0]
 
         window = self.window_for(loader)
-        self.record("loader", backend, timed_windows(window, one, self.runtime.synchronize), warmup=window.warmup)
+        before = cpu_times()
+        rates = timed_windows(window, one, self.runtime.synchronize)
+        # Of the whole machine, warm-up included: how much of the cores the loader kept busy.
+        self.record("loader", backend, rates, warmup=window.warmup, batch_image_size=side[0],
+                    cpu_busy=busy_fraction(before, cpu_times()))
 
     def measure_dali_stages(self, stages: Sequence[str]) -> None:
         """Images/second of DALI CPU pipelines ending after each of `stages` (`pipelines.dali_stages`)."""
@@ -296,12 +319,13 @@ class Bench:
         step.train()
         params = optimizer_params(optimizer)
         stream = endless(loader, lambda l: l.indexed())
-        waited = [0.0]
+        waited, side = [0.0], [0]
 
         def one() -> int:
             started = time.perf_counter()
             images, labels, indices, teacher_images = next(stream)
             waited[0] += time.perf_counter() - started
+            side[0] = images.shape[-1]
             backward(step(images, labels, indices, teacher_images).loss, optimizer, scaler)
             apply_update(optimizer, scaler, params, None)
             return labels.shape[0]
@@ -314,7 +338,8 @@ class Bench:
         extra = {"teacher_cache": "temporary, random fp16 logits"} if what == "distill-cached" else {}
         stages = self.breakdown(loader, step, optimizer, scaler)
         return self.record(label, backend, rates, warmup=window.warmup, data_wait_fraction=round(wait_fraction, 3),
-                           side_stream=side_stream if what == "distill" else None, stages=stages, **extra)
+                           side_stream=side_stream if what == "distill" else None, stages=stages,
+                           batch_image_size=side[0], **extra)
 
     def breakdown(self, loader: Loader, step: nn.Module, optimizer, scaler) -> dict[str, float]:
         """Milliseconds per batch in each stage, over `window.steps` batches (stages in sequence).
@@ -366,6 +391,11 @@ def run_bench(cfg: Config, *, config_path: str, what: Sequence[str], backends: S
     for item in ("distill", "distill-cached"):
         if item in what and cfg.distill is None:
             raise ConfigError(f"--what {item} needs a config with a distill section (the teacher's arch)")
+    notes = []
+    if cfg.data.start_image_size is not None:  # a schedule would change the size between timed windows
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, start_image_size=None, size_ramp_epochs=None))
+        notes.append(f"the size schedule is left out: measured at data.image_size ({cfg.data.image_size} px); "
+                     "--image-sizes measures others")
     runtime = create_runtime(cfg.runtime)
     dataset = None
     if any(b != "synthetic" for b in backends):
@@ -374,7 +404,7 @@ def run_bench(cfg: Config, *, config_path: str, what: Sequence[str], backends: S
 
             ensure_demo_dataset(cfg.data.root_path)
         dataset = load_data(cfg.data)
-    bench = Bench(cfg, runtime, window, config_path, dataset=dataset, env=collect_env(runtime.device))
+    bench = Bench(cfg, runtime, window, config_path, dataset=dataset, env=collect_env(runtime.device), notes=notes)
     for backend in backends:
         reason = skip_reason(backend, runtime)
         if reason:
@@ -428,11 +458,12 @@ def format_rows(rows: list[dict[str, Any]], notes: Sequence[str] = ()) -> str:
               f"batch {first['batch_size']} | {first['image_size']} px | median of {first['repeats']} x "
               f"{first['steps']} batches")
     table = markdown_table(
-        ["what", "backend", "model", "images/s", "min", "max", "data wait"],
+        ["what", "backend", "model", "images/s", "min", "max", "data wait", "CPU busy"],
         [[r["what"], r["backend"] + (f": {r['stage']}" if r.get("stage") else ""),
           r["model"] + (f" <- {r['teacher']}" if r.get("teacher") else ""),
           f"{r['images_per_sec']:.1f}", f"{r['min']:.1f}", f"{r['max']:.1f}",
-          f"{r['data_wait_fraction']:.0%}" if r.get("data_wait_fraction") is not None else ""] for r in rows])
+          f"{r['data_wait_fraction']:.0%}" if r.get("data_wait_fraction") is not None else "",
+          f"{r['cpu_busy']:.0%}" if r.get("cpu_busy") is not None else ""] for r in rows])
     stage_rows = [r for r in rows if r.get("stages")]
     stages = ""
     if stage_rows:

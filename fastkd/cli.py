@@ -172,10 +172,12 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> None:
         sizes = [item.strip() for item in args.image_sizes.split(",") if item.strip()]
         if not all(size.isdigit() for size in sizes):
             raise ConfigError(f"--image-sizes: expected a comma list of pixel sizes, got {args.image_sizes!r}")
-        for size in sizes or [None]:
-            sized = cfg if size is None else load_config(args.config, [*args.overrides, f"data.image_size={size}",
-                                                                        "data.start_image_size=null",
-                                                                        "data.size_ramp_epochs=null"])
+        # Every size's config is checked before anything runs (a bad size writes no rows); the
+        # validation sizes follow each (the bench times no validation).
+        configs = [load_config(args.config, [*args.overrides, f"data.image_size={size}", "data.start_image_size=null",
+                                             "data.size_ramp_epochs=null", "data.val_image_size=null",
+                                             "data.val_resize=null"]) for size in sizes] or [cfg]
+        for sized in configs:
             run_bench(sized, config_path=args.config, what=[w for w in args.what.split(",") if w],
                       backends=[b for b in args.backends.split(",") if b],
                       window=Window(steps=args.steps, warmup=args.warmup, repeats=args.repeats), out=args.out)

@@ -126,6 +126,11 @@ def size_schedule(data: Any) -> SizeSchedule:
                         step=data.image_size_step)
 
 
+def samples_per_rank(num_items: int, world_size: int) -> int:
+    """Training samples each rank takes per epoch: the same on every rank (`epoch_order` pads)."""
+    return -(-num_items // world_size)
+
+
 def epoch_order(num_items: int, *, seed: int, epoch: int, shuffle: bool, rank: int = 0,
                 world_size: int = 1) -> list[int]:
     """This rank's sample indices for one epoch, in the order they are seen.
@@ -138,7 +143,7 @@ def epoch_order(num_items: int, *, seed: int, epoch: int, shuffle: bool, rank: i
     if not shuffle:
         return list(range(num_items))[rank::world_size]
     order = np.random.default_rng([seed % 2**63, epoch]).permutation(num_items).tolist()
-    padded = math.ceil(num_items / world_size) * world_size
+    padded = samples_per_rank(num_items, world_size) * world_size
     order += order[: padded - num_items]
     return order[rank::world_size]
 

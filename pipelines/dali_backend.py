@@ -324,6 +324,10 @@ class DaliLoader:
             (batch,) = next(self._iterator)
             indices, teacher = batch["indices"].view(-1), batch.get("teacher_images")
             real = int((indices != PADDING).sum())  # host tensor: no device sync
+            if real != min(self.batch_size, self.num_samples - batch_index * self.batch_size):
+                # The source's epochs and this loader's disagree: every later crop would be another's.
+                raise RuntimeError(f"DALI's training stream is out of step: batch {batch_index} of epoch {epoch} "
+                                   f"holds {real} samples of this epoch")
             # Where the stream stands once this batch is out (a consumer may stop after any batch).
             self._position = (epoch, batch_index + 1) if batch_index + 1 < len(self) else (epoch + 1, 0)
             yield (batch["images"][:real], batch["labels"][:real], indices[:real],
@@ -364,9 +368,10 @@ class _finished_with_torch:
     def __next__(self) -> tuple[dict[str, torch.Tensor]]:
         crops, params = self._pipe.run()
         params = torch.from_numpy(np.array(params.as_tensor()))  # [B, len(PARAMS)]
+        # A batch is one epoch's: one size, which padding samples carry too.
+        size, teacher_size = (int(params[0, _PARAM[name]]) for name in ("size", "teacher_size"))
         params = params[params[:, _PARAM["index"]] != PADDING]  # padding samples are not worth resizing
         flips = params[:, _PARAM["flip"]].tolist()
-        size, teacher_size = (int(params[0, _PARAM[name]]) for name in ("size", "teacher_size"))
         # The crops are DALI's memory, valid until the next run(): read here, before it. NumPy's
         # array interface wraps them for a fifth of torch.from_dlpack's cost (about 2 us against 10).
         crop = lambda k: torch.from_numpy(np.asarray(crops[k]))  # noqa: E731

@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import UnidentifiedImageError
 
-from pipelines.augment import SizeSchedule, epoch_order, oriented_size, train_crop
+from pipelines.augment import SizeSchedule, epoch_order, oriented_size, samples_per_rank, train_crop
 
 UNREADABLE = "fastkd: cannot read "
 """Starts the message of a file that cannot be read or whose header cannot be parsed."""
@@ -51,8 +51,7 @@ class TrainSamples:
         self.batch_size = batch_size
         self.first_epoch = first_epoch
         self.first_batch = first_batch
-        self.num_samples = -(-len(self.files) // world_size)
-        """This rank's samples per epoch (`epoch_order` pads the permutation to the world size)."""
+        self.num_samples = samples_per_rank(len(self.files), world_size)
         self._order: tuple[int, list[int]] | None = None
         self._sizes = np.full((len(self.files), 2), -1, dtype=np.int32)
         """Oriented (width, height) of each file once seen (a header is parsed once per worker;

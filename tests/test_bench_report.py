@@ -3,6 +3,7 @@ from __future__ import annotations
 import json
 import re
 import statistics
+import time
 
 import pytest
 import torch
@@ -40,6 +41,8 @@ def test_bench_measures_every_what_and_writes_well_formed_rows(tiny_imagefolder,
             assert set(row["stages"]) >= {"data wait", "student forward+backward", "optimizer"}
         if row["what"] == "distill":
             assert row["teacher"] == "resnet18" and row["stages"]["teacher forward"] > 0
+        if row["what"] == "loader":  # None when the windows were shorter than the kernel's clock tick
+            assert row["batch_image_size"] == 32 and (row["cpu_busy"] is None or 0 <= row["cpu_busy"] <= 1)
     assert ("loader", "dali-gpu") not in measured
     assert "dali-gpu skipped: needs a CUDA training device (runtime.device)" in printed
     assert "teacher weights: random" in printed
@@ -103,6 +106,19 @@ def test_report_of_an_unfinished_run_is_an_error(tmp_path, capsys):
         main(["report", str(tmp_path / "half")])
     assert info.value.code == 2
     assert f"not a finished fastkd run (no summary.json): {tmp_path / 'half'}" in capsys.readouterr().err
+
+
+def test_cpu_busy_is_the_share_of_cpu_time_not_idle():
+    from fastkd.bench import busy_fraction, cpu_times
+
+    assert busy_fraction((1000, 400), (1200, 450)) == 0.75  # 200 ticks, 50 of them idle
+    assert busy_fraction((1000, 400), (1000, 400)) is None and busy_fraction(None, (1, 1)) is None
+    before = cpu_times()
+    if before is not None:  # Linux
+        deadline = time.perf_counter() + 0.1
+        while time.perf_counter() < deadline:  # one core spins: at least a share of the machine is busy
+            pass
+        assert 0 < busy_fraction(before, cpu_times()) <= 1
 
 
 def test_warm_up_drains_what_the_loader_prefetched():

@@ -90,16 +90,24 @@ def test_the_source_runs_epoch_after_epoch_from_a_resumed_batch():
     assert sorted(int(row[6]) for row in params[:10]) == list(range(10))
 
 
-@pytest.mark.parametrize("cpu_resize", ["torch", "dali"])  # dali: DALI's own iterator, as on a GPU
-def test_the_training_pipeline_runs_on_across_epochs_and_a_stop_midway(tiny_imagefolder, monkeypatch, cpu_resize):
-    """No reset at an epoch's end (it would drain the prefetch queue) and no rebuild to continue
-    after a consumer stopped inside an epoch: the pipeline is built once."""
+TRAINING_PATHS = [pytest.param({}, "cpu", id="cpu-torch-finishes"),
+                  pytest.param({"dali_cpu_resize": "dali"}, "cpu", id="cpu-dali-iterator"),  # the GPU path's iterator
+                  pytest.param({"dali_device": "gpu"}, "cuda", id="gpu-decoding", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("data, device", TRAINING_PATHS)
+def test_the_training_pipeline_runs_on_across_epochs_and_resumes_exactly(tiny_imagefolder, monkeypatch, data, device):
+    """No reset at an epoch's end (it would drain the prefetch queue), no rebuild to continue
+    after a consumer stopped inside an epoch, and a new loader set to (epoch, batch) yields what
+    the uninterrupted one did from there."""
     import itertools
 
-    cfg = data_config(tiny_imagefolder, "dali", dali_cpu_resize=cpu_resize)
-    full = stream(build_loaders(cfg, spec=CPU, seed=0).train, 3)
+    spec = CPU if device == "cpu" else BatchSpec(device=torch.device("cuda", torch.cuda.current_device()),
+                                                 dtype=torch.float16)
+    cfg = data_config(tiny_imagefolder, "dali", **data)
+    full = stream(build_loaders(cfg, spec=spec, seed=0).train, 3)
     per_epoch = len(full) // 3
-    loader = build_loaders(cfg, spec=CPU, seed=0).train
+    loader = build_loaders(cfg, spec=spec, seed=0).train
     pipe = loader._pipe
     monkeypatch.setattr(type(pipe), "reset", lambda self: pytest.fail("the training pipeline was reset"))
     seen = stream(loader, 1)
@@ -107,18 +115,19 @@ def test_the_training_pipeline_runs_on_across_epochs_and_a_stop_midway(tiny_imag
     seen += [(labels.tolist(), float(images.double().sum())) for images, labels in itertools.islice(loader, 2)]
     loader.set_epoch(1, 2)
     seen += stream(loader, 2)
-    assert loader._pipe is pipe and seen == full
-    assert len(seen) == 3 * per_epoch
+    assert loader._pipe is pipe and seen == full and len(full) == 3 * per_epoch
+    resumed = build_loaders(cfg, spec=spec, seed=0).train
+    resumed.set_epoch(1, 2)
+    assert stream(resumed, 2) == full[per_epoch + 2:]
 
 
-def training_batches_per_backend(root, *, seed: int, epoch: int, **data) -> dict[str, list]:
-    """One epoch of (images, labels, indices) training batches of 8 from torchvision and DALI."""
-    batches = {}
-    for backend in ("torchvision", "dali"):
-        loader = build_loaders(data_config(root, backend, batch_size=8, **data), spec=CPU, seed=seed).train
-        loader.set_epoch(epoch)
-        batches[backend] = list(loader.indexed())
-    return batches
+def test_a_source_out_of_step_with_its_loader_stops_instead_of_cutting_other_crops(tiny_imagefolder, monkeypatch):
+    import pipelines.dali_source as source
+
+    monkeypatch.setattr(source, "samples_per_rank", lambda num_items, world_size: num_items + 3)  # forked workers too
+    loader = build_loaders(data_config(tiny_imagefolder, "dali"), spec=CPU, seed=0).train
+    with pytest.raises(RuntimeError, match="training stream is out of step"):
+        stream(loader, 2)
 
 
 @pytest.mark.parametrize("cpu_resize", ["torch", "dali"])
@@ -371,20 +380,3 @@ def test_gpu_and_cpu_decoding_agree_on_validation(tiny_imagefolder):
     assert torch.equal(gpu[1].cpu(), cpu[1])
     # nvJPEG and libjpeg-turbo upsample chroma differently: allow a few grey levels on average.
     assert (gpu[0].cpu() - cpu[0]).abs().mean() < 0.05
-
-
-@pytest.mark.gpu
-def test_gpu_training_pipeline_resumes_the_exact_stream(tiny_imagefolder):
-    spec = BatchSpec(device=torch.device("cuda", torch.cuda.current_device()), dtype=torch.float16)
-    cfg = data_config(tiny_imagefolder, "dali", dali_device="gpu")
-    full = stream(build_loaders(cfg, spec=spec, seed=0).train, 2)
-    loader = build_loaders(cfg, spec=spec, seed=0).train
-    iterator = iter(loader)
-    seen = []
-    for _ in range(3):
-        images, labels = next(iterator)
-        seen.append((labels.tolist(), float(images.double().sum())))
-    state = loader.state_dict()
-    resumed = build_loaders(cfg, spec=spec, seed=0).train
-    resumed.load_state_dict(state)
-    assert seen + stream(resumed, 2)[: len(full) - 3] == full

@@ -152,14 +152,23 @@ def test_bench_measures_each_training_size_in_turn(tiny_imagefolder, tmp_path, c
     from tests.conftest import tiny_config_dict
 
     raw = tiny_config_dict(tiny_imagefolder, tmp_path / "runs")
-    raw["data"].update(start_image_size=16, size_ramp_epochs=[0, 1], image_size_step=16, val_resize=None)
+    raw["data"].update(start_image_size=16, size_ramp_epochs=[0, 1], image_size_step=16, val_resize=52)
     config = write_config(tmp_path / "bench.yaml", raw)
     out = tmp_path / "rows.jsonl"
-    main(["bench", "--config", str(config), "--what", "loader,train", "--backends", "synthetic,torchvision",
-          "--steps", "1", "--warmup", "1", "--repeats", "1", "--image-sizes", "16,48", "--out", str(out)])
+    bench = ["bench", "--config", str(config), "--what", "loader,train", "--backends", "synthetic,torchvision",
+             "--steps", "1", "--warmup", "1", "--repeats", "1", "--out", str(out)]
+    main([*bench, "--image-sizes", "16,64"])  # 64: above the config's val_resize, which follows the size
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert [(r["what"], r["backend"], r["image_size"]) for r in rows] == [
-        (what, backend, size) for size in (16, 48) for backend in ("synthetic", "torchvision")
+    assert [(r["what"], r["backend"], r["image_size"], r["batch_image_size"]) for r in rows] == [
+        (what, backend, size, size) for size in (16, 64) for backend in ("synthetic", "torchvision")
         for what in ("loader", "train")]
+    out.unlink()
+    main(bench)  # without sizes: the schedule is left out, the rows say at which size they measured
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {(r["image_size"], r["batch_image_size"]) for r in rows} == {(32, 32)}  # data.image_size, not 16
+    assert "the size schedule is left out" in rows[0]["notes"][0]
+    out.unlink()
+    assert cli_error(capsys, *bench, "--image-sizes", "64,8").startswith("fastkd: error: data.image_size")
+    assert not out.exists()  # a bad size is refused before any size runs
     assert cli_error(capsys, "bench", "--config", str(config), "--image-sizes", "big") == \
         "fastkd: error: --image-sizes: expected a comma list of pixel sizes, got 'big'"
