@@ -130,6 +130,16 @@ def test_a_source_out_of_step_with_its_loader_stops_instead_of_cutting_other_cro
         stream(loader, 2)
 
 
+def training_batches_per_backend(root, *, seed: int, epoch: int, **data) -> dict[str, list]:
+    """One epoch of (images, labels, indices) training batches of 8 from torchvision and DALI."""
+    batches = {}
+    for backend in ("torchvision", "dali"):
+        loader = build_loaders(data_config(root, backend, batch_size=8, **data), spec=CPU, seed=seed).train
+        loader.set_epoch(epoch)
+        batches[backend] = list(loader.indexed())
+    return batches
+
+
 @pytest.mark.parametrize("cpu_resize", ["torch", "dali"])
 def test_dali_and_torchvision_cut_the_same_training_crops(tiny_imagefolder, cpu_resize):
     """Same order, same crop and flip per (seed, epoch, sample); pixels differ by resampling only,
