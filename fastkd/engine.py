@@ -123,6 +123,8 @@ def _record_epoch(cache: TeacherCache, epoch: int, teacher: nn.Module, loader, r
                   progress: bool) -> None:
     rows = cache.new_epoch_file(epoch) if runtime.is_main else None
     written = np.zeros(cache.key.num_samples, dtype=bool)
+    dtype = cache.manifest["dtype"]
+    largest = float(np.finfo(DTYPES[dtype]).max)
     loader.set_epoch(epoch)
     batches = tqdm(loader.indexed(), total=len(loader), desc=f"teacher logits, epoch {epoch}", leave=False,
                    disable=None if (progress and runtime.is_main) else True)
@@ -137,6 +139,18 @@ def _record_epoch(cache: TeacherCache, epoch: int, teacher: nn.Module, loader, r
             dist.all_gather(all_logits, logits)
             dist.all_gather(all_indices, indices)
             logits, indices = torch.cat(all_logits), torch.cat(all_indices)
+        # Every rank checks the same gathered rows (so all stop together): an fp16 file would keep
+        # an overflowing logit as inf, and a student replaying it would meet a NaN loss.
+        peak = float(logits.abs().amax())  # host sync: recording, not training; NaN stays NaN
+        if not math.isfinite(peak) or peak > largest:
+            if rows is not None:
+                del rows
+                cache.temp_epoch_path(epoch).unlink(missing_ok=True)
+            what = "are not finite (nan/inf)" if not math.isfinite(peak) else f"reach {peak:.4g}, beyond {dtype}'s range"
+            hint = "the teacher checkpoint is broken" if not math.isfinite(peak) else "record with --dtype fp32, or use a " \
+                   "teacher that trained stably"
+            raise DataError(f"teacher cache: the teacher's logits {what} in epoch {epoch}: {hint}; nothing of this "
+                            "epoch was recorded")
         if rows is not None:
             index = indices.cpu().numpy()  # host sync: recording, not training
             rows[index] = logits.cpu().numpy()

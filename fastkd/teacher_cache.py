@@ -141,7 +141,11 @@ class TeacherCache:
                 raise ConfigError(f"distill.teacher_cache: {path} holds a cache of another run ({different}); "
                                   "choose another folder or delete it")
             if cache.manifest["dtype"] != dtype:
-                raise ConfigError(f"--dtype: {path} was recorded in {cache.manifest['dtype']}, not {dtype}")
+                if cache.recorded_epochs:
+                    raise ConfigError(f"--dtype: {path} was recorded in {cache.manifest['dtype']}, not {dtype} "
+                                      f"({cache.describe_epochs()}); delete it to record it again in {dtype}")
+                cache.manifest["dtype"] = dtype  # nothing recorded yet (a first attempt was refused)
+                cache.write_manifest()
             return cache
         if path.exists() and any(path.iterdir()):
             raise ConfigError(f"distill.teacher_cache: {path} exists and is not a teacher cache")

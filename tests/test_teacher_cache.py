@@ -67,6 +67,29 @@ def random_teacher(tmp_path_factory) -> Path:
     return path
 
 
+def test_logits_beyond_the_cache_dtype_are_refused_and_nothing_is_recorded(tiny_imagefolder, tmp_path, capsys):
+    """An fp16 cache would keep an overflowing logit as inf, and every student replaying it would
+    stop at a NaN loss (seen in the GPU script's rehearsal, with a teacher that had diverged)."""
+    from fastkd.cli import main
+
+    torch.manual_seed(0)
+    teacher = torchvision.models.resnet18(num_classes=10)
+    with torch.no_grad():
+        teacher.fc.weight.mul_(1e6)  # logits in the millions: finite in fp32, inf in fp16
+    path = tmp_path / "loud.pt"
+    torch.save(teacher.state_dict(), path)
+    raw = kd_raw(tiny_imagefolder, tmp_path / "runs", path, tmp_path / "cache")
+    config = write_config(tmp_path / "kd.yaml", raw)
+    message = cli_error(capsys, "teacher-cache", "--config", str(config), "--epochs", "1", "--dtype", "fp16")
+    assert message.startswith("fastkd: error: teacher cache: the teacher's logits reach ")
+    assert "beyond fp16's range in epoch 0: record with --dtype fp32" in message
+    assert not list((tmp_path / "cache").glob("*epoch*")) and not list((tmp_path / "cache").glob(".*.tmp*"))
+    assert record(raw, epochs=1, dtype="fp32")["recorded_now"] == [0]
+    assert np.isfinite(np.load(tmp_path / "cache" / "epoch-0000.npy")).all()
+    message = cli_error(capsys, "teacher-cache", "--config", str(config), "--epochs", "2", "--dtype", "fp16")
+    assert "was recorded in fp32, not fp16" in message and "delete it" in message  # recorded epochs stay as they are
+
+
 def final_weights(raw: dict) -> dict[str, torch.Tensor]:
     return load_checkpoint(config_from_dict(raw).run_dir / "last.pt")["model"]
 

@@ -84,8 +84,10 @@ if want smoke; then
   smoke=(--no-progress "${runs[@]}" data.root="$data" data.generate_demo=false optim.epochs=1 runtime.sync_debug=true)
   step smoke-train-synthetic 120 "${fastkd[@]}" train --config configs/bench/gpu_224.yaml "${smoke[@]}" run.name=s1 distill=null \
     data.backend=synthetic data.synthetic_train_samples=4096 data.synthetic_val_samples=512 "${small[@]}"
+  # s2 is the later smokes' teacher: a gentle lr keeps its logits within an fp16 cache's range
+  # (at 0.1 it diverges on the small data, and the cache recording refuses it).
   step smoke-train-dali-gpu-fp16 150 "${fastkd[@]}" train --config configs/bench/gpu_224.yaml "${smoke[@]}" run.name=s2 distill=null \
-    model.arch=resnet18 runtime.precision=fp16 data.dali_device=gpu "${small[@]}"
+    model.arch=resnet18 runtime.precision=fp16 data.dali_device=gpu optim.lr=0.01 "${small[@]}"
   step smoke-distill-dali-gpu-bf16 150 "${fastkd[@]}" distill --config configs/bench/gpu_224.yaml "${smoke[@]}" \
     run.name=s3 distill.teacher.arch=resnet18 distill.teacher.checkpoint="$work/runs/s2/best.pt" \
     distill.allow_weak_teacher=true distill.teacher.precision=fp32 runtime.precision=bf16 data.dali_device=gpu "${small[@]}"
