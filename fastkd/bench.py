@@ -100,10 +100,13 @@ def timed_windows(window: Window, run_one: Callable[[], int], sync: Callable[[],
 
 
 def cpu_times() -> tuple[int, int] | None:
-    """(all, idle) time of every CPU since boot, in clock ticks (Linux's /proc/stat), else None."""
+    """(ours, idle) time of every CPU since boot, in clock ticks (Linux's /proc/stat), else None.
+
+    "Ours" leaves out steal (a hypervisor running other machines on our cores) and the guest
+    fields (already counted in user and nice)."""
     try:
         with open("/proc/stat") as f:
-            ticks = [int(value) for value in f.readline().split()[1:]]
+            ticks = [int(value) for value in f.readline().split()[1:8]]  # user .. softirq
     except (OSError, ValueError):
         return None
     return sum(ticks), ticks[3] + ticks[4]  # idle + iowait
@@ -239,7 +242,8 @@ class Bench:
         rates = timed_windows(window, one, self.runtime.synchronize)
         # Of the whole machine, warm-up included: how much of the cores the loader kept busy.
         self.record("loader", backend, rates, warmup=window.warmup, batch_image_size=side[0],
-                    cpu_busy=busy_fraction(before, cpu_times()))
+                    cpu_busy=busy_fraction(before, cpu_times()),
+                    dali_prefetch_queue=getattr(loader, "prefetch_queue_depth", None))
 
     def measure_dali_stages(self, stages: Sequence[str]) -> None:
         """Images/second of DALI CPU pipelines ending after each of `stages` (`pipelines.dali_stages`)."""

@@ -146,9 +146,15 @@ def _record_epoch(cache: TeacherCache, epoch: int, teacher: nn.Module, loader, r
             if rows is not None:
                 del rows
                 cache.temp_epoch_path(epoch).unlink(missing_ok=True)
-            what = "are not finite (nan/inf)" if not math.isfinite(peak) else f"reach {peak:.4g}, beyond {dtype}'s range"
-            hint = "the teacher checkpoint is broken" if not math.isfinite(peak) else "record with --dtype fp32, or use a " \
-                   "teacher that trained stably"
+            if not math.isfinite(peak):
+                what = "are not finite (nan/inf)"
+                hint = ("its forward overflowed in fp16 (set distill.teacher.precision: fp32 or bf16), or its checkpoint "
+                        "is broken" if precision == "fp16" else f"its checkpoint is broken (its forward ran in {precision})")
+            else:
+                what = f"reach {peak:.4g}, beyond {dtype}'s range"
+                hint = ("record with --dtype fp32" if not cache.recorded_epochs else
+                        f"the cache's epochs so far are {dtype}: delete {cache.path} and record it with --dtype fp32")
+                hint += ", or use a teacher that trained stably"
             raise DataError(f"teacher cache: the teacher's logits {what} in epoch {epoch}: {hint}; nothing of this "
                             "epoch was recorded")
         if rows is not None:

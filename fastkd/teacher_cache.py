@@ -136,16 +136,22 @@ class TeacherCache:
         """For recording: a new cache, or the partly recorded one at `path` if its key matches."""
         if (path / MANIFEST).is_file():
             cache = cls(path, _read_manifest(path, "teacher-cache"))
+            fresh = json.loads(json.dumps({"key": asdict(key), "dtype": dtype, "teacher_val": teacher_val,
+                                           "recorded_with": recorded_with or {}}))  # as the manifest holds it
+            if not cache.recorded_epochs and any(cache.manifest.get(k) != v for k, v in fresh.items()):
+                # A first attempt was refused before any epoch: start afresh with this one's teacher and
+                # dtype (under torchrun rank 0 does it; the others then find it matching).
+                cache.remove_stale_files()
+                (path / MANIFEST).unlink()
+                return cls.create_or_resume(path, key, num_classes=num_classes, dtype=dtype, teacher_val=teacher_val,
+                                            recorded_with=recorded_with)
             different = cache.key.difference(key)
             if different:
                 raise ConfigError(f"distill.teacher_cache: {path} holds a cache of another run ({different}); "
                                   "choose another folder or delete it")
             if cache.manifest["dtype"] != dtype:
-                if cache.recorded_epochs:
-                    raise ConfigError(f"--dtype: {path} was recorded in {cache.manifest['dtype']}, not {dtype} "
-                                      f"({cache.describe_epochs()}); delete it to record it again in {dtype}")
-                cache.manifest["dtype"] = dtype  # nothing recorded yet (a first attempt was refused)
-                cache.write_manifest()
+                raise ConfigError(f"--dtype: {path} was recorded in {cache.manifest['dtype']}, not {dtype} "
+                                  f"({cache.describe_epochs()}); delete it to record it again in {dtype}")
             return cache
         if path.exists() and any(path.iterdir()):
             raise ConfigError(f"distill.teacher_cache: {path} exists and is not a teacher cache")

@@ -142,9 +142,9 @@ def epoch_order(num_items: int, *, seed: int, epoch: int, shuffle: bool, rank: i
     """
     if not shuffle:
         return list(range(num_items))[rank::world_size]
-    order = np.random.default_rng([seed % 2**63, epoch]).permutation(num_items).tolist()
+    order = np.random.default_rng([seed % 2**63, epoch]).permutation(num_items)
     padded = samples_per_rank(num_items, world_size) * world_size
-    order += order[: padded - num_items]
+    order = np.resize(order, padded).tolist()  # wraps around, as often as fewer items than ranks need
     return order[rank::world_size]
 
 

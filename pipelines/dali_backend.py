@@ -41,7 +41,7 @@ from fastkd.config import DataConfig
 from fastkd.errors import ConfigError, DataError
 from pipelines.base import IMAGENET_MEAN, IMAGENET_STD, BatchSpec, Loaders, Shard
 from pipelines.datasets import Dataset, Split
-from pipelines.augment import check_stream_state, epoch_order, size_schedule, stream_state
+from pipelines.augment import check_stream_state, epoch_order, samples_per_rank, size_schedule, stream_state
 from pipelines.dali_source import PADDING, PARAMS, UNREADABLE, TrainSamples
 from pipelines.resample import CropFinisher
 from pipelines.torchvision_backend import BROKEN_HINT
@@ -220,8 +220,9 @@ class DaliLoader:
         self._cfg = cfg
         self._seed = seed
         self._files, self._labels = list(split.files), list(split.labels)
-        self.num_samples = len(epoch_order(len(self._files), seed=seed, epoch=0, shuffle=train, rank=shard.rank,
-                                           world_size=shard.world_size))
+        self.num_samples = (samples_per_rank(len(self._files), shard.world_size) if train else
+                            len(epoch_order(len(self._files), seed=seed, epoch=0, shuffle=False, rank=shard.rank,
+                                            world_size=shard.world_size)))
         self._position: tuple[int, int] | None = None
         """(epoch, batch) the training pipeline yields next; None when unknown (rebuild)."""
         self._finisher = CropFinisher(spec.dtype)
@@ -320,14 +321,19 @@ class DaliLoader:
         if self._position is None:
             raise RuntimeError("DaliLoader: an epoch failed midway; call set_epoch(epoch, batch) before reading again")
         epoch, first = self._position
+        shard = self._shard
+        # What each batch must hold: the source computes the same order in its workers.
+        order = torch.tensor(epoch_order(len(self._files), seed=self._seed, epoch=epoch, shuffle=True, rank=shard.rank,
+                                         world_size=shard.world_size), dtype=torch.int64)
         for batch_index in range(first, len(self)):
             (batch,) = next(self._iterator)
             indices, teacher = batch["indices"].view(-1), batch.get("teacher_images")
             real = int((indices != PADDING).sum())  # host tensor: no device sync
-            if real != min(self.batch_size, self.num_samples - batch_index * self.batch_size):
-                # The source's epochs and this loader's disagree: every later crop would be another's.
+            expected = order[batch_index * self.batch_size:(batch_index + 1) * self.batch_size]
+            if not torch.equal(indices[:real], expected):
+                # The source's stream and this loader's epochs disagree: every later crop would be another's.
                 raise RuntimeError(f"DALI's training stream is out of step: batch {batch_index} of epoch {epoch} "
-                                   f"holds {real} samples of this epoch")
+                                   f"holds other samples than the epoch's order says")
             # Where the stream stands once this batch is out (a consumer may stop after any batch).
             self._position = (epoch, batch_index + 1) if batch_index + 1 < len(self) else (epoch + 1, 0)
             yield (batch["images"][:real], batch["labels"][:real], indices[:real],

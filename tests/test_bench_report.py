@@ -4,6 +4,7 @@ import json
 import re
 import statistics
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -41,8 +42,10 @@ def test_bench_measures_every_what_and_writes_well_formed_rows(tiny_imagefolder,
             assert set(row["stages"]) >= {"data wait", "student forward+backward", "optimizer"}
         if row["what"] == "distill":
             assert row["teacher"] == "resnet18" and row["stages"]["teacher forward"] > 0
-        if row["what"] == "loader":  # None when the windows were shorter than the kernel's clock tick
-            assert row["batch_image_size"] == 32 and (row["cpu_busy"] is None or 0 <= row["cpu_busy"] <= 1)
+        if row["what"] == "loader":
+            assert row["batch_image_size"] == 32
+            if row["backend"] != "synthetic" and Path("/proc/stat").exists():  # synthetic: under a clock tick
+                assert 0 < row["cpu_busy"] <= 1
     assert ("loader", "dali-gpu") not in measured
     assert "dali-gpu skipped: needs a CUDA training device (runtime.device)" in printed
     assert "teacher weights: random" in printed

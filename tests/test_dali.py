@@ -121,12 +121,20 @@ def test_the_training_pipeline_runs_on_across_epochs_and_resumes_exactly(tiny_im
     assert stream(resumed, 2) == full[per_epoch + 2:]
 
 
-def test_a_source_out_of_step_with_its_loader_stops_instead_of_cutting_other_crops(tiny_imagefolder, monkeypatch):
+@pytest.mark.parametrize("longer", ["source", "loader"])
+def test_a_source_out_of_step_with_its_loader_stops_instead_of_cutting_other_crops(tiny_imagefolder, monkeypatch,
+                                                                                    longer):
+    """40 images in batches of 8: no padding at all, so counting samples would not notice a
+    loader whose epoch is a batch longer than the source's; the samples' indices do."""
+    import pipelines.dali_backend as backend
     import pipelines.dali_source as source
 
-    monkeypatch.setattr(source, "samples_per_rank", lambda num_items, world_size: num_items + 3)  # forked workers too
-    loader = build_loaders(data_config(tiny_imagefolder, "dali"), spec=CPU, seed=0).train
-    with pytest.raises(RuntimeError, match="training stream is out of step"):
+    module = source if longer == "source" else backend  # the source's epochs or the loader's, a batch longer
+    monkeypatch.setattr(module, "samples_per_rank", lambda num_items, world_size: num_items + 8)  # forked workers too
+    loader = build_loaders(data_config(tiny_imagefolder, "dali", batch_size=8), spec=CPU, seed=0).train
+    assert loader.num_samples == (48 if longer == "loader" else 40)
+    with pytest.raises(RuntimeError, match="training stream is out of step: batch 5 of epoch 0" if longer == "loader"
+                       else "training stream is out of step: batch 0 of epoch 1"):
         stream(loader, 2)
 
 

@@ -84,10 +84,28 @@ def test_logits_beyond_the_cache_dtype_are_refused_and_nothing_is_recorded(tiny_
     assert message.startswith("fastkd: error: teacher cache: the teacher's logits reach ")
     assert "beyond fp16's range in epoch 0: record with --dtype fp32" in message
     assert not list((tmp_path / "cache").glob("*epoch*")) and not list((tmp_path / "cache").glob(".*.tmp*"))
-    assert record(raw, epochs=1, dtype="fp32")["recorded_now"] == [0]
+    manifest = (tmp_path / "cache" / "manifest.json").read_text()
+    assert record(raw, epochs=1, dtype="fp32")["recorded_now"] == [0]  # the hint works: nothing to delete
     assert np.isfinite(np.load(tmp_path / "cache" / "epoch-0000.npy")).all()
+    assert json.loads(manifest)["dtype"] == "fp16" and '"fp32"' in (tmp_path / "cache" / "manifest.json").read_text()
     message = cli_error(capsys, "teacher-cache", "--config", str(config), "--epochs", "2", "--dtype", "fp16")
     assert "was recorded in fp32, not fp16" in message and "delete it" in message  # recorded epochs stay as they are
+    again = record(raw, epochs=1, dtype="fp32")  # a matching cache is resumed, not started afresh
+    assert again["recorded_now"] == [] and (tmp_path / "cache" / "epoch-0000.npy").is_file()
+
+
+def test_a_teacher_with_non_finite_logits_is_refused_naming_its_precision(tiny_imagefolder, tmp_path, capsys):
+    torch.manual_seed(0)
+    teacher = torchvision.models.resnet18(num_classes=10)
+    with torch.no_grad():
+        teacher.fc.bias.fill_(float("nan"))
+    path = tmp_path / "broken.pt"
+    torch.save(teacher.state_dict(), path)
+    config = write_config(tmp_path / "kd.yaml", kd_raw(tiny_imagefolder, tmp_path / "runs", path, tmp_path / "cache"))
+    message = cli_error(capsys, "teacher-cache", "--config", str(config), "--epochs", "1", "--dtype", "fp32")
+    assert "the teacher's logits are not finite (nan/inf) in epoch 0: its checkpoint is broken (its forward ran in " \
+           "fp32); nothing of this epoch was recorded" in message
+    assert not list((tmp_path / "cache").glob("*epoch*"))
 
 
 def final_weights(raw: dict) -> dict[str, torch.Tensor]:
