@@ -243,7 +243,7 @@ class Bench:
         # Of the whole machine, warm-up included: how much of the cores the loader kept busy.
         self.record("loader", backend, rates, warmup=window.warmup, batch_image_size=side[0],
                     cpu_busy=busy_fraction(before, cpu_times()),
-                    dali_prefetch_queue=getattr(loader, "prefetch_queue_depth", None))
+                    dali_prefetch_queue=self.cfg.data.dali_prefetch_queue if backend.startswith("dali") else None)
 
     def measure_dali_stages(self, stages: Sequence[str]) -> None:
         """Images/second of DALI CPU pipelines ending after each of `stages` (`pipelines.dali_stages`)."""

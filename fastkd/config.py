@@ -103,8 +103,8 @@ class DataConfig:
     """Train without the images that cannot be decoded (listed in a warning) instead of stopping."""
     dali_hw_decoder_load: float = 0.65
     """Share of JPEGs sent to the GPU's hardware JPEG decoder (A100/H100); the rest use CUDA nvJPEG."""
-    dali_prefetch_queue: Optional[int] = None
-    """Batches DALI prepares ahead of the training step; null = 4 for training on the CPU with torch finishing the crops (the training thread's share of each batch varies, and a deeper queue keeps the decoder threads busy), else 2."""
+    dali_prefetch_queue: int = 2
+    """Batches DALI prepares ahead of the training step."""
     dali_cpu_resize: Literal["torch", "dali"] = "torch"
     """Training on the CPU with DALI: who resizes, flips and normalizes the decoded crops: `torch` (its uint8 antialiased kernel, after the pipeline: the faster) or `dali` (inside the pipeline). Unused on a GPU."""
     synthetic_num_classes: int = 100
@@ -145,8 +145,7 @@ class DataConfig:
                  f"must be >= 0 or null, got {self.num_workers}")
         _require(0.0 <= self.dali_hw_decoder_load <= 1.0, "dali_hw_decoder_load",
                  f"must be within [0, 1], got {self.dali_hw_decoder_load}")
-        _require(self.dali_prefetch_queue is None or self.dali_prefetch_queue >= 1, "dali_prefetch_queue",
-                 f"must be >= 1 or null, got {self.dali_prefetch_queue}")
+        _require(self.dali_prefetch_queue >= 1, "dali_prefetch_queue", f"must be >= 1, got {self.dali_prefetch_queue}")
         _require(self.synthetic_num_classes >= 2, "synthetic_num_classes", "must be >= 2")
         _require(self.synthetic_train_samples >= 1, "synthetic_train_samples", "must be >= 1")
         _require(self.synthetic_val_samples >= 1, "synthetic_val_samples", "must be >= 1")

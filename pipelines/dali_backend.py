@@ -59,9 +59,6 @@ READER = "Reader"
 _PARAM = {name: i for i, name in enumerate(PARAMS)}
 # Images whose header is read to size the decoders' preallocation (cheap: headers only).
 SIZE_HINT_SAMPLES = 64
-PREFETCH_WITH_TORCH_FINISHING = 4
-"""DALI's prefetch queue (batches) when torch finishes the CPU training crops (`data.dali_prefetch_queue`
-null): measured on 2 cores, the cores were busy 95-97% of the time against 91-92% with 2."""
 
 
 def resolve_dali_device(requested: str, device: torch.device) -> str:
@@ -230,12 +227,6 @@ class DaliLoader:
         if build:  # False only to inspect the graph (`create_pipeline`) where it cannot run
             self._iterator = self._build(0, 0)
 
-    @property
-    def prefetch_queue_depth(self) -> int:
-        if self._cfg.dali_prefetch_queue is not None:
-            return self._cfg.dali_prefetch_queue
-        return PREFETCH_WITH_TORCH_FINISHING if self.train and self._place.finish_with_torch else 2
-
     def create_pipeline(self, first_epoch: int = 0, first_batch: int = 0, *, device_id: int | None | str = "auto"):
         """The DALI pipeline of this loader, not yet built (`device_id` "auto": the training GPU's
         index when any part runs on the GPU; tests pass None to serialize a GPU graph on the CPU)."""
@@ -253,7 +244,7 @@ class DaliLoader:
         # which on GPU-decoded images is a GPU -> CPU transition only the dynamic executor allows.
         @pipeline_def(batch_size=self.batch_size, num_threads=self._num_threads, device_id=device_id,
                       seed=self._seed * 1009 + shard.rank + (0 if self.train else 7), exec_dynamic=True,
-                      prefetch_queue_depth=self.prefetch_queue_depth, **workers)
+                      prefetch_queue_depth=cfg.dali_prefetch_queue, **workers)
         def pipeline():
             if self.train:
                 source = TrainSamples(self._files, self._labels, seed=self._seed, rank=shard.rank,

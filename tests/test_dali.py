@@ -290,20 +290,6 @@ def test_training_on_the_cpu_finishes_crops_with_torch_unless_told_otherwise():
     assert not placement("cpu", GPU_SPEC, hw_decoder_load=0.65, files=[]).finish_with_torch  # hybrid: GPU resize
 
 
-def test_only_torch_finished_cpu_training_gets_the_deeper_prefetch_queue(tiny_imagefolder):
-    split = load_data(data_config(tiny_imagefolder, "dali")).train
-
-    def depth(spec, cpu_resize="torch", train=True, **data):
-        place = placement("cpu", spec, hw_decoder_load=0.65, files=[], cpu_resize=cpu_resize)
-        return DaliLoader(split, train=train, batch_size=4, cfg=data_config(tiny_imagefolder, "dali", **data),
-                          place=place, seed=0, shard=Shard(), spec=spec, num_threads=1,
-                          build=False).create_pipeline(device_id=None).prefetch_queue_depth
-
-    assert depth(CPU) == 4
-    assert depth(CPU, cpu_resize="dali") == depth(CPU, train=False) == depth(GPU_SPEC) == 2  # GPU: as measured
-    assert depth(CPU, dali_prefetch_queue=3) == depth(GPU_SPEC, dali_prefetch_queue=3) == 3
-
-
 @pytest.mark.parametrize("cpu_resize", ["torch", "dali"])
 def test_batches_kept_by_the_caller_are_never_overwritten(tiny_imagefolder, cpu_resize):
     """Batch memory is recycled (`pipelines.resample.BatchBuffers`) only once the caller has let
