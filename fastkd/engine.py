@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from fastkd.checkpoint import is_fastkd_checkpoint, load_checkpoint
 from fastkd.config import Config, DistillConfig, changed_keys, config_from_dict, config_to_dict, dump_config
-from fastkd.env import collect_env
+from fastkd.env import collect_env, device_name
 from fastkd.errors import CheckpointError, ConfigError, DataError, FastkdError
 from fastkd.loop import StopFlag, TrainState, Training, evaluate, fit
 from fastkd.metrics import Meter, RunLogger
@@ -99,7 +99,7 @@ def record_teacher_cache(cfg: Config, *, epochs: int | None = None, dtype: str =
                 cache = TeacherCache.create_or_resume(
                     kd.teacher_cache_path, key, num_classes=len(loaders.classes), dtype=dtype,
                     teacher_val={"val_top1": about["val_top1"], "val_top5": about["val_top5"]},
-                    recorded_with=_recording_setup(cfg, runtime))
+                    recorded_with=_recording_setup(cfg, runtime), may_start_afresh=runtime.is_main)
                 if runtime.is_main:
                     cache.remove_stale_files()  # left by a recording killed midway
             _barrier()
@@ -114,7 +114,8 @@ def record_teacher_cache(cfg: Config, *, epochs: int | None = None, dtype: str =
 
 def _recording_setup(cfg: Config, runtime: Runtime) -> dict[str, Any]:
     """How the logits were computed, beyond the key: replays elsewhere are close, not bit-exact."""
-    return {"backend": cfg.data.backend, "dali_device": cfg.data.dali_device, "device": str(runtime.device),
+    # the device's model, the same on every rank (not rank k's "cuda:k")
+    return {"backend": cfg.data.backend, "dali_device": cfg.data.dali_device, "device": device_name(runtime.device),
             "batch_dtype": str(runtime.batch_spec.dtype), "channels_last": runtime.channels_last,
             "batch_size": cfg.data.batch_size, "world_size": runtime.shard.world_size}
 

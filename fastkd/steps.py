@@ -76,14 +76,15 @@ class DistillationStep(nn.Module):
     - the side stream waits for the current stream before the teacher reads the batch (the
       batch's producer, e.g. DALI's copy into it, was queued on the current stream);
     - the current stream waits for the side stream before the loss reads the teacher's
-      logits. Everything queued later on the current stream, including whatever reuses the
-      batch's memory after this step drops it (the caching allocator, or DALI refilling its
-      buffer), therefore runs after the teacher's last read of the batch. That, not
-      `record_stream`, is what protects the batch: with DALI's dynamic executor its outputs
-      are DALI's own buffers handed over through DLPack, not PyTorch allocations, and
-      `record_stream` does nothing for them.
-    The teacher's logits come from PyTorch's allocator on the side stream and are read on the
-    current stream, so they are recorded there.
+      logits. Everything queued later on the current stream, including whatever the caching
+      allocator gives a batch tensor's memory to once this step drops it, therefore runs after
+      the teacher's last read of the batch.
+    DALI's own output buffers (its dynamic executor hands them over through DLPack; they are
+    not PyTorch allocations, so `record_stream` does nothing for them) are protected by DALI:
+    a released buffer waits in its deferred-deletion queue until all GPU work queued before
+    the release has finished (a `cudaDeviceSynchronize` on a thread of DALI's) before DALI
+    refills it. The teacher's logits come from PyTorch's allocator on the side stream and are
+    read on the current stream, so they are recorded there.
 
     Without a stream (CPU, or `distill.side_stream: false`) the same code runs the two
     forwards one after the other. The teacher stays in eval mode whatever mode the step is put

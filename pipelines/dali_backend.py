@@ -217,9 +217,10 @@ class DaliLoader:
         self._cfg = cfg
         self._seed = seed
         self._files, self._labels = list(split.files), list(split.labels)
-        self.num_samples = (samples_per_rank(len(self._files), shard.world_size) if train else
-                            len(epoch_order(len(self._files), seed=seed, epoch=0, shuffle=False, rank=shard.rank,
-                                            world_size=shard.world_size)))
+        # Validation: DALI's reader gives shard r the contiguous files [N*r // W, N*(r+1) // W).
+        total, ranks = len(self._files), shard.world_size
+        self.num_samples = (samples_per_rank(total, ranks) if train else
+                            total * (shard.rank + 1) // ranks - total * shard.rank // ranks)
         self._position: tuple[int, int] | None = None
         """(epoch, batch) the training pipeline yields next; None when unknown (rebuild)."""
         self._finisher = CropFinisher(spec.dtype)

@@ -95,6 +95,7 @@ def test_shards_are_disjoint_and_cover_the_data(tmp_path, backend):
         train.append([y for _, labels in loaders.train for y in labels.tolist()])
         val.append([y for _, labels in loaders.val for y in labels.tolist()])
         assert len(loaders.train) == 3  # equal steps on every rank
+        assert loaders.val.num_samples == len(val[-1]) and len(loaders.val) == -(-len(val[-1]) // 5)  # its own count
     assert set(train[0]) | set(train[1]) == set(range(23))
     assert len(set(train[0]) & set(train[1])) <= 1  # only padding may repeat a sample
     assert sorted(val[0] + val[1]) == list(range(23))  # every val image exactly once

@@ -19,7 +19,7 @@ from fastkd.config import config_from_dict
 from fastkd.errors import ConfigError
 from fastkd.models import load_teacher
 from fastkd.runtime import create_runtime, seed_everything
-from fastkd.teacher_cache import CachedTeacher, TeacherCache
+from fastkd.teacher_cache import CacheKey, CachedTeacher, TeacherCache
 from pipelines import build_loaders, load_data
 from tests.conftest import REPO, hooked_env
 from tests.test_distill import distill_dict, tiny_teacher  # noqa: F401  (fixture)
@@ -106,6 +106,28 @@ def test_a_teacher_with_non_finite_logits_is_refused_naming_its_precision(tiny_i
     assert "the teacher's logits are not finite (nan/inf) in epoch 0: its checkpoint is broken (its forward ran in " \
            "fp32); nothing of this epoch was recorded" in message
     assert not list((tmp_path / "cache").glob("*epoch*"))
+
+
+def test_under_torchrun_only_rank_0_may_start_a_cache_afresh(tmp_path):
+    """Rank 0 writes the manifest, then the other ranks open it at once. A rank that found its own
+    setup differing (rank k's device) and started afresh would delete the manifest and rank 0's
+    files in flight under the others: with 3 or more ranks, errors and a hang at the barrier."""
+    key = CacheKey(dataset="d" * 64, num_samples=8, classes=["a", "b"], seed=0, image_size=32, augmentation={},
+                   teacher_arch="resnet18", teacher_checkpoint="c" * 64, teacher_precision="fp32")
+    common = {"num_classes": 2, "dtype": "fp16", "teacher_val": {"val_top1": 50.0, "val_top5": 100.0}}
+    TeacherCache.create_or_resume(tmp_path, key, recorded_with={"device": "cuda:0"}, **common)
+    manifest = (tmp_path / "manifest.json").read_bytes()
+    in_flight = tmp_path / ".manifest.json.tmp-4242"  # another process's manifest, being written
+    in_flight.write_text("{}")
+    other = TeacherCache.create_or_resume(tmp_path, key, recorded_with={"device": "cuda:2"}, may_start_afresh=False,
+                                          **common)
+    assert other.manifest["recorded_with"] == {"device": "cuda:0"} and other.key == key
+    assert (tmp_path / "manifest.json").read_bytes() == manifest and in_flight.is_file()
+    with pytest.raises(ConfigError, match="was recorded in fp16, not fp32"):  # what matters is still checked
+        TeacherCache.create_or_resume(tmp_path, key, recorded_with={"device": "cuda:2"}, may_start_afresh=False,
+                                      **{**common, "dtype": "fp32"})
+    restarted = TeacherCache.create_or_resume(tmp_path, key, recorded_with={"device": "cuda:2"}, **common)
+    assert restarted.manifest["recorded_with"] == {"device": "cuda:2"} and not in_flight.exists()  # rank 0 may
 
 
 def final_weights(raw: dict) -> dict[str, torch.Tensor]:

@@ -76,11 +76,15 @@ fi
 
 if want smoke || want loader || want kd || want extra; then
   # ImageNet-sized JPEGs (300-500 px sides): 8,000 training and 300 validation images.
-  [ -f "$data/fastkd-demo.json" ] || step data 120 "${fastkd[@]}" data synth "$data" --train-per-class "$per_class" \
-    --val-per-class 30
+  # (a folder without the finished marker is a generation cut off: start it again)
+  [ -f "$data/fastkd-demo.json" ] || { rm -rf "$data"; step data 120 "${fastkd[@]}" data synth "$data" --train-per-class "$per_class" \
+    --val-per-class 30; }
 fi
 
 if want smoke; then
+  # A rerun on the same machine starts the smoke runs afresh (run folders are never overwritten,
+  # and the cached smoke must replay the teacher this run trains).
+  rm -rf "$work/runs" "$work/teacher-cache"
   smoke=(--no-progress "${runs[@]}" data.root="$data" data.generate_demo=false optim.epochs=1 runtime.sync_debug=true)
   step smoke-train-synthetic 120 "${fastkd[@]}" train --config configs/bench/gpu_224.yaml "${smoke[@]}" run.name=s1 distill=null \
     data.backend=synthetic data.synthetic_train_samples=4096 data.synthetic_val_samples=512 "${small[@]}"
