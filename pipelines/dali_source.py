@@ -19,12 +19,14 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import UnidentifiedImageError
 
-from pipelines.augment import SizeSchedule, epoch_order, oriented_size, samples_per_rank, train_crop
+from pipelines.augment import Crop, SizeSchedule, epoch_order, oriented_size, samples_per_rank, train_crop
 
 UNREADABLE = "fastkd: cannot read "
 """Starts the message of a file that cannot be read or whose header cannot be parsed."""
 PADDING = -1
 """The index of a padding sample (a repeat that fills an epoch's last batch); dropped after DALI."""
+PADDING_SIDE = 16
+"""A padding sample's crop: its file's top-left 16x16 pixels, not a whole decode for nothing."""
 PARAMS = ("left", "top", "width", "height", "flip", "label", "index", "size", "teacher_size")
 """The numbers of a sample, in the order of its params row (`size`: the epoch's scheduled side;
 `teacher_size`: the side of the teacher's view, 0 without one)."""
@@ -91,7 +93,10 @@ class TrainSamples:
                 reason = "not an image, or an unsupported format" if isinstance(exc, UnidentifiedImageError) else exc
                 raise ValueError(f"{UNREADABLE}{path}: {reason}") from None
         width, height = (int(v) for v in self._sizes[index])
-        crop = train_crop(self.seed, epoch, index, width, height)
+        if position < len(order):
+            crop = train_crop(self.seed, epoch, index, width, height)
+        else:  # dropped after DALI: the top-left corner costs the decoder its first rows only
+            crop = Crop(0, 0, min(height, PADDING_SIDE), min(width, PADDING_SIDE), False)
         params = (crop.left, crop.top, crop.width, crop.height, int(crop.flip), self.labels[index],
                   index if position < len(order) else PADDING, self.sizes.at(epoch), self.teacher_size)
         return np.frombuffer(path.encode(), dtype=np.uint8), np.array(params, dtype=np.int64)

@@ -87,6 +87,7 @@ def test_the_source_runs_epoch_after_epoch_from_a_resumed_batch():
     source._sizes[:] = 16  # no files to read the sizes from
     params = [source(type("Info", (), {"idx_in_epoch": p})())[1] for p in range(8, 20)]
     assert [int(row[6]) for row in params[10:]] == [PADDING, PADDING]
+    assert [row[:4].tolist() for row in params[10:]] == [[0, 0, 16, 16]] * 2  # a corner, not a decode for nothing
     assert sorted(int(row[6]) for row in params[:10]) == list(range(10))
 
 
