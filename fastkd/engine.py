@@ -93,17 +93,19 @@ def record_teacher_cache(cfg: Config, *, epochs: int | None = None, dtype: str =
                                 teacher_image_size=kd.teacher.image_size)
         key = teacher_cache_key(cfg, runtime, dataset, loaders.classes)
         teacher, about = load_checked_teacher(cfg, runtime, loaders)
-        cache = None
-        for turn in (True, False):  # rank 0 creates (or checks) the folder; the others then read it
-            if runtime.is_main == turn:
-                cache = TeacherCache.create_or_resume(
-                    kd.teacher_cache_path, key, num_classes=len(loaders.classes), dtype=dtype,
-                    teacher_val={"val_top1": about["val_top1"], "val_top5": about["val_top5"]},
-                    recorded_with=_recording_setup(cfg, runtime), may_start_afresh=runtime.is_main)
-                if runtime.is_main:
-                    cache.remove_stale_files()  # left by a recording killed midway
-            _barrier()
-        assert cache is not None
+        manifest = None
+        if runtime.is_main:  # rank 0 alone opens the folder; the others record from its manifest
+            cache = TeacherCache.create_or_resume(
+                kd.teacher_cache_path, key, num_classes=len(loaders.classes), dtype=dtype,
+                teacher_val={"val_top1": about["val_top1"], "val_top5": about["val_top5"]},
+                recorded_with=_recording_setup(cfg, runtime))
+            cache.remove_stale_files()  # left by a recording killed midway
+            manifest = cache.manifest
+        cache = TeacherCache(kd.teacher_cache_path, _from_rank_0(manifest))
+        different = cache.key.difference(key)
+        if different:  # another rank's data or teacher (another node's copy of them)
+            raise ConfigError(f"distill.teacher_cache: rank {runtime.shard.rank}'s run differs from rank 0's "
+                              f"({different})")
         precision = runtime.resolve_precision(kd.teacher.precision)
         todo = [epoch for epoch in range(epochs) if epoch not in cache.recorded_epochs]
         for epoch in todo:
@@ -447,6 +449,15 @@ def _ensure_demo_data(cfg: Config, runtime: Runtime) -> None:
 
         ensure_demo_dataset(cfg.data.root_path)
     _barrier()
+
+
+def _from_rank_0(value: Any) -> Any:
+    """Rank 0's `value` on every rank (itself without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
 
 
 def _barrier() -> None:

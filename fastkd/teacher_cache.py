@@ -132,23 +132,23 @@ class TeacherCache:
 
     @classmethod
     def create_or_resume(cls, path: Path, key: CacheKey, *, num_classes: int, dtype: str,
-                         teacher_val: dict[str, float], recorded_with: dict[str, Any] | None = None,
-                         may_start_afresh: bool = True) -> "TeacherCache":
-        """For recording: a new cache, or the partly recorded one at `path` if its key matches.
-
-        Only the process that writes the manifest may start a cache with no recorded epoch afresh
-        (`may_start_afresh`): under torchrun the other ranks find rank 0's and only check it."""
+                         teacher_val: dict[str, float], recorded_with: dict[str, Any] | None = None) -> "TeacherCache":
+        """For recording (by one process: rank 0 under torchrun): a new cache, or the partly
+        recorded one at `path` if its key matches."""
+        manifest = json.loads(json.dumps({
+            "format": FORMAT, "key": asdict(key), "num_classes": num_classes, "dtype": dtype,
+            "teacher_val": teacher_val, "recorded_with": recorded_with or {}, "epochs": {}}))  # as the file holds it
         if (path / MANIFEST).is_file():
             cache = cls(path, _read_manifest(path, "teacher-cache"))
-            fresh = json.loads(json.dumps({"key": asdict(key), "dtype": dtype, "teacher_val": teacher_val,
-                                           "recorded_with": recorded_with or {}}))  # as the manifest holds it
-            if (may_start_afresh and not cache.recorded_epochs
-                    and any(cache.manifest.get(k) != v for k, v in fresh.items())):
-                # A first attempt was refused before any epoch: start afresh with this one's teacher and dtype.
+            if not cache.recorded_epochs and cache.manifest != manifest:
+                # A first attempt was refused before any epoch: start afresh with this one's teacher
+                # and dtype (its manifest replaced at once; epoch files it never listed go).
                 cache.remove_stale_files()
-                (path / MANIFEST).unlink()
-                return cls.create_or_resume(path, key, num_classes=num_classes, dtype=dtype, teacher_val=teacher_val,
-                                            recorded_with=recorded_with, may_start_afresh=False)
+                for unlisted in path.glob("epoch-*.npy"):
+                    unlisted.unlink()
+                cache = cls(path, manifest)
+                cache.write_manifest()
+                return cache
             different = cache.key.difference(key)
             if different:
                 raise ConfigError(f"distill.teacher_cache: {path} holds a cache of another run ({different}); "
@@ -160,8 +160,7 @@ class TeacherCache:
         if path.exists() and any(path.iterdir()):
             raise ConfigError(f"distill.teacher_cache: {path} exists and is not a teacher cache")
         path.mkdir(parents=True, exist_ok=True)
-        cache = cls(path, {"format": FORMAT, "key": asdict(key), "num_classes": num_classes, "dtype": dtype,
-                           "teacher_val": teacher_val, "recorded_with": recorded_with or {}, "epochs": {}})
+        cache = cls(path, manifest)
         cache.write_manifest()
         return cache
 

@@ -31,6 +31,7 @@ sample's index (what a teacher cache is keyed by).
 
 from __future__ import annotations
 
+import gc
 from dataclasses import dataclass
 from typing import Any, Iterator
 
@@ -192,6 +193,23 @@ def _val_graph(files: list[str], labels: list[int], *, place: Placement, image_s
     return images, (label.gpu() if place.on_gpu else label)
 
 
+def build_pipeline(pipe) -> None:
+    """`pipe.build()`, which starts its Python workers, safely when they are forked.
+
+    A forked worker inherits the parent's heap, with any DALI pipeline left as cyclic garbage (a
+    loader held by an exception's traceback, say) whose threads were waiting on its locks. Were
+    the worker's garbage collector to destroy that pipeline, it would wait forever on a lock of a
+    thread the fork did not copy (seen as a test run that hung while starting workers), or tear
+    down shared resources. So every object there is at the fork is frozen out of the worker's
+    collections (`gc.freeze`, as Python's documentation advises before a fork; O(1), whatever the
+    start method). The parent collects such garbage later, as it would have."""
+    gc.freeze()
+    try:
+        pipe.build()
+    finally:
+        gc.unfreeze()
+
+
 def python_workers(num_threads: int, *, gpu: bool) -> dict[str, Any]:
     """Pipeline arguments for the training source's Python workers: half as many as DALI threads;
     forked (quick) in CPU-only runs, spawned whenever a GPU is involved, since forking after
@@ -261,7 +279,7 @@ class DaliLoader:
     def _build(self, first_epoch: int, first_batch: int):
         self._iterator = self._pipe = None  # the previous pipeline and its Python workers go first
         pipe = self.create_pipeline(first_epoch, first_batch)
-        pipe.build()
+        build_pipeline(pipe)
         self._pipe = pipe
         if self.train:
             self._position = (first_epoch, first_batch)

@@ -95,7 +95,7 @@ class TrainSamples:
         width, height = (int(v) for v in self._sizes[index])
         if position < len(order):
             crop = train_crop(self.seed, epoch, index, width, height)
-        else:  # dropped after DALI: the top-left corner costs the decoder its first rows only
+        else:  # dropped after DALI: on the CPU, libjpeg-turbo decodes a baseline JPEG's corner from its first rows
             crop = Crop(0, 0, min(height, PADDING_SIDE), min(width, PADDING_SIDE), False)
         params = (crop.left, crop.top, crop.width, crop.height, int(crop.flip), self.labels[index],
                   index if position < len(order) else PADDING, self.sizes.at(epoch), self.teacher_size)

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from nvidia.dali import fn, pipeline_def, types
 
-from pipelines.dali_backend import Placement, _normalize, _train_graph, python_workers
+from pipelines.dali_backend import Placement, _normalize, _train_graph, build_pipeline, python_workers
 from pipelines.augment import SizeSchedule
 from pipelines.dali_source import TrainSamples
 
@@ -74,7 +74,7 @@ def stage_pipeline(stage: str, files: list[str], labels: list[int], *, seed: int
     workers = python_workers(num_threads, gpu=False) if "fastkd" in stage else {}
     pipe = pipeline_def(graph, batch_size=batch_size, num_threads=num_threads, device_id=None, seed=seed,
                         exec_dynamic=True, **workers)()
-    pipe.build()
+    build_pipeline(pipe)
     return pipe
 
 

@@ -9,6 +9,8 @@ The hooks make timing-dependent events happen at a chosen point instead of by lu
 - FASTKD_TEST_KILL_IN_WRITE=N: SIGKILL this process during its N-th checkpoint write, after the
   temporary file is written and before it is renamed into place.
 - FASTKD_TEST_KILL_AFTER_WRITE=N: SIGKILL this process right after its N-th checkpoint write.
+- FASTKD_TEST_CACHE_ON_RANK_0_ONLY=1: on every rank but 0, opening a teacher cache's folder is an
+  error (as on a node that does not see rank 0's disk).
 
 Usage: python tests/fastkd_with_hooks.py train --config ...   (the arguments of `fastkd`).
 """
@@ -23,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastkd import checkpoint, loop  # noqa: E402
+from fastkd import checkpoint, loop, teacher_cache  # noqa: E402
 from fastkd.cli import main  # noqa: E402
 
 
@@ -59,6 +61,13 @@ def install_hooks() -> None:
         replace(source, target)
 
     checkpoint.os.replace = hooked_replace  # type: ignore[attr-defined]
+
+    if os.environ.get("FASTKD_TEST_CACHE_ON_RANK_0_ONLY") == "1" and rank != 0:
+        def unreachable(*args, **kwargs):
+            raise RuntimeError(f"rank {rank} opened the teacher cache's folder: only rank 0 may")
+
+        teacher_cache._read_manifest = unreachable
+        teacher_cache.TeacherCache.create_or_resume = classmethod(unreachable)  # type: ignore[method-assign]
 
 
 if __name__ == "__main__":

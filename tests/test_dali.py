@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +15,7 @@ from PIL import Image
 from fastkd.errors import CheckpointError, ConfigError, DataError
 from pipelines import build_loaders, load_data
 from pipelines.base import BatchSpec, Shard, check_batch
+from tests.conftest import REPO, hooked_env
 from tests.test_pipelines import CPU, data_config
 
 if importlib.util.find_spec("nvidia.dali") is None:  # not installed: skip; installed but broken: fail
@@ -84,10 +88,11 @@ def test_the_source_runs_epoch_after_epoch_from_a_resumed_batch():
     located = [source.locate(p) for p in range(24)]
     assert located[:8] == [(2, p) for p in range(4, 12)]  # epoch 2 from its batch 1; 10 and 11 pad it
     assert located[8:20] == [(3, p) for p in range(12)] and located[20:] == [(4, p) for p in range(4)]
-    source._sizes[:] = 16  # no files to read the sizes from
+    source._sizes[:] = (40, 10)  # (width, height): no files to read the sizes from
     params = [source(type("Info", (), {"idx_in_epoch": p})())[1] for p in range(8, 20)]
     assert [int(row[6]) for row in params[10:]] == [PADDING, PADDING]
-    assert [row[:4].tolist() for row in params[10:]] == [[0, 0, 16, 16]] * 2  # a corner, not a decode for nothing
+    # (left, top, width, height): a corner of at most 16x16, not a whole crop decoded for nothing
+    assert [row[:4].tolist() for row in params[10:]] == [[0, 0, 16, 10]] * 2
     assert sorted(int(row[6]) for row in params[:10]) == list(range(10))
 
 
@@ -349,6 +354,38 @@ def test_only_decoder_failures_are_reported_as_broken_images(tiny_imagefolder, m
     with pytest.raises(RuntimeError, match="out of memory") as raised:
         next(iter(loader))
     assert not isinstance(raised.value, DataError)
+
+
+def build_after_cyclic_garbage(root: str) -> None:
+    """Leave a loader as garbage in a cycle (held by an exception's traceback, as after a failed
+    epoch; its pipeline's threads still waiting), then start the next loader's forked workers."""
+    cfg = data_config(Path(root), "dali")
+
+    def fail_with_a_loader_in_a_cycle() -> None:
+        loaders = build_loaders(cfg, spec=CPU, seed=0)
+        next(iter(loaders.train))
+        try:
+            raise RuntimeError("an epoch failed")
+        except RuntimeError as exc:
+            exc.again = exc  # exception -> traceback -> this frame -> exception, and `loaders` with it
+
+    for seed in (1, 2):
+        fail_with_a_loader_in_a_cycle()
+        images, labels = next(iter(build_loaders(cfg, spec=CPU, seed=seed).train))
+        assert images.shape[0] == labels.shape[0] > 0
+
+
+def test_a_loader_left_as_cyclic_garbage_does_not_break_the_next_one_s_forked_workers(tiny_imagefolder):
+    """A forked worker must not destroy the inherited garbage pipeline (that hung a test run while
+    starting workers, or broke the new workers' queue): run in a process of its own, with a limit."""
+    script = ("from tests.test_dali import build_after_cyclic_garbage; "
+              f"build_after_cyclic_garbage({str(tiny_imagefolder)!r})")
+    try:
+        done = subprocess.run([sys.executable, "-c", script], cwd=REPO, env=hooked_env(), capture_output=True,
+                              text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("building a loader after one left as cyclic garbage hung")
+    assert done.returncode == 0, done.stderr[-2000:]
 
 
 def test_batches_are_channels_last_views_of_the_pipeline_output(tiny_imagefolder):

@@ -21,7 +21,7 @@ from fastkd.models import load_teacher
 from fastkd.runtime import create_runtime, seed_everything
 from fastkd.teacher_cache import CacheKey, CachedTeacher, TeacherCache
 from pipelines import build_loaders, load_data
-from tests.conftest import REPO, hooked_env
+from tests.conftest import HOOKED_FASTKD, REPO, hooked_env
 from tests.test_distill import distill_dict, tiny_teacher  # noqa: F401  (fixture)
 from tests.test_train import cli_error, stop_after, write_config
 
@@ -108,26 +108,21 @@ def test_a_teacher_with_non_finite_logits_is_refused_naming_its_precision(tiny_i
     assert not list((tmp_path / "cache").glob("*epoch*"))
 
 
-def test_under_torchrun_only_rank_0_may_start_a_cache_afresh(tmp_path):
-    """Rank 0 writes the manifest, then the other ranks open it at once. A rank that found its own
-    setup differing (rank k's device) and started afresh would delete the manifest and rank 0's
-    files in flight under the others: with 3 or more ranks, errors and a hang at the barrier."""
+def test_a_cache_with_no_recorded_epoch_starts_afresh_without_leftovers(tmp_path):
+    """A recording refused (or killed before its manifest listed an epoch) leaves a manifest with
+    no epochs, perhaps an epoch file it never listed, and temporary files: the next recording, with
+    another dtype or teacher, replaces the manifest and clears the rest."""
     key = CacheKey(dataset="d" * 64, num_samples=8, classes=["a", "b"], seed=0, image_size=32, augmentation={},
                    teacher_arch="resnet18", teacher_checkpoint="c" * 64, teacher_precision="fp32")
-    common = {"num_classes": 2, "dtype": "fp16", "teacher_val": {"val_top1": 50.0, "val_top5": 100.0}}
-    TeacherCache.create_or_resume(tmp_path, key, recorded_with={"device": "cuda:0"}, **common)
-    manifest = (tmp_path / "manifest.json").read_bytes()
-    in_flight = tmp_path / ".manifest.json.tmp-4242"  # another process's manifest, being written
-    in_flight.write_text("{}")
-    other = TeacherCache.create_or_resume(tmp_path, key, recorded_with={"device": "cuda:2"}, may_start_afresh=False,
-                                          **common)
-    assert other.manifest["recorded_with"] == {"device": "cuda:0"} and other.key == key
-    assert (tmp_path / "manifest.json").read_bytes() == manifest and in_flight.is_file()
-    with pytest.raises(ConfigError, match="was recorded in fp16, not fp32"):  # what matters is still checked
-        TeacherCache.create_or_resume(tmp_path, key, recorded_with={"device": "cuda:2"}, may_start_afresh=False,
-                                      **{**common, "dtype": "fp32"})
-    restarted = TeacherCache.create_or_resume(tmp_path, key, recorded_with={"device": "cuda:2"}, **common)
-    assert restarted.manifest["recorded_with"] == {"device": "cuda:2"} and not in_flight.exists()  # rank 0 may
+    common = {"num_classes": 2, "teacher_val": {"val_top1": 50.0, "val_top5": 100.0}}
+    TeacherCache.create_or_resume(tmp_path, key, dtype="fp16", **common)
+    np.save(tmp_path / "epoch-0000.npy", np.zeros((8, 2), np.float16))  # renamed into place, never listed
+    (tmp_path / ".manifest.json.tmp-4242").write_text("{")
+    cache = TeacherCache.create_or_resume(tmp_path, key, dtype="fp32", **common)
+    assert cache.manifest["dtype"] == "fp32" and cache.recorded_epochs == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json"]
+    again = TeacherCache.create_or_resume(tmp_path, key, dtype="fp32", **common)  # the same setup: kept as it is
+    assert again.manifest == cache.manifest
 
 
 def final_weights(raw: dict) -> dict[str, torch.Tensor]:
@@ -236,20 +231,26 @@ def test_a_cached_distillation_resumes_exactly_and_only_with_its_own_cache(tiny_
     assert "was trained from other teacher logits than those in" in message
 
 
-def torchrun(*args: str) -> subprocess.CompletedProcess:
+def torchrun(*args: str, **hooks: str) -> subprocess.CompletedProcess:
+    program = [HOOKED_FASTKD] if hooks else ["-m", "fastkd"]
     return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           "-m", "fastkd", *args, "--no-progress"], cwd=REPO, env=hooked_env(), capture_output=True,
+                           *program, *args, "--no-progress"], cwd=REPO, env=hooked_env(**hooks), capture_output=True,
                           text=True, timeout=300)
 
 
 def test_two_processes_record_the_same_cache_and_replay_it_exactly(tiny_imagefolder, tiny_teacher, tmp_path):  # noqa: F811
+    """Rank 0 alone opens the folder (another node need not see it), the other ranks record from
+    its manifest: also when a second call extends the cache."""
     one = kd_raw(tiny_imagefolder, tmp_path / "runs", tiny_teacher, tmp_path / "cache-1", batch_size=4)
-    record(one, epochs=2)
+    record(one, epochs=3)
     two = kd_raw(tiny_imagefolder, tmp_path / "runs", tiny_teacher, tmp_path / "cache-2", batch_size=4)
     config = write_config(tmp_path / "two.yaml", two)
-    done = torchrun("teacher-cache", "--config", str(config), "--dtype", "fp32")
-    assert done.returncode == 0, done.stderr[-3000:]
-    for epoch in (0, 1):  # each rank wrote its shard's rows: the same file as one process wrote
+    for epochs in ("1", "3"):
+        done = torchrun("teacher-cache", "--config", str(config), "--dtype", "fp32", "--epochs", epochs,
+                        cache_on_rank_0_only="1")
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert "epoch 1 recorded (epochs 0-1)" in done.stdout and "epoch 0 recorded" not in done.stdout
+    for epoch in (0, 1, 2):  # each rank wrote its shard's rows: the same file as one process wrote
         name = f"epoch-{epoch:04d}.npy"
         assert np.array_equal(np.load(tmp_path / "cache-1" / name), np.load(tmp_path / "cache-2" / name))
     replay = torchrun("distill", "--config", str(config))

@@ -8,7 +8,7 @@
 # Run from the repository root on a machine with a CUDA GPU and NVIDIA DALI importable (staged
 # into /tmp/site as ../shared/gpu/README.md describes, or installed). Each part writes its log
 # under OUT_DIR as it goes (a run cut off still leaves what it did); bench rows go to
-# OUT_DIR/bench.jsonl. Data, runs and caches go to WORK (default /tmp/fastkd-gpu), kept between
+# OUT_DIR/bench.jsonl. Data, runs and caches go to WORK (default /tmp/fastkd-gpu, with REHEARSE=1 /tmp/fastkd-gpu-rehearsal), kept between
 # calls on the same machine. Ordered to fail fast: tests, then short runs, then benchmarks.
 set -uo pipefail
 out=${1:?usage: benchmarks/gpu/run.sh OUT_DIR [env tests smoke loader kd extra]}
@@ -19,7 +19,7 @@ out=$(cd "$out" && pwd)
 [ -d /tmp/site ] && export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 export PYTHONPATH=${PYTHONPATH:-$PWD}
 # Data, runs and caches stay out of OUT_DIR (only logs and result rows belong there).
-work=${WORK:-/tmp/fastkd-gpu}
+work=${WORK:-/tmp/fastkd-gpu$([ "${REHEARSE:-0}" = 1 ] && echo -rehearsal)}  # a rehearsal's small data stays apart
 mkdir -p "$work"
 export FASTKD_CACHE_DIR=$work/cache PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
