@@ -93,10 +93,11 @@ class TrainSamples:
                 reason = "not an image, or an unsupported format" if isinstance(exc, UnidentifiedImageError) else exc
                 raise ValueError(f"{UNREADABLE}{path}: {reason}") from None
         width, height = (int(v) for v in self._sizes[index])
-        if position < len(order):
-            crop = train_crop(self.seed, epoch, index, width, height)
-        else:  # dropped after DALI: on the CPU, libjpeg-turbo decodes a baseline JPEG's corner from its first rows
+        padding = position >= len(order)
+        if padding:  # dropped after DALI: libjpeg-turbo (CPU) decodes a baseline JPEG's corner from its first rows
             crop = Crop(0, 0, min(height, PADDING_SIDE), min(width, PADDING_SIDE), False)
+        else:
+            crop = train_crop(self.seed, epoch, index, width, height)
         params = (crop.left, crop.top, crop.width, crop.height, int(crop.flip), self.labels[index],
-                  index if position < len(order) else PADDING, self.sizes.at(epoch), self.teacher_size)
+                  PADDING if padding else index, self.sizes.at(epoch), self.teacher_size)
         return np.frombuffer(path.encode(), dtype=np.uint8), np.array(params, dtype=np.int64)
