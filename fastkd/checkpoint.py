@@ -66,21 +66,27 @@ def copy_checkpoint(source: Path, target: Path) -> None:
         raise CheckpointError(f"could not write checkpoint {target}: {exc.strerror or exc}") from None
 
 
-def load_checkpoint(path: Path, *, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Read any checkpoint file (fastkd's or a plain state_dict); errors name the path."""
+def load_checkpoint(path: Path, *, map_location: str | torch.device = "cpu", key: str | None = None
+                    ) -> dict[str, Any]:
+    """Read any checkpoint file (fastkd's or a plain state_dict); errors name the path, and the
+    config key or argument that named it when `key` says which."""
+    prefix = f"{key}: " if key else ""
     if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}")
+        raise CheckpointError(f"{prefix}checkpoint not found: {path}")
     if not path.is_file():
-        raise CheckpointError(f"checkpoint is not a file: {path}")
+        raise CheckpointError(f"{prefix}checkpoint is not a file: {path}")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except PermissionError:
-        raise CheckpointError(f"checkpoint not readable (permission denied): {path}") from None
+        raise CheckpointError(f"{prefix}checkpoint not readable (permission denied): {path}") from None
     except Exception as exc:  # a damaged file fails inside the unpickler in many different ways
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(f"checkpoint is corrupt, truncated or not a PyTorch file: {path} ({reason[:160]})") from None
+        reason = " ".join(str(exc).split()) or type(exc).__name__
+        if len(reason) > 160:
+            reason = reason[:160].rsplit(" ", 1)[0] + " ..."
+        raise CheckpointError(f"{prefix}checkpoint is corrupt, truncated or not a PyTorch file: {path} "
+                              f"({reason})") from None
     if not isinstance(payload, dict):
-        raise CheckpointError(f"checkpoint holds a {type(payload).__name__}, not a state_dict: {path}")
+        raise CheckpointError(f"{prefix}checkpoint holds a {type(payload).__name__}, not a state_dict: {path}")
     return payload
 
 

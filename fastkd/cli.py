@@ -24,8 +24,25 @@ def _add_config_args(parser: argparse.ArgumentParser, *, required: bool = True) 
                         help="config overrides, e.g. optim.lr=0.05 run.name=try2")
 
 
+class _Version(argparse.Action):
+    """`--version`: imports torch only when asked (the versions are its libraries')."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS,
+                         help="print fastkd's version and git revision, torch, torchvision and DALI versions, "
+                              "and whether CUDA is available, then exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: object,
+                 option_string: str | None = None) -> None:
+        from fastkd.env import version_text
+
+        print(version_text())
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastkd", description="Fast knowledge distillation for image classifiers.")
+    parser.add_argument("-V", "--version", action=_Version)
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
@@ -68,12 +85,15 @@ def build_parser() -> argparse.ArgumentParser:
                             "160,192,224 to predict the time a size schedule saves")
 
     report = commands.add_parser("report", help="one table and plots of finished runs")
-    report.add_argument("run_dirs", type=Path, nargs="+")
+    report.add_argument("run_dirs", type=Path, nargs="+", metavar="RUN",
+                        help="run folders, or folders holding runs (runs/demo); what is not a finished run is "
+                             "skipped with a note")
     report.add_argument("--out", type=Path, default=Path("report.md"), help="markdown file; PNGs go beside it")
 
     demo = commands.add_parser("demo", help="teacher, student alone, student distilled on the demo data")
     demo.add_argument("--out", type=Path, default=Path("runs/demo"), help="folder for the demo's runs")
-    demo.add_argument("--seeds", type=int, nargs="+", default=[0], help="student seeds (spread over seeds)")
+    demo.add_argument("--seeds", type=int, nargs="+", default=[0],
+                      help="student seeds, e.g. 0 1 2 for a spread over seeds (default: %(default)s)")
     demo.add_argument("--configs", type=Path, help="folder with teacher/student/distill.yaml (default configs/demo)")
     demo.add_argument("--no-progress", action="store_true")
     demo.add_argument("--no-teacher-cache", action="store_true",
@@ -103,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     verify = data_commands.add_parser("verify", help="decode every image of a dataset; list the broken ones")
     verify.add_argument("root", type=Path)
     verify.add_argument("--format", choices=["imagefolder", "mini-imagenet", "filelist"], default="imagefolder")
+    verify.add_argument("--train-dir", default="train", help="imagefolder format: training folder under ROOT")
+    verify.add_argument("--val-dir", default="val", help="imagefolder format: validation folder (CIFAR-10: test)")
     verify.add_argument("--train-list", default="train.txt", help="filelist format: training list")
     verify.add_argument("--val-list", default="val.txt", help="filelist format: validation list")
     verify.add_argument("--classes-file", default="classes.txt", help="filelist format: class names")
@@ -234,7 +256,7 @@ def _verify(args: argparse.Namespace) -> None:
     from pipelines.verify import find_broken_images, write_clean_lists
 
     dataset = load_dataset(args.format, args.root, train_list=args.train_list, val_list=args.val_list,
-                           classes_file=args.classes_file)
+                           classes_file=args.classes_file, train_dir=args.train_dir, val_dir=args.val_dir)
     files = dataset.train.files + dataset.val.files
     broken = find_broken_images(files, root=args.root, workers=args.workers or cpu_count(), use_cache=False)
     for item in broken:

@@ -83,12 +83,20 @@ class DataConfig:
     """Validation centre-crop side; null = `image_size` (train low, test high: set it above)."""
     val_resize: Optional[int] = None
     """Validation: shorter side resized to this many pixels before the centre crop; null = 8/7 of the validation crop (256 for 224)."""
+    crop_scale: tuple[float, float] = (0.08, 1.0)
+    """Training RandomResizedCrop: range of the crop's area as a fraction of the image's (torchvision's default)."""
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    """Training RandomResizedCrop: range of the crop's aspect ratio, width / height (torchvision's default)."""
     batch_size: int = 64
     """Training images per step per process (the global batch is this times the world size)."""
     val_batch_size: Optional[int] = None
     """Validation images per batch per process; null = `batch_size`."""
     num_workers: Optional[int] = None
     """DataLoader worker processes or DALI CPU threads; null = one per available CPU core."""
+    train_dir: str = "train"
+    """imagefolder format: the training split's folder under `root` (one subfolder per class)."""
+    val_dir: str = "val"
+    """imagefolder format: the validation split's folder under `root` (CIFAR-10's JPEG folders: `test`)."""
     train_list: str = "train.txt"
     """filelist format: training list (`relative/path label` lines), relative to `root`."""
     val_list: str = "val.txt"
@@ -119,6 +127,12 @@ class DataConfig:
     def __post_init__(self) -> None:
         _require(self.backend == "synthetic" or bool(self.root), "root",
                  "is required (the dataset folder) unless data.backend is synthetic")
+        for key in ("train_dir", "val_dir"):
+            name = getattr(self, key)
+            _require(bool(name) and not Path(name).is_absolute() and ".." not in Path(name).parts, key,
+                     f"must be a folder name under data.root, got {name!r}")
+        _require(self.train_dir != self.val_dir, "val_dir",
+                 f"must differ from data.train_dir (both {self.val_dir!r}): validating on training images")
         _require(self.image_size >= 16, "image_size", f"must be >= 16, got {self.image_size}")
         _require(self.image_size_step >= 1, "image_size_step", f"must be >= 1, got {self.image_size_step}")
         if self.start_image_size is not None:
@@ -138,6 +152,11 @@ class DataConfig:
         _require(self.val_resize is None or self.val_resize >= self.val_crop_size, "val_resize",
                  f"must be >= the validation crop (data.val_image_size or data.image_size: {self.val_crop_size}), "
                  f"got {self.val_resize}")
+        low, high = self.crop_scale
+        _require(0 < low <= high <= 1, "crop_scale", f"must be [low, high] with 0 < low <= high <= 1, got "
+                 f"{list(self.crop_scale)}")
+        low, high = self.crop_ratio
+        _require(0 < low <= high, "crop_ratio", f"must be [low, high] with 0 < low <= high, got {list(self.crop_ratio)}")
         _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
         _require(self.val_batch_size is None or self.val_batch_size >= 1, "val_batch_size",
                  f"must be >= 1 or null, got {self.val_batch_size}")
@@ -372,11 +391,19 @@ def load_config(path: str | Path | None, overrides: typing.Sequence[str] = ()) -
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            loaded = yaml.safe_load(path.read_text())
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path}: not a UTF-8 text file (byte {exc.start} is {exc.object[exc.start]:#04x}): "
+                              "a config is YAML text") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read the config file: {exc.strerror}") from None
+        try:
+            loaded = yaml.safe_load(text)
         except yaml.YAMLError as exc:
             mark = getattr(exc, "problem_mark", None)
             where = f" at line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+            problem = " ".join(str(getattr(exc, "problem", None) or exc).split())  # one line
+            raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

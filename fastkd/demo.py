@@ -52,6 +52,13 @@ def run_demo(out_dir: Path, *, seeds: Sequence[int] = (0,), overrides: Sequence[
     distill_only = [o for o in overrides if o.startswith("distill.")]
     base = [f"run.out_dir={out_dir}", *common]
     teacher_cfg = load_config(folder / "teacher.yaml", base)
+    student_arch = load_config(folder / "student.yaml", base).model.arch
+    distilled_how = "its recorded logits (a teacher cache, recorded once)" if teacher_cache else "the live teacher"
+    print(f"[demo] {1 + 2 * len(seeds)} runs into {out_dir}: a {teacher_cfg.model.arch} teacher, then for each seed "
+          f"({', '.join(map(str, seeds))}) a {student_arch} student alone and one distilled from {distilled_how}; "
+          f"{teacher_cfg.optim.epochs} epochs each at {teacher_cfg.data.image_size} px on {teacher_cfg.data.root_path}"
+          f"{' (generated first if missing)' if teacher_cfg.data.generate_demo else ''}. Each run prints a line per "
+          "epoch; the table comes at the end.", flush=True)
     teacher = _run_or_reuse(teacher_cfg, progress=progress)
     rows = [("teacher", teacher_cfg, teacher, 0)]
     cache_dir = out_dir / "teacher-cache"

@@ -34,7 +34,7 @@ from fastkd.optim import create_optimizer, lr_at
 from fastkd.runtime import Runtime, create_runtime, seed_everything, set_rng_state, shard_from_env
 from fastkd.steps import ClassificationStep, DistillationStep, frozen_forward
 from fastkd.teacher_cache import DTYPES, CacheKey, CachedTeacher, TeacherCache, dataset_digest, file_sha256
-from pipelines.augment import AUGMENTATION, size_schedule
+from pipelines.augment import augmentation_spec, crop_range, size_schedule
 from pipelines import build_loaders, load_data, loader_workers
 from pipelines.base import Loaders
 from pipelines.datasets import Dataset
@@ -221,10 +221,11 @@ def teacher_cache_key(cfg: Config, runtime: Runtime, dataset: Dataset | None, cl
     assert kd is not None
     if dataset is None:
         raise ConfigError("distill.teacher_cache: a teacher cache needs real data (data.backend torchvision or dali)")
-    load_checkpoint(kd.teacher.checkpoint_path)  # a missing or unreadable teacher is an error here too
+    # a missing or unreadable teacher is an error here too
+    load_checkpoint(kd.teacher.checkpoint_path, key="distill.teacher.checkpoint")
     return CacheKey(dataset=dataset_digest(dataset.train.files, dataset.train.labels, cfg.data.root_path),
                     num_samples=len(dataset.train), classes=list(classes), seed=cfg.data_seed,
-                    image_size=teacher_input_size(cfg), augmentation=dict(AUGMENTATION), teacher_arch=kd.teacher.arch,
+                    image_size=teacher_input_size(cfg), augmentation=augmentation_spec(crop_range(cfg.data)), teacher_arch=kd.teacher.arch,
                     teacher_checkpoint=file_sha256(kd.teacher.checkpoint_path),
                     teacher_precision=runtime.resolve_precision(kd.teacher.precision))
 
@@ -352,7 +353,8 @@ def _run(cfg: Config, *, resume: bool, progress: bool,
             restore_training(training, checkpoint, source=cfg.run_dir / "last.pt")
             logger.truncate_after(state.epoch)
             if runtime.is_main:
-                print(f"resuming {run_dir} at epoch {state.epoch} (+{state.batches_done} batches), step {state.step}")
+                print(f"resuming {run_dir} at epoch {state.epoch} (+{state.batches_done} batches), step {state.step}",
+                      flush=True)
         if runtime.is_main:
             training.on_epoch_end = _print_epoch
         try:
@@ -542,8 +544,9 @@ def _summary(cfg: Config, runtime: Runtime, state: TrainState, loaders: Loaders,
 def evaluate_checkpoint(cfg: Config, checkpoint_path: Path, *, arch: str | None = None) -> dict[str, Any]:
     """`fastkd eval`: val top-1/top-5 of a checkpoint on the config's validation data."""
     runtime = create_runtime(cfg.runtime)
-    checkpoint = load_checkpoint(checkpoint_path)
+    checkpoint = load_checkpoint(checkpoint_path, key="--checkpoint")
     fastkd_format = is_fastkd_checkpoint(checkpoint)
+    explicit_arch = arch
     arch = arch or (checkpoint["arch"] if fastkd_format else cfg.model.arch)
     check_arch(arch)
     loaders = build_loaders(cfg.data, spec=runtime.batch_spec, seed=cfg.data_seed)
@@ -552,7 +555,11 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path: Path, *, arch: str | None 
                               f"({len(checkpoint['classes'])} vs {len(loaders.classes)} classes)")
     model = create_model(arch, len(loaders.classes), image_size=cfg.data.image_size)
     state_dict = checkpoint["model"] if fastkd_format else checkpoint
-    load_weights(model, state_dict, source=checkpoint_path, arch=arch, num_classes=len(loaders.classes))
+    hint = "" if fastkd_format else (
+        f" (a plain state_dict is loaded into model.arch, {arch}: pass --arch NAME for another architecture)"
+        if explicit_arch is None else " (is --arch the architecture it was saved from?)")
+    load_weights(model, state_dict, source=checkpoint_path, arch=arch, num_classes=len(loaders.classes),
+                 key="--checkpoint", hint=hint)
     model, _ = runtime.prepare_model(model, trainable=False)
     metrics = evaluate(model, loaders.val, runtime)
     return {"checkpoint": str(checkpoint_path), "arch": arch, **metrics}

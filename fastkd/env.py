@@ -71,3 +71,16 @@ def collect_env(device: torch.device | None = None) -> dict[str, Any]:
         "fastkd": fastkd.__version__,
         "git": git_revision(),
     }
+
+
+def version_text() -> str:
+    """`fastkd --version`: what a bug report needs (fastkd and its git revision, the libraries, CUDA)."""
+    if torch.cuda.is_available():
+        names = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+        cuda = f"CUDA available: yes, {len(names)} GPU(s): {', '.join(dict.fromkeys(names))}"
+    else:
+        cuda = "CUDA available: no (training runs on the CPU)"
+    build = f"CUDA {torch.version.cuda} build" if torch.version.cuda else "CPU build"
+    return (f"fastkd {fastkd.__version__} (git {git_revision() or 'unknown: not a git checkout'})\n"
+            f"python {platform.python_version()}, torch {torch.__version__} ({build}), "
+            f"torchvision {torchvision.__version__}, NVIDIA DALI {dali_version() or 'not installed'}\n{cuda}")

@@ -8,7 +8,10 @@ PyTorch on a sample batch with onnxruntime.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -24,9 +27,21 @@ from pipelines.base import IMAGENET_MEAN, IMAGENET_STD
 ONNX_TOLERANCE = 1e-3
 
 
+ONNX_HINT = ("--onnx needs the onnx and onnxruntime packages: pip install onnx onnxruntime (in a checkout of "
+             "fastkd: pip install -e '.[onnx]'; from a package: pip install 'fastkd[onnx]')")
+
+
 def export_student(run_dir: Path, out: Path, *, checkpoint: str = "best", onnx: bool = False) -> dict[str, Any]:
+    """Writes OUT, OUT.json (and OUT.onnx) only once each of them is ready and checked: a refused
+    export writes nothing (the files are made in a temporary folder and moved into place)."""
+    if onnx:
+        missing = [name for name in ("onnx", "onnxruntime") if importlib.util.find_spec(name) is None]
+        if missing:
+            raise FastkdError(f"{ONNX_HINT} ({' and '.join(missing)} not installed)")
+    if out.is_dir():
+        raise FastkdError(f"--out {out}: a folder; name the state_dict file to write, e.g. {out / 'student.pt'}")
     path = run_dir / f"{checkpoint}.pt"
-    payload = load_checkpoint(path)
+    payload = load_checkpoint(path, key="RUN_DIR" if checkpoint == "best" else "--checkpoint last")
     if not is_fastkd_checkpoint(payload):
         raise CheckpointError(f"{path} is not a fastkd checkpoint")
     data = config_from_dict(payload["config"]).data
@@ -34,24 +49,30 @@ def export_student(run_dir: Path, out: Path, *, checkpoint: str = "best", onnx: 
     model = create_model(payload["arch"], payload["num_classes"], image_size=data.image_size)
     load_weights(model, payload["model"], source=path, arch=payload["arch"], num_classes=payload["num_classes"])
     model.eval()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), out)
     meta = {"arch": payload["arch"], "num_classes": payload["num_classes"], "classes": list(payload["classes"]),
             "image_size": image_size, "resize": data.val_resize_size, "mean": list(IMAGENET_MEAN),
             "std": list(IMAGENET_STD),
             "source": str(path), "epoch": payload["epoch"], "best_top1": payload["best_top1"]}
-    out.with_suffix(".json").write_text(json.dumps(meta, indent=2) + "\n")
-    if onnx:
-        meta["onnx_max_abs_diff"] = export_onnx(model, out.with_suffix(".onnx"), image_size)
+    targets = [out, out.with_suffix(".json")] + ([out.with_suffix(".onnx")] if onnx else [])
+    with tempfile.TemporaryDirectory(prefix="fastkd-export-") as staging:
+        staged = [Path(staging) / target.name for target in targets]
+        torch.save(model.state_dict(), staged[0])
+        if onnx:
+            meta["onnx_max_abs_diff"] = export_onnx(model, staged[2], image_size, name=targets[2])
+        staged[1].write_text(json.dumps(meta, indent=2) + "\n")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        for source, target in zip(staged, targets):
+            shutil.move(source, target)
     return meta
 
 
-def export_onnx(model: torch.nn.Module, path: Path, image_size: int) -> float:
-    """Write ONNX with a dynamic batch axis; return the largest |difference| from PyTorch."""
+def export_onnx(model: torch.nn.Module, path: Path, image_size: int, *, name: Path | None = None) -> float:
+    """Write ONNX with a dynamic batch axis; return the largest |difference| from PyTorch (an
+    error names the file as `name`, where it would have gone, if given)."""
     try:
         import onnxruntime
     except ImportError:
-        raise FastkdError("--onnx needs onnx and onnxruntime: pip install 'fastkd[onnx]'") from None
+        raise FastkdError(ONNX_HINT) from None
     sample = torch.randn(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
@@ -64,5 +85,5 @@ def export_onnx(model: torch.nn.Module, path: Path, image_size: int) -> float:
         expected = model(check)
     difference = float((got - expected).abs().max())
     if difference > ONNX_TOLERANCE:
-        raise FastkdError(f"{path}: ONNX output differs from PyTorch by {difference:.2e} (> {ONNX_TOLERANCE})")
+        raise FastkdError(f"{name or path}: ONNX output differs from PyTorch by {difference:.2e} (> {ONNX_TOLERANCE})")
     return difference

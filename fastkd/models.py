@@ -76,18 +76,39 @@ def describe_class_difference(theirs: list[str], ours: list[str]) -> str:
 
 
 def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], *, source: Path, arch: str,
-                 num_classes: int, key: str | None = None) -> None:
-    """`model.load_state_dict(state_dict, strict=True)` with a one-line error naming `source`.
+                 num_classes: int, key: str | None = None, hint: str = "") -> None:
+    """`model.load_state_dict(state_dict, strict=True)` with a one-line error naming `source`
+    (and `key`, the config key or argument that named it) and what does not fit, whole.
 
     The one place every weight file is put into a model: resume, eval, export and teachers.
     """
+    expected = model.state_dict()
     try:
         model.load_state_dict(state_dict, strict=True)
-    except (RuntimeError, KeyError, TypeError) as exc:
-        detail = " ".join(str(exc).split())
+    except (RuntimeError, KeyError, TypeError):
         prefix = f"{key}: " if key else ""
-        raise CheckpointError(f"{prefix}{source} does not fit {arch} with {num_classes} classes "
-                              f"({detail[:300]})") from None
+        raise CheckpointError(f"{prefix}{source} does not fit {arch} with {num_classes} classes: "
+                              f"{describe_state_dict_difference(state_dict, expected)}{hint}") from None
+
+
+def describe_state_dict_difference(got: dict[str, Any], expected: dict[str, torch.Tensor], *, show: int = 3) -> str:
+    """What keeps `got` from loading into a model whose state_dict is `expected`: missing and
+    unexpected keys and shape mismatches, counted, the first few named in full."""
+    def names(items: list[str]) -> str:
+        return ", ".join(items[:show]) + (f", ... ({len(items) - show} more)" if len(items) > show else "")
+
+    missing = [k for k in expected if k not in got]
+    unexpected = [k for k in got if k not in expected]
+    shapes = [f"{k} {list(got[k].shape)} vs the model's {list(v.shape)}" for k, v in expected.items()
+              if k in got and isinstance(got[k], torch.Tensor) and got[k].shape != v.shape]
+    parts = []
+    if missing:
+        parts.append(f"{len(missing)} key(s) missing from the file ({names(missing)})")
+    if unexpected:
+        parts.append(f"{len(unexpected)} unexpected key(s) ({names(unexpected)})")
+    if shapes:
+        parts.append(f"{len(shapes)} shape mismatch(es) ({names(shapes)})")
+    return "; ".join(parts) or "its tensors could not be copied into the model"
 
 
 def load_teacher(arch: str, checkpoint: Path, classes: list[str], *, image_size: int = 224) -> nn.Module:
@@ -99,8 +120,8 @@ def load_teacher(arch: str, checkpoint: Path, classes: list[str], *, image_size:
     """
     from fastkd.checkpoint import is_fastkd_checkpoint, load_checkpoint
 
-    payload = load_checkpoint(checkpoint)
     key = "distill.teacher.checkpoint"
+    payload = load_checkpoint(checkpoint, key=key)
     if is_fastkd_checkpoint(payload):
         if payload["arch"] != arch:
             raise CheckpointError(f"{key}: {checkpoint} holds a {payload['arch']}, but distill.teacher.arch is {arch}")

@@ -27,8 +27,22 @@ CROP_RATIO = (3 / 4, 4 / 3)
 FLIP_PROBABILITY = 0.5
 AUGMENTATION = {"crop_area": list(CROP_AREA), "crop_ratio": list(CROP_RATIO), "flip": FLIP_PROBABILITY,
                 "resize": "antialiased bilinear", "order": "numpy permutation of (seed, epoch)", "version": 1}
-"""What defines the training stream besides the seed, files and image size (teacher caches
-record it and refuse a stream made otherwise)."""
+"""What defines the training stream besides the seed, files and image size, with the default
+crop ranges (teacher caches record it, `augmentation_spec`, and refuse a stream made otherwise)."""
+
+
+@dataclass(frozen=True)
+class CropRange:
+    """RandomResizedCrop's ranges: the crop's `area` as a fraction of the image's, its aspect
+    `ratio` (width / height). `data.crop_scale` and `data.crop_ratio`."""
+
+    area: tuple[float, float] = CROP_AREA
+    ratio: tuple[float, float] = CROP_RATIO
+
+
+def augmentation_spec(crop: CropRange = CropRange()) -> dict[str, Any]:
+    """The stream's description for a teacher cache's key: `AUGMENTATION` with these crop ranges."""
+    return {**AUGMENTATION, "crop_area": [float(v) for v in crop.area], "crop_ratio": [float(v) for v in crop.ratio]}
 
 _EXIF_ORIENTATION = 0x0112
 _TRANSPOSED_ORIENTATIONS = (5, 6, 7, 8)  # EXIF orientations that swap width and height
@@ -80,10 +94,10 @@ class Crop:
     flip: bool
 
 
-def train_crop(seed: int, epoch: int, index: int, width: int, height: int) -> Crop:
-    """The random-resized crop and horizontal flip of sample `index` in `epoch`."""
+def train_crop(seed: int, epoch: int, index: int, width: int, height: int, crop: CropRange = CropRange()) -> Crop:
+    """The random-resized crop (within `crop`'s ranges) and horizontal flip of sample `index` in `epoch`."""
     rng = random.Random(sample_seed(seed, epoch, index))
-    top, left, h, w = random_resized_crop_box(width, height, rng)
+    top, left, h, w = random_resized_crop_box(width, height, rng, area=crop.area, ratio=crop.ratio)
     return Crop(top, left, h, w, rng.random() < FLIP_PROBABILITY)
 
 
@@ -115,6 +129,11 @@ class SizeSchedule:
         if self.start is None:
             return self.end
         return {"start": self.start, "end": self.end, "first": self.first, "last": self.last, "step": self.step}
+
+
+def crop_range(data: Any) -> CropRange:
+    """The crop ranges of a `DataConfig` (`crop_scale`, `crop_ratio`)."""
+    return CropRange(tuple(data.crop_scale), tuple(data.crop_ratio))
 
 
 def size_schedule(data: Any) -> SizeSchedule:

@@ -42,7 +42,7 @@ from fastkd.config import DataConfig
 from fastkd.errors import ConfigError, DataError
 from pipelines.base import IMAGENET_MEAN, IMAGENET_STD, BatchSpec, Loaders, Shard
 from pipelines.datasets import Dataset, Split
-from pipelines.augment import check_stream_state, epoch_order, samples_per_rank, size_schedule, stream_state
+from pipelines.augment import check_stream_state, crop_range, epoch_order, samples_per_rank, size_schedule, stream_state
 from pipelines.dali_source import PADDING, PARAMS, UNREADABLE, TrainSamples
 from pipelines.resample import CropFinisher
 from pipelines.torchvision_backend import BROKEN_HINT
@@ -269,7 +269,7 @@ class DaliLoader:
                 source = TrainSamples(self._files, self._labels, seed=self._seed, rank=shard.rank,
                                       world_size=shard.world_size, batch_size=self.batch_size,
                                       sizes=size_schedule(cfg), teacher_size=self.teacher_size,
-                                      first_epoch=first_epoch, first_batch=first_batch)
+                                      first_epoch=first_epoch, first_batch=first_batch, crop_range=crop_range(cfg))
                 return _train_graph(source, place=place, dtype=dtype, teacher_view=self.teacher_size is not None)
             return _val_graph(self._files, self._labels, place=place, image_size=cfg.val_crop_size,
                               val_resize=cfg.val_resize_size, shard=shard, dtype=dtype)

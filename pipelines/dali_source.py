@@ -19,7 +19,7 @@ from typing import Any, Sequence
 import numpy as np
 from PIL import UnidentifiedImageError
 
-from pipelines.augment import Crop, SizeSchedule, epoch_order, oriented_size, samples_per_rank, train_crop
+from pipelines.augment import Crop, CropRange, SizeSchedule, epoch_order, oriented_size, samples_per_rank, train_crop
 
 UNREADABLE = "fastkd: cannot read "
 """Starts the message of a file that cannot be read or whose header cannot be parsed."""
@@ -42,8 +42,9 @@ class TrainSamples:
 
     def __init__(self, files: Sequence[str], labels: Sequence[int], *, seed: int, rank: int, world_size: int,
                  batch_size: int, sizes: SizeSchedule, teacher_size: int | None = None, first_epoch: int = 0,
-                 first_batch: int = 0):
+                 first_batch: int = 0, crop_range: CropRange = CropRange()):
         self.files = list(files)
+        self.crop_range = crop_range
         self.sizes = sizes
         self.teacher_size = teacher_size or 0
         self.labels = list(labels)
@@ -97,7 +98,7 @@ class TrainSamples:
         if padding:  # dropped after DALI: libjpeg-turbo (CPU) decodes a baseline JPEG's corner from its first rows
             crop = Crop(0, 0, min(height, PADDING_SIDE), min(width, PADDING_SIDE), False)
         else:
-            crop = train_crop(self.seed, epoch, index, width, height)
+            crop = train_crop(self.seed, epoch, index, width, height, self.crop_range)
         params = (crop.left, crop.top, crop.width, crop.height, int(crop.flip), self.labels[index],
                   PADDING if padding else index, self.sizes.at(epoch), self.teacher_size)
         return np.frombuffer(path.encode(), dtype=np.uint8), np.array(params, dtype=np.int64)

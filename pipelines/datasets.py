@@ -1,6 +1,7 @@
 """Dataset layouts, resolved to plain (file, label) lists that every backend reads.
 
-- `imagefolder`: `root/train/<class>/**/<image>`, `root/val/<class>/**/<image>`.
+- `imagefolder`: `root/<train_dir>/<class>/**/<image>`, `root/<val_dir>/<class>/**/<image>`
+  (`train/` and `val/` unless named otherwise: CIFAR-10's JPEG folders call theirs `test/`).
 - `mini-imagenet`: the original project's layout: `root/images/*.jpg`, `root/new_train.csv`,
   `root/new_val.csv` (`,filename,label` with an unnamed index column, WordNet ids as labels),
   `root/classes_name.json` (`{wnid: [index, name]}`); class index = position of the wnid in
@@ -53,12 +54,12 @@ def is_image_file(name: str) -> bool:
 
 
 def load_dataset(layout: Layout, root: Path, *, train_list: str = "train.txt", val_list: str = "val.txt",
-                 classes_file: str = "classes.txt") -> Dataset:
+                 classes_file: str = "classes.txt", train_dir: str = "train", val_dir: str = "val") -> Dataset:
     """Resolve a dataset layout into file lists; raises `DataError` naming what is wrong."""
     if not root.is_dir():
         raise DataError(f"data.root: dataset folder not found: {root}")
     if layout == "imagefolder":
-        dataset = _load_imagefolder(root)
+        dataset = _load_imagefolder(root, train_dir, val_dir)
     elif layout == "mini-imagenet":
         dataset = _load_mini_imagenet(root)
     else:
@@ -91,26 +92,33 @@ def _scan_split(split_dir: Path, classes: list[str]) -> Split:
     return Split(tuple(files), tuple(labels))
 
 
-def _class_folders(split_dir: Path) -> list[str]:
+# Folder names that hold a held-out split in common layouts, suggested when `val_dir` is not found.
+_HELD_OUT_NAMES = ("val", "validation", "valid", "test", "eval")
+
+
+def _class_folders(root: Path, name: str, key: str, other: str) -> list[str]:
+    split_dir = root / name
     if not split_dir.is_dir():
-        raise DataError(f"imagefolder layout needs {split_dir.name}/ with one folder per class: "
-                        f"{split_dir} not found")
+        found = [n for n in _HELD_OUT_NAMES if n not in (name, other) and (root / n).is_dir()]
+        hint = f"; {root} has {found[0]}/: set data.{key}={found[0]}" if found and key == "val_dir" else ""
+        raise DataError(f"data.{key}: imagefolder layout needs {name}/ with one folder per class under data.root: "
+                        f"{split_dir} not found{hint}")
     return sorted(d.name for d in split_dir.iterdir() if d.is_dir() and not d.name.startswith("."))
 
 
-def _load_imagefolder(root: Path) -> Dataset:
-    train_classes = _class_folders(root / "train")
+def _load_imagefolder(root: Path, train_dir: str, val_dir: str) -> Dataset:
+    train_classes = _class_folders(root, train_dir, "train_dir", val_dir)
     if not train_classes:
-        raise DataError(f"no class folders in {root / 'train'}")
-    val_classes = _class_folders(root / "val")
+        raise DataError(f"no class folders in {root / train_dir}")
+    val_classes = _class_folders(root, val_dir, "val_dir", train_dir)
     extra = sorted(set(val_classes) - set(train_classes))
     if extra:
-        raise DataError(f"val class folder(s) missing from train: {', '.join(extra[:5])}"
-                        f"{' ...' if len(extra) > 5 else ''} (in {root / 'val'})")
-    train = _scan_split(root / "train", train_classes)
-    val = _scan_split(root / "val", train_classes)  # a class may lack val images; it keeps its label
+        raise DataError(f"val class folder(s) missing from {train_dir}: {', '.join(extra[:5])}"
+                        f"{' ...' if len(extra) > 5 else ''} (in {root / val_dir})")
+    train = _scan_split(root / train_dir, train_classes)
+    val = _scan_split(root / val_dir, train_classes)  # a class may lack val images; it keeps its label
     if not len(val):
-        raise DataError(f"no validation images in {root / 'val'}")
+        raise DataError(f"no validation images in {root / val_dir}")
     return Dataset(tuple(train_classes), train, val)
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastkd.config import DataConfig
 from fastkd.env import cpu_count
-from pipelines.augment import SizeSchedule, size_schedule
+from pipelines.augment import SizeSchedule, crop_range, size_schedule
 from pipelines.base import BatchSpec, Loaders, Shard
 from pipelines.datasets import Dataset, load_dataset
 
@@ -25,7 +25,7 @@ def loader_workers(num_workers: int | None, shard: Shard, *, dali: bool = False)
 def load_data(cfg: DataConfig) -> Dataset:
     """The file lists of a real dataset (not for the synthetic backend)."""
     return load_dataset(cfg.format, cfg.root_path, train_list=cfg.train_list, val_list=cfg.val_list,
-                        classes_file=cfg.classes_file)
+                        classes_file=cfg.classes_file, train_dir=cfg.train_dir, val_dir=cfg.val_dir)
 
 
 def build_loaders(cfg: DataConfig, *, spec: BatchSpec, seed: int, shard: Shard = Shard(),
@@ -60,7 +60,7 @@ def build_loaders(cfg: DataConfig, *, spec: BatchSpec, seed: int, shard: Shard =
         common = dict(sizes=sizes, val_size=cfg.val_crop_size, val_resize=cfg.val_resize_size, num_workers=workers,
                       seed=seed, shard=shard, spec=spec)
         return Loaders(TorchvisionLoader(dataset.train, train=True, batch_size=cfg.batch_size,
-                                         teacher_size=teacher_image_size, **common),
+                                         teacher_size=teacher_image_size, crop_range=crop_range(cfg), **common),
                        TorchvisionLoader(dataset.val, train=False, batch_size=val_batch_size, **common),
                        list(dataset.classes))
 

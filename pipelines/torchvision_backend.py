@@ -2,7 +2,7 @@
 normalized on the device.
 
 Augmentation matches the DALI pipeline and the original project: RandomResizedCrop
-(area 0.08-1, aspect 3/4-4/3) + horizontal flip for training; resize of the shorter side to
+(area 0.08-1, aspect 3/4-4/3 unless `data.crop_scale`/`crop_ratio` say otherwise) + horizontal flip for training; resize of the shorter side to
 `val_resize` + centre crop for validation. The random draws come from a per-sample generator
 seeded by (seed, epoch, sample index) rather than the worker's global RNG, so the augmented
 stream is the same for any number of workers and can be resumed at any batch.
@@ -22,7 +22,7 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
 
 from fastkd.errors import DataError
-from pipelines.augment import SizeSchedule, check_stream_state, epoch_order, stream_state, train_crop
+from pipelines.augment import CropRange, SizeSchedule, check_stream_state, epoch_order, stream_state, train_crop
 from pipelines.base import BatchSpec, Shard, normalization
 from pipelines.datasets import Split
 from pipelines.verify import unlimited_pixels
@@ -48,8 +48,9 @@ class ImageListDataset(torch.utils.data.Dataset):
     with a `teacher_size`, the same crop resized for the teacher)."""
 
     def __init__(self, split: Split, *, train: bool, sizes: SizeSchedule, val_size: int, val_resize: int, seed: int,
-                 teacher_size: int | None = None):
+                 teacher_size: int | None = None, crop_range: CropRange = CropRange()):
         self.files = split.files
+        self.crop_range = crop_range
         self.labels = split.labels
         self.train = train
         self.sizes = sizes
@@ -70,7 +71,7 @@ class ImageListDataset(torch.utils.data.Dataset):
         if not self.train:
             size = [self.val_size, self.val_size]
             return _pixels(TF.center_crop(TF.resize(image, self.val_resize, antialias=True), size)), self.labels[index], index
-        crop = train_crop(self.seed, epoch, index, image.width, image.height)
+        crop = train_crop(self.seed, epoch, index, image.width, image.height, self.crop_range)
         views = []
         for side in (self.sizes.at(epoch), self.teacher_size):  # the student's, then the teacher's
             if side is None:
@@ -155,7 +156,7 @@ class TorchvisionLoader:
 
     def __init__(self, split: Split, *, train: bool, batch_size: int, sizes: SizeSchedule, val_size: int,
                  val_resize: int, num_workers: int, seed: int, shard: Shard, spec: BatchSpec,
-                 teacher_size: int | None = None):
+                 teacher_size: int | None = None, crop_range: CropRange = CropRange()):
         self.batch_size = batch_size
         self.spec = spec
         self.sampler = EpochSampler(len(split), shuffle=train, seed=seed, shard=shard, batch_size=batch_size)
@@ -163,7 +164,7 @@ class TorchvisionLoader:
         self.prefetched_batches = num_workers * PREFETCH_FACTOR
         """Batches the workers hold ready at most (a benchmark must drain them before timing)."""
         dataset = ImageListDataset(split, train=train, sizes=sizes, val_size=val_size, val_resize=val_resize, seed=seed,
-                                   teacher_size=teacher_size if train else None)
+                                   teacher_size=teacher_size if train else None, crop_range=crop_range)
         self._loader = torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
             pin_memory=spec.device.type == "cuda", drop_last=False,

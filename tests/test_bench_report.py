@@ -108,7 +108,77 @@ def test_report_of_an_unfinished_run_is_an_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         main(["report", str(tmp_path / "half")])
     assert info.value.code == 2
-    assert f"not a finished fastkd run (no summary.json): {tmp_path / 'half'}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"skipping {tmp_path / 'half'}: no summary.json (not a finished run)" in err
+    assert f"no finished fastkd run (a folder with summary.json) among: {tmp_path / 'half'}" in err
+
+
+def _fake_run(folder: Path, name: str, top1: float, *, speed: float = 100.0, val_loss: float = 1.0) -> Path:
+    run = folder / name
+    run.mkdir(parents=True)
+    summary = {"model": "resnet18", "backend": "dali", "best_val_top1": top1, "best_val_top5": 99.0,
+               "final_val_top1": top1, "final_val_top5": 99.0, "train_val_gap": 1.0, "images_per_sec": speed,
+               "wall_seconds": 10.0, "device": "CPU"}
+    (run / "summary.json").write_text(json.dumps(summary))
+    records = [{"epoch": e, "val_top1": top1 - 2 + e, "train_top1": top1 - 3 + e, "val_loss": val_loss * (3 - e)}
+               for e in (1, 2)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    return run
+
+
+def test_report_takes_a_folder_of_runs_and_skips_what_is_not_a_run(tmp_path, capsys):
+    runs = tmp_path / "demo"
+    for name, top1 in (("teacher", 60.0), ("student-s0", 40.0), ("student-s1", 44.0)):
+        _fake_run(runs, name, top1)
+    (runs / "teacher-cache").mkdir()
+    (runs / "demo.json").write_text("{}")
+    out = tmp_path / "report" / "report.md"
+    # what `fastkd report runs/demo/*` passes, and the folder itself
+    main(["report", *sorted(map(str, runs.iterdir())), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert f"skipping {runs / 'demo.json'}: a file, not a run folder" in err
+    assert f"skipping {runs / 'teacher-cache'}: no summary.json" in err
+    text = out.read_text()
+    assert "| teacher " in text and "| student-s0 " in text and "| student-s1 " in text
+    main(["report", str(runs), "--out", str(out)])
+    assert f"skipping {runs / 'teacher-cache'}: no summary.json" in capsys.readouterr().err
+    assert out.read_text() == text
+
+
+def test_report_groups_runs_that_differ_only_by_a_seed_suffix(tmp_path):
+    from fastkd.report import group_name
+
+    assert [group_name(Path(n)) for n in ("student-s0", "student_seed12", "kd-dali-s3", "s1", "res-s1x")] == [
+        "student", "student", "kd-dali", "s1", "res-s1x"]
+    runs = tmp_path / "runs"
+    _fake_run(runs, "student-s0", 40.0, speed=90.0)
+    _fake_run(runs, "student-s1", 44.0, speed=110.0)
+    _fake_run(runs, "teacher", 60.0, val_loss=300.0)
+    out = tmp_path / "report.md"
+    main(["report", str(runs), "--out", str(out)])
+    grouped = out.read_text().split("Mean ± standard deviation")[1]
+    row = next(line for line in grouped.splitlines() if line.startswith("| student "))
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[1] == "2" and cells[5] == f"42.00 ± {statistics.stdev([40.0, 44.0]):.2f}" and cells[8] == \
+        f"100 ± {statistics.stdev([90.0, 110.0]):.0f}"
+    assert any(line.startswith("| teacher ") and "| 1 " in line for line in grouped.splitlines())
+
+
+def test_report_curves_use_a_log_loss_axis_and_whole_epochs(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    saved = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, path, **kw: saved.append(fig))
+    runs = tmp_path / "runs"
+    _fake_run(runs, "teacher", 60.0, val_loss=300.0)
+    from fastkd.report import write_report
+
+    write_report([runs], tmp_path / "report.md")
+    curves = saved[1]
+    accuracy, loss = curves.axes[:2]
+    assert loss.get_yscale() == "log" and accuracy.get_yscale() == "linear"
+    for ax in (accuracy, loss):
+        assert all(float(t).is_integer() for t in ax.get_xticks())
 
 
 def test_cpu_busy_is_the_share_of_cpu_time_not_idle():

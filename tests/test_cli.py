@@ -29,6 +29,9 @@ def test_demo_trains_teacher_student_and_distilled_student_then_reuses_them(tiny
             *TINY_DEMO]
     main(argv)
     printed = capsys.readouterr().out
+    # the first line says what is about to happen (no silence until the first epoch's line)
+    assert printed.splitlines()[0].startswith(f"[demo] 5 runs into {out}: a resnet18 teacher, then for each seed (0, 1) "
+                                              "a shufflenet_v2_x0_5 student alone and one distilled")
     table = printed.split("\n\n")[1] if "\n\n" in printed else printed
     assert table.count("| teacher ") == 1 and table.count("| student alone ") == 2
     assert table.count("| student distilled ") == 2
@@ -42,6 +45,27 @@ def test_demo_trains_teacher_student_and_distilled_student_then_reuses_them(tiny
     again = capsys.readouterr().out
     assert again.count("[demo] reusing finished run") == 5
     assert summaries == {name: (out / name / "summary.json").stat().st_mtime_ns for name in names}
+
+
+def test_version_names_fastkd_git_torch_torchvision_dali_and_cuda(capsys):
+    import fastkd
+    from fastkd.env import dali_version
+
+    for flag in ("--version", "-V"):
+        with pytest.raises(SystemExit) as info:
+            main([flag])
+        assert info.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"fastkd {fastkd.__version__} (git ")
+        assert f"torch {torch.__version__}" in out and f"torchvision {torchvision.__version__}" in out
+        assert f"NVIDIA DALI {dali_version() or 'not installed'}" in out
+        assert f"CUDA available: {'yes' if torch.cuda.is_available() else 'no'}" in out
+
+
+def test_demo_help_shows_the_default_seeds(capsys):
+    with pytest.raises(SystemExit):
+        main(["demo", "--help"])
+    assert "(default: [0])" in " ".join(capsys.readouterr().out.split())
 
 
 def test_data_synth_writes_the_demo_layout_and_refuses_a_non_empty_folder(tmp_path, capsys):
@@ -80,7 +104,37 @@ def test_eval_takes_a_plain_state_dict_with_arch(finished_run, tiny_imagefolder,
     assert f"val top1 {summary['best_val_top1']:.2f}" in line  # the same weights, the same figure
     # Without --arch the config's model (a ShuffleNet) cannot take ResNet weights: one line, exit 2.
     message = cli_error(capsys, "eval", "--checkpoint", str(plain), "--config", str(config))
-    assert message.startswith(f"fastkd: error: {plain} does not fit shufflenet_v2_x0_5 with 10 classes")
+    assert message.startswith(f"fastkd: error: --checkpoint: {plain} does not fit shufflenet_v2_x0_5 with 10 classes: ")
+    # whole key names, counted, and the argument that fixes it
+    assert "key(s) missing from the file (conv1.0.weight, conv1.1.weight, conv1.1.bias, ... (" in message
+    assert "unexpected key(s) (conv1.weight, bn1.weight, bn1.bias, ... (" in message
+    assert message.endswith("(a plain state_dict is loaded into model.arch, shufflenet_v2_x0_5: pass --arch NAME for "
+                            "another architecture)")
+    missing = cli_error(capsys, "eval", "--checkpoint", str(tmp_path / "nope.pt"), "--config", str(config))
+    assert missing == f"fastkd: error: --checkpoint: checkpoint not found: {tmp_path / 'nope.pt'}"
+
+
+def test_a_refused_export_writes_nothing(finished_run, tmp_path, capsys, monkeypatch):
+    import importlib.util
+
+    import fastkd.export as export
+
+    out = tmp_path / "export" / "student.pt"
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "onnxruntime" else real_find_spec(name, *a))
+    message = cli_error(capsys, "export", str(finished_run), "--out", str(out), "--onnx")
+    assert message == f"fastkd: error: {export.ONNX_HINT} (onnxruntime not installed)"
+    assert "pip install -e '.[onnx]'" in message
+    assert not (tmp_path / "export").exists()
+    monkeypatch.undo()
+    pytest.importorskip("onnxruntime")
+    monkeypatch.setattr(export, "ONNX_TOLERANCE", -1.0)  # every ONNX check fails
+    message = cli_error(capsys, "export", str(finished_run), "--out", str(out), "--onnx")
+    assert message.startswith(f"fastkd: error: {out.with_suffix('.onnx')}: ONNX output differs from PyTorch")
+    assert not (tmp_path / "export").exists()
+    main(["export", str(finished_run), "--out", str(out)])  # without --onnx it goes through
+    assert sorted(p.name for p in out.parent.iterdir()) == ["student.json", "student.pt"]
 
 
 def test_export_of_last_writes_the_last_checkpoints_weights(finished_run, tmp_path, capsys):

@@ -116,6 +116,18 @@ def test_missing_and_malformed_files_are_named(tmp_path):
         load_config(bad)
 
 
+def test_a_config_that_is_not_utf8_text_or_has_a_control_character_is_one_line_naming_the_file(tmp_path, capsys):
+    from tests.test_train import cli_error
+
+    binary = tmp_path / "bin.yaml"
+    binary.write_bytes(b"\xff\xfe\x00bad")
+    assert cli_error(capsys, "train", "--config", str(binary)) == (
+        f"fastkd: error: {binary}: not a UTF-8 text file (byte 0 is 0xff): a config is YAML text")
+    nul = tmp_path / "nul.yaml"
+    nul.write_bytes(b"data: \x00")
+    assert cli_error(capsys, "train", "--config", str(nul)).startswith(f"fastkd: error: {nul}: not valid YAML: ")
+
+
 def test_saved_config_loads_back_to_the_same_config():
     cfg = config_from_dict({"data": {"root": "/d"}, "optim": {"milestones_epochs": [5, 9], "betas": [0.8, 0.9]},
                             "distill": {"teacher": {"arch": "resnet50", "checkpoint": "t.pt"}, "alpha": 0.7}})

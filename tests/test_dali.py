@@ -154,12 +154,13 @@ def training_batches_per_backend(root, *, seed: int, epoch: int, **data) -> dict
     return batches
 
 
-@pytest.mark.parametrize("cpu_resize", ["torch", "dali"])
-def test_dali_and_torchvision_cut_the_same_training_crops(tiny_imagefolder, cpu_resize):
+@pytest.mark.parametrize("cpu_resize, crops", [("torch", {}), ("dali", {}),
+                                               ("torch", {"crop_scale": (0.5, 0.6), "crop_ratio": (0.5, 0.6)})])
+def test_dali_and_torchvision_cut_the_same_training_crops(tiny_imagefolder, cpu_resize, crops):
     """Same order, same crop and flip per (seed, epoch, sample); pixels differ by resampling only,
-    whether torch (the default) or DALI resizes DALI's decoded crops."""
+    whether torch (the default) or DALI resizes DALI's decoded crops, with any crop ranges."""
     batches = training_batches_per_backend(tiny_imagefolder, seed=3, epoch=2, image_size=48, val_resize=55,
-                                           dali_cpu_resize=cpu_resize)
+                                           dali_cpu_resize=cpu_resize, **crops)
     assert len(batches["dali"]) == len(batches["torchvision"]) == 5
     for (a, la, ia, _), (b, lb, ib, _) in zip(batches["torchvision"], batches["dali"]):
         assert torch.equal(ia, ib) and torch.equal(la, lb)

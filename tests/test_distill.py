@@ -219,7 +219,7 @@ def test_distill_end_to_end_then_export(tiny_imagefolder, tiny_teacher, tmp_path
 def test_missing_teacher_is_an_error_not_a_random_teacher(tiny_imagefolder, tmp_path, capsys):
     config = write_config(tmp_path / "kd.yaml", distill_dict(tiny_imagefolder, tmp_path / "runs", tmp_path / "nope.pt"))
     assert cli_error(capsys, "distill", "--config", str(config)) == \
-        f"fastkd: error: checkpoint not found: {tmp_path / 'nope.pt'}"
+        f"fastkd: error: distill.teacher.checkpoint: checkpoint not found: {tmp_path / 'nope.pt'}"
     assert not (tmp_path / "runs").exists()
 
 
@@ -228,7 +228,7 @@ def test_corrupt_teacher_is_named(tiny_imagefolder, tiny_teacher, tmp_path, caps
     broken.write_bytes(tiny_teacher.read_bytes()[:5000])
     config = write_config(tmp_path / "kd.yaml", distill_dict(tiny_imagefolder, tmp_path / "runs", broken))
     message = cli_error(capsys, "distill", "--config", str(config))
-    assert message.startswith(f"fastkd: error: checkpoint is corrupt, truncated or not a PyTorch file: {broken}")
+    assert message.startswith(f"fastkd: error: distill.teacher.checkpoint: checkpoint is corrupt, truncated or not a PyTorch file: {broken}")
 
 
 def test_teacher_of_other_classes_says_how_they_differ(tiny_imagefolder, tiny_teacher, tmp_path, capsys):

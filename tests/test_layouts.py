@@ -136,3 +136,63 @@ def test_filelist_errors_name_the_file_and_line(tmp_path, tiny_imagefolder):
     (root / "classes.txt").unlink()
     with pytest.raises(DataError, match="filelist layout needs a class-name file: .*classes.txt not found"):
         load_dataset("filelist", root)
+
+
+@pytest.fixture(scope="module")
+def cifar_like(tmp_path_factory, tiny_imagefolder) -> Path:
+    """The CIFAR-10-images checkout's shape: train/<class>/ and test/<class>/, no val/."""
+    root = tmp_path_factory.mktemp("cifar-like")
+    shutil.copytree(tiny_imagefolder / "train", root / "train")
+    shutil.copytree(tiny_imagefolder / "val", root / "test")
+    return root
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+def test_imagefolder_reads_a_validation_folder_named_by_data_val_dir(backend, cifar_like, tiny_imagefolder):
+    require_backend(backend)
+    named = load_dataset("imagefolder", cifar_like, val_dir="test")
+    usual = load_dataset("imagefolder", tiny_imagefolder)
+    assert named.classes == usual.classes and named.val.labels == usual.val.labels
+    assert [Path(f).relative_to(cifar_like / "test") for f in named.val.files] == [
+        Path(f).relative_to(tiny_imagefolder / "val") for f in usual.val.files]
+    loaders = build_loaders(data_config(cifar_like, backend, val_dir="test"), spec=CPU, seed=0)
+    seen = sum(len(batch[1]) for batch in loaders.val)
+    assert seen == len(usual.val)
+
+
+def test_a_missing_validation_folder_is_one_line_naming_data_val_dir(cifar_like, tmp_path, capsys):
+    with pytest.raises(DataError) as info:
+        load_dataset("imagefolder", cifar_like)
+    assert str(info.value) == (f"data.val_dir: imagefolder layout needs val/ with one folder per class under "
+                               f"data.root: {cifar_like / 'val'} not found; {cifar_like} has test/: set "
+                               f"data.val_dir=test")
+    out = tmp_path / "runs"
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--config", str(_tiny_yaml(tmp_path, cifar_like, out)), "data.val_dir=held-out"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("fastkd: error: data.val_dir: ") and "held-out/" in err[0]
+    assert not out.exists()  # a refused run writes nothing
+
+
+def _tiny_yaml(tmp_path: Path, root: Path, out: Path) -> Path:
+    import yaml
+
+    from tests.conftest import tiny_config_dict
+
+    path = tmp_path / "cifar.yaml"
+    path.write_text(yaml.safe_dump(tiny_config_dict(root, out)))
+    return path
+
+
+@pytest.mark.parametrize("value, message", [
+    ("../elsewhere", "data.val_dir: must be a folder name under data.root, got '../elsewhere'"),
+    ("train", "data.val_dir: must differ from data.train_dir (both 'train'): validating on training images"),
+])
+def test_data_val_dir_must_be_another_folder_under_the_root(value, message, tmp_path):
+    from fastkd.config import load_config
+    from fastkd.errors import ConfigError
+
+    with pytest.raises(ConfigError) as info:
+        load_config(_tiny_yaml(tmp_path, tmp_path, tmp_path / "runs"), [f"data.val_dir={value}"])
+    assert str(info.value) == message

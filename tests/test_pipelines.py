@@ -170,6 +170,41 @@ def test_crop_area_and_ratio_are_distributed_as_torchvision_draws_them():
     assert mine == pytest.approx(reference, abs=0.02), (mine, reference)
 
 
+def test_crop_ranges_bound_every_training_crop_and_change_the_stream():
+    from pipelines.augment import CropRange, train_crop
+
+    narrow = CropRange(area=(0.3, 0.5), ratio=(0.8, 1.25))
+    for index in range(500):
+        crop = train_crop(0, 1, index, 640, 480, narrow)
+        area, ratio = crop.height * crop.width / (640 * 480), crop.width / crop.height
+        # pixel rounding of the box moves both a little past the drawn fractions
+        assert 0.29 <= area <= 0.51 and 0.78 <= ratio <= 1.28, (index, crop)
+    default = [train_crop(0, 1, index, 640, 480) for index in range(50)]
+    assert default == [train_crop(0, 1, index, 640, 480, CropRange((0.08, 1.0), (3 / 4, 4 / 3))) for index in range(50)]
+    assert default != [train_crop(0, 1, index, 640, 480, narrow) for index in range(50)]
+
+
+def test_data_crop_scale_reaches_the_torchvision_backend(tiny_imagefolder, monkeypatch):
+    """(DALI's crops are held to torchvision's, custom ranges included, in tests/test_dali.py.)"""
+    import pipelines.augment as augment
+
+    seen = []
+    real = augment.random_resized_crop_box
+
+    def spy(width, height, rng, area, ratio):
+        seen.append((area, ratio))
+        return real(width, height, rng, area, ratio)
+
+    monkeypatch.setattr(augment, "random_resized_crop_box", spy)
+    cfg = data_config(tiny_imagefolder, "torchvision", num_workers=0, crop_scale=(0.4, 0.9), crop_ratio=(0.9, 1.1))
+    loader = build_loaders(cfg, spec=CPU, seed=0).train
+    loader.set_epoch(0)
+    next(iter(loader))
+    assert seen and set(seen) == {((0.4, 0.9), (0.9, 1.1))}
+
+
+# three workers on a 2-core machine on purpose (an uneven split): torch's advice about it is noise here
+@pytest.mark.filterwarnings("ignore:This DataLoader will create .* worker processes:UserWarning")
 def test_torchvision_stream_is_the_same_for_any_number_of_workers(tiny_imagefolder):
     streams = []
     for workers in (0, 1, 3):

@@ -266,6 +266,7 @@ def test_two_processes_record_the_same_cache_and_replay_it_exactly(tiny_imagefol
     ("data.image_size=30", "image_size differs (32 recorded, 30 now)"),
     ("distill.teacher.precision=bf16", "teacher_precision differs (fp32 recorded, bf16 now)"),
     ("optim.epochs=3", "holds epochs 0-1, the run needs epochs 0-2"),
+    ("data.crop_scale=[0.35,1]", "augmentation differs"),
 ])
 def test_a_cache_that_does_not_fit_the_run_is_refused_before_anything_is_written(
         tiny_imagefolder, tiny_teacher, tmp_path, capsys, change, expected):  # noqa: F811
