@@ -316,7 +316,27 @@ def plan(args: argparse.Namespace, recipe: Recipe, original_code: Path | None, o
                          *data, *overrides["teacher-cache"], f"run.seed={seed}", *cached], REPO,
                         done_file=args.out / "caches" / f"recorded-s{seed}.json"))
         fastkd_run("fastkd kd cached dali-cpu", seed, f"fastkd-kd-cached-dali-s{seed}", "distill", CACHED_CONFIG, cached)
+        for k in args.top_k:  # the same teacher's top-k caches (fastkd.teacher_cache.encode_top_k), replayed
+            top = [*live, f"distill.teacher_cache={args.out / 'caches' / f'resnet18-top{k}-s{seed}'}",
+                   f"distill.teacher_cache_top_k={k}"]
+            jobs.append(Job(top_k_row(k, "recording"), seed, f"fastkd-cache-top{k}-s{seed}",
+                            [*fastkd, "teacher-cache", "--config", str(CACHED_CONFIG), "--no-progress",
+                             *data, *overrides["teacher-cache"], f"run.seed={seed}", *top], REPO,
+                            done_file=args.out / "caches" / f"recorded-top{k}-s{seed}.json"))
+            fastkd_run(top_k_row(k, "kd"), seed, f"fastkd-kd-cached-top{k}-dali-s{seed}", "distill", CACHED_CONFIG, top)
+    if args.only:
+        unknown = sorted(set(args.only) - {job.row for job in jobs})
+        if unknown:
+            raise SystemExit(f"--only: no such row: {', '.join(unknown)} (rows: {', '.join(dict.fromkeys(j.row for j in jobs))})")
     return jobs
+
+
+def top_k_row(k: int, what: str) -> str:
+    """The table rows of a top-k cache (registered in ROWS on first use)."""
+    key = f"fastkd {'cache recording' if what == 'recording' else 'kd cached'} top-{k}"
+    ROWS.setdefault(key, ("fastkd", f"teacher cache, top-{k}: record" if what == "recording" else
+                          f"x0.5 distilled, teacher cache of the top-{k} logits", "dali-cpu"))
+    return key
 
 
 def run_job(job: Job, logs: Path, timings: Path) -> float:
@@ -452,6 +472,9 @@ def render(rows: dict[str, dict[str, Any]], recipe: Recipe, env: dict[str, Any])
         "fastkd - original, student alone": difference(top1("fastkd student dali-cpu"), top1("original student")),
         "fastkd - original, teacher": difference(top1("fastkd teacher"), top1("original teacher")),
     }
+    for key in [k for k in ROWS if k.startswith("fastkd kd cached top-")]:
+        comparisons[f"{key.split('cached ')[1]} - every logit (teacher caches)"] = difference(
+            top1(key), top1("fastkd kd cached dali-cpu"))
     lines = [f"{name}: {c['difference']:+.2f} points, two standard errors {c['two_standard_errors']:.2f}: "
              f"{'beyond' if c['beyond_noise'] else 'within'} seed noise" for name, c in comparisons.items() if c]
     sds = [statistics.stdev(r["top1"]) for r in rows.values() if len(r["top1"]) > 1]
@@ -470,7 +493,8 @@ def render(rows: dict[str, dict[str, Any]], recipe: Recipe, env: dict[str, Any])
            for k in (*original_keys, *FASTKD_AS_ORIGINAL)):
         original = sum(sum(rows[k]["wall_seconds"]) for k in original_keys)
         same = sum(sum(rows[k]["wall_seconds"]) for k in FASTKD_AS_ORIGINAL)
-        everything = sum(sum(r["wall_seconds"]) for key, r in rows.items() if key.startswith("fastkd"))
+        everything = sum(sum(r["wall_seconds"]) for key, r in rows.items()
+                         if key.startswith("fastkd") and " top-" not in key)  # the top-k rows are extra
         walls = {"original_seconds": round(original), "fastkd_same_results_seconds": round(same),
                  "fastkd_whole_table_seconds": round(everything), "ratio_same_results": round(same / original, 3)}
         lines.append(f"Wall time, the original's three results (teacher, student alone, distilled) x seeds: original "
@@ -503,6 +527,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--override", action="append", default=[], metavar="key=value",
                         help="extra fastkd config override for every fastkd run (distill.* ones: distillation and "
                              "recording only); a rehearsal")
+    parser.add_argument("--top-k", type=int, nargs="*", default=[], metavar="K",
+                        help="also record each seed's teacher cache of the top-K logits and distil from it")
+    parser.add_argument("--only", nargs="+", default=[], metavar="ROW",
+                        help="run only these rows (e.g. 'fastkd student dali-cpu' with more --seeds); the table "
+                             "counts every finished run")
     parser.add_argument("--plan", action="store_true", help="print the runs and exit")
     args = parser.parse_args(argv)
     args.data, args.out = args.data.expanduser().resolve(), args.out.expanduser().resolve()
@@ -532,6 +561,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     for i, job in enumerate(jobs, 1):
         if job.is_done():
             print(f"[{i}/{len(jobs)}] {job.name}: done before, kept", flush=True)
+            continue
+        if args.only and job.row not in args.only:
             continue
         print(f"[{i}/{len(jobs)}] {job.name} ... (log: {args.out / 'logs' / (job.name + '.log')})", flush=True)
         seconds = run_job(job, args.out / "logs", timings)

@@ -62,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     cache.add_argument("--epochs", type=int, help="epochs to record (default optim.epochs); recorded ones are kept")
     cache.add_argument("--dtype", choices=["fp16", "fp32"], default="fp16",
                        help="storage of the logits (fp32: bit-exact replay)")
+    cache.add_argument("--top-k", type=int, metavar="K",
+                       help="keep each sample's K largest logits and one rest logit instead of all (default: "
+                            "distill.teacher_cache_top_k; a replay needs that key set to the same K)")
     cache.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     evaluate = commands.add_parser("eval", help="val top-1/top-5 of a checkpoint")
@@ -170,14 +173,17 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> None:
             _print_summary(result.run_dir, result.summary)
     elif args.command == "teacher-cache":
         from fastkd import engine
+        from fastkd.teacher_cache import describe_top_k
 
         cfg = load_config(args.config, args.overrides)
-        done = engine.record_teacher_cache(cfg, epochs=args.epochs, dtype=args.dtype, progress=not args.no_progress)
+        done = engine.record_teacher_cache(cfg, epochs=args.epochs, dtype=args.dtype, top_k=args.top_k,
+                                           progress=not args.no_progress)
         if int(os.environ.get("RANK", "0")) == 0:
             recorded = f"recorded epochs {', '.join(map(str, done['recorded_now']))}" if done["recorded_now"] else \
                 "nothing to record"
             print(f"teacher cache {done['path']}: {recorded}; epochs 0-{done['epochs'] - 1} of {done['num_samples']} "
-                  f"samples in {done['dtype']} (teacher val top1 {done['teacher']['val_top1']:.2f})")
+                  f"samples in {done['dtype']}, {describe_top_k(done['top_k'])} (teacher val top1 "
+                  f"{done['teacher']['val_top1']:.2f})")
     elif args.command == "eval":
         from fastkd import engine
 

@@ -319,10 +319,17 @@ class DistillConfig:
     """Run the teacher's forward on its own CUDA stream, overlapping the student's (no effect on the CPU)."""
     teacher_cache: str = ""
     """Folder of the teacher's recorded logits (`fastkd teacher-cache`): replayed instead of running the teacher; empty = live teacher."""
+    teacher_cache_top_k: Optional[int] = None
+    """Teacher cache: keep each sample's K largest logits and one for the rest (FKD-style, for ImageNet scale; `--top-k` when recording); a replay expects this kind of cache. null = every logit."""
     allow_weak_teacher: bool = False
     """Train even when the teacher's val top-1 is near chance level."""
 
     def __post_init__(self) -> None:
+        _require(self.teacher_cache_top_k is None or self.teacher_cache_top_k >= 1, "teacher_cache_top_k",
+                 f"must be >= 1 or null (every logit), got {self.teacher_cache_top_k}")
+        _require(not (self.loss == "dkd" and self.teacher_cache_top_k == 1), "teacher_cache_top_k",
+                 "1 leaves dkd none of the teacher's non-target classes to distil (its NCKD term): keep 2 or more, "
+                 "or use loss kd")
         _require(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         _require(self.kd_weight >= 0, "kd_weight", f"must be >= 0, got {self.kd_weight}")
         _require(self.ce_weight >= 0, "ce_weight", f"must be >= 0, got {self.ce_weight}")

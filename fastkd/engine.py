@@ -33,7 +33,8 @@ from fastkd.models import check_arch, count_parameters, create_model, load_teach
 from fastkd.optim import create_optimizer, lr_at
 from fastkd.runtime import Runtime, create_runtime, seed_everything, set_rng_state, shard_from_env
 from fastkd.steps import ClassificationStep, DistillationStep, frozen_forward
-from fastkd.teacher_cache import DTYPES, CacheKey, CachedTeacher, TeacherCache, dataset_digest, file_sha256
+from fastkd.teacher_cache import (DTYPES, CacheKey, CachedTeacher, TeacherCache, dataset_digest, describe_top_k,
+                                  effective_top_k, file_sha256)
 from pipelines.augment import augmentation_spec, crop_range, size_schedule
 from pipelines import build_loaders, load_data, loader_workers
 from pipelines.base import Loaders
@@ -64,13 +65,15 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True) -> RunR
     return _run(cfg, resume=resume, progress=progress, make_step=_make_distillation_step)
 
 
-def record_teacher_cache(cfg: Config, *, epochs: int | None = None, dtype: str = "fp16",
+def record_teacher_cache(cfg: Config, *, epochs: int | None = None, dtype: str = "fp16", top_k: int | None = None,
                          progress: bool = True) -> dict[str, Any]:
     """`fastkd teacher-cache`: run the frozen teacher over epochs 0..E-1 of the run's training
     stream (the exact crops a student will see) and store its logits per (epoch, sample) in
     `distill.teacher_cache`. Finished epochs are kept: a second call resumes or extends it.
     Under torchrun every rank runs the teacher on its shard and sends its rows to rank 0, which
-    alone writes the files (no file is shared between processes or nodes)."""
+    alone writes the files (no file is shared between processes or nodes). `top_k` (default
+    `distill.teacher_cache_top_k`) keeps each sample's K largest logits and a rest logit
+    (`fastkd.teacher_cache.encode_top_k`)."""
     kd = cfg.distill
     if kd is None:
         raise ConfigError("distill: `fastkd teacher-cache` needs a distill section (teacher and teacher_cache)")
@@ -81,6 +84,9 @@ def record_teacher_cache(cfg: Config, *, epochs: int | None = None, dtype: str =
     epochs = cfg.optim.epochs if epochs is None else epochs
     if epochs < 1:
         raise ConfigError(f"--epochs: must be >= 1, got {epochs}")
+    if top_k is not None and top_k < 1:
+        raise ConfigError(f"--top-k: must be >= 1, got {top_k}")
+    requested_top_k = kd.teacher_cache_top_k if top_k is None else top_k
     check_arch(kd.teacher.arch, "distill.teacher.arch")
     check_image_sizes(cfg)
     shard = shard_from_env()
@@ -94,11 +100,15 @@ def record_teacher_cache(cfg: Config, *, epochs: int | None = None, dtype: str =
         key = teacher_cache_key(cfg, runtime, dataset, loaders.classes)
         teacher, about = load_checked_teacher(cfg, runtime, loaders)
         manifest = None
+        top_k = effective_top_k(requested_top_k, len(loaders.classes))
+        if requested_top_k is not None and top_k is None and runtime.is_main:
+            print(f"teacher cache: top-{requested_top_k} keeps all {len(loaders.classes)} classes: recording every "
+                  "logit", flush=True)
         if runtime.is_main:  # rank 0 alone opens the folder; the others record from its manifest
             cache = TeacherCache.create_or_resume(
                 kd.teacher_cache_path, key, num_classes=len(loaders.classes), dtype=dtype,
                 teacher_val={"val_top1": about["val_top1"], "val_top5": about["val_top5"]},
-                recorded_with=_recording_setup(cfg, runtime))
+                recorded_with=_recording_setup(cfg, runtime), top_k=top_k)
             cache.remove_stale_files()  # left by a recording killed midway
             manifest = cache.manifest
         cache = TeacherCache(kd.teacher_cache_path, _from_rank_0(manifest))
@@ -111,7 +121,7 @@ def record_teacher_cache(cfg: Config, *, epochs: int | None = None, dtype: str =
         for epoch in todo:
             _record_epoch(cache, epoch, teacher, loaders.train, runtime, precision, progress=progress)
         return {"path": str(kd.teacher_cache_path), "epochs": epochs, "recorded_now": todo, "dtype": dtype,
-                "num_samples": key.num_samples, "teacher": about}
+                "top_k": cache.top_k, "num_samples": key.num_samples, "teacher": about}
 
 
 def _recording_setup(cfg: Config, runtime: Runtime) -> dict[str, Any]:
@@ -162,7 +172,7 @@ def _record_epoch(cache: TeacherCache, epoch: int, teacher: nn.Module, loader, r
                             "epoch was recorded")
         if rows is not None:
             index = indices.cpu().numpy()  # host sync: recording, not training
-            rows[index] = logits.cpu().numpy()
+            cache.write_rows(rows, index, logits)
             written[index] = True
     if rows is None:
         return
@@ -238,15 +248,18 @@ def _make_distillation_step(cfg: Config, runtime: Runtime, student: nn.Module, l
         # Replay: no teacher is loaded or run; its logits come from the cache, checked against this run.
         key = teacher_cache_key(cfg, runtime, dataset, loaders.classes)
         cache = TeacherCache.open(kd.teacher_cache_path, key, epochs=cfg.optim.epochs,
-                                  verify=runtime.shard.local_rank == 0)
+                                  verify=runtime.shard.local_rank == 0,
+                                  top_k=effective_top_k(kd.teacher_cache_top_k, len(loaders.classes)))
         _barrier()  # the node's files were verified by its first process
         recorded: CachedTeacher | None = CachedTeacher(cache, runtime.device)
         teacher, about = None, {"arch": kd.teacher.arch, "checkpoint": str(kd.teacher.checkpoint_path),
                                 **cache.manifest["teacher_val"], "precision": key.teacher_precision,
-                                "cache": str(kd.teacher_cache_path), "cache_digest": cache.digest}
+                                "cache": str(kd.teacher_cache_path), "cache_digest": cache.digest,
+                                "cache_top_k": cache.top_k}
         if runtime.is_main:
             print(f"teacher {kd.teacher.arch}: logits from the cache {kd.teacher_cache_path} "
-                  f"({cache.describe_epochs()}, {cache.manifest['dtype']}); val top1 {about['val_top1']:.2f}",
+                  f"({cache.describe_epochs()}, {cache.manifest['dtype']}, {describe_top_k(cache.top_k)}); val top1 "
+                  f"{about['val_top1']:.2f}",
                   flush=True)
     else:
         recorded = None

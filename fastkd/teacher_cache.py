@@ -9,7 +9,9 @@ On disk, a folder:
 
     manifest.json      format, what the stream and the teacher were (the key), classes,
                        dtype, and per recorded epoch the sha256 of its file
-    epoch-0000.npy     [num_samples, num_classes] logits (fp16 or fp32), row = sample index
+    epoch-0000.npy     [num_samples, num_classes] logits (fp16 or fp32), row = sample index;
+                       or, recorded with top_k = K, [num_samples] rows of (index: K class
+                       indices, logit: their K logits and one rest logit), see `encode_top_k`
 
 Epoch files are written to a temporary name, flushed and renamed; the manifest is replaced
 atomically after each epoch, so a recording killed midway keeps every finished epoch and
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +40,45 @@ from fastkd.errors import ConfigError, DataError
 FORMAT = "fastkd-teacher-cache-v1"
 MANIFEST = "manifest.json"
 DTYPES = {"fp16": np.float16, "fp32": np.float32}
+
+
+def effective_top_k(top_k: int | None, num_classes: int) -> int | None:
+    """`top_k`, or None (every logit) when it keeps every class anyway."""
+    return None if top_k is None or top_k >= num_classes else top_k
+
+
+def describe_top_k(top_k: int | None) -> str:
+    return "every logit" if top_k is None else f"the top-{top_k} logits"
+
+
+def row_dtype(num_classes: int, dtype: str, top_k: int | None) -> np.dtype:
+    """One sample's row on disk: `num_classes` logits, or a top-k record (packed, no padding)."""
+    if top_k is None:
+        return np.dtype(DTYPES[dtype])
+    index = np.int16 if num_classes <= np.iinfo(np.int16).max else np.int32
+    return np.dtype([("index", index, (top_k,)), ("logit", DTYPES[dtype], (top_k + 1,))])
+
+
+def encode_top_k(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices [B, K], logits [B, K+1]) of fp32 `logits` [B, C]: the K largest logits and, last,
+    the rest logit `r = log(mean over the other C - K classes of exp(z_c))`.
+
+    Why that one number: the rebuilt logits (`decode_top_k`: the K kept, `r` everywhere else)
+    give at T = 1 exactly the teacher's probabilities of the K classes and the exact total
+    probability of the others, spread evenly over them (FKD's marginal smoothing); at any other
+    temperature the K classes keep their exact ratios and the rest's mass is approximated (its
+    logits are replaced by their log-mean-exp). The argmax (the teacher's top-1) is kept."""
+    values, indices = logits.topk(top_k, dim=1)
+    rest = logits.scatter(1, indices, float("-inf"))
+    rest_logit = torch.logsumexp(rest, dim=1, keepdim=True) - math.log(logits.shape[1] - top_k)
+    return indices, torch.cat([values, rest_logit], dim=1)
+
+
+def decode_top_k(indices: torch.Tensor, values: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """fp32 logits [B, C] rebuilt from a top-k record: the rest logit everywhere, the K kept in place."""
+    values = values.float()
+    logits = values[:, -1:].expand(-1, num_classes).clone()
+    return logits.scatter_(1, indices.long(), values[:, :-1])
 
 
 def file_sha256(path: Path) -> str:
@@ -105,7 +147,7 @@ class TeacherCache:
 
     @classmethod
     def open(cls, path: Path, key: CacheKey, *, epochs: int, verify: bool = True,
-             source: str = "distill.teacher_cache") -> "TeacherCache":
+             source: str = "distill.teacher_cache", top_k: int | None = None) -> "TeacherCache":
         """The cache at `path` for a run with `key` that needs epochs 0..epochs-1; errors name it.
 
         With `verify` every needed epoch file's size and sha256 are checked now, before the run
@@ -115,6 +157,10 @@ class TeacherCache:
         different = cache.key.difference(key)
         if different:
             raise ConfigError(f"{source}: {path} was recorded for another run: {different}")
+        if cache.top_k != top_k:
+            raise ConfigError(f"{source}: {path} holds {describe_top_k(cache.top_k)} of the teacher, the run expects "
+                              f"{describe_top_k(top_k)} (distill.teacher_cache_top_k: {top_k or 'null'}); set "
+                              f"distill.teacher_cache_top_k={cache.top_k or 'null'} to replay it")
         missing = [e for e in range(epochs) if e not in cache.recorded_epochs]
         if missing:
             raise ConfigError(f"{source}: {path} holds {cache.describe_epochs()}, the run needs epochs 0-{epochs - 1} "
@@ -132,11 +178,12 @@ class TeacherCache:
 
     @classmethod
     def create_or_resume(cls, path: Path, key: CacheKey, *, num_classes: int, dtype: str,
-                         teacher_val: dict[str, float], recorded_with: dict[str, Any] | None = None) -> "TeacherCache":
+                         teacher_val: dict[str, float], recorded_with: dict[str, Any] | None = None,
+                         top_k: int | None = None) -> "TeacherCache":
         """For recording (by one process: rank 0 under torchrun): a new cache, or the partly
         recorded one at `path` if its key matches."""
         manifest = json.loads(json.dumps({
-            "format": FORMAT, "key": asdict(key), "num_classes": num_classes, "dtype": dtype,
+            "format": FORMAT, "key": asdict(key), "num_classes": num_classes, "dtype": dtype, "top_k": top_k,
             "teacher_val": teacher_val, "recorded_with": recorded_with or {}, "epochs": {}}))  # as the file holds it
         if (path / MANIFEST).is_file():
             cache = cls(path, _read_manifest(path, "teacher-cache"))
@@ -156,6 +203,9 @@ class TeacherCache:
             if cache.manifest["dtype"] != dtype:
                 raise ConfigError(f"--dtype: {path} was recorded in {cache.manifest['dtype']}, not {dtype} "
                                   f"({cache.describe_epochs()}); delete it to record it again in {dtype}")
+            if cache.top_k != top_k:
+                raise ConfigError(f"--top-k: {path} holds {describe_top_k(cache.top_k)} ({cache.describe_epochs()}), "
+                                  f"not {describe_top_k(top_k)}; record into another folder, or delete it")
             return cache
         if path.exists() and any(path.iterdir()):
             raise ConfigError(f"distill.teacher_cache: {path} exists and is not a teacher cache")
@@ -165,6 +215,20 @@ class TeacherCache:
         return cache
 
     # -- reading ----------------------------------------------------------------------
+
+    @property
+    def top_k(self) -> int | None:
+        """K of a top-k cache; None when it holds every logit (caches recorded before top-k existed too)."""
+        return self.manifest.get("top_k")
+
+    @property
+    def row_dtype(self) -> np.dtype:
+        return row_dtype(self.manifest["num_classes"], self.manifest["dtype"], self.top_k)
+
+    @property
+    def file_shape(self) -> tuple[int, ...]:
+        rows = self.key.num_samples
+        return (rows, self.manifest["num_classes"]) if self.top_k is None else (rows,)
 
     @property
     def recorded_epochs(self) -> list[int]:
@@ -194,10 +258,9 @@ class TeacherCache:
                 raise DataError(f"teacher cache {self.path}: {path.name} is missing, truncated or altered "
                                 "(its size or sha256 differs from the manifest); record that epoch again")
             array = np.load(path, mmap_mode="r")
-            expected = (self.key.num_samples, self.manifest["num_classes"])
-            if array.shape != expected or array.dtype != DTYPES[self.manifest["dtype"]]:
+            if array.shape != self.file_shape or array.dtype != self.row_dtype:
                 raise DataError(f"teacher cache {self.path}: {path.name} holds {array.dtype} {array.shape}, "
-                                f"expected {self.manifest['dtype']} {expected}")
+                                f"expected {self.row_dtype} {self.file_shape}")
             self._arrays[epoch] = array
         return self._arrays[epoch]
 
@@ -210,10 +273,18 @@ class TeacherCache:
         return self.path / f".epoch-{epoch:04d}.npy.tmp"
 
     def new_epoch_file(self, epoch: int) -> np.memmap:
-        """A zeroed memory-mapped file for one epoch's logits, under a temporary name."""
-        shape = (self.key.num_samples, self.manifest["num_classes"])
-        return np.lib.format.open_memmap(self.temp_epoch_path(epoch), mode="w+", dtype=DTYPES[self.manifest["dtype"]],
-                                         shape=shape)
+        """A zeroed memory-mapped file for one epoch's rows, under a temporary name."""
+        return np.lib.format.open_memmap(self.temp_epoch_path(epoch), mode="w+", dtype=self.row_dtype,
+                                         shape=self.file_shape)
+
+    def write_rows(self, rows: np.memmap, index: np.ndarray, logits: torch.Tensor) -> None:
+        """Store fp32 `logits` [B, C] of samples `index` in an epoch file of this cache's kind."""
+        if self.top_k is None:
+            rows[index] = logits.cpu().numpy()  # host sync: recording, not training
+            return
+        indices, values = encode_top_k(logits, self.top_k)
+        rows["index"][index] = indices.cpu().numpy()
+        rows["logit"][index] = values.cpu().numpy()
 
     def commit_epoch(self, epoch: int) -> None:
         """Make a fully written temporary epoch file the recorded one (fsync, rename, manifest)."""
@@ -269,9 +340,23 @@ class CachedTeacher:
     def __call__(self, indices: torch.Tensor) -> torch.Tensor:
         logits = self.cache.epoch_logits(self.epoch)
         index = indices.numpy()
-        if self.device.type != "cuda":
-            return torch.from_numpy(np.take(logits, index, axis=0))
-        pinned = torch.empty((len(index), logits.shape[1]), dtype=torch.from_numpy(logits[:0]).dtype,
-                             pin_memory=True)
-        np.take(logits, index, axis=0, out=pinned.numpy())  # gathered straight into pinned memory
-        return pinned.to(self.device, non_blocking=True)
+        top_k = self.cache.top_k
+        if top_k is None:
+            if self.device.type != "cuda":
+                return torch.from_numpy(np.take(logits, index, axis=0))
+            pinned = torch.empty((len(index), logits.shape[1]), dtype=torch.from_numpy(logits[:0]).dtype,
+                                 pin_memory=True)
+            np.take(logits, index, axis=0, out=pinned.numpy())  # gathered straight into pinned memory
+            return pinned.to(self.device, non_blocking=True)
+        # A top-k record is gathered as raw bytes (pinned on a GPU), copied, then split into its
+        # index and logit fields and rebuilt into [B, C] logits on the device.
+        row = logits.dtype
+        raw = torch.empty((len(index), row.itemsize), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+        np.take(logits, index, axis=0, out=raw.numpy().view(row).reshape(len(index)))
+        raw = raw.to(self.device, non_blocking=True)
+        split = row.fields["logit"][1]  # the byte offset of the logits in a row
+        index_dtype = torch.from_numpy(np.zeros(0, row.fields["index"][0].base)).dtype
+        value_dtype = torch.from_numpy(np.zeros(0, row.fields["logit"][0].base)).dtype
+        top = raw[:, :split].contiguous().view(index_dtype)
+        values = raw[:, split:].contiguous().view(value_dtype)
+        return decode_top_k(top, values, self.cache.manifest["num_classes"])
