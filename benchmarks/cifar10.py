@@ -98,7 +98,7 @@ def original_patches(recipe: Recipe) -> list[tuple[str, str, str, int]]:
     if tuple(recipe.crop_scale) != (0.08, 1.0):
         crop += f", scale=({recipe.crop_scale[0]:g}, {recipe.crop_scale[1]:g})"
     if tuple(recipe.crop_ratio) != (3 / 4, 4 / 3):
-        crop += f", ratio=({recipe.crop_ratio[0]!r}, {recipe.crop_ratio[1]!r})"
+        crop += f", ratio=({recipe.crop_ratio[0]:g}, {recipe.crop_ratio[1]:g})"
     patches = []
     for script in ("main.py", "kd.py"):
         crops = 2 if script == "main.py" else 1  # main.py also holds them in a commented-out block
@@ -261,6 +261,10 @@ ROWS = {
     "fastkd cache recording": ("fastkd", "teacher cache: record the teacher's logits", "dali-cpu"),
     "fastkd kd cached dali-cpu": ("fastkd", "x0.5 distilled, teacher cache", "dali-cpu"),
 }
+TIMM_ROW = "fastkd kd cached timm student"
+TIMM_EMA_ROW = "fastkd kd cached timm student, EMA weights"
+ROWS[TIMM_ROW] = ("fastkd", "timm student (--timm-student) distilled, teacher cache", "dali-cpu")
+ROWS[TIMM_EMA_ROW] = ("fastkd", "the same runs' EMA of the weights (model.ema_decay)", "dali-cpu")
 FASTKD_AS_ORIGINAL = ("fastkd teacher", "fastkd student dali-cpu", "fastkd cache recording", "fastkd kd cached dali-cpu")
 """fastkd's way to the original's three results (teacher, student alone, student distilled)."""
 
@@ -272,7 +276,8 @@ def plan(args: argparse.Namespace, recipe: Recipe, original_code: Path | None, o
     fastkd = [python, "-m", "fastkd"]
     epochs = [f"optim.epochs={recipe.epochs}"] if args.epochs else []
     data = [f"data.root={args.data}", f"data.val_dir={args.val_dir}", f"run.out_dir={runs}", *epochs]
-    overrides = {kind: [o for o in args.override if o.startswith("distill.") == (kind != "train")]
+    # every override reaches every run, but distill.* ones, which a `fastkd train` config refuses
+    overrides = {kind: [o for o in args.override if kind != "train" or not o.startswith("distill.")]
                  for kind in ("train", "distill", "teacher-cache")}
     tv = ["data.backend=torchvision"]
     jobs: list[Job] = []
@@ -324,6 +329,9 @@ def plan(args: argparse.Namespace, recipe: Recipe, original_code: Path | None, o
                              *data, *overrides["teacher-cache"], f"run.seed={seed}", *top], REPO,
                             done_file=args.out / "caches" / f"recorded-top{k}-s{seed}.json"))
             fastkd_run(top_k_row(k, "kd"), seed, f"fastkd-kd-cached-top{k}-dali-s{seed}", "distill", CACHED_CONFIG, top)
+        if args.timm_student:  # a timm student from the same teacher's cache, with an EMA of its weights
+            fastkd_run(TIMM_ROW, seed, f"fastkd-kd-cached-timm-ema-s{seed}", "distill", CACHED_CONFIG,
+                       [*cached, f"model.arch={args.timm_student}", f"model.ema_decay={args.ema_decay}"])
     if args.only:
         unknown = sorted(set(args.only) - {job.row for job in jobs})
         if unknown:
@@ -392,17 +400,6 @@ def finish_job(job: Job, args: argparse.Namespace, num_train: int, device: str, 
 
 # --- the table ----------------------------------------------------------------------------------
 
-def mean_sd(values: Sequence[float]) -> tuple[float, float | None]:
-    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else None)
-
-
-def fmt_mean_sd(values: Sequence[float], digits: int = 2) -> str:
-    if not values:
-        return ""
-    mean, sd = mean_sd(values)
-    return f"{mean:.{digits}f}" + (f" ± {sd:.{digits}f}" if sd is not None else "")
-
-
 def difference(a: Sequence[float], b: Sequence[float]) -> dict[str, Any] | None:
     """a - b, with two standard errors of the difference of the means (Welch)."""
     if len(a) < 2 or len(b) < 2:
@@ -410,6 +407,17 @@ def difference(a: Sequence[float], b: Sequence[float]) -> dict[str, Any] | None:
     diff = statistics.mean(a) - statistics.mean(b)
     two_se = 2 * math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
     return {"difference": round(diff, 2), "two_standard_errors": round(two_se, 2), "beyond_noise": abs(diff) > two_se}
+
+
+def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, Any] | None:
+    """a - b for values paired by seed (two weights of the same runs): the mean of the per-seed
+    differences, with two standard errors of that mean."""
+    if len(a) < 2 or len(a) != len(b):
+        return None
+    diffs = [x - y for x, y in zip(a, b)]
+    two_se = 2 * statistics.stdev(diffs) / math.sqrt(len(diffs))
+    mean = statistics.mean(diffs)
+    return {"difference": round(mean, 2), "two_standard_errors": round(two_se, 2), "beyond_noise": abs(mean) > two_se}
 
 
 def collect(jobs: list[Job], args: argparse.Namespace) -> dict[str, Any]:
@@ -429,12 +437,20 @@ def collect(jobs: list[Job], args: argparse.Namespace) -> dict[str, Any]:
             row["final_top1"].append(s["final_val_top1"])
             row["gap"].append(s["train_val_gap"])
             row["images_per_sec"].append(s["images_per_sec"])
+            if "best_ema_val_top1" in s:  # the same run's EMA weights: a row of their own
+                ema = rows.setdefault(f"{job.row}, EMA weights", {"seeds": [], "top1": [], "final_top1": [], "gap": [],
+                                                                  "images_per_sec": [], "wall_seconds": []})
+                ema["seeds"].append(job.seed)
+                ema["top1"].append(s["best_ema_val_top1"])
+                ema["final_top1"].append(s["final_ema_val_top1"])
+                ema["images_per_sec"].append(s["images_per_sec"])
+                ema["wall_seconds"].append(job_seconds(job.name, timings))
     return rows
 
 
 def render(rows: dict[str, dict[str, Any]], recipe: Recipe, env: dict[str, Any]) -> tuple[str, dict[str, Any]]:
     sys.path.insert(0, str(REPO))
-    from fastkd.report import markdown_table
+    from fastkd.report import markdown_table, mean_sd_text as fmt_mean_sd
 
     table_rows = []
     for key, (system, what, backend) in ROWS.items():
@@ -472,16 +488,21 @@ def render(rows: dict[str, dict[str, Any]], recipe: Recipe, env: dict[str, Any])
         "fastkd - original, student alone": difference(top1("fastkd student dali-cpu"), top1("original student")),
         "fastkd - original, teacher": difference(top1("fastkd teacher"), top1("original teacher")),
     }
+    comparisons["timm student: EMA - raw weights (same runs, paired by seed)"] = paired_difference(
+        top1(TIMM_EMA_ROW), top1(TIMM_ROW))
+    comparisons["timm student - ShuffleNet student (teacher cache)"] = difference(top1(TIMM_ROW),
+                                                                                 top1("fastkd kd cached dali-cpu"))
     for key in [k for k in ROWS if k.startswith("fastkd kd cached top-")]:
         comparisons[f"{key.split('cached ')[1]} - every logit (teacher caches)"] = difference(
             top1(key), top1("fastkd kd cached dali-cpu"))
     lines = [f"{name}: {c['difference']:+.2f} points, two standard errors {c['two_standard_errors']:.2f}: "
              f"{'beyond' if c['beyond_noise'] else 'within'} seed noise" for name, c in comparisons.items() if c]
-    sds = [statistics.stdev(r["top1"]) for r in rows.values() if len(r["top1"]) > 1]
+    independent = {k: r for k, r in rows.items() if k != TIMM_EMA_ROW}  # the EMA row shares its runs
+    sds = [statistics.stdev(r["top1"]) for r in independent.values() if len(r["top1"]) > 1]
     resolution = None
     if sds:
         pooled = math.sqrt(statistics.mean([sd * sd for sd in sds]))
-        n = min(len(r["top1"]) for r in rows.values() if len(r["top1"]) > 1)
+        n = min(len(r["top1"]) for r in independent.values() if len(r["top1"]) > 1)
         resolution = {"pooled_sd": round(pooled, 2), "seeds": n,
                       "two_standard_errors_of_a_difference": round(2 * pooled * math.sqrt(2 / n), 2)}
         lines.append(f"Seed noise: pooled standard deviation {pooled:.2f} points over {len(sds)} rows; with {n} seeds "
@@ -493,8 +514,8 @@ def render(rows: dict[str, dict[str, Any]], recipe: Recipe, env: dict[str, Any])
            for k in (*original_keys, *FASTKD_AS_ORIGINAL)):
         original = sum(sum(rows[k]["wall_seconds"]) for k in original_keys)
         same = sum(sum(rows[k]["wall_seconds"]) for k in FASTKD_AS_ORIGINAL)
-        everything = sum(sum(r["wall_seconds"]) for key, r in rows.items()
-                         if key.startswith("fastkd") and " top-" not in key)  # the top-k rows are extra
+        everything = sum(sum(r["wall_seconds"]) for key, r in rows.items()  # the top-k and timm rows are extra
+                         if key.startswith("fastkd") and " top-" not in key and not key.startswith(TIMM_ROW))
         walls = {"original_seconds": round(original), "fastkd_same_results_seconds": round(same),
                  "fastkd_whole_table_seconds": round(everything), "ratio_same_results": round(same / original, 3)}
         lines.append(f"Wall time, the original's three results (teacher, student alone, distilled) x seeds: original "
@@ -512,7 +533,7 @@ def render(rows: dict[str, dict[str, Any]], recipe: Recipe, env: dict[str, Any])
                   "noise": resolution, "wall": walls}
 
 
-def main(argv: Sequence[str] | None = None) -> None:
+def build_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     parser.add_argument("--data", type=Path, required=True, help="CIFAR-10-images checkout (train/, test/)")
@@ -529,6 +550,9 @@ def main(argv: Sequence[str] | None = None) -> None:
                              "recording only); a rehearsal")
     parser.add_argument("--top-k", type=int, nargs="*", default=[], metavar="K",
                         help="also record each seed's teacher cache of the top-K logits and distil from it")
+    parser.add_argument("--timm-student", metavar="timm:NAME",
+                        help="also distil this timm student from each seed's teacher cache, with an EMA of its weights")
+    parser.add_argument("--ema-decay", type=float, default=0.999, help="its model.ema_decay (default %(default)s)")
     parser.add_argument("--only", nargs="+", default=[], metavar="ROW",
                         help="run only these rows (e.g. 'fastkd student dali-cpu' with more --seeds); the table "
                              "counts every finished run")
@@ -537,6 +561,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     args.data, args.out = args.data.expanduser().resolve(), args.out.expanduser().resolve()
     if not (args.data / "train").is_dir() or not (args.data / args.val_dir).is_dir():
         parser.error(f"--data {args.data}: expected train/ and {args.val_dir}/ class folders (CIFAR-10-images)")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = build_args(argv)
     recipe = read_recipe(args.epochs)
     original_code = original_data = None
     if args.original:

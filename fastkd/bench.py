@@ -23,10 +23,12 @@ import torch
 from torch import nn
 
 from fastkd.config import Config
-from fastkd.engine import build_distillation_step
+from fastkd.engine import build_distillation_step, student_normalization
 from fastkd.env import collect_env
 from fastkd.errors import ConfigError
-from fastkd.models import create_model, freeze, load_teacher
+from fastkd.log import log
+from fastkd.models import (attach_input_normalization, create_model, freeze, is_weights_name, load_teacher,
+                           resolve_normalization)
 from fastkd.loop import apply_update, backward
 from fastkd.optim import create_optimizer, optimizer_params
 from fastkd.report import markdown_table
@@ -266,19 +268,23 @@ class Bench:
     def _student(self) -> tuple[nn.Module, torch.optim.Optimizer, torch.amp.GradScaler]:
         seed_everything(self.cfg.run.seed, deterministic=False)
         model = create_model(self.cfg.model.arch, self.num_classes, image_size=self.cfg.data.image_size)
+        attach_input_normalization(model, student_normalization(self.cfg.model))  # as training does
         model, raw = self.runtime.prepare_model(model, trainable=True)
         return model, create_optimizer(raw, self.cfg.optim, self.runtime.device), self.runtime.create_scaler()
 
     def _teacher(self) -> nn.Module:
         kd = self.cfg.distill
         assert kd is not None
-        path = kd.teacher.checkpoint_path
-        if path.is_file() and self.dataset is not None:
-            teacher = load_teacher(kd.teacher.arch, path, list(self.dataset.classes), image_size=self.cfg.data.image_size)
+        path = kd.teacher.checkpoint if is_weights_name(kd.teacher.checkpoint) else kd.teacher.checkpoint_path
+        if (isinstance(path, str) or path.is_file()) and self.dataset is not None:
+            teacher = load_teacher(kd.teacher.arch, path, list(self.dataset.classes), image_size=self.cfg.data.image_size,
+                                   mean=kd.teacher.mean, std=kd.teacher.std)
         else:
             self.note(f"teacher weights: random ({path} not found); speed does not depend on them")
             teacher = freeze(create_model(kd.teacher.arch, self.num_classes, image_size=self.cfg.data.image_size,
                                           key="distill.teacher.arch"))
+            attach_input_normalization(teacher, resolve_normalization(kd.teacher.arch, kd.teacher.mean,
+                                                                      kd.teacher.std))
         return self.runtime.prepare_model(teacher, trainable=False)[0]
 
     def note(self, text: str) -> None:
@@ -415,7 +421,7 @@ def run_bench(cfg: Config, *, config_path: str, what: Sequence[str], backends: S
             bench.note(f"{backend} skipped: {reason}")
             continue
         for item in what:
-            echo(f"[bench] {item} with {backend} ...")
+            log.info(f"[bench] {item} with {backend} ...")  # progress; the results below are the output
             if item == "loader":
                 bench.measure_loader(backend)
                 if backend == "dali-cpu" and runtime.device.type == "cpu":  # on a GPU it is the hybrid path

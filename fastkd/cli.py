@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fastkd", description="Fast knowledge distillation for image classifiers.")
     parser.add_argument("-V", "--version", action=_Version)
     parser.add_argument("--debug", action="store_true", help="show tracebacks of user errors")
+    parser.add_argument("--log-level", choices=["debug", "info", "warning", "error"], default="info",
+                        help="messages shown (logger 'fastkd'; progress bars and results are not messages): "
+                             "warning keeps warnings and errors only (default: %(default)s)")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     train = commands.add_parser("train", help="train a model with labels")
@@ -70,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="val top-1/top-5 of a checkpoint")
     evaluate.add_argument("--checkpoint", required=True, type=Path)
     evaluate.add_argument("--arch", help="model builder for a plain state_dict (default: model.arch)")
+    evaluate.add_argument("--ema", action="store_true",
+                          help="the checkpoint's EMA weights (best_ema.pt or last.pt of a run with model.ema_decay)")
     _add_config_args(evaluate)
 
     bench = commands.add_parser("bench", help="images/second of loaders, training and distillation per backend")
@@ -106,7 +111,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write a run's student as a torchvision state_dict (+ ONNX)")
     export.add_argument("run_dir", type=Path)
     export.add_argument("--out", type=Path, required=True, help="state_dict path, e.g. student.pt")
-    export.add_argument("--checkpoint", choices=["best", "last"], default="best")
+    export.add_argument("--checkpoint", choices=["best", "last", "best-ema"], default="best",
+                        help="best.pt, last.pt, or the EMA weights of best_ema.pt (model.ema_decay)")
     export.add_argument("--onnx", action="store_true", help="also write OUT with .onnx, checked with onnxruntime")
 
     data = commands.add_parser("data", help="dataset tools")
@@ -144,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    import logging
+
+    from fastkd.log import log
+
+    log.setLevel(getattr(logging, args.log_level.upper()))
     try:
         _dispatch(args, list(sys.argv[1:] if argv is None else argv))
     except FastkdError as exc:
@@ -188,7 +199,7 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> None:
         from fastkd import engine
 
         cfg = load_config(args.config, args.overrides)
-        metrics = engine.evaluate_checkpoint(cfg, args.checkpoint, arch=args.arch)
+        metrics = engine.evaluate_checkpoint(cfg, args.checkpoint, arch=args.arch, ema=args.ema)
         print(f"{metrics['arch']} {args.checkpoint}: val top1 {metrics['top1']:.2f}  top5 {metrics['top5']:.2f}  "
               f"loss {metrics['loss']:.4f}  ({metrics['count']} images)")
     elif args.command == "bench":
@@ -278,7 +289,9 @@ def _verify(args: argparse.Namespace) -> None:
 
 
 def _print_summary(run_dir: Path, summary: dict) -> None:
-    keys = ("best_val_top1", "best_val_top5", "final_val_top1", "train_val_gap", "images_per_sec", "wall_seconds")
+    keys = ("best_val_top1", "best_val_top5", "final_val_top1", *(["best_ema_val_top1"] if "best_ema_val_top1" in summary
+                                                                   else []),
+            "train_val_gap", "images_per_sec", "wall_seconds")
     print(f"run {run_dir}: " + "  ".join(f"{k} {summary.get(k)}" for k in keys))
 
 

@@ -187,10 +187,23 @@ class DataConfig:
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
     arch: str = "resnet18"
-    """torchvision classification builder name (resnet18, shufflenet_v2_x1_0, mobilenet_v3_large, ...); random init."""
+    """torchvision classification builder name (resnet18, shufflenet_v2_x1_0, mobilenet_v3_large, ...) or `timm:<name>` for a timm model (the timm extra)."""
+    pretrained: str = ""
+    """Initial weights (fine-tuning): a local file (fastkd checkpoint or state_dict), `torchvision:<Weights>` (e.g. torchvision:ResNet18_Weights.IMAGENET1K_V1) or `timm` (the timm model's pretrained weights); the last two download on first use. A classifier for another number of classes starts afresh. Empty = random init."""
+    mean: Optional[tuple[float, float, float]] = None
+    """Per-channel mean (of 0-1 pixels) the model's inputs are normalized with; null = the model's own (its pretrained weights', timm's config, else ImageNet's)."""
+    std: Optional[tuple[float, float, float]] = None
+    """Per-channel std of the model's input normalization; null = the model's own, as `mean`."""
+    ema_decay: Optional[float] = None
+    """Keep an exponential moving average of the weights with this decay per optimizer step (e.g. 0.9998), evaluated each epoch beside them, its best saved as best_ema.pt; null = none."""
+    ema_warmup: bool = True
+    """EMA decay warm-up (timm's): min(ema_decay, 1 - (1 + step)^(-2/3)), so early weights are not averaged in for long."""
 
     def __post_init__(self) -> None:
-        _require(bool(self.arch), "arch", "must name a torchvision classification model")
+        _require(bool(self.arch), "arch", "must name a torchvision classification model (or timm:<name>)")
+        _require(self.ema_decay is None or 0 < self.ema_decay < 1, "ema_decay",
+                 f"must be within (0, 1) or null, got {self.ema_decay}")
+        _require(self.std is None or all(v > 0 for v in self.std), "std", f"must be > 0, got {self.std}")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -276,9 +289,13 @@ class RuntimeConfig:
 @dataclass(frozen=True, kw_only=True)
 class TeacherConfig:
     arch: str = ""
-    """torchvision builder name of the teacher."""
+    """torchvision builder name of the teacher, or `timm:<name>`."""
     checkpoint: str = ""
-    """A fastkd checkpoint (`best.pt` of a `fastkd train` run) or a plain torchvision state_dict."""
+    """A fastkd checkpoint (`best.pt` of a `fastkd train` run), a plain state_dict, or pretrained weights as they are: `torchvision:<Weights>` or `timm` (downloaded on first use; their classes must be the data's)."""
+    mean: Optional[tuple[float, float, float]] = None
+    """The teacher's input normalization (mean of 0-1 pixels); null = its own (a fastkd checkpoint's, its weights', timm's config, else ImageNet's). Batches (ImageNet-normalized by every backend) are remapped on the device when it differs."""
+    std: Optional[tuple[float, float, float]] = None
+    """The teacher's input normalization std; null = its own, as `mean`."""
     precision: Optional[Precision] = None
     """Teacher autocast precision; null = same as runtime.precision."""
     image_size: Optional[int] = None
@@ -293,6 +310,7 @@ class TeacherConfig:
     @property
     def checkpoint_path(self) -> Path:
         return Path(_expand(self.checkpoint))
+
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -327,6 +345,9 @@ class DistillConfig:
     def __post_init__(self) -> None:
         _require(self.teacher_cache_top_k is None or self.teacher_cache_top_k >= 1, "teacher_cache_top_k",
                  f"must be >= 1 or null (every logit), got {self.teacher_cache_top_k}")
+        _require(self.teacher_cache_top_k is None or bool(self.teacher_cache), "teacher_cache_top_k",
+                 "is set without distill.teacher_cache; a live teacher gives every logit (set both to record or replay "
+                 "a top-k cache, or neither)")
         _require(not (self.loss == "dkd" and self.teacher_cache_top_k == 1), "teacher_cache_top_k",
                  "1 leaves dkd none of the teacher's non-target classes to distil (its NCKD term): keep 2 or more, "
                  "or use loss kd")

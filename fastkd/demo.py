@@ -21,6 +21,7 @@ import fastkd
 from fastkd import engine
 from fastkd.config import Config, load_config
 from fastkd.errors import FastkdError
+from fastkd.log import log
 from fastkd.report import markdown_table
 
 
@@ -37,10 +38,10 @@ def find_demo_configs(explicit: Path | None = None) -> Path:
 def _run_or_reuse(cfg: Config, *, progress: bool) -> dict[str, Any]:
     run_dir = cfg.run_dir
     if (run_dir / "summary.json").is_file():
-        print(f"[demo] reusing finished run {run_dir}", flush=True)
+        log.info(f"[demo] reusing finished run {run_dir}")
         return json.loads((run_dir / "summary.json").read_text())
     resume = (run_dir / "last.pt").is_file()
-    print(f"[demo] {'resuming' if resume else 'starting'} {run_dir}", flush=True)
+    log.info(f"[demo] {'resuming' if resume else 'starting'} {run_dir}")
     run = engine.distill if cfg.distill is not None else engine.train
     return run(cfg, resume=resume, progress=progress).summary
 
@@ -54,11 +55,11 @@ def run_demo(out_dir: Path, *, seeds: Sequence[int] = (0,), overrides: Sequence[
     teacher_cfg = load_config(folder / "teacher.yaml", base)
     student_arch = load_config(folder / "student.yaml", base).model.arch
     distilled_how = "its recorded logits (a teacher cache, recorded once)" if teacher_cache else "the live teacher"
-    print(f"[demo] {1 + 2 * len(seeds)} runs into {out_dir}: a {teacher_cfg.model.arch} teacher, then for each seed "
-          f"({', '.join(map(str, seeds))}) a {student_arch} student alone and one distilled from {distilled_how}; "
-          f"{teacher_cfg.optim.epochs} epochs each at {teacher_cfg.data.image_size} px on {teacher_cfg.data.root_path}"
-          f"{' (generated first if missing)' if teacher_cfg.data.generate_demo else ''}. Each run prints a line per "
-          "epoch; the table comes at the end.", flush=True)
+    log.info(f"[demo] {1 + 2 * len(seeds)} runs into {out_dir}: a {teacher_cfg.model.arch} teacher, then for each seed "
+             f"({', '.join(map(str, seeds))}) a {student_arch} student alone and one distilled from {distilled_how}; "
+             f"{teacher_cfg.optim.epochs} epochs each at {teacher_cfg.data.image_size} px on {teacher_cfg.data.root_path}"
+             f"{' (generated first if missing)' if teacher_cfg.data.generate_demo else ''}. Each run prints a line per "
+             "epoch; the table comes at the end.")
     teacher = _run_or_reuse(teacher_cfg, progress=progress)
     rows = [("teacher", teacher_cfg, teacher, 0)]
     cache_dir = out_dir / "teacher-cache"
@@ -76,8 +77,8 @@ def run_demo(out_dir: Path, *, seeds: Sequence[int] = (0,), overrides: Sequence[
             started = time.perf_counter()
             done = engine.record_teacher_cache(distill_cfg, progress=progress)  # once: every seed replays it
             cache_seconds = time.perf_counter() - started
-            print(f"[demo] teacher cache {cache_dir}: {len(done['recorded_now'])} epoch(s) recorded in "
-                  f"{cache_seconds:.0f} s", flush=True)
+            log.info(f"[demo] teacher cache {cache_dir}: {len(done['recorded_now'])} epoch(s) recorded in "
+                     f"{cache_seconds:.0f} s")
         rows.append(("student distilled", distill_cfg, _run_or_reuse(distill_cfg, progress=progress), seed))
 
     table = markdown_table(

@@ -10,7 +10,6 @@ import contextlib
 import json
 import math
 import signal
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,13 +22,17 @@ from torch import nn
 from tqdm import tqdm
 
 from fastkd.checkpoint import is_fastkd_checkpoint, load_checkpoint
-from fastkd.config import Config, DistillConfig, changed_keys, config_from_dict, config_to_dict, dump_config
+from fastkd.config import Config, DistillConfig, ModelConfig, changed_keys, config_from_dict, config_to_dict, dump_config
+from fastkd.ema import ModelEma, NoEma
 from fastkd.env import collect_env, device_name
 from fastkd.errors import CheckpointError, ConfigError, DataError, FastkdError
+from fastkd.log import log
 from fastkd.loop import StopFlag, TrainState, Training, evaluate, fit
 from fastkd.metrics import Meter, RunLogger
 from fastkd.losses import distillation_term
-from fastkd.models import check_arch, count_parameters, create_model, load_teacher, load_weights
+from fastkd.models import (Normalization, attach_input_normalization, check_arch, count_parameters, create_model,
+                           is_weights_name, load_pretrained, load_teacher, load_weights, resolve_normalization,
+                           weights_identity)
 from fastkd.optim import create_optimizer, lr_at
 from fastkd.runtime import Runtime, create_runtime, seed_everything, set_rng_state, shard_from_env
 from fastkd.steps import ClassificationStep, DistillationStep, frozen_forward
@@ -102,8 +105,8 @@ def record_teacher_cache(cfg: Config, *, epochs: int | None = None, dtype: str =
         manifest = None
         top_k = effective_top_k(requested_top_k, len(loaders.classes))
         if requested_top_k is not None and top_k is None and runtime.is_main:
-            print(f"teacher cache: top-{requested_top_k} keeps all {len(loaders.classes)} classes: recording every "
-                  "logit", flush=True)
+            log.info(f"teacher cache: top-{requested_top_k} keeps all {len(loaders.classes)} classes: recording every "
+                     "logit")
         if runtime.is_main:  # rank 0 alone opens the folder; the others record from its manifest
             cache = TeacherCache.create_or_resume(
                 kd.teacher_cache_path, key, num_classes=len(loaders.classes), dtype=dtype,
@@ -181,7 +184,7 @@ def _record_epoch(cache: TeacherCache, epoch: int, teacher: nn.Module, loader, r
     if not written.all():
         raise DataError(f"teacher cache: epoch {epoch} left {int((~written).sum())} sample(s) without logits")
     cache.commit_epoch(epoch)
-    print(f"teacher cache: epoch {epoch} recorded ({cache.describe_epochs()})", flush=True)
+    log.info(f"teacher cache: epoch {epoch} recorded ({cache.describe_epochs()})")
 
 
 def build_distillation_step(kd: DistillConfig, runtime: Runtime, student: nn.Module, teacher: nn.Module | None, *,
@@ -201,21 +204,49 @@ def load_checked_teacher(cfg: Config, runtime: Runtime, loaders: Loaders) -> tup
     chance level is refused unless `distill.allow_weak_teacher`."""
     kd = cfg.distill
     assert kd is not None
-    teacher = load_teacher(kd.teacher.arch, kd.teacher.checkpoint_path, loaders.classes,
-                           image_size=kd.teacher.image_size or cfg.data.image_size)
+    teacher = _rank_0_first(lambda: load_teacher(kd.teacher.arch, teacher_source(kd), loaders.classes,
+                                                 image_size=kd.teacher.image_size or cfg.data.image_size,
+                                                 mean=kd.teacher.mean, std=kd.teacher.std),
+                            downloads=is_weights_name(kd.teacher.checkpoint))
+    normalization = teacher.fastkd_normalization
     teacher, _ = runtime.prepare_model(teacher, trainable=False)
     teacher_precision = runtime.resolve_precision(kd.teacher.precision)
     measured = evaluate(teacher, loaders.val, runtime, precision=teacher_precision)
     chance = 100.0 / len(loaders.classes)
     if runtime.is_main:
-        print(f"teacher {kd.teacher.arch} ({kd.teacher.checkpoint_path}): val top1 {measured['top1']:.2f} "
-              f"top5 {measured['top5']:.2f} (chance {chance:.2f})", flush=True)
+        log.info(f"teacher {kd.teacher.arch} ({teacher_source(kd)}): val top1 {measured['top1']:.2f} "
+                 f"top5 {measured['top5']:.2f} (chance {chance:.2f})")
     if measured["top1"] < near_chance_top1(len(loaders.classes), measured["count"]) and not kd.allow_weak_teacher:
         raise FastkdError(f"distill.teacher.checkpoint: the teacher's val top-1 is {measured['top1']:.2f}%, near "
                           f"chance ({chance:.2f}%): is {kd.teacher.checkpoint_path} the trained teacher? "
                           "(set distill.allow_weak_teacher: true to distil anyway)")
-    return teacher, {"arch": kd.teacher.arch, "checkpoint": str(kd.teacher.checkpoint_path),
-                     "val_top1": measured["top1"], "val_top5": measured["top5"], "precision": teacher_precision}
+    return teacher, {"arch": kd.teacher.arch, "checkpoint": str(teacher_source(kd)),
+                     "val_top1": measured["top1"], "val_top5": measured["top5"], "precision": teacher_precision,
+                     "normalization": normalization.as_dict()}
+
+
+def teacher_source(kd: DistillConfig) -> Path | str:
+    """The teacher's checkpoint file, or the pretrained weights name it gives."""
+    return kd.teacher.checkpoint if is_weights_name(kd.teacher.checkpoint) else kd.teacher.checkpoint_path
+
+
+def teacher_normalization(kd: DistillConfig) -> Normalization:
+    """The teacher's input normalization, as `load_teacher` resolves it (without building it)."""
+    payload = None if is_weights_name(kd.teacher.checkpoint) else load_checkpoint(kd.teacher.checkpoint_path,
+                                                                                   key="distill.teacher.checkpoint")
+    if payload is not None and not is_fastkd_checkpoint(payload):
+        payload = None
+    return resolve_normalization(kd.teacher.arch, kd.teacher.mean, kd.teacher.std, weights=kd.teacher.checkpoint,
+                                 checkpoint=payload)
+
+
+def student_normalization(model: ModelConfig) -> Normalization:
+    """The student's input normalization: the config's, or its pretrained weights' own."""
+    payload = None
+    if model.pretrained and not is_weights_name(model.pretrained):
+        payload = load_checkpoint(Path(model.pretrained).expanduser(), key="model.pretrained")
+        payload = payload if is_fastkd_checkpoint(payload) else None
+    return resolve_normalization(model.arch, model.mean, model.std, weights=model.pretrained, checkpoint=payload)
 
 
 def teacher_input_size(cfg: Config) -> int | dict[str, int]:
@@ -231,13 +262,16 @@ def teacher_cache_key(cfg: Config, runtime: Runtime, dataset: Dataset | None, cl
     assert kd is not None
     if dataset is None:
         raise ConfigError("distill.teacher_cache: a teacher cache needs real data (data.backend torchvision or dali)")
-    # a missing or unreadable teacher is an error here too
-    load_checkpoint(kd.teacher.checkpoint_path, key="distill.teacher.checkpoint")
+    normalization = teacher_normalization(kd)  # a missing or unreadable teacher is an error here too
     return CacheKey(dataset=dataset_digest(dataset.train.files, dataset.train.labels, cfg.data.root_path),
                     num_samples=len(dataset.train), classes=list(classes), seed=cfg.data_seed,
-                    image_size=teacher_input_size(cfg), augmentation=augmentation_spec(crop_range(cfg.data)), teacher_arch=kd.teacher.arch,
-                    teacher_checkpoint=file_sha256(kd.teacher.checkpoint_path),
-                    teacher_precision=runtime.resolve_precision(kd.teacher.precision))
+                    image_size=teacher_input_size(cfg), augmentation=augmentation_spec(crop_range(cfg.data)),
+                    teacher_arch=kd.teacher.arch,
+                    teacher_checkpoint=(weights_identity(kd.teacher.checkpoint, kd.teacher.arch)
+                                        if is_weights_name(kd.teacher.checkpoint)
+                                        else file_sha256(kd.teacher.checkpoint_path)),
+                    teacher_precision=runtime.resolve_precision(kd.teacher.precision),
+                    teacher_normalization=None if normalization.is_imagenet else normalization.as_dict())
 
 
 def _make_distillation_step(cfg: Config, runtime: Runtime, student: nn.Module, loaders: Loaders,
@@ -257,10 +291,9 @@ def _make_distillation_step(cfg: Config, runtime: Runtime, student: nn.Module, l
                                 "cache": str(kd.teacher_cache_path), "cache_digest": cache.digest,
                                 "cache_top_k": cache.top_k}
         if runtime.is_main:
-            print(f"teacher {kd.teacher.arch}: logits from the cache {kd.teacher_cache_path} "
-                  f"({cache.describe_epochs()}, {cache.manifest['dtype']}, {describe_top_k(cache.top_k)}); val top1 "
-                  f"{about['val_top1']:.2f}",
-                  flush=True)
+            log.info(f"teacher {kd.teacher.arch}: logits from the cache {kd.teacher_cache_path} "
+                     f"({cache.describe_epochs()}, {cache.manifest['dtype']}, {describe_top_k(cache.top_k)}); val top1 "
+                     f"{about['val_top1']:.2f}")
     else:
         recorded = None
         teacher, about = load_checked_teacher(cfg, runtime, loaders)
@@ -322,6 +355,19 @@ def _run(cfg: Config, *, resume: bool, progress: bool,
             raise CheckpointError(f"--resume: the dataset's classes differ from those of {cfg.run_dir / 'last.pt'}")
 
         student = create_model(cfg.model.arch, len(loaders.classes), image_size=cfg.data.image_size)
+        if cfg.model.pretrained and checkpoint is None:  # a resumed run's weights come from its checkpoint
+            fresh = _rank_0_first(lambda: load_pretrained(student, cfg.model.pretrained, arch=cfg.model.arch,
+                                                          num_classes=len(loaders.classes)),
+                                  downloads=is_weights_name(cfg.model.pretrained))
+            if runtime.is_main:
+                log.info(f"model.pretrained: {cfg.model.arch} initialized from {cfg.model.pretrained}"
+                         + (f"; a new classifier for {len(loaders.classes)} classes ({', '.join(fresh)})" if fresh else ""))
+        # resumed: the statistics the run started with (the pretrained file need not be there any more)
+        normalization = (Normalization(tuple(checkpoint["normalization"]["mean"]),
+                                       tuple(checkpoint["normalization"]["std"]))
+                         if checkpoint is not None and checkpoint.get("normalization")
+                         else student_normalization(cfg.model))
+        attach_input_normalization(student, normalization)
         num_params = count_parameters(student)
         model, raw = runtime.prepare_model(student, trainable=True)
         if make_step is None:
@@ -358,16 +404,18 @@ def _run(cfg: Config, *, resume: bool, progress: bool,
             state=state, epochs=cfg.optim.epochs, run_dir=run_dir, logger=logger,
             checkpoint_extra={"arch": cfg.model.arch, "classes": list(loaders.classes),
                               "num_classes": len(loaders.classes), "config": config_to_dict(cfg),
+                              "normalization": normalization.as_dict(),
                               "kind": "distill" if make_step else "train", "teacher_cache_digest": cache_digest},
             grad_clip_norm=cfg.optim.grad_clip_norm, log_every_steps=cfg.run.log_every_steps,
             checkpoint_every_steps=cfg.run.checkpoint_every_steps, progress=progress,
-            image_size_at=size_schedule(cfg.data).at)
+            image_size_at=size_schedule(cfg.data).at,
+            ema=(ModelEma(raw, decay=cfg.model.ema_decay, warmup=cfg.model.ema_warmup)
+                 if cfg.model.ema_decay is not None else NoEma()))
         if checkpoint is not None:
             restore_training(training, checkpoint, source=cfg.run_dir / "last.pt")
             logger.truncate_after(state.epoch)
             if runtime.is_main:
-                print(f"resuming {run_dir} at epoch {state.epoch} (+{state.batches_done} batches), step {state.step}",
-                      flush=True)
+                log.info(f"resuming {run_dir} at epoch {state.epoch} (+{state.batches_done} batches), step {state.step}")
         if runtime.is_main:
             training.on_epoch_end = _print_epoch
         try:
@@ -418,6 +466,10 @@ def restore_training(t: Training, checkpoint: dict[str, Any], *, source: Path) -
     state = TrainState(**checkpoint["state"])
     t.state.__dict__.update(state.__dict__)
     t.optimizer.load_state_dict(checkpoint["optimizer"])
+    if t.ema.module is not None:
+        if "ema" not in checkpoint:
+            raise CheckpointError(f"--resume: {source} holds no EMA weights (model.ema_decay was off)")
+        t.ema.load_state_dict(checkpoint["ema"])
     t.scaler.load_state_dict(checkpoint["scaler"])
     mine = checkpoint["ranks"][shard.rank]
     t.train_loader.load_state_dict(mine["loader"])
@@ -449,9 +501,9 @@ def _load_dataset(cfg: Config, runtime: Runtime) -> Dataset | None:
         raise DataError(f"cannot decode {first.path} ({first.reason}){more}; list them with `fastkd data verify "
                         f"{cfg.data.root}`, or set data.skip_broken: true to train without them")
     if runtime.is_main:
-        print(f"warning: training without {len(broken)} image(s) that cannot be decoded:", file=sys.stderr)
+        log.warning(f"warning: training without {len(broken)} image(s) that cannot be decoded:")
         for item in broken:
-            print(f"  {item.path}: {item.reason}", file=sys.stderr)
+            log.warning(f"  {item.path}: {item.reason}")
     drop = {item.path for item in broken}
     return Dataset(dataset.classes, dataset.train.without(drop), dataset.val.without(drop))
 
@@ -473,6 +525,31 @@ def _from_rank_0(value: Any) -> Any:
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
+
+
+def _exported_meta(state_dict_path: Path) -> dict[str, Any] | None:
+    """The normalization `fastkd export` wrote beside a state_dict (OUT.json), if it is there."""
+    meta_path = state_dict_path.with_suffix(".json")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, ValueError):
+        return None
+    if isinstance(meta, dict) and "mean" in meta and "std" in meta:
+        return {"normalization": {"mean": meta["mean"], "std": meta["std"]}}
+    return None
+
+
+def _rank_0_first(load: Callable[[], Any], *, downloads: bool) -> Any:
+    """`load()` on every rank; when it downloads, rank 0 first (into the shared cache) and the
+    other ranks after it, so that one process per node fetches the file rather than all at once."""
+    if not downloads or not dist.is_initialized():
+        return load()
+    if dist.get_rank() != 0:
+        _barrier()
+    result = load()
+    if dist.get_rank() == 0:
+        _barrier()
+    return result
 
 
 def _barrier() -> None:
@@ -516,9 +593,10 @@ def _print_epoch(record: dict[str, Any]) -> None:
     parts = "".join(f" {name} {record[f'train_{name}']:.4f}" for name in ("ce", "kd") if f"train_{name}" in record
                     and "train_kd" in record)
     agree = f" agree {record['train_agree']:5.1f}" if "train_agree" in record else ""
-    print(f"epoch {record['epoch']:>3}  train loss {record['train_loss']:.4f}{parts} top1 {record['train_top1']:6.2f}"
-          f"{agree}  val loss {record['val_loss']:.4f} top1 {record['val_top1']:6.2f} top5 {record['val_top5']:6.2f}"
-          f"  {record['train_images_per_sec']:8.1f} img/s  {record['epoch_seconds']:.1f}s", flush=True)
+    ema = f" (ema top1 {record['val_ema_top1']:6.2f})" if "val_ema_top1" in record else ""
+    log.info(f"epoch {record['epoch']:>3}  train loss {record['train_loss']:.4f}{parts} top1 {record['train_top1']:6.2f}"
+             f"{agree}  val loss {record['val_loss']:.4f} top1 {record['val_top1']:6.2f} top5 {record['val_top5']:6.2f}"
+             f"{ema}  {record['train_images_per_sec']:8.1f} img/s  {record['epoch_seconds']:.1f}s")
 
 
 def _summary(cfg: Config, runtime: Runtime, state: TrainState, loaders: Loaders, num_params: int,
@@ -541,6 +619,9 @@ def _summary(cfg: Config, runtime: Runtime, state: TrainState, loaders: Loaders,
         "final_train_top1": final_train.get("top1"),
         "train_val_gap": (round(final_train["top1"] - final_val["top1"], 4)
                           if "top1" in final_train and "top1" in final_val else None),
+        **({"best_ema_val_top1": state.best_ema_top1, "best_ema_epoch": state.best_ema_epoch,
+            "final_ema_val_top1": state.last_val_ema.get("top1"), "ema_decay": cfg.model.ema_decay}
+           if cfg.model.ema_decay is not None else {}),
         "images_per_sec": round(state.train_images / state.train_seconds, 2) if state.train_seconds else None,
         "train_seconds": round(state.train_seconds, 2),
         "wall_seconds": round(state.wall_seconds, 2),
@@ -554,8 +635,10 @@ def _summary(cfg: Config, runtime: Runtime, state: TrainState, loaders: Loaders,
     }
 
 
-def evaluate_checkpoint(cfg: Config, checkpoint_path: Path, *, arch: str | None = None) -> dict[str, Any]:
-    """`fastkd eval`: val top-1/top-5 of a checkpoint on the config's validation data."""
+def evaluate_checkpoint(cfg: Config, checkpoint_path: Path, *, arch: str | None = None, ema: bool = False
+                        ) -> dict[str, Any]:
+    """`fastkd eval`: val top-1/top-5 of a checkpoint on the config's validation data (with `ema`,
+    of the EMA weights a fastkd checkpoint holds)."""
     runtime = create_runtime(cfg.runtime)
     checkpoint = load_checkpoint(checkpoint_path, key="--checkpoint")
     fastkd_format = is_fastkd_checkpoint(checkpoint)
@@ -567,12 +650,21 @@ def evaluate_checkpoint(cfg: Config, checkpoint_path: Path, *, arch: str | None 
         raise CheckpointError(f"{checkpoint_path}: its classes differ from the dataset's "
                               f"({len(checkpoint['classes'])} vs {len(loaders.classes)} classes)")
     model = create_model(arch, len(loaders.classes), image_size=cfg.data.image_size)
-    state_dict = checkpoint["model"] if fastkd_format else checkpoint
+    if ema and not (fastkd_format and "ema" in checkpoint):
+        raise CheckpointError(f"--ema: {checkpoint_path} holds no EMA weights (a fastkd checkpoint of a run with "
+                              "model.ema_decay has them)")
+    state_dict = (checkpoint["ema"] if ema else checkpoint["model"]) if fastkd_format else checkpoint
     hint = "" if fastkd_format else (
         f" (a plain state_dict is loaded into model.arch, {arch}: pass --arch NAME for another architecture)"
         if explicit_arch is None else " (is --arch the architecture it was saved from?)")
     load_weights(model, state_dict, source=checkpoint_path, arch=arch, num_classes=len(loaders.classes),
                  key="--checkpoint", hint=hint)
+    # A fastkd checkpoint records its model's input normalization, as does an exported state_dict's
+    # student.json beside it; otherwise model.mean/std, or the architecture's own.
+    normalization = (resolve_normalization(arch, None, None, checkpoint=checkpoint) if fastkd_format else
+                     resolve_normalization(arch, cfg.model.mean, cfg.model.std,
+                                           checkpoint=_exported_meta(checkpoint_path)))
+    attach_input_normalization(model, normalization)
     model, _ = runtime.prepare_model(model, trainable=False)
     metrics = evaluate(model, loaders.val, runtime)
     return {"checkpoint": str(checkpoint_path), "arch": arch, **metrics}

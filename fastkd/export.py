@@ -1,8 +1,9 @@
 """`fastkd export RUN_DIR --out student.pt [--onnx]`: the student alone, for deployment.
 
-Writes `student.pt` (a plain torchvision state_dict: `torchvision.models.<arch>(num_classes=N)
-.load_state_dict(torch.load(path))` works as is), `student.json` (arch, class names in label
-order, input size and normalization) and, with `--onnx`, `student.onnx`, checked against
+Writes `student.pt` (a plain state_dict: `torchvision.models.<arch>(num_classes=N)` or, for
+`timm:<name>`, `timm.create_model(name, num_classes=N)` then `.load_state_dict(torch.load(path))`
+works as is), `student.json` (arch, class names in label order, input size and the input
+normalization the weights expect) and, with `--onnx`, `student.onnx`, checked against
 PyTorch on a sample batch with onnxruntime.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import tempfile
 import warnings
@@ -40,29 +42,43 @@ def export_student(run_dir: Path, out: Path, *, checkpoint: str = "best", onnx: 
             raise FastkdError(f"{ONNX_HINT} ({' and '.join(missing)} not installed)")
     if out.is_dir():
         raise FastkdError(f"--out {out}: a folder; name the state_dict file to write, e.g. {out / 'student.pt'}")
-    path = run_dir / f"{checkpoint}.pt"
-    payload = load_checkpoint(path, key="RUN_DIR" if checkpoint == "best" else "--checkpoint last")
+    path = run_dir / {"best": "best.pt", "last": "last.pt", "best-ema": "best_ema.pt"}[checkpoint]
+    payload = load_checkpoint(path, key="RUN_DIR" if checkpoint == "best" else f"--checkpoint {checkpoint}")
     if not is_fastkd_checkpoint(payload):
         raise CheckpointError(f"{path} is not a fastkd checkpoint")
+    weights = payload["model"]
+    best_top1 = payload["best_top1"]
+    if checkpoint == "best-ema":  # the EMA weights of the epoch where they tested best
+        weights, best_top1 = payload["ema"], payload["state"]["best_ema_top1"]
     data = config_from_dict(payload["config"]).data
     image_size = data.val_crop_size  # what the model was tested at (a run may train lower: a size schedule)
     model = create_model(payload["arch"], payload["num_classes"], image_size=data.image_size)
-    load_weights(model, payload["model"], source=path, arch=payload["arch"], num_classes=payload["num_classes"])
+    load_weights(model, weights, source=path, arch=payload["arch"], num_classes=payload["num_classes"])
     model.eval()
     meta = {"arch": payload["arch"], "num_classes": payload["num_classes"], "classes": list(payload["classes"]),
-            "image_size": image_size, "resize": data.val_resize_size, "mean": list(IMAGENET_MEAN),
-            "std": list(IMAGENET_STD),
-            "source": str(path), "epoch": payload["epoch"], "best_top1": payload["best_top1"]}
+            "image_size": image_size, "resize": data.val_resize_size,
+            **(payload.get("normalization") or {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)}),
+            "source": str(path), "weights": "ema" if checkpoint == "best-ema" else "model", "epoch": payload["epoch"],
+            "best_top1": best_top1}
     targets = [out, out.with_suffix(".json")] + ([out.with_suffix(".onnx")] if onnx else [])
-    with tempfile.TemporaryDirectory(prefix="fastkd-export-") as staging:
-        staged = [Path(staging) / target.name for target in targets]
+    created = [p for p in [out.parent, *out.parent.parents] if not p.exists()]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".fastkd-export-", dir=out.parent))  # same filesystem: renames
+    try:
+        staged = [staging / target.name for target in targets]
         torch.save(model.state_dict(), staged[0])
         if onnx:
             meta["onnx_max_abs_diff"] = export_onnx(model, staged[2], image_size, name=targets[2])
         staged[1].write_text(json.dumps(meta, indent=2) + "\n")
-        out.parent.mkdir(parents=True, exist_ok=True)
         for source, target in zip(staged, targets):
-            shutil.move(source, target)
+            os.replace(source, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        for folder in created:  # innermost first: only the folders this export made, if still empty
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
     return meta
 
 

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm import tqdm
 
 from fastkd.checkpoint import copy_checkpoint, save_checkpoint
+from fastkd.ema import ModelEma, NoEma
 from fastkd.errors import FastkdError
 from fastkd.metrics import Meter, NonFiniteGuard, RunLogger, percent, topk_correct
 from fastkd.optim import optimizer_params, set_lr
@@ -65,6 +66,10 @@ class TrainState:
     """Wall time over all sessions, set-up excluded."""
     last_val: dict[str, float] = field(default_factory=dict)
     last_train: dict[str, float] = field(default_factory=dict)
+    best_ema_top1: float = -1.0
+    """The EMA weights' best val top-1 (with `model.ema_decay`)."""
+    best_ema_epoch: int = 0
+    last_val_ema: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -95,6 +100,8 @@ class Training:
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None
     image_size_at: Callable[[int], int] | None = None
     """The training image side of an epoch (the data's size schedule), recorded with its metrics."""
+    ema: ModelEma | NoEma = field(default_factory=NoEma)
+    """An EMA of the weights (updated after every step, evaluated each epoch), or nothing."""
 
 
 def fit(t: Training) -> TrainState:
@@ -113,19 +120,24 @@ def fit(t: Training) -> TrainState:
             raise Interrupted(state.step, t.stop.signum)
         eval_started = time.perf_counter()
         val_metrics = evaluate(t.model, t.val_loader, t.runtime)
+        ema_metrics = evaluate(t.ema.module, t.val_loader, t.runtime) if t.ema.module is not None else {}
         eval_seconds = time.perf_counter() - eval_started
         state.epoch, state.batches_done = epoch + 1, 0
-        state.last_train, state.last_val = train_metrics, val_metrics
+        state.last_train, state.last_val, state.last_val_ema = train_metrics, val_metrics, ema_metrics
         improved = val_metrics["top1"] > state.best_top1
         if improved:
             state.best_top1, state.best_top5, state.best_epoch = val_metrics["top1"], val_metrics["top5"], state.epoch
+        ema_improved = bool(ema_metrics) and ema_metrics["top1"] > state.best_ema_top1
+        if ema_improved:
+            state.best_ema_top1, state.best_ema_epoch = ema_metrics["top1"], state.epoch
         state.wall_seconds = wall_before + time.perf_counter() - started
-        save_training_checkpoint(t, best=improved)
+        save_training_checkpoint(t, best=improved, best_ema=ema_improved)
         record = {
             "epoch": state.epoch, "step": state.step, "lr": t.lr_at(max(state.step - 1, 0)),
             **({"image_size": t.image_size_at(epoch)} if t.image_size_at else {}),
             **{f"train_{k}": v for k, v in train_metrics.items()},
             **{f"val_{k}": v for k, v in val_metrics.items() if k != "count"},
+            **{f"val_ema_{k}": v for k, v in ema_metrics.items() if k != "count"},
             "val_images": val_metrics["count"],
             "epoch_seconds": round(eval_started - epoch_started, 3),
             "eval_seconds": round(eval_seconds, 3),
@@ -162,6 +174,7 @@ def train_epoch(t: Training) -> tuple[dict[str, float], bool]:
             out = t.step(images, labels, indices, teacher_images)
             backward(out.loss, t.optimizer, t.scaler)
             apply_update(t.optimizer, t.scaler, params, t.grad_clip_norm)
+            t.ema.update(state.step + 1)
             correct = topk_correct(out.logits.detach(), labels)
             meter.update(batch_size, {"loss": out.loss.detach() * batch_size, "top1": correct[0],
                                       "top5": correct[1], **{name: value * batch_size for name, value in out.parts.items()}})
@@ -293,6 +306,8 @@ def checkpoint_payload(t: Training, rank_states: list[dict[str, Any]]) -> dict[s
         "state": asdict(state),
         "optimizer": t.optimizer.state_dict(),
         "scaler": t.scaler.state_dict(),
+        **({"ema": {k: v.detach().to("cpu", memory_format=torch.contiguous_format)  # host sync: checkpoints only
+                    for k, v in t.ema.state_dict().items()}} if t.ema.module is not None else {}),
         "world_size": t.runtime.shard.world_size,
         "ranks": rank_states,
     }
@@ -311,9 +326,10 @@ def check_weights_finite(t: Training) -> None:
                           "runtime.precision bf16/fp32)")
 
 
-def save_training_checkpoint(t: Training, *, best: bool) -> None:
-    """last.pt (and best.pt when the epoch improved val top-1). Called on every rank: each
-    contributes its own RNG and loader state; rank 0 writes. Non-finite weights are never written."""
+def save_training_checkpoint(t: Training, *, best: bool, best_ema: bool = False) -> None:
+    """last.pt (and best.pt when the epoch improved val top-1, best_ema.pt when it improved the
+    EMA weights'). Called on every rank: each contributes its own RNG and loader state; rank 0
+    writes. Non-finite weights are never written."""
     check_weights_finite(t)
     mine = _rank_state(t)
     if t.runtime.distributed:
@@ -328,3 +344,5 @@ def save_training_checkpoint(t: Training, *, best: bool) -> None:
     save_checkpoint(last, checkpoint_payload(t, rank_states))
     if best:
         copy_checkpoint(last, t.run_dir / "best.pt")
+    if best_ema:
+        copy_checkpoint(last, t.run_dir / "best_ema.pt")

@@ -1,16 +1,42 @@
-"""Model registry: any torchvision classification builder, by name, randomly initialized."""
+"""Model registry: torchvision classification builders by name, and timm's as `timm:<name>`
+(the optional `timm` extra), randomly initialized or from pretrained weights, each with the
+input normalization it expects."""
 
 from __future__ import annotations
 
 import difflib
 import functools
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Sequence
 
 import torch
 import torchvision
 from torch import nn
 
 from fastkd.errors import CheckpointError, ConfigError
+from pipelines.base import IMAGENET_MEAN, IMAGENET_STD  # what every backend normalizes batches with
+
+TIMM_PREFIX = "timm:"
+TORCHVISION_WEIGHTS_PREFIX = "torchvision:"
+TIMM_HINT = "pip install timm (in a checkout of fastkd: pip install -e '.[timm]'; from a package: 'fastkd[timm]')"
+
+
+def is_timm(arch: str) -> bool:
+    return arch.startswith(TIMM_PREFIX)
+
+
+def is_weights_name(spec: str) -> bool:
+    """Pretrained weights named (`torchvision:<Weights>`, `timm`: downloaded), not a file."""
+    return spec == "timm" or spec.startswith(TORCHVISION_WEIGHTS_PREFIX)
+
+
+def _timm(key: str):
+    try:
+        import timm
+    except ImportError:
+        raise ConfigError(f"{key}: timm models need the timm package: {TIMM_HINT}") from None
+    return timm
 
 
 @functools.cache
@@ -19,22 +45,182 @@ def classification_archs() -> tuple[str, ...]:
 
 
 def check_arch(arch: str, key: str = "model.arch") -> None:
+    if is_timm(arch):
+        timm = _timm(key)
+        name = arch[len(TIMM_PREFIX):]
+        if not timm.is_model(name):
+            close = difflib.get_close_matches(name, timm.list_models(), n=1, cutoff=0.6)
+            hint = f" (did you mean {TIMM_PREFIX}{close[0]}?)" if close else "; see timm.list_models()"
+            raise ConfigError(f"{key}: {name!r} is not a timm model{hint}")
+        return
     names = classification_archs()
     if arch not in names:
         close = difflib.get_close_matches(arch, names, n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]}?)" if close else "; see torchvision.models.list_models()"
+        hint = f" (did you mean {close[0]}?)" if close else "; see torchvision.models.list_models(), or timm:<name>"
         raise ConfigError(f"{key}: {arch!r} is not a torchvision classification model{hint}")
 
 
 def create_model(arch: str, num_classes: int, *, image_size: int = 224, key: str = "model.arch") -> nn.Module:
-    """`torchvision.models.<arch>(num_classes=N)` with random weights (nothing is downloaded)."""
+    """`torchvision.models.<arch>(num_classes=N)` or `timm.create_model(name, num_classes=N)`,
+    with random weights (nothing is downloaded here)."""
     check_arch(arch, key)
+    if is_timm(arch):
+        timm = _timm(key)
+        name = arch[len(TIMM_PREFIX):]
+        cfg = timm.models.get_pretrained_cfg(name)
+        # models built for one input size (ViTs) take the run's, as torchvision's vit_* do
+        size = {"img_size": image_size} if cfg is not None and getattr(cfg, "fixed_input_size", False) else {}
+        return timm.create_model(name, pretrained=False, num_classes=num_classes, **size)
     kwargs: dict = {"weights": None, "num_classes": num_classes}
     if arch in ("googlenet", "inception_v3"):
         kwargs.update(aux_logits=False, init_weights=True)  # one logits tensor, like every other model
     if arch.startswith("vit_"):
         kwargs["image_size"] = image_size
     return torchvision.models.get_model(arch, **kwargs)
+
+
+# --- pretrained weights and input normalization -------------------------------------------------
+
+@dataclass(frozen=True)
+class Normalization:
+    """The per-channel mean and std (of 0-1 pixels) a model's inputs are normalized with."""
+
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def as_dict(self) -> dict[str, list[float]]:
+        return {"mean": [float(v) for v in self.mean], "std": [float(v) for v in self.std]}
+
+    @property
+    def is_imagenet(self) -> bool:
+        return self.as_dict() == Normalization().as_dict()
+
+
+def torchvision_weights(name: str, key: str):
+    """The torchvision weights enum of `torchvision:<Enum>.<TAG>` (resolving it downloads nothing)."""
+    spec = name[len(TORCHVISION_WEIGHTS_PREFIX):]
+    try:
+        return torchvision.models.get_weight(spec)
+    except (ValueError, AttributeError, KeyError):
+        raise ConfigError(f"{key}: {spec!r} is not a torchvision weights name (e.g. "
+                          f"{TORCHVISION_WEIGHTS_PREFIX}ResNet18_Weights.IMAGENET1K_V1)") from None
+
+
+def own_normalization(arch: str, weights: str = "", checkpoint: dict[str, Any] | None = None) -> Normalization:
+    """What a model expects when the config does not say: a fastkd checkpoint's recorded
+    normalization; torchvision weights' transforms; a timm model's pretrained config; else
+    ImageNet's (every torchvision classification weight uses it)."""
+    if checkpoint is not None and checkpoint.get("normalization"):
+        recorded = checkpoint["normalization"]
+        return Normalization(tuple(recorded["mean"]), tuple(recorded["std"]))
+    if weights.startswith(TORCHVISION_WEIGHTS_PREFIX):
+        transforms = torchvision_weights(weights, "weights").transforms()
+        return Normalization(tuple(transforms.mean), tuple(transforms.std))
+    if is_timm(arch):
+        cfg = _timm("model.arch").models.get_pretrained_cfg(arch[len(TIMM_PREFIX):])
+        if cfg is not None and cfg.mean and cfg.std:
+            return Normalization(tuple(cfg.mean), tuple(cfg.std))
+    return Normalization()
+
+
+def resolve_normalization(arch: str, mean: Sequence[float] | None, std: Sequence[float] | None, *,
+                          weights: str = "", checkpoint: dict[str, Any] | None = None) -> Normalization:
+    own = own_normalization(arch, weights, checkpoint)
+    return Normalization(tuple(mean) if mean is not None else own.mean, tuple(std) if std is not None else own.std)
+
+
+def attach_input_normalization(model: nn.Module, normalization: Normalization,
+                               batches: Normalization = Normalization()) -> nn.Module:
+    """Make `model` take batches normalized with `batches` (every backend's: ImageNet's) while it
+    sees inputs normalized with its own statistics: one multiply-add per element on the device,
+    in a forward pre-hook, its two [1, 3, 1, 1] factors non-persistent buffers (they follow the
+    model's device; the state_dict is unchanged). Nothing is attached when they agree."""
+    model.fastkd_normalization = normalization  # what the weights expect (checkpoints and export record it)
+    if normalization.as_dict() == batches.as_dict():
+        return model
+    mean_b, std_b = torch.tensor(batches.mean), torch.tensor(batches.std)
+    mean_m, std_m = torch.tensor(normalization.mean), torch.tensor(normalization.std)
+    # x_model = (x * std_b + mean_b - mean_m) / std_m = x * scale + shift
+    model.register_buffer("fastkd_input_scale", (std_b / std_m).view(1, 3, 1, 1), persistent=False)
+    model.register_buffer("fastkd_input_shift", ((mean_b - mean_m) / std_m).view(1, 3, 1, 1), persistent=False)
+    model.register_forward_pre_hook(_renormalize)
+    return model
+
+
+def _renormalize(module: nn.Module, args: tuple) -> tuple:
+    images = args[0]
+    scale, shift = module.fastkd_input_scale, module.fastkd_input_shift
+    if scale.dtype != images.dtype:  # fp16 batches (AMP on a GPU) stay fp16
+        scale, shift = scale.to(images.dtype), shift.to(images.dtype)
+    return (torch.addcmul(shift, images, scale), *args[1:])
+
+
+def classifier_keys(model: nn.Module) -> set[str]:
+    """The state_dict keys of the model's final classifier (a new head for other classes)."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if not isinstance(head, nn.Module):
+        head = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+    names = {id(p): n for n, p in model.named_parameters()}
+    return {names[id(p)] for p in head.parameters() if id(p) in names}
+
+
+def weights_identity(spec: str, arch: str) -> str:
+    """What a weights name stands for, for a teacher cache's key: torchvision's weights URL (it
+    holds the file's hash); timm's model, pretrained tag and timm version (a tag's default can
+    change between versions)."""
+    if spec.startswith(TORCHVISION_WEIGHTS_PREFIX):
+        return torchvision_weights(spec, "distill.teacher.checkpoint").url
+    timm = _timm("distill.teacher.checkpoint")
+    cfg = timm.models.get_pretrained_cfg(arch[len(TIMM_PREFIX):])
+    return f"{arch}.{getattr(cfg, 'tag', None) or 'default'} (timm {timm.__version__})"
+
+
+def read_pretrained(spec: str, arch: str, num_classes: int, *, key: str) -> dict[str, torch.Tensor]:
+    """The state_dict that `spec` names: a local file, `torchvision:<Weights>` or `timm` (these
+    two download the weights into torch's or Hugging Face's cache on first use: the one place
+    fastkd downloads anything, and only when a config asks for it)."""
+    if spec.startswith(TORCHVISION_WEIGHTS_PREFIX):
+        return torchvision_weights(spec, key).get_state_dict(progress=True)
+    if spec == "timm":
+        if not is_timm(arch):
+            raise ConfigError(f"{key}: 'timm' names a timm model's own pretrained weights, but the arch {arch} is not "
+                              f"a timm model ({TIMM_PREFIX}<name>)")
+        name = arch[len(TIMM_PREFIX):]
+        return _timm(key).create_model(name, pretrained=True).state_dict()
+    from fastkd.checkpoint import is_fastkd_checkpoint, load_checkpoint
+
+    payload = load_checkpoint(Path(spec).expanduser(), key=key)
+    return payload["model"] if is_fastkd_checkpoint(payload) else plain_state_dict(payload, source=spec, key=key)
+
+
+def plain_state_dict(payload: dict[str, Any], *, source: Path | str, key: str) -> dict[str, torch.Tensor]:
+    """The state_dict in a file that is not a fastkd checkpoint: as it is or under a
+    `state_dict`/`model` key, with DDP and torch.compile prefixes stripped."""
+    for nested in ("state_dict", "model"):
+        if isinstance(payload.get(nested), dict):
+            payload = payload[nested]
+    if not payload or not all(isinstance(v, torch.Tensor) for v in payload.values()):
+        raise CheckpointError(f"{key}: {source} is neither a fastkd checkpoint nor a state_dict")
+    return _strip_wrapper_prefixes(payload)
+
+
+def load_pretrained(model: nn.Module, spec: str, *, arch: str, num_classes: int, key: str = "model.pretrained"
+                    ) -> list[str]:
+    """Initialize `model` from pretrained weights (fine-tuning). Every tensor must fit, except the
+    final classifier's when the weights were trained for another number of classes: that one
+    keeps its random initialization. Returns the keys left at their initialization."""
+    state_dict = read_pretrained(spec, arch, num_classes, key=key)
+    expected = model.state_dict()
+    head = classifier_keys(model)
+    reinitialized = sorted(k for k in head if k in state_dict and state_dict[k].shape != expected[k].shape)
+    fitting = {k: v for k, v in state_dict.items() if k not in reinitialized}
+    missing = [k for k in expected if k not in fitting and k not in reinitialized]
+    unexpected = [k for k in fitting if k not in expected]
+    if missing or unexpected or any(fitting[k].shape != expected[k].shape for k in fitting if k in expected):
+        raise CheckpointError(f"{key}: {spec} does not fit {arch}: "
+                              f"{describe_state_dict_difference(state_dict, expected)}")
+    model.load_state_dict({**expected, **fitting}, strict=True)
+    return reinitialized
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -111,32 +297,41 @@ def describe_state_dict_difference(got: dict[str, Any], expected: dict[str, torc
     return "; ".join(parts) or "its tensors could not be copied into the model"
 
 
-def load_teacher(arch: str, checkpoint: Path, classes: list[str], *, image_size: int = 224) -> nn.Module:
+def load_teacher(arch: str, checkpoint: Path | str, classes: list[str], *, image_size: int = 224,
+                 mean: Sequence[float] | None = None, std: Sequence[float] | None = None) -> nn.Module:
     """A trained teacher, loaded strictly; every mismatch is an error naming the checkpoint.
 
-    Accepts a fastkd checkpoint (its arch and class names are checked against the run) or a
-    plain torchvision state_dict (optionally under a `state_dict`/`model` key, with DDP or
-    torch.compile prefixes), whose shapes must fit `arch` with `len(classes)` outputs.
+    Accepts a fastkd checkpoint (its arch and class names are checked against the run), a plain
+    state_dict (optionally under a `state_dict`/`model` key, with DDP or torch.compile prefixes),
+    whose shapes must fit `arch` with `len(classes)` outputs, or pretrained weights as they are
+    (`torchvision:<Weights>`, `timm`: downloaded on first use). The teacher takes the run's
+    batches and sees them normalized its own way (`attach_input_normalization`; the statistics
+    are in `teacher.fastkd_normalization`).
     """
     from fastkd.checkpoint import is_fastkd_checkpoint, load_checkpoint
 
     key = "distill.teacher.checkpoint"
-    payload = load_checkpoint(checkpoint, key=key)
-    if is_fastkd_checkpoint(payload):
-        if payload["arch"] != arch:
-            raise CheckpointError(f"{key}: {checkpoint} holds a {payload['arch']}, but distill.teacher.arch is {arch}")
-        if list(payload["classes"]) != list(classes):
-            raise CheckpointError(f"{key}: {checkpoint} was trained on other classes than this dataset's: "
-                                  f"{describe_class_difference(list(payload['classes']), list(classes))}")
-        state_dict = payload["model"]
+    spec = str(checkpoint)
+    payload: dict[str, Any] | None = None
+    if is_weights_name(spec):
+        state_dict = read_pretrained(spec, arch, len(classes), key=key)
     else:
-        state_dict = payload
-        for nested in ("state_dict", "model"):
-            if isinstance(state_dict.get(nested), dict):
-                state_dict = state_dict[nested]
-        if not state_dict or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-            raise CheckpointError(f"{key}: {checkpoint} is neither a fastkd checkpoint nor a state_dict")
-        state_dict = _strip_wrapper_prefixes(state_dict)
+        checkpoint = Path(checkpoint)
+        payload = load_checkpoint(checkpoint, key=key)
+        if is_fastkd_checkpoint(payload):
+            if payload["arch"] != arch:
+                raise CheckpointError(f"{key}: {checkpoint} holds a {payload['arch']}, but distill.teacher.arch is {arch}")
+            if list(payload["classes"]) != list(classes):
+                raise CheckpointError(f"{key}: {checkpoint} was trained on other classes than this dataset's: "
+                                      f"{describe_class_difference(list(payload['classes']), list(classes))}")
+            state_dict = payload["model"]
+        else:
+            state_dict = plain_state_dict(payload, source=checkpoint, key=key)
+            payload = None
     model = create_model(arch, len(classes), image_size=image_size, key="distill.teacher.arch")
-    load_weights(model, state_dict, source=checkpoint, arch=arch, num_classes=len(classes), key=key)
+    hint = (" (pretrained weights are used as they are: their classes must be the data's; fine-tune them first with "
+            "`fastkd train` and model.pretrained)") if payload is None and not Path(spec).exists() else ""
+    load_weights(model, state_dict, source=Path(spec), arch=arch, num_classes=len(classes), key=key, hint=hint)
+    normalization = resolve_normalization(arch, mean, std, weights=spec, checkpoint=payload)
+    attach_input_normalization(model, normalization)
     return freeze(model)

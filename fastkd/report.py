@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from fastkd.errors import FastkdError
+from fastkd.log import log
 
 
 def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
@@ -63,10 +64,18 @@ def group_name(run_dir: Path) -> str:
 
 
 def group_runs(runs: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
-    groups: dict[str, list[dict[str, Any]]] = {}
+    """Runs of one folder named alike but for a seed suffix, in a group each; runs of other
+    folders with the same names stay apart (named with their folder then)."""
+    keyed: dict[tuple[Path, str], list[dict[str, Any]]] = {}
     for run in runs:
-        groups.setdefault(group_name(run["dir"]), []).append(run)
-    return groups
+        keyed.setdefault((run["dir"].parent, group_name(run["dir"])), []).append(run)
+    names = [name for _, name in keyed]
+    return {(name if names.count(name) == 1 else f"{parent.name}/{name}"): members
+            for (parent, name), members in keyed.items()}
+
+
+_GROUP_SAME = ("model", "backend")
+"""Summary fields every run of a group must share for their mean to mean something."""
 
 
 def _fmt(value: Any, digits: int = 2) -> str:
@@ -86,7 +95,8 @@ def runs_table(runs: list[dict[str, Any]]) -> str:
                            "final top-5", "train-val gap", "images/s", "wall s", "device"], rows)
 
 
-def _mean_sd(values: list[float], digits: int = 2) -> str:
+def mean_sd_text(values: Sequence[float | None], digits: int = 2) -> str:
+    """`mean ± sample sd` of the values given (None left out); one value as it is."""
     values = [v for v in values if v is not None]
     if not values:
         return ""
@@ -100,10 +110,14 @@ def groups_table(groups: dict[str, list[dict[str, Any]]]) -> str:
     for name, runs in groups.items():
         s = runs[0]["summary"]
         teacher = s.get("teacher") or {}
+        differing = [key for key in _GROUP_SAME if len({r["summary"].get(key) for r in runs}) > 1]
+        if differing:
+            raise FastkdError(f"runs {', '.join(r['dir'].name for r in runs)} differ only by a seed suffix but have "
+                              f"different {' and '.join(differing)}: rename them to report them apart")
         column = lambda key: [r["summary"].get(key) for r in runs]  # noqa: E731
-        rows.append([name, len(runs), s["model"], teacher.get("arch", ""), s["backend"], _mean_sd(column("best_val_top1")),
-                     _mean_sd(column("final_val_top1")), _mean_sd(column("train_val_gap")),
-                     _mean_sd(column("images_per_sec"), 0), _mean_sd(column("wall_seconds"), 0)])
+        rows.append([name, len(runs), s["model"], teacher.get("arch", ""), s["backend"], mean_sd_text(column("best_val_top1")),
+                     mean_sd_text(column("final_val_top1")), mean_sd_text(column("train_val_gap")),
+                     mean_sd_text(column("images_per_sec"), 0), mean_sd_text(column("wall_seconds"), 0)])
     return markdown_table(["runs", "n", "model", "teacher", "backend", "best top-1", "final top-1", "train-val gap",
                            "images/s", "wall s"], rows)
 
@@ -123,11 +137,10 @@ def write_report(paths: Sequence[Path], out: Path) -> Path:
     """`report.md` with the runs table (and, for runs that differ only by a seed suffix, their mean
     and standard deviation), plus `<stem>-speed.png` and `<stem>-curves.png` beside it. Each path
     is a run folder or a folder holding runs; what is not a finished run is left out with a note."""
-    import sys
 
     run_dirs, skipped = find_runs(paths)
     for note in skipped:
-        print(f"fastkd report: skipping {note}", file=sys.stderr)
+        log.warning(f"fastkd report: skipping {note}")
     if not run_dirs:
         raise FastkdError("no finished fastkd run (a folder with summary.json) among: "
                           + ", ".join(map(str, paths)))
@@ -139,19 +152,23 @@ def write_report(paths: Sequence[Path], out: Path) -> Path:
 
     runs = [load_run(d) for d in run_dirs]
     groups = group_runs(runs)
+    grouped_table = groups_table(groups)  # refuses groups that mix models or backends, before anything is written
     out.parent.mkdir(parents=True, exist_ok=True)
     speed_png, curves_png = out.with_name(f"{out.stem}-speed.png"), out.with_name(f"{out.stem}-curves.png")
     seeded = any(len(g) > 1 for g in groups.values())
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for name, members in groups.items():
-        speeds = [r["summary"]["images_per_sec"] for r in members]
-        top1 = [r["summary"]["best_val_top1"] for r in members]
+        timed = [r for r in members if r["summary"].get("images_per_sec") is not None]
+        if not timed:
+            continue  # no speed to place it at (a run that trained no step)
+        speeds = [r["summary"]["images_per_sec"] for r in timed]
+        top1 = [r["summary"]["best_val_top1"] for r in timed]
         x, y = statistics.mean(speeds), statistics.mean(top1)
-        spread = len(members) > 1
+        spread = len(timed) > 1
         ax.errorbar(x, y, xerr=statistics.stdev(speeds) if spread else None,
                     yerr=statistics.stdev(top1) if spread else None, fmt="o", capsize=3)
-        ax.annotate(f"{name} (n={len(members)})" if spread else name, (x, y), fontsize=7, xytext=(4, 4),
+        ax.annotate(f"{name} (n={len(timed)})" if spread else name, (x, y), fontsize=7, xytext=(4, 4),
                     textcoords="offset points")
     ax.set_xlabel("training images/second")
     ax.set_ylabel("best val top-1 (%)")
@@ -185,7 +202,7 @@ def write_report(paths: Sequence[Path], out: Path) -> Path:
     fig.savefig(curves_png, dpi=120)
     plt.close(fig)
 
-    grouped = f"Mean ± standard deviation over the runs that differ only by a seed suffix:\n\n{groups_table(groups)}\n\n" \
+    grouped = f"Mean ± standard deviation over the runs that differ only by a seed suffix:\n\n{grouped_table}\n\n" \
         if seeded else ""
     out.write_text(f"{runs_table(runs)}\n\n{grouped}![accuracy against speed]({speed_png.name})\n\n"
                    f"![training curves]({curves_png.name})\n")

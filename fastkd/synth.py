@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
 from fastkd.errors import DataError
+from fastkd.log import log
 
 SHAPES = ("disc", "ring", "square", "cross", "triangle")
 FAMILIES = {"warm": 35.0, "cool": 75.0}  # hue centres in degrees; spread below makes them overlap
@@ -156,7 +157,7 @@ def ensure_demo_dataset(root: Path, spec: DemoSpec = DemoSpec()) -> bool:
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = root.with_name(f".{root.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    print(f"generating the demo dataset into {root} ...", flush=True)
+    log.info(f"generating the demo dataset into {root} ...")
     generate_demo_dataset(tmp, spec)
     if root.exists():
         root.rmdir()

@@ -117,6 +117,8 @@ class CacheKey:
     teacher_checkpoint: str
     """sha256 of the teacher's checkpoint file."""
     teacher_precision: str
+    teacher_normalization: dict[str, list[float]] | None = None
+    """The teacher's input mean/std when not ImageNet's (null: ImageNet's, as every cache before it)."""
 
     def difference(self, other: "CacheKey") -> str | None:
         """What differs from `other` (the run's key), in words, or None."""
@@ -264,8 +266,28 @@ class TeacherCache:
             self._arrays[epoch] = array
         return self._arrays[epoch]
 
+    def advise_reading(self, epoch: int) -> None:
+        """Ask the kernel to read an epoch file into the page cache in the background
+        (posix_fadvise WILLNEED; nothing where the platform lacks it): a replay's random rows
+        are then memory reads, not one disk read per row, from the epoch's first batches on."""
+        if str(epoch) not in self.manifest["epochs"] or not hasattr(os, "posix_fadvise"):
+            return
+        try:
+            fd = os.open(self.epoch_path(epoch), os.O_RDONLY)
+        except OSError:
+            return  # checked when opened for reading; advice only
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        finally:
+            os.close(fd)
+
     def rows(self, epoch: int, indices: np.ndarray) -> np.ndarray:
-        return np.asarray(self.epoch_logits(epoch)[indices])
+        """[len(indices), C] logits of those samples (a top-k cache's rebuilt, in fp32)."""
+        rows = np.asarray(self.epoch_logits(epoch)[indices])
+        if self.top_k is None:
+            return rows
+        return decode_top_k(torch.from_numpy(np.ascontiguousarray(rows["index"])),
+                            torch.from_numpy(np.ascontiguousarray(rows["logit"])), self.manifest["num_classes"]).numpy()
 
     # -- writing ----------------------------------------------------------------------
 
@@ -333,9 +355,16 @@ class CachedTeacher:
         self.cache = cache
         self.device = device
         self.epoch = 0
+        row = cache.row_dtype
+        if cache.top_k is not None:  # a top-k row's layout, worked out once
+            self._split = row.fields["logit"][1]  # the byte offset of its logits
+            self._index_dtype = torch.from_numpy(np.zeros(0, row.fields["index"][0].base)).dtype
+            self._value_dtype = torch.from_numpy(np.zeros(0, row.fields["logit"][0].base)).dtype
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+        for upcoming in (epoch, epoch + 1):  # this epoch's file, and the next one's while this one trains
+            self.cache.advise_reading(upcoming)
 
     def __call__(self, indices: torch.Tensor) -> torch.Tensor:
         logits = self.cache.epoch_logits(self.epoch)
@@ -352,11 +381,10 @@ class CachedTeacher:
         # index and logit fields and rebuilt into [B, C] logits on the device.
         row = logits.dtype
         raw = torch.empty((len(index), row.itemsize), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-        np.take(logits, index, axis=0, out=raw.numpy().view(row).reshape(len(index)))
+        # mode="clip": the loader's indices are in range; "raise" would gather through a temporary copy
+        np.take(logits, index, axis=0, out=raw.numpy().view(row).reshape(len(index)), mode="clip")
         raw = raw.to(self.device, non_blocking=True)
-        split = row.fields["logit"][1]  # the byte offset of the logits in a row
-        index_dtype = torch.from_numpy(np.zeros(0, row.fields["index"][0].base)).dtype
-        value_dtype = torch.from_numpy(np.zeros(0, row.fields["logit"][0].base)).dtype
-        top = raw[:, :split].contiguous().view(index_dtype)
-        values = raw[:, split:].contiguous().view(value_dtype)
+        # the fields as their own dtypes (a view needs each row's bytes of a field to be contiguous: small copies)
+        top = raw[:, :self._split].contiguous().view(self._index_dtype)
+        values = raw[:, self._split:].contiguous().view(self._value_dtype)
         return decode_top_k(top, values, self.cache.manifest["num_classes"])

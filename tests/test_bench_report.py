@@ -202,3 +202,24 @@ def test_warm_up_drains_what_the_loader_prefetched():
     bench = Bench(cfg=None, runtime=None, window=Window(steps=20, warmup=8, repeats=3), config_path="x")
     assert bench.window_for(SimpleNamespace(prefetched_batches=64)).warmup == 65  # 16 workers x 4
     assert bench.window_for(SimpleNamespace()).warmup == 8
+
+
+def test_report_keeps_runs_of_other_folders_apart_and_refuses_a_group_of_other_models(tmp_path):
+    from fastkd.errors import FastkdError
+    from fastkd.report import write_report
+
+    _fake_run(tmp_path / "a", "teacher", 60.0)
+    _fake_run(tmp_path / "b", "teacher", 70.0)
+    out = tmp_path / "report.md"
+    write_report([tmp_path / "a", tmp_path / "b"], out)
+    grouped = out.read_text().split("Mean ± standard deviation")
+    assert len(grouped) == 1  # two single runs named alike in two folders: no seed group
+    mixed = tmp_path / "mixed"
+    _fake_run(mixed, "student-s0", 40.0)
+    other = _fake_run(mixed, "student-s1", 41.0)
+    summary = json.loads((other / "summary.json").read_text())
+    (other / "summary.json").write_text(json.dumps({**summary, "model": "resnet34"}))
+    with pytest.raises(FastkdError, match="student-s0, student-s1 differ only by a seed suffix but have different "
+                                          "model"):
+        write_report([mixed], tmp_path / "mixed-report" / "report.md")
+    assert not (tmp_path / "mixed-report").exists()

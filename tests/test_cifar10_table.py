@@ -103,3 +103,22 @@ def test_an_original_runs_log_becomes_a_fastkd_summary(tmp_path):
     assert summary["train_seconds"] <= summary["wall_seconds"] < 2
     assert 0.14 <= summary["train_seconds"] < 2 and summary["images_per_sec"] == pytest.approx(
         3000 / summary["train_seconds"], rel=0.05)
+
+
+def test_the_plan_interleaves_the_systems_and_routes_every_override(tmp_path):
+    table = load_script()
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "test").mkdir()
+    args = table.build_args(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--seeds", "0", "1",
+                             "--override", "optim.epochs=2", "--override", "distill.allow_weak_teacher=true"])
+    jobs = table.plan(args, table.read_recipe(), tmp_path / "code", tmp_path / "odata")
+    names = [job.name for job in jobs]
+    assert names[:3] == ["fastkd-teacher-s0", "original-teacher-s0", "fastkd-student-dali-s0"]
+    assert names.index("fastkd-teacher-s1") > names.index("fastkd-kd-cached-dali-s0")  # seed after seed
+    for job in jobs:
+        if job.original is None:
+            assert "optim.epochs=2" in job.command, job.name  # every fastkd run gets the recipe change
+            distills = job.command[3] in ("distill", "teacher-cache")
+            assert ("distill.allow_weak_teacher=true" in job.command) == distills, job.name
+    kd = next(job for job in jobs if job.name == "original-kd-s0")
+    assert kd.needs == tmp_path / "out" / "original" / "seed0" / "runs" / "resnet18" / "model_best.pth.tar"

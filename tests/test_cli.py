@@ -174,3 +174,35 @@ def test_bad_data_through_the_cli_exits_2_and_writes_nothing(tiny_imagefolder, t
     message = cli_error(capsys, "train", "--config", str(config))
     assert message.startswith("fastkd: error: ") and expected in message
     assert not (tmp_path / "runs").exists()
+
+
+def test_messages_go_through_the_fastkd_logger_and_can_be_quieted(tiny_imagefolder, tmp_path, capsys, monkeypatch):
+    import logging
+
+    from fastkd.log import RankZeroOnly, log
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append  # type: ignore[method-assign]
+    log.addHandler(handler)
+    try:
+        config = write_config(tmp_path / "c.yaml", tiny_config_dict(tiny_imagefolder, tmp_path / "runs",
+                                                                     optim={"epochs": 1, "warmup_epochs": 0}))
+        main(["train", "--config", str(config), "--no-progress"])
+        out = capsys.readouterr().out
+        assert any(r.getMessage().startswith("epoch   1  train loss") for r in records)  # redirectable
+        assert "epoch   1  train loss" in out
+        records.clear()
+        main(["--log-level", "warning", "train", "--config", str(config), "--no-progress", "run.name=quiet"])
+        out = capsys.readouterr().out
+        assert "epoch   1" not in out and not records
+        assert out.startswith(f"run {tmp_path / 'runs' / 'quiet'}: best_val_top1 ")  # the result still prints
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(logging.INFO)
+    info = logging.LogRecord("fastkd", logging.INFO, __file__, 1, "m", None, None)
+    error = logging.LogRecord("fastkd", logging.ERROR, __file__, 1, "m", None, None)
+    monkeypatch.setenv("RANK", "1")
+    assert not RankZeroOnly().filter(info) and RankZeroOnly().filter(error)
+    monkeypatch.setenv("RANK", "0")
+    assert RankZeroOnly().filter(info)

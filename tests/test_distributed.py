@@ -193,3 +193,21 @@ def test_resuming_with_another_number_of_processes_is_refused(tiny_imagefolder, 
     assert info.value.code == 2
     assert "was written by 2 process(es); resume with the same number (now 1)" in capsys.readouterr().err
     assert {p.name: p.stat().st_mtime_ns for p in run_dir.iterdir()} == before
+
+
+def test_the_ema_of_the_weights_under_torchrun_is_saved_evaluated_and_resumed_exactly(tiny_imagefolder, tmp_path):
+    raw = tiny_config_dict(tiny_imagefolder, tmp_path / "runs", data=backend_section("torchvision"),
+                           model={"ema_decay": 0.8})
+    config = write_config(tmp_path / "c.yaml", raw)
+    reference = write_config(tmp_path / "ref.yaml", {**raw, "run": {**raw["run"], "out_dir": str(tmp_path / "ref")}})
+    done = torchrun("train", "--config", str(reference))
+    assert done.returncode == 0, done.stderr[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "ref" / "tiny" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["val_images"] == 20 and "val_ema_top1" in r for r in records)  # every val image once, both weights
+    stopped = torchrun("train", "--config", str(config), hooks={"stop_at": "1:3"})
+    assert stopped.returncode != 0 and "stopped after step 4" in stopped.stderr, stopped.stderr[-3000:]
+    resumed = torchrun("train", "--config", str(config), "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a = load_checkpoint(tmp_path / "ref" / "tiny" / "last.pt")["ema"]
+    b = load_checkpoint(tmp_path / "runs" / "tiny" / "last.pt")["ema"]
+    assert all(torch.equal(a[k], b[k]) for k in a)

@@ -364,3 +364,15 @@ def test_teacher_cache_without_a_folder_or_distill_section_is_one_line(tiny_imag
     raw = distill_dict(tiny_imagefolder, tmp_path / "runs", tmp_path / "t.pt")
     message = cli_error(capsys, "teacher-cache", "--config", str(write_config(tmp_path / "kd.yaml", raw)))
     assert message == "fastkd: error: distill.teacher_cache: name the folder to record the teacher's logits into"
+
+
+@pytest.mark.parametrize("problem", ["missing teacher", "bad --top-k", "bad --epochs"])
+def test_a_refused_recording_writes_nothing(tiny_imagefolder, tiny_teacher, tmp_path, capsys, problem):  # noqa: F811
+    teacher = tmp_path / "nope.pt" if problem == "missing teacher" else tiny_teacher
+    config = write_config(tmp_path / "kd.yaml", kd_raw(tiny_imagefolder, tmp_path / "runs", teacher, tmp_path / "cache"))
+    extra = {"missing teacher": [], "bad --top-k": ["--top-k", "0"], "bad --epochs": ["--epochs", "0"]}[problem]
+    message = cli_error(capsys, "teacher-cache", "--config", str(config), *extra)
+    expected = {"missing teacher": f"distill.teacher.checkpoint: checkpoint not found: {teacher}",
+                "bad --top-k": "--top-k: must be >= 1, got 0", "bad --epochs": "--epochs: must be >= 1, got 0"}[problem]
+    assert message == f"fastkd: error: {expected}"
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "runs").exists()

@@ -11,7 +11,7 @@ import torch
 
 from fastkd import engine
 from fastkd.config import config_from_dict
-from fastkd.errors import ConfigError
+from fastkd.errors import ConfigError, DataError
 from fastkd.losses import kd_loss
 from fastkd.teacher_cache import (CacheKey, CachedTeacher, TeacherCache, decode_top_k, encode_top_k,
                                   row_dtype)
@@ -46,8 +46,55 @@ def test_at_other_temperatures_the_top_k_keep_their_ratios_and_kd_is_approximate
     rebuilt = decode_top_k(indices, values, logits.shape[1])
     p, q = (logits / 4).softmax(1).gather(1, indices), (rebuilt / 4).softmax(1).gather(1, indices)
     torch.testing.assert_close(p / p[:, :1], q / q[:, :1], rtol=1e-5, atol=1e-7)
-    exact, approximate = kd_loss(student, logits, 4.0), kd_loss(student, rebuilt, 4.0)
-    assert not torch.equal(exact, approximate) and float(approximate) == pytest.approx(float(exact), rel=0.5)
+    assert not torch.equal(kd_loss(student, logits, 4.0), kd_loss(student, rebuilt, 4.0))  # approximate at T=4
+
+
+def test_at_t_1_the_kd_gradient_on_the_kept_classes_is_exact():
+    """d KL(p || q) / d s = (q - p) / B: on the K kept classes p is exact, so the gradient is."""
+    logits, student = _logits(), (_logits() * 0.5 + 1).requires_grad_()
+    indices, values = encode_top_k(logits, 5)
+    rebuilt = decode_top_k(indices, values, logits.shape[1])
+    exact, = torch.autograd.grad(kd_loss(student, logits, 1.0), student)
+    approximate, = torch.autograd.grad(kd_loss(student, rebuilt, 1.0), student)
+    torch.testing.assert_close(approximate.gather(1, indices), exact.gather(1, indices), rtol=1e-4, atol=1e-7)
+    assert not torch.allclose(approximate, exact)  # elsewhere the rest's mass is spread evenly
+
+
+@pytest.mark.gpu
+def test_a_top_k_cache_replays_on_the_gpu_through_pinned_memory(tmp_path):
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    key, logits = _key(), _logits(16)
+    cache = TeacherCache.create_or_resume(tmp_path / "c", key, dtype="fp16", top_k=5, num_classes=100,
+                                          teacher_val={"val_top1": 50.0, "val_top5": 90.0})
+    rows = cache.new_epoch_file(0)
+    cache.write_rows(rows, np.arange(16), logits)
+    rows.flush()
+    del rows
+    cache.commit_epoch(0)
+    opened = TeacherCache.open(tmp_path / "c", key, epochs=1, top_k=5)
+    indices = torch.tensor([5, 1, 9])
+    got = CachedTeacher(opened, torch.device("cuda"))(indices)
+    torch.cuda.synchronize()
+    assert got.device.type == "cuda"
+    torch.testing.assert_close(got.cpu(), CachedTeacher(opened, torch.device("cpu"))(indices))
+
+
+def test_a_cache_recorded_before_top_k_and_normalization_keys_still_replays(tmp_path):
+    key, logits = _key(), _logits(16)
+    cache = TeacherCache.create_or_resume(tmp_path / "c", key, dtype="fp32", num_classes=100,
+                                          teacher_val={"val_top1": 50.0, "val_top5": 90.0})
+    rows = cache.new_epoch_file(0)
+    cache.write_rows(rows, np.arange(16), logits)
+    rows.flush()
+    del rows
+    cache.commit_epoch(0)
+    manifest = json.loads((tmp_path / "c" / "manifest.json").read_text())
+    del manifest["top_k"], manifest["key"]["teacher_normalization"]  # as fastkd wrote them before
+    (tmp_path / "c" / "manifest.json").write_text(json.dumps(manifest))
+    opened = TeacherCache.open(tmp_path / "c", key, epochs=1)
+    assert opened.top_k is None
+    assert torch.equal(CachedTeacher(opened, torch.device("cpu"))(torch.tensor([2, 7])), logits[[2, 7]])
 
 
 def test_a_top_k_row_is_packed_and_small():
@@ -86,7 +133,7 @@ def test_a_top_k_epoch_replays_the_rebuilt_logits_and_is_checked_like_a_full_one
     full = TeacherCache.create_or_resume(tmp_path / "full", key, dtype="fp32", **common)
     assert full.top_k is None
     (tmp_path / "c" / "epoch-0000.npy").write_bytes((tmp_path / "c" / "epoch-0000.npy").read_bytes()[:-8])
-    with pytest.raises(Exception, match="missing, truncated or altered"):
+    with pytest.raises(DataError, match="missing, truncated or altered"):
         TeacherCache.open(tmp_path / "c", key, epochs=1, top_k=5)
 
 
@@ -96,6 +143,9 @@ def test_dkd_with_a_top_1_cache_is_refused_in_one_line():
     with pytest.raises(ConfigError, match="distill.teacher_cache_top_k: 1 leaves dkd none of the teacher's "
                                           "non-target classes"):
         config_from_dict(raw)
+    live = {"data": raw["data"], "distill": {**raw["distill"], "loss": "kd", "teacher_cache": ""}}
+    with pytest.raises(ConfigError, match="distill.teacher_cache_top_k: is set without distill.teacher_cache"):
+        config_from_dict(live)
     raw["distill"]["teacher_cache_top_k"] = 2
     assert config_from_dict(raw).distill.teacher_cache_top_k == 2
 
