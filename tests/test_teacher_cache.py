@@ -166,9 +166,12 @@ def test_a_student_distilled_from_an_fp32_cache_ends_bit_identical_to_online_dis
 def test_an_fp16_cache_differs_from_the_live_teacher_by_fp16_rounding_only(tiny_imagefolder, random_teacher,
                                                                           tmp_path):
     """fp16 storage is not bit-exact: each logit is rounded to 11 significant bits, nothing else.
-    Training amplifies that rounding like any perturbation (tiny data, lr 0.05): the first epoch's
-    loss stays within 2% of online distillation here; bit-identical runs need --dtype fp32."""
+    Training amplifies that rounding like any perturbation: on the tiny recipe the first epoch's
+    loss moved by 1% at lr 1e-3 and by 1-3% at its lr 0.05, by an amount that changes whenever the
+    random stream does. At lr 1e-4 the weights barely move and what is left is the rounding of the
+    teacher's logits inside the loss (about 1e-6 of it). Bit-identical runs need --dtype fp32."""
     half = kd_raw(tiny_imagefolder, tmp_path / "runs", random_teacher, tmp_path / "cache-16")
+    half["optim"]["lr"] = 1e-4
     full = kd_raw(tiny_imagefolder, tmp_path / "runs", random_teacher, tmp_path / "cache-32")
     record(half, dtype="fp16")
     record(full, dtype="fp32")
@@ -180,7 +183,7 @@ def test_an_fp16_cache_differs_from_the_live_teacher_by_fp16_rounding_only(tiny_
     engine.distill(config_from_dict(online(half)), progress=False)
     losses = [json.loads((config_from_dict(r).run_dir / "metrics.jsonl").read_text().splitlines()[0])["train_loss"]
               for r in (half, online(half))]
-    assert losses[0] != losses[1] and abs(losses[0] - losses[1]) < 0.02 * losses[1]
+    assert abs(losses[0] - losses[1]) < 1e-4 * losses[1], losses
 
 
 def test_replay_under_another_batch_size_reads_each_samples_row(tiny_imagefolder, tiny_teacher, tmp_path):  # noqa: F811
