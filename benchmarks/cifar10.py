@@ -576,6 +576,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         prepare_original_data(args.data, args.val_dir, original_data)
     if args.plan:
         for i, job in enumerate(jobs, 1):
+            if args.only and job.row not in args.only:
+                continue
             print(f"[{i}/{len(jobs)}] {'done ' if job.is_done() else ''}{job.name}: (cd {job.cwd} && "
                   f"{' '.join(job.command)})")
         return

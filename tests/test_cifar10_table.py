@@ -122,3 +122,14 @@ def test_the_plan_interleaves_the_systems_and_routes_every_override(tmp_path):
             assert ("distill.allow_weak_teacher=true" in job.command) == distills, job.name
     kd = next(job for job in jobs if job.name == "original-kd-s0")
     assert kd.needs == tmp_path / "out" / "original" / "seed0" / "runs" / "resnet18" / "model_best.pth.tar"
+
+
+def test_plan_with_only_prints_those_rows_alone(tmp_path, capsys):
+    table = load_script()
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "test").mkdir()
+    table.main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--seeds", "0", "1",
+                "--only", "fastkd student torchvision", "--plan"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0].split("] ")[1] for line in lines] == [
+        "fastkd-student-torchvision-s0", "fastkd-student-torchvision-s1"], lines
