@@ -574,9 +574,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.original and not args.plan:
         prepare_original(args.original.expanduser().resolve(), args.out / "original", recipe)
         prepare_original_data(args.data, args.val_dir, original_data)
+    def selected(job: Job) -> bool:
+        return not args.only or job.row in args.only
+
     if args.plan:
         for i, job in enumerate(jobs, 1):
-            if args.only and job.row not in args.only:
+            if not selected(job):
                 continue
             print(f"[{i}/{len(jobs)}] {'done ' if job.is_done() else ''}{job.name}: (cd {job.cwd} && "
                   f"{' '.join(job.command)})")
@@ -593,7 +596,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         if job.is_done():
             print(f"[{i}/{len(jobs)}] {job.name}: done before, kept", flush=True)
             continue
-        if args.only and job.row not in args.only:
+        if not selected(job):
             continue
         print(f"[{i}/{len(jobs)}] {job.name} ... (log: {args.out / 'logs' / (job.name + '.log')})", flush=True)
         seconds = run_job(job, args.out / "logs", timings)
