@@ -1,16 +1,24 @@
-"""Shared fixtures: small generated datasets and configs, a GPU marker that skips without CUDA."""
+"""Shared fixtures and helpers: small generated datasets, configs and a teacher; the CLI run in and
+out of process; a GPU marker that skips without CUDA. Test files import helpers from here only,
+never from one another."""
 
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
+import yaml
 
-from fastkd.config import Config, config_from_dict
+from fastkd import engine, loop
+from fastkd.cli import main
+from fastkd.config import Config, DataConfig, config_from_dict
 from fastkd.synth import DemoSpec, generate_demo_dataset
+from pipelines.base import BatchSpec
 
 TINY_SPEC = DemoSpec(train_per_class=4, val_per_class=2, min_side=40, max_side=64)
 
@@ -64,3 +72,66 @@ HOOKED_FASTKD = str(REPO / "tests" / "fastkd_with_hooks.py")
 def hooked_env(**hooks: str) -> dict[str, str]:
     """Environment for a `fastkd` subprocess: the repository importable, hooks as FASTKD_TEST_*."""
     return {**os.environ, "PYTHONPATH": str(REPO), **{f"FASTKD_TEST_{k.upper()}": v for k, v in hooks.items()}}
+
+
+def write_config(path: Path, raw: dict) -> Path:
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "fastkd", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+def cli_error(capsys, *args: str) -> str:
+    with pytest.raises(SystemExit) as info:
+        main(list(args))
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err.strip()
+
+
+def stop_after(monkeypatch, step: int) -> None:
+    """Make the loop see a stop request (as from SIGTERM) right after optimizer step `step`."""
+    original = loop.agree_to_stop
+
+    def fake(t):
+        if t.state.step == step:
+            t.stop.signum = 15
+        return original(t)
+
+    monkeypatch.setattr(loop, "agree_to_stop", fake)
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher(tiny_imagefolder, tmp_path_factory) -> Path:
+    """best.pt of a short `fastkd train` run on the tiny dataset (barely trained: near chance)."""
+    out = tmp_path_factory.mktemp("teacher-runs")
+    result = engine.train(tiny_config(tiny_imagefolder, out, run={"name": "teacher"}), progress=False)
+    return result.run_dir / "best.pt"
+
+
+def distill_dict(root: Path, out: Path, teacher: Path, **distill) -> dict:
+    raw = tiny_config_dict(root, out, model={"arch": "shufflenet_v2_x0_5"})
+    raw["distill"] = {"teacher": {"arch": "resnet18", "checkpoint": str(teacher)}, "alpha": 0.6,
+                      "temperature": 3.0, "allow_weak_teacher": True, **distill}
+    return raw
+
+
+CPU = BatchSpec(device=torch.device("cpu"), dtype=torch.float32)
+
+
+def data_config(root: Path, backend: str, **kw) -> DataConfig:
+    values = dict(root=str(root), backend=backend, dali_device="cpu", image_size=32, val_resize=36,
+                  batch_size=7, num_workers=1, synthetic_num_classes=10, synthetic_train_samples=40,
+                  synthetic_val_samples=20)
+    values.update(kw)
+    return DataConfig(**values)
+
+
+def require_backend(backend: str) -> None:
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")

@@ -11,8 +11,7 @@ import torch
 
 from fastkd import engine
 from fastkd.cli import main
-from tests.conftest import tiny_config, tiny_config_dict
-from tests.test_train import write_config
+from tests.conftest import tiny_config, tiny_config_dict, write_config
 
 ROW_KEYS = {"what", "backend", "images_per_sec", "min", "max", "batch_size", "image_size", "model", "teacher",
             "precision", "channels_last", "device", "cpu_count", "torch", "torchvision", "dali", "git", "timestamp"}

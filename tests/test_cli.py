@@ -14,8 +14,7 @@ from fastkd import engine
 from fastkd.checkpoint import load_checkpoint
 from fastkd.cli import main
 from fastkd.synth import MARKER
-from tests.conftest import tiny_config, tiny_config_dict
-from tests.test_train import REPO, cli_error, write_config
+from tests.conftest import REPO, cli_error, tiny_config, tiny_config_dict, write_config
 
 TINY_DEMO = ["data.image_size=32", "data.val_resize=36", "data.batch_size=8", "data.num_workers=0",
              "data.generate_demo=false", "optim.epochs=1", "optim.warmup_epochs=0", "runtime.device=cpu", "run.tensorboard=false",

@@ -145,8 +145,13 @@ def shipped_configs() -> list[Path]:
     return sorted((REPO / "configs").rglob("*.yaml"))
 
 
-def test_configs_are_shipped():
-    assert shipped_configs(), "no YAML under configs/"
+def test_every_config_the_readme_names_is_shipped():
+    """The README's commands name configs by path; each is a file (and the list below is not empty)."""
+    named = set(re.findall(r"configs/[\w/.-]+\.yaml", (REPO / "README.md").read_text()))
+    assert named, "the README names no config"
+    missing = sorted(n for n in named if not (REPO / n).is_file())
+    assert not missing, f"the README names configs that are not shipped: {missing}"
+    assert set(map(str, (REPO / n for n in named))) <= set(map(str, shipped_configs()))
 
 
 @pytest.mark.parametrize("path", shipped_configs(), ids=lambda p: str(p.relative_to(REPO)))

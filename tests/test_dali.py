@@ -15,8 +15,7 @@ from PIL import Image
 from fastkd.errors import CheckpointError, ConfigError, DataError
 from pipelines import build_loaders, load_data
 from pipelines.base import BatchSpec, Shard, check_batch
-from tests.conftest import REPO, hooked_env
-from tests.test_pipelines import CPU, data_config
+from tests.conftest import CPU, REPO, data_config, hooked_env
 
 if importlib.util.find_spec("nvidia.dali") is None:  # not installed: skip; installed but broken: fail
     pytest.skip("NVIDIA DALI is not installed", allow_module_level=True)

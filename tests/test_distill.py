@@ -2,35 +2,17 @@ from __future__ import annotations
 
 import contextlib
 import json
-from pathlib import Path
 
 import pytest
 import torch
 import torchvision
-import yaml
 
 from fastkd import engine, loop
 from fastkd.config import config_from_dict
 from fastkd.checkpoint import load_checkpoint, save_checkpoint
 from fastkd.losses import kd_loss
 from fastkd.steps import DistillationStep
-from tests.conftest import tiny_config, tiny_config_dict
-from tests.test_train import cli_error, run_cli, stop_after, write_config
-
-
-@pytest.fixture(scope="session")
-def tiny_teacher(tiny_imagefolder, tmp_path_factory) -> Path:
-    """best.pt of a short `fastkd train` run on the tiny dataset (barely trained: near chance)."""
-    out = tmp_path_factory.mktemp("teacher-runs")
-    result = engine.train(tiny_config(tiny_imagefolder, out, run={"name": "teacher"}), progress=False)
-    return result.run_dir / "best.pt"
-
-
-def distill_dict(root: Path, out: Path, teacher: Path, **distill) -> dict:
-    raw = tiny_config_dict(root, out, model={"arch": "shufflenet_v2_x0_5"})
-    raw["distill"] = {"teacher": {"arch": "resnet18", "checkpoint": str(teacher)}, "alpha": 0.6,
-                      "temperature": 3.0, "allow_weak_teacher": True, **distill}
-    return raw
+from tests.conftest import cli_error, distill_dict, run_cli, stop_after, tiny_config_dict, write_config
 
 
 def make_step(stream=None, *, teacher_input_dtype=None, label_smoothing=0.0, term=None) -> DistillationStep:
@@ -293,17 +275,3 @@ def test_distill_without_a_distill_section_and_train_with_one_are_refused(tiny_i
     assert "`fastkd distill` needs a distill section" in cli_error(capsys, "distill", "--config", str(plain))
     kd = write_config(tmp_path / "kd.yaml", distill_dict(tiny_imagefolder, tmp_path / "runs", tiny_teacher))
     assert "run it with `fastkd distill`" in cli_error(capsys, "train", "--config", str(kd))
-
-
-def test_every_original_result_has_a_config():
-    configs = Path(__file__).resolve().parents[1] / "configs" / "mini_imagenet"
-    loaded = {p.stem: yaml.safe_load(p.read_text()) for p in configs.glob("*.yaml")}
-    kd_grid = {(c["distill"]["temperature"], c["distill"]["alpha"]) for c in loaded.values()
-               if "distill" in c and c["distill"]["teacher"]["arch"] == "shufflenet_v2_x2_0"}
-    assert {(1, 0.9), (3, 0.9), (5, 0.9), (10, 0.9), (3, 0.7), (3, 0.6), (3, 0.5)} <= kd_grid
-    archs = {c["model"]["arch"] for c in loaded.values() if "distill" not in c}
-    assert {"shufflenet_v2_x0_5", "shufflenet_v2_x1_0", "shufflenet_v2_x2_0", "resnet18", "resnet34",
-            "resnet50"} <= archs
-    resnet_kd = [c for c in loaded.values() if "distill" in c and c["distill"]["teacher"]["arch"] == "resnet50"]
-    assert resnet_kd and resnet_kd[0]["model"]["arch"] == "resnet18"
-    assert (resnet_kd[0]["distill"]["temperature"], resnet_kd[0]["distill"]["alpha"]) == (3, 0.6)

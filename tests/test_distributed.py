@@ -19,10 +19,7 @@ from fastkd.checkpoint import load_checkpoint
 from fastkd.config import DataConfig
 from pipelines import build_loaders
 from pipelines.base import Shard
-from tests.conftest import HOOKED_FASTKD, hooked_env, tiny_config_dict
-from tests.test_distill import distill_dict, tiny_teacher  # noqa: F401  (fixture)
-from tests.test_pipelines import CPU
-from tests.test_train import REPO, write_config
+from tests.conftest import CPU, HOOKED_FASTKD, REPO, distill_dict, hooked_env, tiny_config_dict, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -172,11 +169,10 @@ def test_a_failing_rank_brings_the_job_down_with_its_error(tiny_imagefolder, tmp
     victim = next((root / "train" / "warm_disc").iterdir())
     victim.write_bytes(b"\xff\xd8\xff broken")  # lands in one rank's shard only
     raw = tiny_config_dict(root, tmp_path / "runs", data={**backend_section("torchvision"), "verify_images": False})
-    started = time.time()
+    # A job that hung on the failed rank instead would raise TimeoutExpired here.
     done = torchrun("train", "--config", str(write_config(tmp_path / "c.yaml", raw)), timeout=240)
     assert done.returncode != 0
     assert f"fastkd: error: cannot decode {victim}" in done.stderr
-    assert time.time() - started < 200
 
 
 def test_resuming_with_another_number_of_processes_is_refused(tiny_imagefolder, tmp_path, capsys):

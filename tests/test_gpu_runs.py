@@ -12,9 +12,7 @@ import torch
 from fastkd import engine, loop
 from fastkd.checkpoint import load_checkpoint
 from fastkd.config import config_from_dict
-from tests.conftest import tiny_config_dict
-from tests.test_distill import distill_dict
-from tests.test_train import stop_after
+from tests.conftest import distill_dict, stop_after, tiny_config_dict
 
 pytestmark = pytest.mark.gpu
 

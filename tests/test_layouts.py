@@ -15,7 +15,7 @@ from fastkd.errors import DataError
 from pipelines import build_loaders
 from pipelines.datasets import load_dataset
 from pipelines.mini_imagenet import split_mini_imagenet
-from tests.test_pipelines import CPU, data_config, require_backend
+from tests.conftest import CPU, data_config, require_backend
 
 WNIDS = ["n01532829", "n01558993", "n01704323", "n01749939", "n01770081"]
 

@@ -16,8 +16,7 @@ from fastkd.config import config_from_dict
 from fastkd.ema import ModelEma, ema_decay_at
 from fastkd.errors import CheckpointError, ConfigError
 from fastkd.models import Normalization, attach_input_normalization, create_model, load_pretrained
-from tests.conftest import tiny_config, tiny_config_dict
-from tests.test_train import cli_error, stop_after, write_config
+from tests.conftest import cli_error, stop_after, tiny_config, tiny_config_dict, write_config
 
 
 def test_without_timm_a_timm_arch_is_one_line_saying_how_to_install_it(monkeypatch):

@@ -9,29 +9,15 @@ import pytest
 import torch
 from PIL import Image
 
-from fastkd.config import DataConfig
 from fastkd.errors import DataError
 from pipelines import build_loaders
-from pipelines.base import BatchSpec, Shard, check_batch
+from pipelines.base import Shard, check_batch
 from pipelines.datasets import load_dataset
 from pipelines.augment import random_resized_crop_box, sample_seed
 from pipelines.torchvision_backend import EpochSampler
+from tests.conftest import CPU, data_config, require_backend
 
-CPU = BatchSpec(device=torch.device("cpu"), dtype=torch.float32)
 BACKENDS = ["torchvision", "synthetic", "dali"]
-
-
-def data_config(root: Path, backend: str, **kw) -> DataConfig:
-    values = dict(root=str(root), backend=backend, dali_device="cpu", image_size=32, val_resize=36,
-                  batch_size=7, num_workers=1, synthetic_num_classes=10, synthetic_train_samples=40,
-                  synthetic_val_samples=20)
-    values.update(kw)
-    return DataConfig(**values)
-
-
-def require_backend(backend: str) -> None:
-    if backend == "dali":
-        pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

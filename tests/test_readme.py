@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 
-from tests.test_train import REPO
+from tests.conftest import REPO
 
 
 def test_every_test_the_readme_names_exists():

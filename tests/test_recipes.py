@@ -12,7 +12,7 @@ import re
 import pytest
 
 from fastkd.config import load_config
-from tests.test_train import REPO
+from tests.conftest import REPO
 
 CONFIGS = REPO / "configs" / "mini_imagenet"
 

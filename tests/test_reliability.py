@@ -20,8 +20,7 @@ from fastkd.checkpoint import load_checkpoint
 from fastkd.cli import main
 from fastkd.errors import FastkdError
 from pipelines.verify import find_broken_images, image_problem
-from tests.conftest import HOOKED_FASTKD, hooked_env, tiny_config, tiny_config_dict
-from tests.test_train import REPO, cli_error, write_config
+from tests.conftest import HOOKED_FASTKD, REPO, cli_error, hooked_env, tiny_config, tiny_config_dict, write_config
 
 BROKEN = ("truncated.jpg", "empty.jpg", "text.jpg")
 
@@ -337,7 +336,7 @@ assert atexit._ncallbacks() == before, "an exit hook was registered at import"
 image_problem({str(next((tiny_imagefolder / "train" / "cool_disc").iterdir()))!r})
 assert PIL.Image.MAX_IMAGE_PIXELS == limit, "the PIL pixel limit was changed"
 from pipelines import build_loaders
-from tests.test_pipelines import CPU, data_config
+from tests.conftest import CPU, data_config
 loader = build_loaders(data_config({str(tiny_imagefolder)!r}, "torchvision", num_workers=2), spec=CPU, seed=0).train
 next(iter(loader))
 print("workers", *[w.pid for w in pipelines.torchvision_backend._OUR_WORKERS], flush=True)
@@ -345,7 +344,6 @@ other = multiprocessing.Process(target=time.sleep, args=(3,), daemon=False)
 other.start()
 print("other", other.pid, flush=True)
 ''')
-    started = time.time()
     done = subprocess.run([sys.executable, str(script)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
@@ -360,6 +358,5 @@ print("other", other.pid, flush=True)
             return False
         return True
 
-    assert not any(alive(pid) for pid in workers)
-    assert time.time() - started < 60  # exit waited for the 3 s child, not for the workers forever
+    assert not any(alive(pid) for pid in workers)  # exit killed them (else it waits forever: TimeoutExpired)
     assert not alive(other)  # the non-daemonic child ran to its end: exit waited for it, untouched

@@ -15,9 +15,7 @@ from fastkd.checkpoint import load_checkpoint
 from fastkd.config import config_from_dict, load_config
 from pipelines import build_loaders
 from pipelines.augment import SizeSchedule
-from tests.test_distill import distill_dict, tiny_teacher  # noqa: F401  (fixture)
-from tests.test_pipelines import CPU, data_config
-from tests.test_train import cli_error, stop_after, write_config
+from tests.conftest import CPU, cli_error, data_config, distill_dict, stop_after, write_config
 
 HAVE_DALI = importlib.util.find_spec("nvidia.dali") is not None
 BACKENDS = [("torchvision", {}), ("synthetic", {}),

@@ -14,9 +14,7 @@ from fastkd.loop import apply_update, backward
 from fastkd.runtime import Runtime, create_runtime, resolve_device
 from pipelines import loader_workers
 from pipelines.base import Shard
-from tests.conftest import tiny_config
-from tests.test_distill import distill_dict, tiny_teacher  # noqa: F401  (fixture)
-from tests.test_train import write_config
+from tests.conftest import distill_dict, tiny_config, write_config
 
 
 @pytest.fixture
@@ -96,9 +94,13 @@ def test_reduced_precision_on_a_gpu_hands_over_half_batches():
     assert cpu_runtime(precision="bf16").batch_spec.dtype == torch.float32
 
 
-def test_sync_debug_is_a_no_op_off_the_gpu():
+def test_sync_debug_leaves_the_sync_mode_alone_off_the_gpu(monkeypatch):
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_sync_debug_mode", lambda: calls.append("get") or 0)
+    monkeypatch.setattr(torch.cuda, "set_sync_debug_mode", lambda m: calls.append(m))
     with cpu_runtime(sync_debug=True).no_host_sync():
-        torch.zeros(1).item()
+        torch.zeros(1).item()  # a host read on the CPU is no sync to report
+    assert calls == []
 
 
 def test_sync_debug_makes_host_syncs_errors_inside_the_block_on_a_gpu(monkeypatch):

@@ -21,9 +21,7 @@ from fastkd.models import load_teacher
 from fastkd.runtime import create_runtime, seed_everything
 from fastkd.teacher_cache import CacheKey, CachedTeacher, TeacherCache
 from pipelines import build_loaders, load_data
-from tests.conftest import HOOKED_FASTKD, REPO, hooked_env
-from tests.test_distill import distill_dict, tiny_teacher  # noqa: F401  (fixture)
-from tests.test_train import cli_error, stop_after, write_config
+from tests.conftest import HOOKED_FASTKD, REPO, cli_error, distill_dict, hooked_env, stop_after, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -70,7 +68,6 @@ def random_teacher(tmp_path_factory) -> Path:
 def test_logits_beyond_the_cache_dtype_are_refused_and_nothing_is_recorded(tiny_imagefolder, tmp_path, capsys):
     """An fp16 cache would keep an overflowing logit as inf, and every student replaying it would
     stop at a NaN loss (seen in the GPU script's rehearsal, with a teacher that had diverged)."""
-    from fastkd.cli import main
 
     torch.manual_seed(0)
     teacher = torchvision.models.resnet18(num_classes=10)

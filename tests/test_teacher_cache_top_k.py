@@ -15,8 +15,7 @@ from fastkd.errors import ConfigError, DataError
 from fastkd.losses import kd_loss
 from fastkd.teacher_cache import (CacheKey, CachedTeacher, TeacherCache, decode_top_k, encode_top_k,
                                   row_dtype)
-from tests.test_distill import distill_dict, tiny_teacher  # noqa: F401  (fixture)
-from tests.test_train import cli_error, write_config
+from tests.conftest import cli_error, distill_dict, write_config
 
 
 def _logits(rows: int = 64, classes: int = 100) -> torch.Tensor:

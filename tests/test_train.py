@@ -1,10 +1,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,30 +10,7 @@ import yaml
 from fastkd import engine, loop
 from fastkd.checkpoint import load_checkpoint
 from fastkd.cli import main
-from tests.conftest import tiny_config, tiny_config_dict
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def write_config(path: Path, raw: dict) -> Path:
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", "fastkd", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=600)
-
-
-def cli_error(capsys, *args: str) -> str:
-    with pytest.raises(SystemExit) as info:
-        main(list(args))
-    assert info.value.code == 2
-    err = capsys.readouterr().err
-    assert err.count("\n") == 1 and "Traceback" not in err, err
-    return err.strip()
-
+from tests.conftest import cli_error, run_cli, stop_after, tiny_config, tiny_config_dict, write_config
 
 @pytest.mark.slow
 def test_train_then_eval_end_to_end(tiny_imagefolder, tmp_path):
@@ -108,18 +81,6 @@ def test_user_errors_show_no_traceback_in_a_real_process(tmp_path):
     done = run_cli("train", "--config", str(tmp_path / "missing.yaml"))
     assert done.returncode == 2
     assert done.stderr.strip() == f"fastkd: error: config file not found: {tmp_path / 'missing.yaml'}"
-
-
-def stop_after(monkeypatch, step: int) -> None:
-    """Make the loop see a stop request (as from SIGTERM) right after optimizer step `step`."""
-    original = loop.agree_to_stop
-
-    def fake(t):
-        if t.state.step == step:
-            t.stop.signum = 15
-        return original(t)
-
-    monkeypatch.setattr(loop, "agree_to_stop", fake)
 
 
 @pytest.mark.slow
