@@ -46,6 +46,7 @@ from pipelines.augment import check_stream_state, crop_range, epoch_order, sampl
 from pipelines.dali_source import PADDING, PARAMS, UNREADABLE, TrainSamples
 from pipelines.resample import CropFinisher
 from pipelines.torchvision_backend import BROKEN_HINT
+from pipelines.verify import image_problem
 
 try:
     import nvidia.dali.math as dmath
@@ -241,6 +242,8 @@ class DaliLoader:
                             total * (shard.rank + 1) // ranks - total * shard.rank // ranks)
         self._position: tuple[int, int] | None = None
         """(epoch, batch) the training pipeline yields next; None when unknown (rebuild)."""
+        self._reading: tuple[int | None, int] | None = None
+        """(epoch, batch) being read now (epoch None in validation), to name a file at fault."""
         self._finisher = CropFinisher(spec.dtype)
         self._pipe = None
         if build:  # False only to inspect the graph (`create_pipeline`) where it cannot run
@@ -312,19 +315,50 @@ class DaliLoader:
         """Stage 1: the pipeline's output (already on the GPU when DALI augments there): images,
         labels and, for training, the samples' indices (on the host) and the teacher's view of
         the same crops (None without one)."""
+        self._reading = None if self.train else (None, 0)
         try:
             if self.train:
                 yield from self._train_batches()
                 return
-            for (batch,) in self._iterator:
+            for number, (batch,) in enumerate(self._iterator):
+                self._reading = (None, number + 1)
                 if batch["labels"].shape[0]:  # not an uneven validation shard's empty trailing batch
                     yield batch["images"], batch["labels"], None, None
         except Exception as exc:  # DALI raises RuntimeError, or Exception for its Python workers' errors
             if self.train:
                 self._position = None  # the pipeline's place in the stream is lost: set_epoch rebuilds it
-            if not is_decode_failure(exc):
-                raise  # CUDA errors, out of memory, nvJPEG set-up: not the data's fault
-            raise DataError(f"DALI could not read or decode an image: {_dali_reason(exc)}{BROKEN_HINT}") from None
+            fault = self._data_fault(exc)
+            if fault is None:
+                raise  # CUDA errors, out of memory, nvJPEG set-up, or no file to blame: DALI's own error
+            raise DataError(f"DALI could not read or decode an image: {fault}{BROKEN_HINT}") from None
+
+    def _data_fault(self, exc: Exception) -> str | None:
+        """Which file a DALI error comes from, on evidence rather than DALI's wording: our own
+        source's message naming a file it could not read, or a file of the batches DALI may have
+        been working on (the one being read and those prefetched after it) that PIL cannot decode
+        either. None when neither holds: the error is then not the data's (or not provably)."""
+        own = [line.split(UNREADABLE, 1)[1] for line in str(exc).splitlines() if UNREADABLE in line]
+        if own:
+            return f"cannot read {own[0].strip()[:300]}"
+        for path in self._files_in_flight():
+            problem = image_problem(path)
+            if problem is not None:
+                return f"cannot decode {path}: {problem}"
+        return None
+
+    def _files_in_flight(self) -> list[str]:
+        """The files of the batch being read and of the `dali_prefetch_queue` (+1) batches after it."""
+        if self._reading is None:
+            return []
+        epoch, first = self._reading
+        span = slice(first * self.batch_size, (first + self._cfg.dali_prefetch_queue + 2) * self.batch_size)
+        if epoch is None:  # validation: this shard's contiguous files, in order
+            total, shard = len(self._files), self._shard
+            start, end = total * shard.rank // shard.world_size, total * (shard.rank + 1) // shard.world_size
+            return self._files[start:end][span]
+        order = epoch_order(len(self._files), seed=self._seed, epoch=epoch, shuffle=True, rank=self._shard.rank,
+                            world_size=self._shard.world_size)
+        return [self._files[i] for i in order[span]]
 
     def _train_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """The rest of the current epoch, from the pipeline's never-ending stream (`TrainSamples`)."""
@@ -336,6 +370,7 @@ class DaliLoader:
         order = torch.tensor(epoch_order(len(self._files), seed=self._seed, epoch=epoch, shuffle=True, rank=shard.rank,
                                          world_size=shard.world_size), dtype=torch.int64)
         for batch_index in range(first, len(self)):
+            self._reading = (epoch, batch_index)
             (batch,) = next(self._iterator)
             indices, teacher = batch["indices"].view(-1), batch.get("teacher_images")
             real = int((indices != PADDING).sum())  # host tensor: no device sync
@@ -396,33 +431,6 @@ class _finished_with_torch:
         if teacher_size:
             batch["teacher_images"] = self._finish(crop, flips, teacher_size)
         return (batch,)
-
-
-_NOT_THE_DATA = ("out of memory", "cuda error", "cudaerror", "cuda_error", "allocation failed", "cuda driver",
-                 "nvjpeg_status_allocator_failure", "nvjpeg_status_not_initialized")
-
-
-def is_decode_failure(exc: Exception) -> bool:
-    """Whether a DALI error comes from the data: a decoder given bad bytes, a reader or the
-    training source given a missing or unreadable file (and not from the GPU or memory)."""
-    text = str(exc)
-    if UNREADABLE in text:
-        return True
-    text = text.lower()
-    from_data = "fn.decoders." in text or "fn.readers." in text or "fn.io.file." in text
-    return from_data and not any(marker in text for marker in _NOT_THE_DATA)
-
-
-def _dali_reason(exc: Exception) -> str:
-    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
-    named = [line.split(UNREADABLE, 1)[1] for line in lines if UNREADABLE in line]
-    if named:
-        return f"cannot read {named[0][:300]}"
-    named = [line for line in lines if "/" in line and not line.startswith(("File ", "C++ context"))]
-    useful = [line for line in lines if not line.startswith(("File ", "C++ context", "Current pipeline",
-                                                             "Critical error", "Error in ", "which was used",
-                                                             "encountered"))]
-    return (named or useful or lines or ["unknown error"])[0][:300]
 
 
 def placement(dali_device: str, spec: BatchSpec, *, hw_decoder_load: float, files: list[str],

@@ -17,6 +17,7 @@ than the resize; a pooled batch is reused only once nothing else holds its memor
 from __future__ import annotations
 
 import contextlib
+import functools
 import threading
 from typing import Callable, Iterator, Sequence
 
@@ -27,12 +28,27 @@ from pipelines.base import IMAGENET_MEAN, IMAGENET_STD
 
 
 def _storage_users(tensor: torch.Tensor) -> int:
-    """How many tensors (views included) share `tensor`'s memory (a private torch call: without
-    it, `BatchBuffers` allocates every batch anew)."""
+    """How many tensors (views included) share `tensor`'s memory.
+
+    torch has no public call for this; `torch._C._storage_Use_Count` is private and may change
+    or go. `can_count_storage_users()` checks once that it still answers as expected, and when
+    it does not, `BatchBuffers` hands out a new tensor every time: slower, never wrong."""
     return torch._C._storage_Use_Count(tensor.untyped_storage()._cdata)
 
 
-_CAN_COUNT_USERS = hasattr(torch._C, "_storage_Use_Count")
+@functools.cache
+def can_count_storage_users() -> bool:
+    """Whether `_storage_users` works on this torch: it exists, counts a view as a second user
+    and sees the view go (checked once per process)."""
+    try:
+        tensor = torch.empty(4)
+        alone = _storage_users(tensor)
+        view = tensor[1:]
+        shared = _storage_users(tensor)
+        del view
+        return isinstance(alone, int) and shared == alone + 1 and _storage_users(tensor) == alone
+    except Exception:  # missing, renamed or with another signature: allocate anew instead
+        return False
 
 
 class BatchBuffers:
@@ -53,7 +69,7 @@ class BatchBuffers:
 
     def empty(self, shape: Sequence[int], dtype: torch.dtype) -> torch.Tensor:
         shape = tuple(shape)
-        if not _CAN_COUNT_USERS or self.capacity == 0:
+        if self.capacity == 0 or not can_count_storage_users():
             return torch.empty(shape, dtype=dtype)
         free = [i for i, (tensor, alone) in enumerate(self._pool) if _storage_users(tensor) == alone]
         for i in free:

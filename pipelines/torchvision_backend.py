@@ -13,6 +13,7 @@ from __future__ import annotations
 import atexit
 import functools
 import math
+import multiprocessing
 import signal
 from typing import Any, Iterator
 
@@ -115,11 +116,17 @@ def _register_exit_hook() -> None:
     atexit.register(_kill_workers_at_exit)
 
 
-def _remember_workers(loader: torch.utils.data.DataLoader) -> None:
-    workers = getattr(getattr(loader, "_iterator", None), "_workers", None) or []
-    if workers:
+def _start_iterating(loader: torch.utils.data.DataLoader) -> Iterator:
+    """`iter(loader)`, remembering the worker processes it starts (the first call of a loader
+    with persistent workers) in `_OUR_WORKERS`: the children that `multiprocessing` lists after
+    the call and not before (the main thread starts no other process meanwhile)."""
+    before = set(multiprocessing.active_children())
+    iterator = iter(loader)
+    started = [child for child in multiprocessing.active_children() if child not in before]
+    if started:
         _register_exit_hook()
-    _OUR_WORKERS.extend(w for w in workers if w not in _OUR_WORKERS)
+        _OUR_WORKERS.extend(started)
+    return iterator
 
 
 class EpochSampler(torch.utils.data.Sampler):
@@ -191,8 +198,7 @@ class TorchvisionLoader:
         """Stage 1: decoded, augmented uint8 NHWC batches in (pinned) host memory, with their
         labels, sample indices and the teacher's view of the same crops (None without one)."""
         try:
-            batches = iter(self._loader)
-            _remember_workers(self._loader)  # persistent workers: started by the first iter()
+            batches = _start_iterating(self._loader)
             for pixels, labels, indices, *teacher in batches:
                 yield pixels, labels, indices, (teacher[0] if teacher else None)
         except DataError as exc:  # re-raised from a worker with its traceback: keep the last line

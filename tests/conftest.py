@@ -14,8 +14,6 @@ import pytest
 import torch
 import yaml
 
-from fastkd import engine, loop
-from fastkd.cli import main
 from fastkd.config import Config, DataConfig, config_from_dict
 from fastkd.synth import DemoSpec, generate_demo_dataset
 from pipelines.base import BatchSpec
@@ -86,6 +84,9 @@ def run_cli(*args: str, cwd: Path = REPO) -> subprocess.CompletedProcess:
 
 
 def cli_error(capsys, *args: str) -> str:
+    """`fastkd ARGS` in this process, refused: its one-line error (exit status 2, no traceback)."""
+    from fastkd.cli import main  # imported when used: subprocesses that import this file start faster
+
     with pytest.raises(SystemExit) as info:
         main(list(args))
     assert info.value.code == 2
@@ -96,6 +97,8 @@ def cli_error(capsys, *args: str) -> str:
 
 def stop_after(monkeypatch, step: int) -> None:
     """Make the loop see a stop request (as from SIGTERM) right after optimizer step `step`."""
+    from fastkd import loop
+
     original = loop.agree_to_stop
 
     def fake(t):
@@ -109,6 +112,8 @@ def stop_after(monkeypatch, step: int) -> None:
 @pytest.fixture(scope="session")
 def tiny_teacher(tiny_imagefolder, tmp_path_factory) -> Path:
     """best.pt of a short `fastkd train` run on the tiny dataset (barely trained: near chance)."""
+    from fastkd import engine
+
     out = tmp_path_factory.mktemp("teacher-runs")
     result = engine.train(tiny_config(tiny_imagefolder, out, run={"name": "teacher"}), progress=False)
     return result.run_dir / "best.pt"

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from pipelines.base import IMAGENET_MEAN, IMAGENET_STD
+from pipelines import resample
 from pipelines.resample import BatchBuffers, CropFinisher
 
 
@@ -56,6 +57,34 @@ def test_a_batch_is_reused_only_once_nobody_holds_it():
     address = other.data_ptr()
     del other
     assert pool.empty((1, 8, 8, 3), torch.float32).data_ptr() == address
+
+
+def test_the_private_use_count_answers_as_the_pool_expects_on_this_torch():
+    """The pool's reuse rests on a private torch call; a torch that changed it would make every
+    batch a new one (slower, still right): this says so at once rather than in a benchmark."""
+    assert resample.can_count_storage_users()
+
+
+@pytest.mark.parametrize("broken", ["missing", "wrong"])
+def test_without_a_working_use_count_every_batch_is_new(monkeypatch, broken):
+    if broken == "missing":
+        monkeypatch.delattr(torch._C, "_storage_Use_Count")
+    else:  # still there, but it no longer counts views
+        monkeypatch.setattr(torch._C, "_storage_Use_Count", lambda cdata: 1)
+    resample.can_count_storage_users.cache_clear()
+    try:
+        assert not resample.can_count_storage_users()
+        pool = BatchBuffers(capacity=2)
+        first = pool.empty((2, 4, 4, 3), torch.float32)
+        view = first[:1]
+        second = pool.empty((2, 4, 4, 3), torch.float32)
+        assert second.shape == (2, 4, 4, 3) and second.data_ptr() != first.data_ptr()
+        assert pool._pool == []  # nothing pooled: a batch can never be handed out twice
+        del view
+    finally:
+        monkeypatch.undo()
+        resample.can_count_storage_users.cache_clear()
+    assert resample.can_count_storage_users()
 
 
 def test_a_batch_saved_for_backward_is_not_reused():
