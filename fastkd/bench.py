@@ -35,7 +35,7 @@ from fastkd.report import markdown_table
 from fastkd.runtime import Runtime, create_runtime, seed_everything
 from fastkd.steps import ClassificationStep, DistillationStep
 from fastkd.teacher_cache import CacheKey, CachedTeacher, TeacherCache
-from pipelines import build_loaders, load_data
+from fastkd.data import build_loaders, load_data
 from pipelines.base import Loader, Shard
 from pipelines.loaders import loader_workers
 from pipelines.datasets import Dataset

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from fastkd.checkpoint import is_fastkd_checkpoint, load_checkpoint
 from fastkd.config import Config, DistillConfig, ModelConfig, changed_keys, config_from_dict, config_to_dict, dump_config
+from fastkd.data import build_loaders, crop_range, load_data, size_schedule
 from fastkd.ema import ModelEma, NoEma
 from fastkd.env import collect_env, device_name
 from fastkd.errors import CheckpointError, ConfigError, DataError, FastkdError
@@ -38,8 +39,8 @@ from fastkd.runtime import Runtime, create_runtime, seed_everything, set_rng_sta
 from fastkd.steps import ClassificationStep, DistillationStep, frozen_forward
 from fastkd.teacher_cache import (DTYPES, CacheKey, CachedTeacher, TeacherCache, dataset_digest, describe_top_k,
                                   effective_top_k, file_sha256)
-from pipelines.augment import augmentation_spec, crop_range, size_schedule
-from pipelines import build_loaders, load_data, loader_workers
+from pipelines.augment import augmentation_spec
+from pipelines import loader_workers
 from pipelines.base import Loaders
 from pipelines.datasets import Dataset
 from pipelines.verify import find_broken_images

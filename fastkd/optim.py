@@ -47,9 +47,9 @@ def _zero_momentum_buffers(optimizer: torch.optim.SGD) -> None:
 
     Fused SGD allocates the buffers uninitialized on its first step and fills them in its
     kernel, which an fp16 step skipped by the GradScaler (inf gradients, common at the start
-    of training) never runs: the garbage then enters every later update (NaN losses, seen
-    with torch 2.11 on an H200 and reproduced with 2.14 on the CPU). With zero buffers the
-    first real update, `buf = momentum * 0 + grad`, is the one SGD defines (no dampening).
+    of training) never runs: the garbage then enters every later update as NaN losses. With
+    zero buffers the first real update, `buf = momentum * 0 + grad`, is the one SGD defines
+    (no dampening).
     """
     for group in optimizer.param_groups:
         for param in group["params"]:

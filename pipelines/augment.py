@@ -131,20 +131,6 @@ class SizeSchedule:
         return {"start": self.start, "end": self.end, "first": self.first, "last": self.last, "step": self.step}
 
 
-def crop_range(data: Any) -> CropRange:
-    """The crop ranges of a `DataConfig` (`crop_scale`, `crop_ratio`)."""
-    return CropRange(tuple(data.crop_scale), tuple(data.crop_ratio))
-
-
-def size_schedule(data: Any) -> SizeSchedule:
-    """The training size schedule of a `DataConfig`."""
-    if data.start_image_size is None:
-        return SizeSchedule(end=data.image_size)
-    first, last = data.size_ramp_epochs
-    return SizeSchedule(end=data.image_size, start=data.start_image_size, first=first, last=last,
-                        step=data.image_size_step)
-
-
 def samples_per_rank(num_items: int, world_size: int) -> int:
     """Training samples each rank takes per epoch: the same on every rank (`epoch_order` pads)."""
     return -(-num_items // world_size)

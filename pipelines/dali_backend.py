@@ -38,11 +38,11 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from fastkd.config import DataConfig
 from fastkd.errors import ConfigError, DataError
 from pipelines.base import IMAGENET_MEAN, IMAGENET_STD, BatchSpec, Loaders, Shard
 from pipelines.datasets import Dataset, Split
-from pipelines.augment import check_stream_state, crop_range, epoch_order, samples_per_rank, size_schedule, stream_state
+from pipelines.augment import (CropRange, SizeSchedule, check_stream_state, epoch_order, samples_per_rank,
+                               stream_state)
 from pipelines.dali_source import PADDING, PARAMS, UNREADABLE, TrainSamples
 from pipelines.resample import CropFinisher
 from pipelines.torchvision_backend import BROKEN_HINT
@@ -200,8 +200,7 @@ def build_pipeline(pipe) -> None:
     A forked worker inherits the parent's heap, with any DALI pipeline left as cyclic garbage (a
     loader held by an exception's traceback, say) whose threads were waiting on its locks. Were
     the worker's garbage collector to destroy that pipeline, it would wait forever on a lock of a
-    thread the fork did not copy (seen as a test run that hung while starting workers), or tear
-    down shared resources. So every object that exists at the fork is frozen out of the worker's
+    thread the fork did not copy, or tear down shared resources. So every object that exists at the fork is frozen out of the worker's
     collections (`gc.freeze`, as Python's documentation advises before a fork; O(1), whatever the
     start method). The parent collects such garbage later, as it would have."""
     gc.freeze()
@@ -222,8 +221,9 @@ def python_workers(num_threads: int, *, gpu: bool) -> dict[str, Any]:
 class DaliLoader:
     """A DALI pipeline + iterator honouring the batch contract of `pipelines.base`."""
 
-    def __init__(self, split: Split, *, train: bool, batch_size: int, cfg: DataConfig, place: Placement, seed: int,
-                 shard: Shard, spec: BatchSpec, num_threads: int, teacher_size: int | None = None,
+    def __init__(self, split: Split, *, train: bool, batch_size: int, place: Placement, seed: int, shard: Shard,
+                 spec: BatchSpec, num_threads: int, sizes: SizeSchedule, val_size: int, val_resize: int,
+                 prefetch_queue: int, crop_range: CropRange = CropRange(), teacher_size: int | None = None,
                  build: bool = True):
         self.batch_size = batch_size
         self.teacher_size = teacher_size if train else None
@@ -233,7 +233,9 @@ class DaliLoader:
         self._place = place
         self._shard = shard
         self._num_threads = num_threads
-        self._cfg = cfg
+        self._sizes, self._crop_range = sizes, crop_range
+        self._val_size, self._val_resize = val_size, val_resize
+        self._prefetch_queue = prefetch_queue
         self._seed = seed
         self._files, self._labels = list(split.files), list(split.labels)
         # Validation: DALI's reader gives shard r the contiguous files [N*r // W, N*(r+1) // W).
@@ -252,7 +254,7 @@ class DaliLoader:
     def create_pipeline(self, first_epoch: int = 0, first_batch: int = 0, *, device_id: int | None | str = "auto"):
         """The DALI pipeline of this loader, not yet built (`device_id` "auto": the training GPU's
         index when any part runs on the GPU; tests pass None to serialize a GPU graph on the CPU)."""
-        cfg, shard, place = self._cfg, self._shard, self._place
+        shard, place = self._shard, self._place
         dtype = types.FLOAT16 if self.spec.dtype == torch.float16 else types.FLOAT
         if device_id == "auto":
             # The training device's own index, not LOCAL_RANK: with a per-process
@@ -266,16 +268,16 @@ class DaliLoader:
         # which on GPU-decoded images is a GPU -> CPU transition only the dynamic executor allows.
         @pipeline_def(batch_size=self.batch_size, num_threads=self._num_threads, device_id=device_id,
                       seed=self._seed * 1009 + shard.rank + (0 if self.train else 7), exec_dynamic=True,
-                      prefetch_queue_depth=cfg.dali_prefetch_queue, **workers)
+                      prefetch_queue_depth=self._prefetch_queue, **workers)
         def pipeline():
             if self.train:
                 source = TrainSamples(self._files, self._labels, seed=self._seed, rank=shard.rank,
                                       world_size=shard.world_size, batch_size=self.batch_size,
-                                      sizes=size_schedule(cfg), teacher_size=self.teacher_size,
-                                      first_epoch=first_epoch, first_batch=first_batch, crop_range=crop_range(cfg))
+                                      sizes=self._sizes, teacher_size=self.teacher_size,
+                                      first_epoch=first_epoch, first_batch=first_batch, crop_range=self._crop_range)
                 return _train_graph(source, place=place, dtype=dtype, teacher_view=self.teacher_size is not None)
-            return _val_graph(self._files, self._labels, place=place, image_size=cfg.val_crop_size,
-                              val_resize=cfg.val_resize_size, shard=shard, dtype=dtype)
+            return _val_graph(self._files, self._labels, place=place, image_size=self._val_size,
+                              val_resize=self._val_resize, shard=shard, dtype=dtype)
 
         return pipeline()
 
@@ -351,7 +353,7 @@ class DaliLoader:
         if self._reading is None:
             return []
         epoch, first = self._reading
-        span = slice(first * self.batch_size, (first + self._cfg.dali_prefetch_queue + 2) * self.batch_size)
+        span = slice(first * self.batch_size, (first + self._prefetch_queue + 2) * self.batch_size)
         if epoch is None:  # validation: this shard's contiguous files, in order
             total, shard = len(self._files), self._shard
             start, end = total * shard.rank // shard.world_size, total * (shard.rank + 1) // shard.world_size
@@ -424,7 +426,7 @@ class _finished_with_torch:
         params = params[params[:, _PARAM["index"]] != PADDING]  # padding samples are not worth resizing
         flips = params[:, _PARAM["flip"]].tolist()
         # The crops are DALI's memory, valid until the next run(): read here, before it. NumPy's
-        # array interface wraps them for a fifth of torch.from_dlpack's cost (about 2 us against 10).
+        # array interface wraps them at a fraction of torch.from_dlpack's cost.
         crop = lambda k: torch.from_numpy(np.asarray(crops[k]))  # noqa: E731
         batch = {"images": self._finish(crop, flips, size), "labels": params[:, _PARAM["label"]].contiguous(),
                  "indices": params[:, _PARAM["index"]].contiguous()}
@@ -446,14 +448,18 @@ def placement(dali_device: str, spec: BatchSpec, *, hw_decoder_load: float, file
                      finish_with_torch=on_cpu and cpu_resize == "torch")
 
 
-def build_dali_loaders(cfg: DataConfig, dataset: Dataset, *, spec: BatchSpec, seed: int, shard: Shard,
-                       num_threads: int, val_batch_size: int, teacher_image_size: int | None = None) -> Loaders:
+def build_dali_loaders(dataset: Dataset, *, spec: BatchSpec, seed: int, shard: Shard, num_threads: int,
+                       batch_size: int, val_batch_size: int, sizes: SizeSchedule, val_size: int, val_resize: int,
+                       dali_device: str, hw_decoder_load: float, cpu_resize: str, prefetch_queue: int,
+                       crop_range: CropRange = CropRange(), teacher_image_size: int | None = None) -> Loaders:
+    """Training and validation DALI loaders of one process (`dali_device`: "gpu", "cpu" or
+    "auto", as `data.dali_device`; the other values as the `data.*` keys of the same names)."""
     _require_dali()
-    device = resolve_dali_device(cfg.dali_device, spec.device)
-    place = placement(device, spec, hw_decoder_load=cfg.dali_hw_decoder_load, files=dataset.train.files,
-                      cpu_resize=cfg.dali_cpu_resize)
-    common = dict(cfg=cfg, place=place, seed=seed, shard=shard, spec=spec, num_threads=num_threads)
-    return Loaders(DaliLoader(dataset.train, train=True, batch_size=cfg.batch_size, teacher_size=teacher_image_size,
-                              **common),
+    device = resolve_dali_device(dali_device, spec.device)
+    place = placement(device, spec, hw_decoder_load=hw_decoder_load, files=dataset.train.files, cpu_resize=cpu_resize)
+    common = dict(place=place, seed=seed, shard=shard, spec=spec, num_threads=num_threads, sizes=sizes,
+                  val_size=val_size, val_resize=val_resize, prefetch_queue=prefetch_queue)
+    return Loaders(DaliLoader(dataset.train, train=True, batch_size=batch_size, teacher_size=teacher_image_size,
+                              crop_range=crop_range, **common),
                    DaliLoader(dataset.val, train=False, batch_size=val_batch_size, **common),
                    list(dataset.classes))

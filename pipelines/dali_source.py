@@ -37,8 +37,8 @@ class TrainSamples:
     from `first_epoch` (shifted by `first_batch` batches, to resume mid-epoch) on, each epoch's
     last batch filled with padding samples (index `PADDING`), since DALI's sample mode has no
     partial batches. The loader takes `batches_in_epoch` batches per epoch from it; DALI never
-    resets the pipeline between epochs, so its prefetching runs on across them (a reset drains
-    the queue: measured as a first batch taking twice the others)."""
+    resets the pipeline between epochs, so its prefetching runs on across them (a reset would
+    drain the queue, and each epoch's first batch would wait for a whole decode)."""
 
     def __init__(self, files: Sequence[str], labels: Sequence[int], *, seed: int, rank: int, world_size: int,
                  batch_size: int, sizes: SizeSchedule, teacher_size: int | None = None, first_epoch: int = 0,

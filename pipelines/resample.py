@@ -88,7 +88,7 @@ class BatchBuffers:
 @contextlib.contextmanager
 def _one_thread() -> Iterator[None]:
     """torch on one thread: a crop is too small to split, and DALI's decoding threads hold the
-    other cores (two threads on such work measured a third slower on 2 cores). The setting is
+    other cores (a second thread on such small work only slows it). The setting is
     the process's: it is only changed on the main thread, which runs the training step too (a
     loader iterated on another thread would change it under a running step)."""
     threads = torch.get_num_threads()

@@ -127,6 +127,16 @@ def distill_dict(root: Path, out: Path, teacher: Path, **distill) -> dict:
 
 
 CPU = BatchSpec(device=torch.device("cpu"), dtype=torch.float32)
+GPU_SPEC = BatchSpec(device=torch.device("cuda", 0), dtype=torch.float16)
+"""A GPU batch spec, for graphs built (not run) without a GPU."""
+
+
+def dali_loader_values(cfg: DataConfig) -> dict[str, Any]:
+    """The `DaliLoader` arguments that `fastkd.data.build_loaders` takes from a data config."""
+    from fastkd.data import crop_range, size_schedule
+
+    return dict(sizes=size_schedule(cfg), val_size=cfg.val_crop_size, val_resize=cfg.val_resize_size,
+                crop_range=crop_range(cfg), prefetch_queue=cfg.dali_prefetch_queue)
 
 
 def data_config(root: Path, backend: str, **kw) -> DataConfig:

@@ -117,7 +117,7 @@ def test_missing_and_malformed_files_are_named(tmp_path):
 
 
 def test_a_config_that_is_not_utf8_text_or_has_a_control_character_is_one_line_naming_the_file(tmp_path, capsys):
-    from tests.test_train import cli_error
+    from tests.conftest import cli_error
 
     binary = tmp_path / "bin.yaml"
     binary.write_bytes(b"\xff\xfe\x00bad")

@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from fastkd.errors import CheckpointError, ConfigError, DataError
-from pipelines import build_loaders, load_data
+from fastkd.data import build_loaders, load_data
 from pipelines.augment import epoch_order
 from pipelines.base import BatchSpec, Shard, check_batch
-from tests.conftest import CPU, REPO, data_config, hooked_env
+from tests.conftest import CPU, GPU_SPEC, REPO, dali_loader_values, data_config, hooked_env
 
 if importlib.util.find_spec("nvidia.dali") is None:  # not installed: skip; installed but broken: fail
     pytest.skip("NVIDIA DALI is not installed", allow_module_level=True)
@@ -254,8 +254,6 @@ def test_dali_device_follows_the_training_device_not_the_host(requested, device,
     assert resolve_dali_device(requested, torch.device(device)) == expected
 
 
-GPU_SPEC = BatchSpec(device=torch.device("cuda", 0), dtype=torch.float16)
-
 
 @pytest.mark.parametrize("dali_device", ["gpu", "cpu"])
 @pytest.mark.parametrize("train", [True, False])
@@ -267,8 +265,8 @@ def test_gpu_graphs_are_valid_without_a_gpu(tiny_imagefolder, dali_device, train
     place = placement(dali_device, GPU_SPEC, hw_decoder_load=0.65, files=dataset.train.files)
     assert place.on_gpu and (place.decoder == "mixed") == (dali_device == "gpu")
     split = dataset.train if train else dataset.val
-    loader = DaliLoader(split, train=train, batch_size=4, cfg=cfg, place=place, seed=0, shard=Shard(),
-                        spec=GPU_SPEC, num_threads=1, build=False)
+    loader = DaliLoader(split, train=train, batch_size=4, place=place, seed=0, shard=Shard(), spec=GPU_SPEC,
+                        num_threads=1, build=False, **dali_loader_values(cfg))
     pipe = loader.create_pipeline(device_id=None)
     graph = pipe.serialize()
     if dali_device == "gpu":
@@ -391,8 +389,8 @@ def build_after_cyclic_garbage(root: str) -> None:
 
 
 def test_a_loader_left_as_cyclic_garbage_does_not_break_the_next_one_s_forked_workers(tiny_imagefolder):
-    """A forked worker must not destroy the inherited garbage pipeline (that hung a test run while
-    starting workers, or broke the new workers' queue): run in a process of its own, with a limit."""
+    """A forked worker must not destroy the inherited garbage pipeline (it would wait forever on a
+    lock, or break the new workers' queue): run in a process of its own, with a limit."""
     script = ("from tests.test_dali import build_after_cyclic_garbage; "
               f"build_after_cyclic_garbage({str(tiny_imagefolder)!r})")
     try:

@@ -17,7 +17,7 @@ from PIL import Image
 
 from fastkd.checkpoint import load_checkpoint
 from fastkd.config import DataConfig
-from pipelines import build_loaders
+from fastkd.data import build_loaders
 from pipelines.base import Shard
 from tests.conftest import CPU, HOOKED_FASTKD, REPO, distill_dict, hooked_env, tiny_config_dict, write_config
 

@@ -12,7 +12,7 @@ import torch
 
 from fastkd.cli import main
 from fastkd.errors import DataError
-from pipelines import build_loaders
+from fastkd.data import build_loaders
 from pipelines.datasets import load_dataset
 from pipelines.mini_imagenet import split_mini_imagenet
 from tests.conftest import CPU, data_config, require_backend

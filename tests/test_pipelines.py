@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 
 from fastkd.errors import DataError
-from pipelines import build_loaders
+from fastkd.data import build_loaders
 from pipelines.base import Shard, check_batch
 from pipelines.datasets import load_dataset
 from pipelines.augment import random_resized_crop_box, sample_seed
@@ -222,3 +222,25 @@ def test_unusual_images_decode_to_rgb(tmp_path):
         image = decode_rgb(str(tmp_path / name))
         assert image.mode == "RGB" and image.size == (30, 20), name
     assert decode_rgb(str(tmp_path / "exif.jpg")).size == (20, 30)
+
+
+def test_pipelines_take_explicit_values_and_never_import_the_config():
+    """Every module of `pipelines/` imports without `fastkd.config` (only `fastkd.data` maps a
+    config onto them), and no public callable takes a config object."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    modules = sorted(p.stem for p in (REPO / "pipelines").glob("*.py") if p.stem != "__init__")
+    script = ("import importlib, importlib.util, sys\n"
+              f"for name in {modules!r}:\n"
+              "    if name.startswith('dali') and importlib.util.find_spec('nvidia.dali') is None:\n"
+              "        continue\n"
+              "    importlib.import_module('pipelines.' + name)\n"
+              "print(sorted(m for m in sys.modules if m.startswith('fastkd')))\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "fastkd.config" not in done.stdout, done.stdout
+    for path in (REPO / "pipelines").glob("*.py"):
+        assert "DataConfig" not in path.read_text(), f"{path.name} names DataConfig"

@@ -84,7 +84,7 @@ def test_the_fast_recipe_keeps_the_original_kd_and_changes_only_time_to_accuracy
     assert (fast.optim.name, fast.optim.lr, fast.optim.weight_decay) == (original.optim.name, original.optim.lr,
                                                                          original.optim.weight_decay)
     assert fast.optim.epochs < original.optim.epochs and fast.distill.teacher_cache
-    from pipelines.augment import size_schedule
+    from fastkd.data import size_schedule
 
     sizes = [size_schedule(fast.data).at(epoch) for epoch in range(fast.optim.epochs)]
     assert sizes[0] == 160 and sizes[-1] == 192 and sorted(sizes) == sizes

@@ -335,7 +335,7 @@ from pipelines.verify import image_problem
 assert atexit._ncallbacks() == before, "an exit hook was registered at import"
 image_problem({str(next((tiny_imagefolder / "train" / "cool_disc").iterdir()))!r})
 assert PIL.Image.MAX_IMAGE_PIXELS == limit, "the PIL pixel limit was changed"
-from pipelines import build_loaders
+from fastkd.data import build_loaders
 from tests.conftest import CPU, data_config
 loader = build_loaders(data_config({str(tiny_imagefolder)!r}, "torchvision", num_workers=2), spec=CPU, seed=0).train
 next(iter(loader))

@@ -13,9 +13,10 @@ import torch.nn.functional as F
 from fastkd import engine, loop
 from fastkd.checkpoint import load_checkpoint
 from fastkd.config import config_from_dict, load_config
-from pipelines import build_loaders
+from fastkd.data import build_loaders
 from pipelines.augment import SizeSchedule
-from tests.conftest import CPU, cli_error, data_config, distill_dict, stop_after, write_config
+from tests.conftest import (CPU, GPU_SPEC, cli_error, dali_loader_values, data_config, distill_dict, stop_after,
+                            write_config)
 
 HAVE_DALI = importlib.util.find_spec("nvidia.dali") is not None
 BACKENDS = [("torchvision", {}), ("synthetic", {}),
@@ -69,17 +70,15 @@ def test_the_teachers_view_is_the_students_crop_at_another_size(tiny_imagefolder
 @pytest.mark.skipif(not HAVE_DALI, reason="no DALI")
 @pytest.mark.parametrize("dali_device", ["gpu", "cpu"])
 def test_gpu_graphs_resize_the_crop_twice_for_a_teacher_view(tiny_imagefolder, dali_device):
-    from pipelines.dali_backend import DaliLoader, placement
+    from fastkd.data import load_data
     from pipelines.base import Shard
-    from tests.test_dali import GPU_SPEC
-
-    from pipelines import load_data
+    from pipelines.dali_backend import DaliLoader, placement
 
     cfg = data_config(tiny_imagefolder, "dali", dali_device=dali_device, val_resize=None, **RAMP)
     dataset = load_data(cfg)
     place = placement(dali_device, GPU_SPEC, hw_decoder_load=0.65, files=dataset.train.files)
-    loader = DaliLoader(dataset.train, train=True, batch_size=4, cfg=cfg, place=place, seed=0, shard=Shard(),
-                        spec=GPU_SPEC, num_threads=1, teacher_size=40, build=False)
+    loader = DaliLoader(dataset.train, train=True, batch_size=4, place=place, seed=0, shard=Shard(), spec=GPU_SPEC,
+                        num_threads=1, teacher_size=40, build=False, **dali_loader_values(cfg))
     pipe = loader.create_pipeline(device_id=None)
     pipe.serialize()
     resizes = [str(op.spec) for op in pipe._ops if "OpSpec for Resize" in str(op.spec)]
