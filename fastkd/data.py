@@ -3,8 +3,10 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from fastkd.config import DataConfig
-from pipelines.augment import CropRange, SizeSchedule
+from pipelines.augment import CropRange, SizeSchedule, samples_per_rank
 from pipelines.base import BatchSpec, Loaders, Shard
 from pipelines.datasets import Dataset, load_dataset
 from pipelines.loaders import loader_workers
@@ -22,6 +24,12 @@ def size_schedule(data: DataConfig) -> SizeSchedule:
     first, last = data.size_ramp_epochs
     return SizeSchedule(end=data.image_size, start=data.start_image_size, first=first, last=last,
                         step=data.image_size_step)
+
+
+def dali_loader_values(cfg: DataConfig) -> dict[str, Any]:
+    """What a `pipelines.dali_backend.DaliLoader` takes from the data section."""
+    return dict(sizes=size_schedule(cfg), val_size=cfg.val_crop_size, val_resize=cfg.val_resize_size,
+                crop_range=crop_range(cfg), prefetch_queue=cfg.dali_prefetch_queue)
 
 
 def load_data(cfg: DataConfig) -> Dataset:
@@ -46,8 +54,7 @@ def build_loaders(cfg: DataConfig, *, spec: BatchSpec, seed: int, shard: Shard =
 
         def synthetic(num_samples: int, batch_size: int, offset: int, sizes: SizeSchedule,
                       teacher_size: int | None) -> SyntheticLoader:
-            per_rank = -(-num_samples // shard.world_size)
-            return SyntheticLoader(num_samples=per_rank, batch_size=batch_size, sizes=sizes, num_classes=len(classes),
+            return SyntheticLoader(num_samples=samples_per_rank(num_samples, shard.world_size), batch_size=batch_size, sizes=sizes, num_classes=len(classes),
                                    seed=seed + offset + 7919 * shard.rank, spec=spec, teacher_size=teacher_size)
 
         return Loaders(synthetic(cfg.synthetic_train_samples, cfg.batch_size, 0, sizes, teacher_image_size),
@@ -55,12 +62,11 @@ def build_loaders(cfg: DataConfig, *, spec: BatchSpec, seed: int, shard: Shard =
                        classes)
 
     dataset = dataset or load_data(cfg)
-    common = dict(sizes=sizes, val_size=cfg.val_crop_size, val_resize=cfg.val_resize_size, seed=seed, shard=shard,
-                  spec=spec)
     if cfg.backend == "torchvision":
         from pipelines.torchvision_backend import TorchvisionLoader
 
-        common["num_workers"] = loader_workers(cfg.num_workers, shard)
+        common = dict(sizes=sizes, val_size=cfg.val_crop_size, val_resize=cfg.val_resize_size, seed=seed,
+                      shard=shard, spec=spec, num_workers=loader_workers(cfg.num_workers, shard))
         return Loaders(TorchvisionLoader(dataset.train, train=True, batch_size=cfg.batch_size,
                                          teacher_size=teacher_image_size, crop_range=crop_range(cfg), **common),
                        TorchvisionLoader(dataset.val, train=False, batch_size=val_batch_size, **common),
@@ -68,8 +74,8 @@ def build_loaders(cfg: DataConfig, *, spec: BatchSpec, seed: int, shard: Shard =
 
     from pipelines.dali_backend import build_dali_loaders
 
-    return build_dali_loaders(dataset, batch_size=cfg.batch_size, val_batch_size=val_batch_size,
-                              crop_range=crop_range(cfg), teacher_image_size=teacher_image_size,
+    return build_dali_loaders(dataset, batch_size=cfg.batch_size, val_batch_size=val_batch_size, spec=spec, seed=seed,
+                              shard=shard, teacher_image_size=teacher_image_size,
                               num_threads=max(1, loader_workers(cfg.num_workers, shard, dali=True)),
                               dali_device=cfg.dali_device, hw_decoder_load=cfg.dali_hw_decoder_load,
-                              cpu_resize=cfg.dali_cpu_resize, prefetch_queue=cfg.dali_prefetch_queue, **common)
+                              cpu_resize=cfg.dali_cpu_resize, **dali_loader_values(cfg))

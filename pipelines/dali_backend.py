@@ -218,6 +218,10 @@ def python_workers(num_threads: int, *, gpu: bool) -> dict[str, Any]:
     return {"py_num_workers": max(1, num_threads // 2), "py_start_method": start}
 
 
+class _StreamError(RuntimeError):
+    """The loader's own bookkeeping failed (not DALI, not the data)."""
+
+
 class DaliLoader:
     """A DALI pipeline + iterator honouring the batch contract of `pipelines.base`."""
 
@@ -238,10 +242,8 @@ class DaliLoader:
         self._prefetch_queue = prefetch_queue
         self._seed = seed
         self._files, self._labels = list(split.files), list(split.labels)
-        # Validation: DALI's reader gives shard r the contiguous files [N*r // W, N*(r+1) // W).
-        total, ranks = len(self._files), shard.world_size
-        self.num_samples = (samples_per_rank(total, ranks) if train else
-                            total * (shard.rank + 1) // ranks - total * shard.rank // ranks)
+        start, end = self._val_shard()
+        self.num_samples = samples_per_rank(len(self._files), shard.world_size) if train else end - start
         self._position: tuple[int, int] | None = None
         """(epoch, batch) the training pipeline yields next; None when unknown (rebuild)."""
         self._reading: tuple[int | None, int] | None = None
@@ -329,7 +331,7 @@ class DaliLoader:
         except Exception as exc:  # DALI raises RuntimeError, or Exception for its Python workers' errors
             if self.train:
                 self._position = None  # the pipeline's place in the stream is lost: set_epoch rebuilds it
-            fault = self._data_fault(exc)
+            fault = None if isinstance(exc, _StreamError) else self._data_fault(exc)
             if fault is None:
                 raise  # CUDA errors, out of memory, nvJPEG set-up, or no file to blame: DALI's own error
             raise DataError(f"DALI could not read or decode an image: {fault}{BROKEN_HINT}") from None
@@ -348,24 +350,33 @@ class DaliLoader:
                 return f"cannot decode {path}: {problem}"
         return None
 
+    def _val_shard(self) -> tuple[int, int]:
+        """Validation: DALI's reader gives shard r the contiguous files [N*r // W, N*(r+1) // W)."""
+        total, shard = len(self._files), self._shard
+        return total * shard.rank // shard.world_size, total * (shard.rank + 1) // shard.world_size
+
     def _files_in_flight(self) -> list[str]:
-        """The files of the batch being read and of the `dali_prefetch_queue` (+1) batches after it."""
+        """The files of the batch being read and of the `dali_prefetch_queue` (+1) batches after
+        it, into the next epoch (training's stream runs on) or back to the start (validation)."""
         if self._reading is None:
             return []
         epoch, first = self._reading
-        span = slice(first * self.batch_size, (first + self._prefetch_queue + 2) * self.batch_size)
-        if epoch is None:  # validation: this shard's contiguous files, in order
-            total, shard = len(self._files), self._shard
-            start, end = total * shard.rank // shard.world_size, total * (shard.rank + 1) // shard.world_size
-            return self._files[start:end][span]
-        order = epoch_order(len(self._files), seed=self._seed, epoch=epoch, shuffle=True, rank=self._shard.rank,
-                            world_size=self._shard.world_size)
-        return [self._files[i] for i in order[span]]
+        count = (self._prefetch_queue + 2) * self.batch_size
+        if epoch is None:
+            start, end = self._val_shard()
+            files = self._files[start:end]
+            return (files[first * self.batch_size:] + files)[:count]
+        order = lambda e: epoch_order(len(self._files), seed=self._seed, epoch=e, shuffle=True,  # noqa: E731
+                                      rank=self._shard.rank, world_size=self._shard.world_size)
+        ahead = order(epoch)[first * self.batch_size:]
+        if len(ahead) < count:
+            ahead += order(epoch + 1)
+        return [self._files[i] for i in ahead[:count]]
 
     def _train_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
         """The rest of the current epoch, from the pipeline's never-ending stream (`TrainSamples`)."""
         if self._position is None:
-            raise RuntimeError("DaliLoader: an epoch failed midway; call set_epoch(epoch, batch) before reading again")
+            raise _StreamError("DaliLoader: an epoch failed midway; call set_epoch(epoch, batch) before reading again")
         epoch, first = self._position
         shard = self._shard
         # What each batch must hold: the source computes the same order in its workers.
@@ -379,7 +390,7 @@ class DaliLoader:
             expected = order[batch_index * self.batch_size:(batch_index + 1) * self.batch_size]
             if not torch.equal(indices[:real], expected):
                 # The source's stream and this loader's epochs disagree: every later crop would be another's.
-                raise RuntimeError(f"DALI's training stream is out of step: batch {batch_index} of epoch {epoch} "
+                raise _StreamError(f"DALI's training stream is out of step: batch {batch_index} of epoch {epoch} "
                                    f"holds other samples than the epoch's order says")
             # Where the stream stands once this batch is out (a consumer may stop after any batch).
             self._position = (epoch, batch_index + 1) if batch_index + 1 < len(self) else (epoch + 1, 0)

@@ -131,14 +131,6 @@ GPU_SPEC = BatchSpec(device=torch.device("cuda", 0), dtype=torch.float16)
 """A GPU batch spec, for graphs built (not run) without a GPU."""
 
 
-def dali_loader_values(cfg: DataConfig) -> dict[str, Any]:
-    """The `DaliLoader` arguments that `fastkd.data.build_loaders` takes from a data config."""
-    from fastkd.data import crop_range, size_schedule
-
-    return dict(sizes=size_schedule(cfg), val_size=cfg.val_crop_size, val_resize=cfg.val_resize_size,
-                crop_range=crop_range(cfg), prefetch_queue=cfg.dali_prefetch_queue)
-
-
 def data_config(root: Path, backend: str, **kw) -> DataConfig:
     values = dict(root=str(root), backend=backend, dali_device="cpu", image_size=32, val_resize=36,
                   batch_size=7, num_workers=1, synthetic_num_classes=10, synthetic_train_samples=40,

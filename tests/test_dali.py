@@ -13,10 +13,10 @@ import torch
 from PIL import Image
 
 from fastkd.errors import CheckpointError, ConfigError, DataError
-from fastkd.data import build_loaders, load_data
+from fastkd.data import build_loaders, dali_loader_values, load_data
 from pipelines.augment import epoch_order
 from pipelines.base import BatchSpec, Shard, check_batch
-from tests.conftest import CPU, GPU_SPEC, REPO, dali_loader_values, data_config, hooked_env
+from tests.conftest import CPU, GPU_SPEC, REPO, data_config, hooked_env
 
 if importlib.util.find_spec("nvidia.dali") is None:  # not installed: skip; installed but broken: fail
     pytest.skip("NVIDIA DALI is not installed", allow_module_level=True)
@@ -254,7 +254,6 @@ def test_dali_device_follows_the_training_device_not_the_host(requested, device,
     assert resolve_dali_device(requested, torch.device(device)) == expected
 
 
-
 @pytest.mark.parametrize("dali_device", ["gpu", "cpu"])
 @pytest.mark.parametrize("train", [True, False])
 def test_gpu_graphs_are_valid_without_a_gpu(tiny_imagefolder, dali_device, train):
@@ -332,16 +331,31 @@ def test_decoder_hints_come_from_the_data(tiny_imagefolder):
 @pytest.mark.parametrize("train", [True, False])
 def test_a_dali_error_is_a_data_error_only_when_a_file_in_flight_is_broken(tiny_imagefolder, tmp_path, monkeypatch,
                                                                            train):
-    """Whatever DALI's message says: an error while a file of the batches in flight does not
-    decode names that file; with every such file sound it is DALI's own error, unchanged."""
+    """Whatever DALI's message says: an error while a file of the batches in flight (the one
+    being read and the prefetched ones after it, into the next epoch) does not decode names that
+    file; with every such file sound, a broken file elsewhere included, it is DALI's own error."""
     import shutil
 
     root = tmp_path / "data"
     shutil.copytree(tiny_imagefolder, root)
     decode = RuntimeError("Error in CPU operator `nvidia.dali.fn.decoders.image_random_crop`: nvImageCodec failure")
     oom = RuntimeError("Error in MIXED operator `nvidia.dali.fn.decoders.image_random_crop`: CUDA error: out of memory")
-    loaders = build_loaders(data_config(root, "dali", verify_images=False), spec=CPU, seed=0)
+    # Batches of 2 and a queue of 2: 8 files in flight of the 40 training / 20 validation files.
+    loaders = build_loaders(data_config(root, "dali", verify_images=False, batch_size=2, dali_prefetch_queue=2),
+                            spec=CPU, seed=0)
     loader = loaders.train if train else loaders.val
+    order = (lambda e: epoch_order(40, seed=0, epoch=e, shuffle=True)) if train else (lambda e: list(range(20)))
+    start = 16 if train else 0  # training resumes at batch 8: positions 16-23 are in flight
+    in_flight = order(0)[start:start + 8]
+    outside = next(i for i in order(0)[:start] + order(0)[start + 8:] if i not in in_flight and i not in order(1)[:8])
+
+    def read_with(error):
+        if train:
+            loader.set_epoch(0, start // 2)  # a failed epoch leaves the stream's place unknown: set_epoch
+        monkeypatch.setattr(loader, "_iterator", failing(error))
+        with pytest.raises(Exception) as raised:
+            next(iter(loader))
+        return raised.value
 
     def failing(error):
         def iterate():
@@ -349,24 +363,26 @@ def test_a_dali_error_is_a_data_error_only_when_a_file_in_flight_is_broken(tiny_
             yield
         return iterate()
 
-    for error in (decode, oom):  # sound files: DALI's error as it was raised
-        if train:
-            loader.set_epoch(0)  # a failed epoch leaves the stream's place unknown: set_epoch rebuilds it
-        monkeypatch.setattr(loader, "_iterator", failing(error))
-        with pytest.raises(RuntimeError) as raised:
-            next(iter(loader))
-        assert raised.value is error and not isinstance(raised.value, DataError)
+    def break_file(index: int) -> Path:
+        path = Path(loader._files[index])
+        path.write_bytes(b"\xff\xd8\xff broken")
+        return path
 
-    first = (loader._files[epoch_order(len(loader._files), seed=0, epoch=0, shuffle=True, rank=0, world_size=1)[0]]
-             if train else loader._files[0])  # the first batch's first file
-    Path(first).write_bytes(b"\xff\xd8\xff broken")
+    break_file(outside)
+    for error in (decode, oom):  # every file in flight sound: DALI's error as it was raised
+        assert read_with(error) is error
+    broken = break_file(in_flight[5])
     for error in (decode, oom):
-        if train:
-            loader.set_epoch(0)
-        monkeypatch.setattr(loader, "_iterator", failing(error))
-        with pytest.raises(DataError, match="fastkd data verify") as raised:
+        raised = read_with(error)
+        assert isinstance(raised, DataError) and f"cannot decode {broken}" in str(raised)
+        assert "fastkd data verify" in str(raised)
+    if train:  # the end of an epoch: the next epoch's first files are in flight too
+        shutil.copy(next(p for p in sorted((tiny_imagefolder / "train").rglob("*.*"))), broken)
+        nxt = break_file(order(1)[1])
+        loader.set_epoch(0, 19)  # the last batch
+        monkeypatch.setattr(loader, "_iterator", failing(decode))
+        with pytest.raises(DataError, match=f"cannot decode {nxt}"):
             next(iter(loader))
-        assert f"cannot decode {first}" in str(raised.value)
 
 
 def build_after_cyclic_garbage(root: str) -> None:

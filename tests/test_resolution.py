@@ -13,9 +13,9 @@ import torch.nn.functional as F
 from fastkd import engine, loop
 from fastkd.checkpoint import load_checkpoint
 from fastkd.config import config_from_dict, load_config
-from fastkd.data import build_loaders
+from fastkd.data import build_loaders, dali_loader_values
 from pipelines.augment import SizeSchedule
-from tests.conftest import (CPU, GPU_SPEC, cli_error, dali_loader_values, data_config, distill_dict, stop_after,
+from tests.conftest import (CPU, GPU_SPEC, cli_error, data_config, distill_dict, stop_after,
                             write_config)
 
 HAVE_DALI = importlib.util.find_spec("nvidia.dali") is not None

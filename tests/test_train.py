@@ -12,6 +12,7 @@ from fastkd.checkpoint import load_checkpoint
 from fastkd.cli import main
 from tests.conftest import cli_error, run_cli, stop_after, tiny_config, tiny_config_dict, write_config
 
+
 @pytest.mark.slow
 def test_train_then_eval_end_to_end(tiny_imagefolder, tmp_path):
     config = write_config(tmp_path / "c.yaml", tiny_config_dict(tiny_imagefolder, tmp_path / "runs"))
