@@ -54,8 +54,9 @@ def build_loaders(cfg: DataConfig, *, spec: BatchSpec, seed: int, shard: Shard =
 
         def synthetic(num_samples: int, batch_size: int, offset: int, sizes: SizeSchedule,
                       teacher_size: int | None) -> SyntheticLoader:
-            return SyntheticLoader(num_samples=samples_per_rank(num_samples, shard.world_size), batch_size=batch_size, sizes=sizes, num_classes=len(classes),
-                                   seed=seed + offset + 7919 * shard.rank, spec=spec, teacher_size=teacher_size)
+            return SyntheticLoader(num_samples=samples_per_rank(num_samples, shard.world_size), batch_size=batch_size,
+                                   sizes=sizes, num_classes=len(classes), seed=seed + offset + 7919 * shard.rank,
+                                   spec=spec, teacher_size=teacher_size)
 
         return Loaders(synthetic(cfg.synthetic_train_samples, cfg.batch_size, 0, sizes, teacher_image_size),
                        synthetic(cfg.synthetic_val_samples, val_batch_size, 1, SizeSchedule(cfg.val_crop_size), None),

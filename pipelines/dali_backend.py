@@ -200,9 +200,9 @@ def build_pipeline(pipe) -> None:
     A forked worker inherits the parent's heap, with any DALI pipeline left as cyclic garbage (a
     loader held by an exception's traceback, say) whose threads were waiting on its locks. Were
     the worker's garbage collector to destroy that pipeline, it would wait forever on a lock of a
-    thread the fork did not copy, or tear down shared resources. So every object that exists at the fork is frozen out of the worker's
-    collections (`gc.freeze`, as Python's documentation advises before a fork; O(1), whatever the
-    start method). The parent collects such garbage later, as it would have."""
+    thread the fork did not copy, or tear down shared resources. So every object that exists at
+    the fork is frozen out of the worker's collections (`gc.freeze`, as Python's documentation
+    advises before a fork; O(1), whatever the start method). The parent collects such garbage later, as it would have."""
     gc.freeze()
     try:
         pipe.build()

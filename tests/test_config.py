@@ -8,8 +8,8 @@ import yaml
 
 from fastkd.config import (Config, ConfigError, changed_keys, config_from_dict, config_to_dict, dump_config,
                            load_config, reference_markdown)
+from tests.conftest import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 MINIMAL = {"data": {"root": "/data/x"}}
 
 
