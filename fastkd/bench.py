@@ -1,10 +1,14 @@
 """`fastkd bench`: images/second of the data path, training and distillation, per backend.
 
-All selected measurements run in one process, one after another, so ratios compare like with
-like. Each figure is the median of `repeats` timed windows of `steps` batches after `warmup`
-batches, with the spread (min, max). A per-stage breakdown (data wait, host-to-device copy,
-teacher forward, student forward+backward, optimizer) is measured in a separate pass, with
-CUDA events on a GPU and timers on the CPU, and ends in one sentence naming the bottleneck.
+The command line becomes a plan of rows (`plan_bench`: what, backend, variant, and why a row
+runs that was not asked for), printed before anything is timed. The rows run in one process,
+one after another, so ratios compare like with like. Their loaders, student, teacher and step
+come from the engine's setup (`fastkd.engine.prepare`, `build_student`, `build_step`), so a row
+times the step `fastkd train`/`distill` run with the same config. Each figure is the median of
+`repeats` timed windows of `steps` batches after `warmup` batches, with the spread (min, max).
+A per-stage breakdown (data wait, host-to-device copy, teacher forward, student
+forward+backward, optimizer) is measured in a separate pass, with CUDA events on a GPU and
+timers on the CPU, and ends in one sentence naming the bottleneck.
 """
 
 from __future__ import annotations
@@ -22,20 +26,18 @@ import numpy as np
 import torch
 from torch import nn
 
+from fastkd import engine
 from fastkd.config import Config
-from fastkd.engine import build_distillation_step, student_normalization
 from fastkd.env import collect_env
 from fastkd.errors import ConfigError
 from fastkd.log import log
-from fastkd.models import (attach_input_normalization, create_model, freeze, is_weights_name, load_teacher,
-                           resolve_normalization)
+from fastkd.models import attach_input_normalization, create_model, freeze, resolve_normalization
 from fastkd.loop import apply_update, backward
 from fastkd.optim import create_optimizer, optimizer_params
 from fastkd.report import markdown_table
-from fastkd.runtime import Runtime, create_runtime, seed_everything
-from fastkd.steps import ClassificationStep, DistillationStep
+from fastkd.runtime import Runtime, create_runtime
+from fastkd.steps import DistillationStep
 from fastkd.teacher_cache import CacheKey, CachedTeacher, TeacherCache
-from fastkd.data import build_loaders, load_data
 from pipelines.base import Loader, Shard
 from pipelines.loaders import loader_workers
 from pipelines.datasets import Dataset
@@ -58,6 +60,15 @@ class Window:
 def backend_overrides(backend: str) -> dict[str, Any]:
     return {"torchvision": {"backend": "torchvision"}, "dali-cpu": {"backend": "dali", "dali_device": "cpu"},
             "dali-gpu": {"backend": "dali", "dali_device": "gpu"}, "synthetic": {"backend": "synthetic"}}[backend]
+
+
+def backend_config(cfg: Config, backend: str, *, num_classes: int | None = None) -> Config:
+    """`cfg` with `backend`'s data settings; synthetic batches with `num_classes` classes (the
+    dataset's, so that the same student is timed)."""
+    data = dataclasses.replace(cfg.data, **backend_overrides(backend))
+    if backend == "synthetic" and num_classes is not None:
+        data = dataclasses.replace(data, synthetic_num_classes=num_classes)
+    return dataclasses.replace(cfg, data=data)
 
 
 def skip_reason(backend: str, runtime: Runtime) -> str | None:
@@ -155,12 +166,11 @@ class StageClock:
 
 
 def _next_batch(stream: Iterator, loader: Loader, clock: StageClock):
-    """Next (images, labels, indices, teacher images); host wait and host-to-device copy are timed separately."""
+    """Next (images, labels, indices, teacher images) of `loader.host_batches()`, on the device;
+    host wait and the second stage (`to_device`) are timed apart."""
     started = time.perf_counter()
     images, labels, indices, teacher = next(stream)
     clock.host_time("data wait", time.perf_counter() - started)
-    if not hasattr(loader, "to_device"):
-        return images, labels, indices, teacher
 
     def copy():
         return (*loader.to_device(images, labels), None if teacher is None else loader.images_to_device(teacher))
@@ -169,129 +179,311 @@ def _next_batch(stream: Iterator, loader: Loader, clock: StageClock):
     return images, labels, indices, teacher
 
 
-def _stage_stream(loader: Loader) -> Iterator:
-    """Endless full host-stage batches with indices (device batches for loaders without stages)."""
-    return endless(loader, lambda l: l.host_batches() if hasattr(l, "host_batches") else l.indexed())
+# -- the plan ----------------------------------------------------------------------------
 
+@dataclass(frozen=True)
+class Planned:
+    """One row of the plan."""
+
+    what: str
+    """loader, loader-stage, train, distill or distill-cached."""
+    backend: str
+    variant: str = ""
+    """A loader-stage row's stage; "no-side-stream" for distillation with the teacher on the
+    student's CUDA stream."""
+    why: str = ""
+    """Why the row runs when the command line did not ask for it ("" when it did)."""
+
+    @property
+    def key(self) -> tuple[str, str, str]:
+        return self.what, self.backend, self.variant
+
+    @property
+    def label(self) -> str:
+        """The row's `what` in the table and the JSONL."""
+        return f"{self.what}-{self.variant}" if self.what == "distill" and self.variant else self.what
+
+    def describe(self) -> str:
+        stage = f": {self.variant}" if self.what == "loader-stage" else ""
+        return f"{self.label} with {self.backend}{stage}" + (f" ({self.why})" if self.why else "")
+
+
+def plan_bench(what: Sequence[str], backends: Sequence[str], runtime: Runtime) -> tuple[list[Planned], list[str]]:
+    """The rows `--what` x `--backends` asks for, in order, each once, with those they need
+    beside them; and notes on what is left out."""
+    plan: list[Planned] = []
+    notes: list[str] = []
+
+    def add(row: Planned) -> None:
+        for i, planned in enumerate(plan):
+            if planned.key == row.key:
+                if not row.why:  # asked for after all
+                    plan[i] = row
+                return
+        plan.append(row)
+
+    for backend in backends:
+        reason = skip_reason(backend, runtime)
+        if reason:
+            notes.append(f"{backend} skipped: {reason}")
+            continue
+        for item in what:
+            if item == "loader":
+                add(Planned("loader", backend))
+                if backend == "dali-cpu" and runtime.device.type == "cpu":  # on a GPU it is the hybrid path
+                    from pipelines.dali_stages import CEILING
+
+                    add(Planned("loader-stage", backend, CEILING, why="the CPU decode ceiling beside the loader"))
+            elif item == "loader-stages":
+                if backend == "dali-cpu":
+                    from pipelines.dali_stages import STAGES
+
+                    for stage in STAGES:
+                        add(Planned("loader-stage", backend, stage))
+                else:
+                    notes.append(f"loader-stages measures dali-cpu pipelines; {backend} has none (--what loader "
+                                 "times it)")
+            elif item == "train":
+                add(Planned("train", backend))
+            else:
+                add(Planned("train", backend, why="the student alone on the same loader, for the ratio"))
+                add(Planned(item, backend))
+                if item == "distill" and runtime.device.type == "cuda":
+                    add(Planned("distill", backend, "no-side-stream", why="what the side stream saves"))
+    return plan, notes
+
+
+def format_plan(plan: Sequence[Planned], window: Window) -> str:
+    lines = [f"bench plan: {len(plan)} row(s), each the median of {window.repeats} window(s) of {window.steps} "
+             f"batches after {window.warmup} warm-up batches (more where a loader holds more prefetched):"]
+    lines += [f"  {i}. {row.describe()}" for i, row in enumerate(plan, 1)]
+    return "\n".join(lines)
+
+
+# -- rows ----------------------------------------------------------------------------------
+
+@dataclass
+class Row:
+    """One measured row. `as_dict` is its JSONL record: every field, null where it does not
+    apply, beside the run's settings and the machine's versions."""
+
+    what: str
+    backend: str
+    rates: list[float]
+    """Images/second of each timed window."""
+    steps: int
+    warmup: int
+    batch_image_size: int | None = None
+    """The side of the images the row's batches had."""
+    cpu_busy: float | None = None
+    """The machine's busy share while a loader ran alone (warm-up included)."""
+    stage: str | None = None
+    ceiling: bool | None = None
+    dali_threads: int | None = None
+    data_wait_fraction: float | None = None
+    """The share of the step rows' wall time spent waiting for the next batch."""
+    side_stream: bool | None = None
+    stages: dict[str, float] | None = None
+    """Milliseconds per batch in each stage (`stage_breakdown`)."""
+    teacher_cache: str | None = None
+
+    def as_dict(self, settings: dict[str, Any]) -> dict[str, Any]:
+        fields = dataclasses.asdict(self)
+        rates = fields.pop("rates")
+        what, backend = fields.pop("what"), fields.pop("backend")
+        return {"what": what, "backend": backend, "images_per_sec": round(statistics.median(rates), 1),
+                "min": round(min(rates), 1), "max": round(max(rates), 1), "repeats": len(rates),
+                "rates": [round(rate, 1) for rate in rates], **fields, **settings}
+
+
+# -- timing ----------------------------------------------------------------------------------
+
+def warmup_for(window: Window, loader: Loader) -> Window:
+    """The window, with warm-up enough to drain what a loader prefetched before timing
+    (16 DataLoader workers x 4 hold 64 batches: timing them would time a queue, not decoding)."""
+    return dataclasses.replace(window, warmup=max(window.warmup, loader.prefetched_batches + 1))
+
+
+def time_loader(loader: Loader, window: Window, sync: Callable[[], None]) -> Row:
+    """Batches out of the loader alone, and how busy it kept the machine."""
+    stream = endless(loader)
+    side = [0]
+
+    def one() -> int:
+        images, labels = next(stream)
+        side[0] = images.shape[-1]
+        return labels.shape[0]
+
+    window = warmup_for(window, loader)
+    before = cpu_times()
+    rates = timed_windows(window, one, sync)
+    return Row("loader", "", rates, window.steps, window.warmup, batch_image_size=side[0],
+               cpu_busy=busy_fraction(before, cpu_times()))
+
+
+def time_steps(step: nn.Module, loader: Loader, optimizer, scaler, window: Window,
+               sync: Callable[[], None]) -> Row:
+    """Training steps as the loop runs them (forward, loss, backward, update), fed by `loader`."""
+    step.train()
+    params = optimizer_params(optimizer)
+    stream = endless(loader, lambda l: l.indexed())
+    waited, side = [0.0], [0]
+
+    def one() -> int:
+        started = time.perf_counter()
+        images, labels, indices, teacher_images = next(stream)
+        waited[0] += time.perf_counter() - started
+        side[0] = images.shape[-1]
+        backward(step(images, labels, indices, teacher_images).loss, optimizer, scaler)
+        apply_update(optimizer, scaler, params, None)
+        return labels.shape[0]
+
+    started = time.perf_counter()
+    window = warmup_for(window, loader)
+    rates = timed_windows(window, one, sync)
+    return Row("", "", rates, window.steps, window.warmup, batch_image_size=side[0],
+               data_wait_fraction=round(waited[0] / (time.perf_counter() - started), 3))
+
+
+def stage_breakdown(step: nn.Module, loader: Loader, optimizer, scaler, runtime: Runtime,
+                    steps: int) -> dict[str, float]:
+    """Milliseconds per batch in each stage, over `steps` batches (stages in sequence).
+
+    `step` must run its teacher on the main stream (`build_step(..., side_stream=False)`), so
+    each stage's events time it alone. "data wait" is host time spent waiting for the next
+    batch: on a GPU it also holds any wait for DALI's GPU work, which competes with the step
+    for the same GPU.
+    """
+    params = optimizer_params(optimizer)
+    clock = StageClock(runtime)
+    stream = endless(loader, lambda l: l.host_batches())
+    for index in range(steps + 2):
+        if index == 2:  # two untimed batches first
+            clock = StageClock(runtime)
+            runtime.synchronize()
+        images, labels, indices, teacher_images = _next_batch(stream, loader, clock)
+        teacher_view = images if teacher_images is None else teacher_images
+        if isinstance(step, DistillationStep):
+            stage = "cache lookup" if step.recorded is not None else "teacher forward"
+            teacher_logits = clock.device(stage, lambda: step.teacher_logits(teacher_view, indices))
+            clock.device("student forward+backward", lambda: backward(
+                step.student_output(images, labels, teacher_logits).loss, optimizer, scaler))
+        else:
+            clock.device("student forward+backward", lambda: backward(step(images, labels).loss, optimizer, scaler))
+        clock.device("optimizer", lambda: apply_update(optimizer, scaler, params, None))
+    return {stage: round(1000 * seconds / steps, 3) for stage, seconds in clock.seconds().items()}
+
+
+# -- running the plan ----------------------------------------------------------------------------
 
 @dataclass
 class Bench:
+    """What the rows of one plan share: the config, runtime, window, the dataset (loaded once)
+    and the settings every record carries."""
+
     cfg: Config
     runtime: Runtime
     window: Window
     config_path: str
     dataset: Dataset | None = None
     env: dict[str, Any] = dataclasses.field(default_factory=dict)
-    rows: list[dict[str, Any]] = dataclasses.field(default_factory=list)
     notes: list[str] = dataclasses.field(default_factory=list)
-
-    def loaders(self, backend: str, *, teacher_view: bool = False):
-        """The backend's loaders; `teacher_view`: with the teacher's own view of each crop, if it has one."""
-        data = dataclasses.replace(self.cfg.data, **backend_overrides(backend))
-        teacher_size = self.cfg.distill.teacher.image_size if teacher_view and self.cfg.distill else None
-        if backend == "synthetic":
-            data = dataclasses.replace(data, synthetic_num_classes=self.num_classes)
-            return build_loaders(data, spec=self.runtime.batch_spec, seed=self.cfg.data_seed,
-                                 teacher_image_size=teacher_size)
-        return build_loaders(data, spec=self.runtime.batch_spec, seed=self.cfg.data_seed, dataset=self.dataset,
-                             teacher_image_size=teacher_size)
 
     @property
     def num_classes(self) -> int:
         return len(self.dataset.classes) if self.dataset is not None else self.cfg.data.synthetic_num_classes
 
-    def record(self, what: str, backend: str, rates: list[float], *, warmup: int, **extra: Any) -> dict[str, Any]:
-        cfg = self.cfg
-        row = {
-            "what": what, "backend": backend, "images_per_sec": round(statistics.median(rates), 1),
-            "min": round(min(rates), 1), "max": round(max(rates), 1), "repeats": len(rates),
-            "rates": [round(rate, 1) for rate in rates],
-            "steps": self.window.steps, "warmup": warmup, "batch_size": cfg.data.batch_size,
-            "image_size": cfg.data.image_size, "model": cfg.model.arch,
-            "teacher": cfg.distill.teacher.arch if cfg.distill and what.startswith("distill") else None,
-            "teacher_image_size": cfg.distill.teacher.image_size if cfg.distill and what.startswith("distill") else None,
+    def note(self, text: str) -> None:
+        if text not in self.notes:
+            self.notes.append(text)
+
+    def setup(self, backend: str, *, teacher_view: int | None = None) -> engine.Setup:
+        """The engine's setup for `backend` over the dataset loaded once."""
+        return engine.prepare(backend_config(self.cfg, backend, num_classes=self.num_classes), self.runtime,
+                              teacher_view=teacher_view, dataset=self.dataset)
+
+    def settings(self, row: Row) -> dict[str, Any]:
+        cfg, distills = self.cfg, row.what.startswith("distill")
+        return {
+            "batch_size": cfg.data.batch_size, "image_size": cfg.data.image_size, "model": cfg.model.arch,
+            "teacher": cfg.distill.teacher.arch if cfg.distill and distills else None,
+            "teacher_image_size": cfg.distill.teacher.image_size if cfg.distill and distills else None,
             "precision": self.runtime.precision, "channels_last": self.runtime.channels_last,
             "compile": self.runtime.compile, "num_workers": cfg.data.num_workers,
-            "dali_cpu_resize": (cfg.data.dali_cpu_resize if backend == "dali-cpu" and self.runtime.device.type == "cpu"
-                                else None), **extra,
+            "dali_prefetch_queue": cfg.data.dali_prefetch_queue if row.backend.startswith("dali") else None,
+            "dali_cpu_resize": (cfg.data.dali_cpu_resize if row.backend == "dali-cpu"
+                                and self.runtime.device.type == "cpu" else None),
             "device": self.env["device"], "cpu_count": self.env["cpu_count"], "torch": self.env["torch"],
             "torchvision": self.env["torchvision"], "dali": self.env["dali"], "git": self.env["git"],
             "config": self.config_path, "timestamp": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
-        self.rows.append(row)
+
+    def measure(self, planned: Planned) -> Row:
+        if planned.what == "loader":
+            row = time_loader(self.setup(planned.backend).loaders.train, self.window, self.runtime.synchronize)
+        elif planned.what == "loader-stage":
+            row = self.time_dali_stage(planned.variant)
+        else:
+            with tempfile.TemporaryDirectory(prefix="fastkd-bench-cache-") as folder:
+                row = self.time_step_row(planned, Path(folder))
+        row.what, row.backend = planned.label, planned.backend
         return row
 
-    # -- measurements ------------------------------------------------------------------
-
-    def window_for(self, loader: Loader) -> Window:
-        """The bench window, with warm-up enough to drain what a loader prefetched before timing
-        (16 DataLoader workers x 4 hold 64 batches: timing them would time a queue, not decoding)."""
-        prefetched = getattr(loader, "prefetched_batches", 0)
-        return dataclasses.replace(self.window, warmup=max(self.window.warmup, prefetched + 1))
-
-    def measure_loader(self, backend: str) -> None:
-        loader = self.loaders(backend).train
-        stream = endless(loader)
-        side = [0]
-
-        def one() -> int:
-            images, labels = next(stream)
-            side[0] = images.shape[-1]
-            return labels.shape[0]
-
-        window = self.window_for(loader)
-        before = cpu_times()
-        rates = timed_windows(window, one, self.runtime.synchronize)
-        # Of the whole machine, warm-up included: how much of the cores the loader kept busy.
-        self.record("loader", backend, rates, warmup=window.warmup, batch_image_size=side[0],
-                    cpu_busy=busy_fraction(before, cpu_times()),
-                    dali_prefetch_queue=self.cfg.data.dali_prefetch_queue if backend.startswith("dali") else None)
-
-    def measure_dali_stages(self, stages: Sequence[str]) -> None:
-        """Images/second of DALI CPU pipelines ending after each of `stages` (`pipelines.dali_stages`)."""
+    def time_dali_stage(self, stage: str) -> Row:
+        """A DALI CPU pipeline ending after `stage` (`pipelines.dali_stages`)."""
         from pipelines.dali_stages import CEILING, run_endlessly, stage_pipeline
 
         assert self.dataset is not None
         data = self.cfg.data
         threads = max(1, loader_workers(data.num_workers, Shard(), dali=True))
-        for stage in stages:
-            if any(r["what"] == "loader-stage" and r.get("stage") == stage for r in self.rows):
-                continue
-            pipe = stage_pipeline(stage, list(self.dataset.train.files), list(self.dataset.train.labels),
-                                  seed=self.cfg.data_seed, batch_size=data.batch_size, image_size=data.image_size,
-                                  num_threads=threads)
-            rates = timed_windows(self.window, run_endlessly(pipe), lambda: None)
-            del pipe  # its threads and Python workers go before the next stage is timed
-            self.record("loader-stage", "dali-cpu", rates, warmup=self.window.warmup, stage=stage,
-                        ceiling=stage == CEILING, dali_threads=threads)
+        pipe = stage_pipeline(stage, list(self.dataset.train.files), list(self.dataset.train.labels),
+                              seed=self.cfg.data_seed, batch_size=data.batch_size, image_size=data.image_size,
+                              num_threads=threads)
+        rates = timed_windows(self.window, run_endlessly(pipe), lambda: None)
+        del pipe  # its threads and Python workers go before the next row is timed
+        return Row("loader-stage", "dali-cpu", rates, self.window.steps, self.window.warmup, stage=stage,
+                   ceiling=stage == CEILING, dali_threads=threads)
 
-    def _student(self) -> tuple[nn.Module, torch.optim.Optimizer, torch.amp.GradScaler]:
-        seed_everything(self.cfg.run.seed, deterministic=False)
-        model = create_model(self.cfg.model.arch, self.num_classes, image_size=self.cfg.data.image_size)
-        attach_input_normalization(model, student_normalization(self.cfg.model))  # as training does
-        model, raw = self.runtime.prepare_model(model, trainable=True)
-        return model, create_optimizer(raw, self.cfg.optim, self.runtime.device), self.runtime.create_scaler()
+    def time_step_row(self, planned: Planned, cache_folder: Path) -> Row:
+        """The student's training steps alone (`train`), against the live teacher (`distill`) or
+        against cached logits (`distill-cached`), as `build_step` makes them for a run."""
+        live = planned.what == "distill"
+        setup = self.setup(planned.backend, teacher_view=engine.live_teacher_view(self.cfg) if live else None)
+        loader = setup.loaders.train
+        # Weights do not change the speed; a pretrained name would need the network.
+        student = engine.build_student(setup, pretrained=False)
+        optimizer = create_optimizer(student.raw, self.cfg.optim, self.runtime.device)
+        scaler = self.runtime.create_scaler()
+        teacher = self.teacher(setup) if live else None
+        recorded = self.synthetic_cache(loader, cache_folder) if planned.what == "distill-cached" else None
+        side_stream = planned.variant != "no-side-stream" if live else None
+        step = engine.build_step(self.cfg, self.runtime, student.model, teacher=teacher, recorded=recorded,
+                                 side_stream=side_stream)
+        row = time_steps(step, loader, optimizer, scaler, self.window, self.runtime.synchronize)
+        sequential = engine.build_step(self.cfg, self.runtime, student.model, teacher=teacher, recorded=recorded,
+                                       side_stream=False)
+        sequential.train()
+        row.stages = stage_breakdown(sequential, loader, optimizer, scaler, self.runtime, self.window.steps)
+        row.side_stream = side_stream
+        row.teacher_cache = "temporary, random fp16 logits" if recorded is not None else None
+        return row
 
-    def _teacher(self) -> nn.Module:
+    def teacher(self, setup: engine.Setup) -> nn.Module:
+        """The config's teacher (`engine.teacher_module`), or one of random weights when its
+        checkpoint is not there (speed does not depend on them)."""
         kd = self.cfg.distill
         assert kd is not None
-        path = kd.teacher.checkpoint if is_weights_name(kd.teacher.checkpoint) else kd.teacher.checkpoint_path
+        path = engine.teacher_source(kd)
         if (isinstance(path, str) or path.is_file()) and self.dataset is not None:
-            teacher = load_teacher(kd.teacher.arch, path, list(self.dataset.classes), image_size=self.cfg.data.image_size,
-                                   mean=kd.teacher.mean, std=kd.teacher.std)
-        else:
-            self.note(f"teacher weights: random ({path} not found); speed does not depend on them")
-            teacher = freeze(create_model(kd.teacher.arch, self.num_classes, image_size=self.cfg.data.image_size,
-                                          key="distill.teacher.arch"))
-            attach_input_normalization(teacher, resolve_normalization(kd.teacher.arch, kd.teacher.mean,
-                                                                      kd.teacher.std))
+            return engine.teacher_module(self.cfg, self.runtime, setup.loaders.classes)
+        self.note(f"teacher weights: random ({path} not found); speed does not depend on them")
+        teacher = freeze(create_model(kd.teacher.arch, self.num_classes,
+                                      image_size=kd.teacher.image_size or self.cfg.data.image_size,
+                                      key="distill.teacher.arch"))
+        attach_input_normalization(teacher, resolve_normalization(kd.teacher.arch, kd.teacher.mean, kd.teacher.std))
         return self.runtime.prepare_model(teacher, trainable=False)[0]
 
-    def note(self, text: str) -> None:
-        if text not in self.notes:
-            self.notes.append(text)
-
-    def _synthetic_cache(self, loader: Loader, folder: Path) -> CachedTeacher:
+    def synthetic_cache(self, loader: Loader, folder: Path) -> CachedTeacher:
         """A one-epoch teacher cache of random logits for every sample the loader can yield."""
         # Indices are positions in the split (real data) or in the epoch (synthetic batches).
         num_samples = max(len(self.dataset.train) if self.dataset is not None else 0, loader.num_samples)
@@ -306,88 +498,6 @@ class Bench:
         del rows
         cache.commit_epoch(0)
         return CachedTeacher(cache, self.runtime.device)
-
-    def measure_steps(self, what: str, backend: str, *, side_stream: bool | None = None) -> dict[str, Any]:
-        """Training steps (`train`), teacher + student steps (`distill`) or student steps against
-        cached teacher logits (`distill-cached`), fed by one backend."""
-        with tempfile.TemporaryDirectory(prefix="fastkd-bench-cache-") as folder:
-            return self._measure_steps(what, backend, side_stream=side_stream, cache_folder=Path(folder))
-
-    def _measure_steps(self, what: str, backend: str, *, side_stream: bool | None, cache_folder: Path) -> dict[str, Any]:
-        loader = self.loaders(backend, teacher_view=what == "distill").train
-        model, optimizer, scaler = self._student()
-        if what == "train":
-            step: nn.Module = ClassificationStep(model, autocast=self.runtime.autocast)
-        elif what == "distill":
-            assert self.cfg.distill is not None
-            step = build_distillation_step(self.cfg.distill, self.runtime, model, self._teacher(),
-                                           side_stream=bool(side_stream))
-        else:
-            assert self.cfg.distill is not None
-            step = build_distillation_step(self.cfg.distill, self.runtime, model, None, side_stream=False,
-                                           recorded=self._synthetic_cache(loader, cache_folder))
-        step.train()
-        params = optimizer_params(optimizer)
-        stream = endless(loader, lambda l: l.indexed())
-        waited, side = [0.0], [0]
-
-        def one() -> int:
-            started = time.perf_counter()
-            images, labels, indices, teacher_images = next(stream)
-            waited[0] += time.perf_counter() - started
-            side[0] = images.shape[-1]
-            backward(step(images, labels, indices, teacher_images).loss, optimizer, scaler)
-            apply_update(optimizer, scaler, params, None)
-            return labels.shape[0]
-
-        started = time.perf_counter()
-        window = self.window_for(loader)
-        rates = timed_windows(window, one, self.runtime.synchronize)
-        wait_fraction = waited[0] / (time.perf_counter() - started)
-        label = what if side_stream in (None, True) or self.runtime.device.type != "cuda" else f"{what}-no-side-stream"
-        extra = {"teacher_cache": "temporary, random fp16 logits"} if what == "distill-cached" else {}
-        stages = self.breakdown(loader, step, optimizer, scaler)
-        return self.record(label, backend, rates, warmup=window.warmup, data_wait_fraction=round(wait_fraction, 3),
-                           side_stream=side_stream if what == "distill" else None, stages=stages,
-                           batch_image_size=side[0], **extra)
-
-    def breakdown(self, loader: Loader, step: nn.Module, optimizer, scaler) -> dict[str, float]:
-        """Milliseconds per batch in each stage, over `window.steps` batches (stages in sequence).
-
-        The teacher runs on the main stream here, so each stage's events time it alone.
-        "data wait" is host time spent waiting for the next batch: on a GPU it also holds any
-        wait for DALI's GPU work, which competes with the step for the same GPU.
-        """
-        side = getattr(step, "stream", None)
-        if isinstance(step, DistillationStep):
-            step.stream = None
-        try:
-            return self._breakdown(loader, step, optimizer, scaler)
-        finally:
-            if isinstance(step, DistillationStep):
-                step.stream = side
-
-    def _breakdown(self, loader: Loader, step: nn.Module, optimizer, scaler) -> dict[str, float]:
-        params = optimizer_params(optimizer)
-        clock = StageClock(self.runtime)
-        stream = _stage_stream(loader)
-        for index in range(self.window.steps + 2):
-            if index == 2:  # two untimed batches first
-                clock = StageClock(self.runtime)
-                self.runtime.synchronize()
-            images, labels, indices, teacher_images = _next_batch(stream, loader, clock)
-            teacher_view = images if teacher_images is None else teacher_images
-            if isinstance(step, DistillationStep):
-                stage = "cache lookup" if step.recorded is not None else "teacher forward"
-                teacher_logits = clock.device(stage, lambda: step.teacher_logits(teacher_view, indices))
-                clock.device("student forward+backward", lambda: backward(
-                    step.student_output(images, labels, teacher_logits).loss, optimizer, scaler))
-            else:
-                clock.device("student forward+backward", lambda: backward(step(images, labels).loss, optimizer,
-                                                                           scaler))
-            clock.device("optimizer", lambda: apply_update(optimizer, scaler, params, None))
-        totals = clock.seconds()
-        return {stage: round(1000 * seconds / self.window.steps, 3) for stage, seconds in totals.items()}
 
 
 def run_bench(cfg: Config, *, config_path: str, what: Sequence[str], backends: Sequence[str], window: Window,
@@ -406,57 +516,29 @@ def run_bench(cfg: Config, *, config_path: str, what: Sequence[str], backends: S
         cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, start_image_size=None, size_ramp_epochs=None))
         notes.append(f"the size schedule is left out: measured at data.image_size ({cfg.data.image_size} px); "
                      "--image-sizes measures others")
-    runtime = create_runtime(cfg.runtime)
-    dataset = None
-    if any(b != "synthetic" for b in backends):
-        if cfg.data.generate_demo:
-            from fastkd.synth import ensure_demo_dataset
-
-            ensure_demo_dataset(cfg.data.root_path)
-        dataset = load_data(cfg.data)
-    bench = Bench(cfg, runtime, window, config_path, dataset=dataset, env=collect_env(runtime.device), notes=notes)
-    for backend in backends:
-        reason = skip_reason(backend, runtime)
-        if reason:
-            bench.note(f"{backend} skipped: {reason}")
-            continue
-        for item in what:
-            log.info(f"[bench] {item} with {backend} ...")  # progress; the results below are the output
-            if item == "loader":
-                bench.measure_loader(backend)
-                if backend == "dali-cpu" and runtime.device.type == "cpu":  # on a GPU it is the hybrid path
-                    from pipelines.dali_stages import CEILING
-
-                    bench.measure_dali_stages([CEILING])
-            elif item == "loader-stages":
-                if backend == "dali-cpu":
-                    from pipelines.dali_stages import STAGES
-
-                    bench.measure_dali_stages(STAGES)
-                else:
-                    bench.note(f"loader-stages measures dali-cpu pipelines; {backend} has none (--what loader times it)")
-            elif item == "train":
-                bench.measure_steps("train", backend)
-            else:
-                if "train" not in what and not any(r["what"] == "train" and r["backend"] == backend for r in bench.rows):
-                    bench.measure_steps("train", backend)  # the same student alone, same loader
-                if item == "distill-cached":
-                    bench.measure_steps("distill-cached", backend)
-                    continue
-                bench.measure_steps("distill", backend, side_stream=True)
-                if runtime.device.type == "cuda":
-                    bench.measure_steps("distill", backend, side_stream=False)
-    for row in bench.rows:
-        row["notes"] = list(bench.notes)
+    runtime = create_runtime(cfg.runtime)  # one process: the bench is not a torchrun job
+    plan, skipped = plan_bench(what, backends, runtime)
+    echo(format_plan(plan, window))
+    real = next((row.backend for row in plan if row.backend != "synthetic"), None)
+    dataset = None if real is None else engine.checked_dataset(backend_config(cfg, real), runtime)
+    bench = Bench(cfg, runtime, window, config_path, dataset=dataset, env=collect_env(runtime.device),
+                  notes=notes + skipped)
+    records = []
+    for i, planned in enumerate(plan, 1):
+        log.info(f"[bench] {i}/{len(plan)}: {planned.describe()} ...")  # progress; the results below are the output
+        row = bench.measure(planned)
+        records.append(row.as_dict(bench.settings(row)))
+    for record in records:
+        record["notes"] = list(bench.notes)
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
         with out.open("a") as f:
-            for row in bench.rows:
-                f.write(json.dumps(row) + "\n")
-    echo(format_rows(bench.rows, bench.notes))
-    for sentence in loader_sentences(bench.rows) + bottleneck_sentences(bench.rows, runtime):
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+    echo(format_rows(records, bench.notes))
+    for sentence in loader_sentences(records) + bottleneck_sentences(records, runtime):
         echo(sentence)
-    return bench.rows
+    return records
 
 
 def format_rows(rows: list[dict[str, Any]], notes: Sequence[str] = ()) -> str:

@@ -54,11 +54,77 @@ class RunResult:
     """False on the other ranks of a torchrun job (they print and write nothing)."""
 
 
+@dataclass
+class Setup:
+    """What every command that reads training data builds first (`prepare`): `train`, `distill`,
+    `teacher-cache` and `fastkd bench` alike, so the bench times the loaders and step a run has."""
+    cfg: Config
+    runtime: Runtime
+    dataset: Dataset | None
+    """The checked file lists (None with synthetic data)."""
+    loaders: Loaders
+
+
+@contextlib.contextmanager
+def started(cfg: Config) -> Iterator[Runtime]:
+    """This process's runtime, inside the torchrun job's process group when there is one."""
+    shard = shard_from_env()
+    runtime = create_runtime(cfg.runtime, shard)
+    with _process_group(shard.world_size, runtime):
+        yield runtime
+
+
+def prepare(cfg: Config, runtime: Runtime, *, teacher_view: int | None, dataset: Dataset | None = None) -> Setup:
+    """This rank's seeds, the dataset (`checked_dataset`) and the loaders; `teacher_view`: the side of a second view of
+    each crop for a teacher with its own input size. `dataset` reuses file lists already loaded
+    for this config's data (the bench builds one setup per backend)."""
+    seed_everything(cfg.run.seed + runtime.shard.rank, deterministic=cfg.runtime.deterministic)
+    if dataset is None:
+        dataset = checked_dataset(cfg, runtime)
+    loaders = build_loaders(cfg.data, spec=runtime.batch_spec, seed=cfg.data_seed, shard=runtime.shard,
+                            dataset=dataset if cfg.data.backend != "synthetic" else None,
+                            teacher_image_size=teacher_view)
+    return Setup(cfg, runtime, dataset if cfg.data.backend != "synthetic" else None, loaders)
+
+
+@dataclass
+class Student:
+    model: nn.Module
+    """As the step calls it (compiled or wrapped for DDP by the runtime)."""
+    raw: nn.Module
+    """The module whose parameters the optimizer and checkpoints hold."""
+    normalization: Normalization
+    num_params: int
+
+
+def build_student(setup: Setup, *, checkpoint: dict[str, Any] | None = None, pretrained: bool = True) -> Student:
+    """`model.arch` for the setup's classes, with `model.pretrained`'s weights (unless resuming
+    from `checkpoint`, or `pretrained` is False) and its input normalization, on the device."""
+    cfg, runtime, classes = setup.cfg, setup.runtime, setup.loaders.classes
+    student = create_model(cfg.model.arch, len(classes), image_size=cfg.data.image_size)
+    if cfg.model.pretrained and pretrained and checkpoint is None:  # a resumed run's weights are in its checkpoint
+        fresh = _rank_0_first(lambda: load_pretrained(student, cfg.model.pretrained, arch=cfg.model.arch,
+                                                      num_classes=len(classes)),
+                              downloads=is_weights_name(cfg.model.pretrained))
+        if runtime.is_main:
+            log.info(f"model.pretrained: {cfg.model.arch} initialized from {cfg.model.pretrained}"
+                     + (f"; a new classifier for {len(classes)} classes ({', '.join(fresh)})" if fresh else ""))
+    # resumed: the statistics the run started with (the pretrained file need not be there any more)
+    normalization = (Normalization(tuple(checkpoint["normalization"]["mean"]),
+                                   tuple(checkpoint["normalization"]["std"]))
+                     if checkpoint is not None and checkpoint.get("normalization")
+                     else student_normalization(cfg.model))
+    attach_input_normalization(student, normalization)
+    num_params = count_parameters(student)
+    model, raw = runtime.prepare_model(student, trainable=True)
+    return Student(model, raw, normalization, num_params)
+
+
 def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> RunResult:
     """`fastkd train`: supervised training of `model.arch`."""
     if cfg.distill is not None:
         raise ConfigError("distill: this config has a distill section; run it with `fastkd distill`")
-    return _run(cfg, resume=resume, progress=progress, make_step=None)
+    return _run(cfg, resume=resume, progress=progress)
 
 
 def distill(cfg: Config, *, resume: bool = False, progress: bool = True) -> RunResult:
@@ -66,7 +132,7 @@ def distill(cfg: Config, *, resume: bool = False, progress: bool = True) -> RunR
     if cfg.distill is None:
         raise ConfigError("distill: `fastkd distill` needs a distill section (at least teacher.arch and "
                           "teacher.checkpoint)")
-    return _run(cfg, resume=resume, progress=progress, make_step=_make_distillation_step)
+    return _run(cfg, resume=resume, progress=progress)
 
 
 def record_teacher_cache(cfg: Config, *, epochs: int | None = None, dtype: str = "fp16", top_k: int | None = None,
@@ -93,15 +159,10 @@ def record_teacher_cache(cfg: Config, *, epochs: int | None = None, dtype: str =
     requested_top_k = kd.teacher_cache_top_k if top_k is None else top_k
     check_arch(kd.teacher.arch, "distill.teacher.arch")
     check_image_sizes(cfg)
-    shard = shard_from_env()
-    runtime = create_runtime(cfg.runtime, shard)
-    with _process_group(shard.world_size, runtime):
-        _ensure_demo_data(cfg, runtime)
-        seed_everything(cfg.run.seed + shard.rank, deterministic=cfg.runtime.deterministic)
-        dataset = _load_dataset(cfg, runtime)
-        loaders = build_loaders(cfg.data, spec=runtime.batch_spec, seed=cfg.data_seed, shard=shard, dataset=dataset,
-                                teacher_image_size=kd.teacher.image_size)
-        key = teacher_cache_key(cfg, runtime, dataset, loaders.classes)
+    with started(cfg) as runtime:
+        setup = prepare(cfg, runtime, teacher_view=kd.teacher.image_size)
+        loaders = setup.loaders
+        key = teacher_cache_key(cfg, runtime, setup.dataset, loaders.classes)
         teacher, about = load_checked_teacher(cfg, runtime, loaders)
         manifest = None
         top_k = effective_top_k(requested_top_k, len(loaders.classes))
@@ -188,16 +249,35 @@ def _record_epoch(cache: TeacherCache, epoch: int, teacher: nn.Module, loader, r
     log.info(f"teacher cache: epoch {epoch} recorded ({cache.describe_epochs()})")
 
 
-def build_distillation_step(kd: DistillConfig, runtime: Runtime, student: nn.Module, teacher: nn.Module | None, *,
-                            side_stream: bool, label_smoothing: float = 0.0,
-                            recorded: CachedTeacher | None = None) -> DistillationStep:
+def build_step(cfg: Config, runtime: Runtime, model: nn.Module, *, teacher: nn.Module | None = None,
+               recorded: CachedTeacher | None = None, side_stream: bool | None = None) -> nn.Module:
+    """The run's training step around `model` (prepared by the runtime): cross-entropy alone
+    without a teacher, else `cfg.distill`'s loss against the live `teacher` or the `recorded`
+    logits. `side_stream` overrides `distill.side_stream` (a live teacher's side CUDA stream)."""
+    if teacher is None and recorded is None:
+        return ClassificationStep(model, autocast=runtime.autocast, label_smoothing=cfg.optim.label_smoothing)
+    kd = cfg.distill
+    assert kd is not None, "a teacher needs a distill section"
     teacher_precision = runtime.resolve_precision(kd.teacher.precision)
-    return DistillationStep(student, teacher, term=distillation_term(kd), kd_weight=kd.kd_weight,
+    side_stream = kd.side_stream if side_stream is None else side_stream
+    return DistillationStep(model, teacher, term=distillation_term(kd), kd_weight=kd.kd_weight,
                             ce_weight=kd.ce_weight, autocast=runtime.autocast,
                             teacher_autocast=lambda: runtime.autocast(teacher_precision),
                             stream=runtime.create_side_stream(side_stream and recorded is None),
                             teacher_input_dtype=runtime.input_dtype(teacher_precision),
-                            label_smoothing=label_smoothing, recorded=recorded)
+                            label_smoothing=cfg.optim.label_smoothing, recorded=recorded)
+
+
+def teacher_module(cfg: Config, runtime: Runtime, classes: list[str]) -> nn.Module:
+    """The frozen teacher of `distill.teacher`, with its input normalization, placed on the
+    device (rank 0 first when its weights download)."""
+    kd = cfg.distill
+    assert kd is not None
+    teacher = _rank_0_first(lambda: load_teacher(kd.teacher.arch, teacher_source(kd), classes,
+                                                 image_size=kd.teacher.image_size or cfg.data.image_size,
+                                                 mean=kd.teacher.mean, std=kd.teacher.std),
+                            downloads=is_weights_name(kd.teacher.checkpoint))
+    return runtime.prepare_model(teacher, trainable=False)[0]
 
 
 def load_checked_teacher(cfg: Config, runtime: Runtime, loaders: Loaders) -> tuple[nn.Module, dict[str, Any]]:
@@ -205,12 +285,8 @@ def load_checked_teacher(cfg: Config, runtime: Runtime, loaders: Loaders) -> tup
     chance level is refused unless `distill.allow_weak_teacher`."""
     kd = cfg.distill
     assert kd is not None
-    teacher = _rank_0_first(lambda: load_teacher(kd.teacher.arch, teacher_source(kd), loaders.classes,
-                                                 image_size=kd.teacher.image_size or cfg.data.image_size,
-                                                 mean=kd.teacher.mean, std=kd.teacher.std),
-                            downloads=is_weights_name(kd.teacher.checkpoint))
+    teacher = teacher_module(cfg, runtime, loaders.classes)
     normalization = teacher.fastkd_normalization
-    teacher, _ = runtime.prepare_model(teacher, trainable=False)
     teacher_precision = runtime.resolve_precision(kd.teacher.precision)
     measured = evaluate(teacher, loaders.val, runtime, precision=teacher_precision)
     chance = 100.0 / len(loaders.classes)
@@ -275,33 +351,37 @@ def teacher_cache_key(cfg: Config, runtime: Runtime, dataset: Dataset | None, cl
                     teacher_normalization=None if normalization.is_imagenet else normalization.as_dict())
 
 
-def _make_distillation_step(cfg: Config, runtime: Runtime, student: nn.Module, loaders: Loaders,
-                            dataset: Dataset | None) -> tuple[nn.Module, dict[str, Any]]:
+@dataclass
+class Teacher:
+    """Where a distillation step's teacher logits come from: the live `module`, or the
+    `recorded` logits of a teacher cache; `about` is what the run's summary says of it."""
+    module: nn.Module | None
+    recorded: CachedTeacher | None
+    about: dict[str, Any]
+
+
+def open_teacher(setup: Setup) -> Teacher:
+    """The run's teacher: its cache, checked against this run, when `distill.teacher_cache` is
+    set (no teacher is loaded or run), else the checked live teacher (`load_checked_teacher`)."""
+    cfg, runtime, loaders = setup.cfg, setup.runtime, setup.loaders
     kd = cfg.distill
     assert kd is not None
-    if kd.teacher_cache:
-        # Replay: no teacher is loaded or run; its logits come from the cache, checked against this run.
-        key = teacher_cache_key(cfg, runtime, dataset, loaders.classes)
-        cache = TeacherCache.open(kd.teacher_cache_path, key, epochs=cfg.optim.epochs,
-                                  verify=runtime.shard.local_rank == 0,
-                                  top_k=effective_top_k(kd.teacher_cache_top_k, len(loaders.classes)))
-        _barrier()  # the node's files were verified by its first process
-        recorded: CachedTeacher | None = CachedTeacher(cache, runtime.device)
-        teacher, about = None, {"arch": kd.teacher.arch, "checkpoint": str(kd.teacher.checkpoint_path),
-                                **cache.manifest["teacher_val"], "precision": key.teacher_precision,
-                                "cache": str(kd.teacher_cache_path), "cache_digest": cache.digest,
-                                "cache_top_k": cache.top_k}
-        if runtime.is_main:
-            log.info(f"teacher {kd.teacher.arch}: logits from the cache {kd.teacher_cache_path} "
-                     f"({cache.describe_epochs()}, {cache.manifest['dtype']}, {describe_top_k(cache.top_k)}); val top1 "
-                     f"{about['val_top1']:.2f}")
-    else:
-        recorded = None
-        teacher, about = load_checked_teacher(cfg, runtime, loaders)
-    step = build_distillation_step(kd, runtime, student, teacher, side_stream=kd.side_stream,
-                                   label_smoothing=cfg.optim.label_smoothing, recorded=recorded)
-    return step, {"teacher": about, "loss": kd.loss, "temperature": kd.temperature, "kd_weight": kd.kd_weight,
-                  "ce_weight": kd.ce_weight}
+    if not kd.teacher_cache:
+        module, about = load_checked_teacher(cfg, runtime, loaders)
+        return Teacher(module, None, about)
+    key = teacher_cache_key(cfg, runtime, setup.dataset, loaders.classes)
+    cache = TeacherCache.open(kd.teacher_cache_path, key, epochs=cfg.optim.epochs,
+                              verify=runtime.shard.local_rank == 0,
+                              top_k=effective_top_k(kd.teacher_cache_top_k, len(loaders.classes)))
+    _barrier()  # the node's files were verified by its first process
+    about = {"arch": kd.teacher.arch, "checkpoint": str(kd.teacher.checkpoint_path), **cache.manifest["teacher_val"],
+             "precision": key.teacher_precision, "cache": str(kd.teacher_cache_path), "cache_digest": cache.digest,
+             "cache_top_k": cache.top_k}
+    if runtime.is_main:
+        log.info(f"teacher {kd.teacher.arch}: logits from the cache {kd.teacher_cache_path} "
+                 f"({cache.describe_epochs()}, {cache.manifest['dtype']}, {describe_top_k(cache.top_k)}); val top1 "
+                 f"{about['val_top1']:.2f}")
+    return Teacher(None, CachedTeacher(cache, runtime.device), about)
 
 
 def near_chance_top1(num_classes: int, num_images: int) -> float:
@@ -335,48 +415,28 @@ def check_image_sizes(cfg: Config) -> None:
                               f"or be validated at data.val_image_size {data.val_crop_size}")
 
 
-def _run(cfg: Config, *, resume: bool, progress: bool,
-         make_step: Callable[[Config, Runtime, nn.Module, Loaders, Dataset | None], tuple[nn.Module, dict]] | None
-         ) -> RunResult:
+def _run(cfg: Config, *, resume: bool, progress: bool) -> RunResult:
     check_arch(cfg.model.arch)
     if cfg.distill is not None:
         check_arch(cfg.distill.teacher.arch, "distill.teacher.arch")
     check_image_sizes(cfg)
-    shard = shard_from_env()
-    runtime = create_runtime(cfg.runtime, shard)
-    with _process_group(shard.world_size, runtime):
-        checkpoint = _open_run_dir(cfg, resume, shard.world_size)
+    with started(cfg) as runtime:
+        checkpoint = _open_run_dir(cfg, resume, runtime.shard.world_size)
         _barrier()  # every rank has looked at the run directory before rank 0 creates it
-        _ensure_demo_data(cfg, runtime)
-        seed_everything(cfg.run.seed + shard.rank, deterministic=cfg.runtime.deterministic)
-        dataset = _load_dataset(cfg, runtime)
-        loaders = build_loaders(cfg.data, spec=runtime.batch_spec, seed=cfg.data_seed, shard=shard, dataset=dataset,
-                                teacher_image_size=live_teacher_view(cfg))
+        setup = prepare(cfg, runtime, teacher_view=live_teacher_view(cfg))
+        loaders = setup.loaders
         if checkpoint is not None and list(checkpoint["classes"]) != loaders.classes:
             raise CheckpointError(f"--resume: the dataset's classes differ from those of {cfg.run_dir / 'last.pt'}")
-
-        student = create_model(cfg.model.arch, len(loaders.classes), image_size=cfg.data.image_size)
-        if cfg.model.pretrained and checkpoint is None:  # a resumed run's weights come from its checkpoint
-            fresh = _rank_0_first(lambda: load_pretrained(student, cfg.model.pretrained, arch=cfg.model.arch,
-                                                          num_classes=len(loaders.classes)),
-                                  downloads=is_weights_name(cfg.model.pretrained))
-            if runtime.is_main:
-                log.info(f"model.pretrained: {cfg.model.arch} initialized from {cfg.model.pretrained}"
-                         + (f"; a new classifier for {len(loaders.classes)} classes ({', '.join(fresh)})" if fresh else ""))
-        # resumed: the statistics the run started with (the pretrained file need not be there any more)
-        normalization = (Normalization(tuple(checkpoint["normalization"]["mean"]),
-                                       tuple(checkpoint["normalization"]["std"]))
-                         if checkpoint is not None and checkpoint.get("normalization")
-                         else student_normalization(cfg.model))
-        attach_input_normalization(student, normalization)
-        num_params = count_parameters(student)
-        model, raw = runtime.prepare_model(student, trainable=True)
-        if make_step is None:
-            step: nn.Module = ClassificationStep(model, autocast=runtime.autocast,
-                                                 label_smoothing=cfg.optim.label_smoothing)
-            extra_summary: dict[str, Any] = {}
+        student = build_student(setup, checkpoint=checkpoint)
+        normalization, num_params, raw = student.normalization, student.num_params, student.raw
+        if cfg.distill is None:
+            step, extra_summary = build_step(cfg, runtime, student.model), {}
         else:
-            step, extra_summary = make_step(cfg, runtime, model, loaders, dataset)
+            teacher = open_teacher(setup)
+            step = build_step(cfg, runtime, student.model, teacher=teacher.module, recorded=teacher.recorded)
+            kd = cfg.distill
+            extra_summary = {"teacher": teacher.about, "loss": kd.loss, "temperature": kd.temperature,
+                             "kd_weight": kd.kd_weight, "ce_weight": kd.ce_weight}
         cache_digest = extra_summary.get("teacher", {}).get("cache_digest")
         if checkpoint is not None and checkpoint.get("teacher_cache_digest") != cache_digest:
             raise CheckpointError(f"--resume: {cfg.run_dir / 'last.pt'} was trained from other teacher logits than "
@@ -406,7 +466,7 @@ def _run(cfg: Config, *, resume: bool, progress: bool,
             checkpoint_extra={"arch": cfg.model.arch, "classes": list(loaders.classes),
                               "num_classes": len(loaders.classes), "config": config_to_dict(cfg),
                               "normalization": normalization.as_dict(),
-                              "kind": "distill" if make_step else "train", "teacher_cache_digest": cache_digest},
+                              "kind": "train" if cfg.distill is None else "distill", "teacher_cache_digest": cache_digest},
             grad_clip_norm=cfg.optim.grad_clip_norm, log_every_steps=cfg.run.log_every_steps,
             checkpoint_every_steps=cfg.run.checkpoint_every_steps, progress=progress,
             image_size_at=size_schedule(cfg.data).at,
@@ -480,8 +540,10 @@ def restore_training(t: Training, checkpoint: dict[str, Any], *, source: Path) -
     set_rng_state(mine["rng"])
 
 
-def _load_dataset(cfg: Config, runtime: Runtime) -> Dataset | None:
-    """The run's file lists, with undecodable images refused (or dropped with data.skip_broken)."""
+def checked_dataset(cfg: Config, runtime: Runtime) -> Dataset | None:
+    """The run's file lists (the demo's images made first if `data.generate_demo`), with
+    undecodable images refused (or dropped with data.skip_broken); None with synthetic data."""
+    _ensure_demo_data(cfg, runtime)
     if cfg.data.backend == "synthetic":
         return None
     dataset = load_data(cfg.data)

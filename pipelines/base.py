@@ -14,8 +14,10 @@ index in the split (int64 `[B]`, on the host), which a teacher cache is keyed by
 
 The loop never branches on the backend: it only relies on this contract and on
 `set_epoch(epoch, start_batch)` / `state_dict()` / `load_state_dict()` for exact resume.
-Backends that produce batches off the device also expose the two stages of `__iter__`,
-`host_batches()` and `to_device(images, labels)`, which `fastkd bench` times separately.
+Every training loader also exposes the two stages of `indexed()`, `host_batches()` and
+`to_device(images, labels)` / `images_to_device(images)`, and `prefetched_batches`, which
+`fastkd bench` times and drains (a loader whose batches are made on the device has an
+identity second stage).
 """
 
 from __future__ import annotations
@@ -32,6 +34,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 class Loader(Protocol):
     num_samples: int
     batch_size: int
+    prefetched_batches: int
+    """Batches the loader can hold ready before one is asked for (its workers' queues): what a
+    benchmark's warm-up must drain so as to time the loader, not a queue."""
 
     def __len__(self) -> int: ...
 
@@ -39,6 +44,16 @@ class Loader(Protocol):
 
     def indexed(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         """Training batches with their samples' indices (host int64 `[B]`)."""
+
+    def host_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
+        """Stage 1 of `indexed()`: (images, labels, indices, teacher images) as the backend
+        makes them (host memory for a CPU decoder), before `to_device`."""
+
+    def to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage 2: a `host_batches()` batch's images and labels as the contract above has them."""
+
+    def images_to_device(self, images: torch.Tensor) -> torch.Tensor:
+        """Stage 2 of the images alone (the teacher's view of a crop)."""
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Prepare the next `iter()` to yield epoch `epoch` from batch `start_batch` on."""

@@ -240,6 +240,8 @@ class DaliLoader:
         self._sizes, self._crop_range = sizes, crop_range
         self._val_size, self._val_resize = val_size, val_resize
         self._prefetch_queue = prefetch_queue
+        self.prefetched_batches = prefetch_queue
+        """DALI's prefetch queue: batches it runs ahead of the consumer."""
         self._seed = seed
         self._files, self._labels = list(split.files), list(split.labels)
         start, end = self._val_shard()

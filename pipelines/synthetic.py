@@ -33,6 +33,7 @@ class SyntheticLoader:
         self._pools: dict[int, list[torch.Tensor]] = {}
         self._epoch = 0
         self._start_batch = 0
+        self.prefetched_batches = 0
 
     def _images(self, size: int) -> list[torch.Tensor]:
         if size not in self._pools:
@@ -67,6 +68,16 @@ class SyntheticLoader:
             slot = batch % _POOL_BATCHES
             yield (images[slot][:size], self._labels[slot][:size], torch.arange(first, first + size),
                    None if teacher is None else teacher[slot][:size])
+
+    def host_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+        """The batches are made on the device: stage 1 is `indexed()` and stage 2 the identity."""
+        return self.indexed()
+
+    def to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return images, labels
+
+    def images_to_device(self, images: torch.Tensor) -> torch.Tensor:
+        return images
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for images, labels, *_ in self.indexed():

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -142,3 +143,13 @@ def data_config(root: Path, backend: str, **kw) -> DataConfig:
 def require_backend(backend: str) -> None:
     if backend == "dali":
         pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+
+
+def wait_for(path: Path, process: subprocess.Popen, timeout: float = 180) -> None:
+    """Until `path` exists; fails when `process` exits first (with its output) or after
+    `timeout` seconds (a hang, with room for a loaded machine)."""
+    deadline = time.time() + timeout
+    while not path.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.time() < deadline, f"{path} did not appear within {timeout:.0f} s"
+        time.sleep(0.05)

@@ -32,7 +32,10 @@ def test_bench_measures_every_what_and_writes_well_formed_rows(tiny_imagefolder,
         assert {("loader", backend), ("train", backend), ("distill", backend)} <= measured
     for row in rows:
         assert ROW_KEYS <= set(row), ROW_KEYS - set(row)
-        assert len(row["rates"]) == row["repeats"] == 2 and row["warmup"] == 1 and row["steps"] == 2
+        assert len(row["rates"]) == row["repeats"] == 2 and row["steps"] == 2
+        # a DALI loader's warm-up drains its prefetch queue (the DataLoader here has no workers)
+        drained = row["what"] != "loader-stage" and row["backend"].startswith("dali")
+        assert row["warmup"] == (row["dali_prefetch_queue"] + 1 if drained else 1)
         assert row["images_per_sec"] == pytest.approx(statistics.median(row["rates"]), abs=0.11)
         assert (row["min"], row["max"]) == (min(row["rates"]), max(row["rates"]))
         assert row["torch"] == torch.__version__ and row["batch_size"] == 8
@@ -49,6 +52,8 @@ def test_bench_measures_every_what_and_writes_well_formed_rows(tiny_imagefolder,
     assert "dali-gpu skipped: needs a CUDA training device (runtime.device)" in printed
     assert "teacher weights: random" in printed
     assert "is bounded by the" in printed and re.search(r"\| loader +\| torchvision +\|", printed)
+    plan = printed[printed.index("bench plan:"):printed.index("| what")]  # printed before the results
+    assert len(re.findall(r"^  \d+\. ", plan, flags=re.M)) == len(rows)
 
 
 @pytest.mark.parametrize("what", ["loader-stages,loader", "loader,loader-stages"])
@@ -196,11 +201,61 @@ def test_cpu_busy_is_the_share_of_cpu_time_not_idle():
 def test_warm_up_drains_what_the_loader_prefetched():
     from types import SimpleNamespace
 
-    from fastkd.bench import Bench, Window
+    from fastkd.bench import Window, warmup_for
 
-    bench = Bench(cfg=None, runtime=None, window=Window(steps=20, warmup=8, repeats=3), config_path="x")
-    assert bench.window_for(SimpleNamespace(prefetched_batches=64)).warmup == 65  # 16 workers x 4
-    assert bench.window_for(SimpleNamespace()).warmup == 8
+    window = Window(steps=20, warmup=8, repeats=3)
+    assert warmup_for(window, SimpleNamespace(prefetched_batches=64)).warmup == 65  # 16 workers x 4
+    assert warmup_for(window, SimpleNamespace(prefetched_batches=0)).warmup == 8
+
+
+def test_the_bench_plan_runs_each_row_once_and_says_why_it_runs_those_not_asked_for():
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+    from types import SimpleNamespace
+
+    from fastkd.bench import Window, format_plan, plan_bench
+    from pipelines.dali_stages import CEILING, STAGES
+
+    cpu, gpu = SimpleNamespace(device=torch.device("cpu")), SimpleNamespace(device=torch.device("cuda"))
+    plan, notes = plan_bench(["distill", "loader", "train"], ["torchvision", "dali-gpu", "dali-cpu"], cpu)
+    assert [(p.label, p.backend, p.variant, bool(p.why)) for p in plan] == [
+        ("train", "torchvision", "", False),  # asked for after distill needed it: no reason printed
+        ("distill", "torchvision", "", False), ("loader", "torchvision", "", False),
+        ("train", "dali-cpu", "", False), ("distill", "dali-cpu", "", False), ("loader", "dali-cpu", "", False),
+        ("loader-stage", "dali-cpu", CEILING, True)]
+    assert notes == ["dali-gpu skipped: needs a CUDA training device (runtime.device)"]
+    plan, _ = plan_bench(["distill-cached", "loader-stages", "loader"], ["dali-cpu", "synthetic"], cpu)
+    assert [(p.label, p.backend, p.variant) for p in plan] == [
+        ("train", "dali-cpu", ""), ("distill-cached", "dali-cpu", ""),
+        *[("loader-stage", "dali-cpu", stage) for stage in STAGES], ("loader", "dali-cpu", ""),
+        ("train", "synthetic", ""), ("distill-cached", "synthetic", ""), ("loader", "synthetic", "")]
+    assert all(not p.why for p in plan if p.what != "train")  # the ceiling is one of the stages asked for
+    plan, _ = plan_bench(["distill"], ["dali-gpu"], gpu)  # on a GPU: the side stream's worth beside it
+    assert [p.label for p in plan] == ["train", "distill", "distill-no-side-stream"]
+    printed = format_plan(plan, Window(steps=4, warmup=2, repeats=3)).splitlines()
+    assert printed[0].startswith("bench plan: 3 row(s), each the median of 3 window(s) of 4 batches after 2 ")
+    assert printed[1:] == ["  1. train with dali-gpu (the student alone on the same loader, for the ratio)",
+                           "  2. distill with dali-gpu", "  3. distill-no-side-stream with dali-gpu (what the side "
+                           "stream saves)"]
+
+
+def test_the_bench_times_the_step_the_engine_builds_for_the_run(tiny_imagefolder, tmp_path, monkeypatch):
+    from fastkd.bench import Window, run_bench
+    from fastkd.config import config_from_dict
+
+    built = []
+    build_step = engine.build_step
+    monkeypatch.setattr(engine, "build_step", lambda *a, **kw: built.append(build_step(*a, **kw)) or built[-1])
+    raw = tiny_config_dict(tiny_imagefolder, tmp_path / "runs", model={"arch": "shufflenet_v2_x0_5"},
+                           optim={"label_smoothing": 0.2})
+    raw["distill"] = {"teacher": {"arch": "resnet18", "checkpoint": str(tmp_path / "absent.pt")}, "alpha": 0.3}
+    rows = run_bench(config_from_dict(raw), config_path="x", what=["distill"], backends=["synthetic"],
+                     window=Window(steps=1, warmup=0, repeats=1), echo=lambda text: None)
+    assert [r["what"] for r in rows] == ["train", "distill"]
+    # each row: the timed step, then the same step with its teacher on the main stream for the breakdown
+    assert [type(step).__name__ for step in built] == ["ClassificationStep"] * 2 + ["DistillationStep"] * 2
+    assert all(step.label_smoothing == 0.2 for step in built)
+    assert (built[2].kd_weight, built[2].ce_weight) == (built[3].kd_weight, built[3].ce_weight) == (0.3, 0.7)
+    assert built[2].model is built[3].model and built[2].teacher is built[3].teacher
 
 
 def test_report_keeps_runs_of_other_folders_apart_and_refuses_a_group_of_other_models(tmp_path):

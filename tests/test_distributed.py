@@ -7,7 +7,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,8 @@ from fastkd.checkpoint import load_checkpoint
 from fastkd.config import DataConfig
 from fastkd.data import build_loaders
 from pipelines.base import Shard
-from tests.conftest import CPU, HOOKED_FASTKD, REPO, distill_dict, hooked_env, tiny_config_dict, write_config
+from tests.conftest import (CPU, HOOKED_FASTKD, REPO, distill_dict, hooked_env, tiny_config_dict, wait_for,
+                            write_config)
 
 pytestmark = pytest.mark.slow
 
@@ -96,14 +96,6 @@ def test_shards_are_disjoint_and_cover_the_data(tmp_path, backend):
     assert set(train[0]) | set(train[1]) == set(range(23))
     assert len(set(train[0]) & set(train[1])) <= 1  # only padding may repeat a sample
     assert sorted(val[0] + val[1]) == list(range(23))  # every val image exactly once
-
-
-def wait_for(path: Path, process: subprocess.Popen, timeout: float = 180) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert process.poll() is None, process.communicate()
-        assert time.time() < deadline
-        time.sleep(0.1)
 
 
 def same_weights(a: Path, b: Path) -> bool:

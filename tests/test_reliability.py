@@ -8,7 +8,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +19,8 @@ from fastkd.checkpoint import load_checkpoint
 from fastkd.cli import main
 from fastkd.errors import FastkdError
 from pipelines.verify import find_broken_images, image_problem
-from tests.conftest import HOOKED_FASTKD, REPO, cli_error, hooked_env, tiny_config, tiny_config_dict, write_config
+from tests.conftest import (HOOKED_FASTKD, REPO, cli_error, hooked_env, tiny_config, tiny_config_dict, wait_for,
+                            write_config)
 
 BROKEN = ("truncated.jpg", "empty.jpg", "text.jpg")
 
@@ -141,14 +141,6 @@ def start_training(config: Path, *extra: str, **hooks: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, HOOKED_FASTKD, "train", "--config", str(config), "--no-progress",
                              *extra], cwd=REPO, env=hooked_env(**hooks), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, start_new_session=True)
-
-
-def wait_for(path: Path, process: subprocess.Popen, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while not path.exists():
-        assert process.poll() is None, process.communicate()
-        assert time.time() < deadline, f"{path} did not appear"
-        time.sleep(0.05)
 
 
 def resume_to_the_end(config: Path, run_dir: Path, reference_run: Path) -> None:
@@ -324,7 +316,8 @@ def test_stop_request_between_epochs_stops_after_the_epoch_checkpoint(tiny_image
 
 def test_importing_fastkd_changes_nothing_global_and_exit_kills_only_its_own_workers(tiny_imagefolder, tmp_path):
     """No exit hook and no PIL limit change at import; after a DataLoader with workers has run, exit
-    still returns promptly (its workers ignore SIGTERM) and leaves an unrelated child alone."""
+    still returns promptly (its workers ignore SIGTERM) and leaves unrelated children alone: one
+    alive across the loader's first iter(), one started after it (each runs to its end)."""
     script = tmp_path / "probe.py"
     script.write_text(f'''
 import atexit, multiprocessing, os, sys, time
@@ -338,18 +331,21 @@ assert PIL.Image.MAX_IMAGE_PIXELS == limit, "the PIL pixel limit was changed"
 from fastkd.data import build_loaders
 from tests.conftest import CPU, data_config
 loader = build_loaders(data_config({str(tiny_imagefolder)!r}, "torchvision", num_workers=2), spec=CPU, seed=0).train
+early = multiprocessing.Process(target=os.system, args=("sleep 3; touch {tmp_path / 'early-done'}",), daemon=False)
+early.start()
 next(iter(loader))
+assert early.is_alive(), "the foreign child must be alive across the first iter()"
 print("workers", *[w.pid for w in pipelines.torchvision_backend._OUR_WORKERS], flush=True)
-other = multiprocessing.Process(target=time.sleep, args=(3,), daemon=False)
+other = multiprocessing.Process(target=os.system, args=("sleep 2; touch {tmp_path / 'other-done'}",), daemon=False)
 other.start()
-print("other", other.pid, flush=True)
+print("other", other.pid, early.pid, flush=True)
 ''')
     done = subprocess.run([sys.executable, str(script)], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)},
                           capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
     lines = dict(line.split(" ", 1) for line in done.stdout.splitlines())
-    workers, other = [int(p) for p in lines["workers"].split()], int(lines["other"])
-    assert len(workers) == 2
+    workers, others = [int(p) for p in lines["workers"].split()], [int(p) for p in lines["other"].split()]
+    assert len(workers) == 2 and not set(workers) & set(others)
 
     def alive(pid: int) -> bool:
         try:
@@ -359,4 +355,6 @@ print("other", other.pid, flush=True)
         return True
 
     assert not any(alive(pid) for pid in workers)  # exit killed them (else it waits forever: TimeoutExpired)
-    assert not alive(other)  # the non-daemonic child ran to its end: exit waited for it, untouched
+    assert not any(alive(pid) for pid in others)
+    # the non-daemonic children ran to their end: exit waited for them, untouched
+    assert (tmp_path / "early-done").exists() and (tmp_path / "other-done").exists()

@@ -191,9 +191,8 @@ def test_replay_under_another_batch_size_reads_each_samples_row(tiny_imagefolder
     loaders, teacher = live_teacher(cfg, tiny_teacher)
     cache = TeacherCache.open(tmp_path / "cache", engine.teacher_cache_key(
         cfg, create_runtime(cfg.runtime), load_data(cfg.data), loaders.classes), epochs=2)
-    step = engine.build_distillation_step(cfg.distill, create_runtime(cfg.runtime),
-                                          torchvision.models.shufflenet_v2_x0_5(num_classes=10), None,
-                                          side_stream=False, recorded=CachedTeacher(cache, torch.device("cpu")))
+    step = engine.build_step(cfg, create_runtime(cfg.runtime), torchvision.models.shufflenet_v2_x0_5(num_classes=10),
+                             recorded=CachedTeacher(cache, torch.device("cpu")))
     step.set_epoch(1)
     loaders.train.set_epoch(1)
     batches = list(loaders.train.indexed())
