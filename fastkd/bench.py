@@ -321,11 +321,31 @@ def time_loader(loader: Loader, window: Window, sync: Callable[[], None]) -> Row
                cpu_busy=busy_fraction(before, cpu_times()))
 
 
-def time_steps(step: nn.Module, loader: Loader, optimizer, scaler, window: Window,
-               sync: Callable[[], None]) -> Row:
-    """Training steps as the loop runs them (forward, loss, backward, update), fed by `loader`."""
+class Update:
+    """What the loop does after a step's loss: backward through the scaler, then the optimizer
+    step (clipped at `optim.grad_clip_norm`) and the EMA of the weights (`engine.build_ema`)."""
+
+    def __init__(self, cfg: Config, runtime: Runtime, student: engine.Student):
+        self.optimizer = create_optimizer(student.raw, cfg.optim, runtime.device)
+        self.scaler = runtime.create_scaler()
+        self.params = optimizer_params(self.optimizer)
+        self.grad_clip_norm = cfg.optim.grad_clip_norm
+        self.ema = engine.build_ema(cfg, student.raw)
+        self.steps = 0
+
+    def backward(self, loss: torch.Tensor) -> None:
+        backward(loss, self.optimizer, self.scaler)
+
+    def step(self) -> None:
+        apply_update(self.optimizer, self.scaler, self.params, self.grad_clip_norm)
+        self.steps += 1
+        self.ema.update(self.steps)
+
+
+def time_steps(step: nn.Module, loader: Loader, update: Update, window: Window, sync: Callable[[], None]) -> Row:
+    """Training steps as the loop runs them (forward, loss, backward, update, EMA), fed by
+    `loader`; the loop's on-device meters are left out."""
     step.train()
-    params = optimizer_params(optimizer)
     stream = endless(loader, lambda l: l.indexed())
     waited, side = [0.0], [0]
 
@@ -334,8 +354,8 @@ def time_steps(step: nn.Module, loader: Loader, optimizer, scaler, window: Windo
         images, labels, indices, teacher_images = next(stream)
         waited[0] += time.perf_counter() - started
         side[0] = images.shape[-1]
-        backward(step(images, labels, indices, teacher_images).loss, optimizer, scaler)
-        apply_update(optimizer, scaler, params, None)
+        update.backward(step(images, labels, indices, teacher_images).loss)
+        update.step()
         return labels.shape[0]
 
     started = time.perf_counter()
@@ -345,8 +365,7 @@ def time_steps(step: nn.Module, loader: Loader, optimizer, scaler, window: Windo
                data_wait_fraction=round(waited[0] / (time.perf_counter() - started), 3))
 
 
-def stage_breakdown(step: nn.Module, loader: Loader, optimizer, scaler, runtime: Runtime,
-                    steps: int) -> dict[str, float]:
+def stage_breakdown(step: nn.Module, loader: Loader, update: Update, runtime: Runtime, steps: int) -> dict[str, float]:
     """Milliseconds per batch in each stage, over `steps` batches (stages in sequence).
 
     `step` must run its teacher on the main stream (`build_step(..., side_stream=False)`), so
@@ -354,7 +373,6 @@ def stage_breakdown(step: nn.Module, loader: Loader, optimizer, scaler, runtime:
     batch: on a GPU it also holds any wait for DALI's GPU work, which competes with the step
     for the same GPU.
     """
-    params = optimizer_params(optimizer)
     clock = StageClock(runtime)
     stream = endless(loader, lambda l: l.host_batches())
     for index in range(steps + 2):
@@ -366,11 +384,11 @@ def stage_breakdown(step: nn.Module, loader: Loader, optimizer, scaler, runtime:
         if isinstance(step, DistillationStep):
             stage = "cache lookup" if step.recorded is not None else "teacher forward"
             teacher_logits = clock.device(stage, lambda: step.teacher_logits(teacher_view, indices))
-            clock.device("student forward+backward", lambda: backward(
-                step.student_output(images, labels, teacher_logits).loss, optimizer, scaler))
+            clock.device("student forward+backward", lambda: update.backward(
+                step.student_output(images, labels, teacher_logits).loss))
         else:
-            clock.device("student forward+backward", lambda: backward(step(images, labels).loss, optimizer, scaler))
-        clock.device("optimizer", lambda: apply_update(optimizer, scaler, params, None))
+            clock.device("student forward+backward", lambda: update.backward(step(images, labels).loss))
+        clock.device("optimizer", update.step)
     return {stage: round(1000 * seconds / steps, 3) for stage, seconds in clock.seconds().items()}
 
 
@@ -410,7 +428,8 @@ class Bench:
             "teacher_image_size": cfg.distill.teacher.image_size if cfg.distill and distills else None,
             "precision": self.runtime.precision, "channels_last": self.runtime.channels_last,
             "compile": self.runtime.compile, "num_workers": cfg.data.num_workers,
-            "dali_prefetch_queue": cfg.data.dali_prefetch_queue if row.backend.startswith("dali") else None,
+            "dali_prefetch_queue": (cfg.data.dali_prefetch_queue if row.backend.startswith("dali")
+                                    and row.what != "loader-stage" else None),
             "dali_cpu_resize": (cfg.data.dali_cpu_resize if row.backend == "dali-cpu"
                                 and self.runtime.device.type == "cpu" else None),
             "device": self.env["device"], "cpu_count": self.env["cpu_count"], "torch": self.env["torch"],
@@ -447,35 +466,36 @@ class Bench:
     def time_step_row(self, planned: Planned, cache_folder: Path) -> Row:
         """The student's training steps alone (`train`), against the live teacher (`distill`) or
         against cached logits (`distill-cached`), as `build_step` makes them for a run."""
-        live = planned.what == "distill"
-        setup = self.setup(planned.backend, teacher_view=engine.live_teacher_view(self.cfg) if live else None)
-        loader = setup.loaders.train
+        kd, live = self.cfg.distill, planned.what == "distill"
+        # A live teacher's own view of each crop, whether or not the config replays a cache.
+        setup = self.setup(planned.backend, teacher_view=kd.teacher.image_size if live and kd else None)
         # Weights do not change the speed; a pretrained name would need the network.
         student = engine.build_student(setup, pretrained=False)
-        optimizer = create_optimizer(student.raw, self.cfg.optim, self.runtime.device)
-        scaler = self.runtime.create_scaler()
-        teacher = self.teacher(setup) if live else None
+        loader, classes = setup.loaders.train, setup.loaders.classes
+        del setup  # the validation loader goes: nothing of it runs beside the timed steps
+        update = Update(self.cfg, self.runtime, student)
+        teacher = self.teacher(classes) if live else None
         recorded = self.synthetic_cache(loader, cache_folder) if planned.what == "distill-cached" else None
-        side_stream = planned.variant != "no-side-stream" if live else None
+        side_stream = (False if planned.variant == "no-side-stream" else kd.side_stream) if live and kd else None
         step = engine.build_step(self.cfg, self.runtime, student.model, teacher=teacher, recorded=recorded,
                                  side_stream=side_stream)
-        row = time_steps(step, loader, optimizer, scaler, self.window, self.runtime.synchronize)
+        row = time_steps(step, loader, update, self.window, self.runtime.synchronize)
         sequential = engine.build_step(self.cfg, self.runtime, student.model, teacher=teacher, recorded=recorded,
                                        side_stream=False)
         sequential.train()
-        row.stages = stage_breakdown(sequential, loader, optimizer, scaler, self.runtime, self.window.steps)
+        row.stages = stage_breakdown(sequential, loader, update, self.runtime, self.window.steps)
         row.side_stream = side_stream
         row.teacher_cache = "temporary, random fp16 logits" if recorded is not None else None
         return row
 
-    def teacher(self, setup: engine.Setup) -> nn.Module:
+    def teacher(self, classes: list[str]) -> nn.Module:
         """The config's teacher (`engine.teacher_module`), or one of random weights when its
         checkpoint is not there (speed does not depend on them)."""
         kd = self.cfg.distill
         assert kd is not None
         path = engine.teacher_source(kd)
         if (isinstance(path, str) or path.is_file()) and self.dataset is not None:
-            return engine.teacher_module(self.cfg, self.runtime, setup.loaders.classes)
+            return engine.teacher_module(self.cfg, self.runtime, classes)
         self.note(f"teacher weights: random ({path} not found); speed does not depend on them")
         teacher = freeze(create_model(kd.teacher.arch, self.num_classes,
                                       image_size=kd.teacher.image_size or self.cfg.data.image_size,
@@ -519,7 +539,8 @@ def run_bench(cfg: Config, *, config_path: str, what: Sequence[str], backends: S
     runtime = create_runtime(cfg.runtime)  # one process: the bench is not a torchrun job
     plan, skipped = plan_bench(what, backends, runtime)
     echo(format_plan(plan, window))
-    real = next((row.backend for row in plan if row.backend != "synthetic"), None)
+    # Any real backend asked for, run or skipped: synthetic rows then have the dataset's classes.
+    real = next((backend for backend in backends if backend != "synthetic"), None)
     dataset = None if real is None else engine.checked_dataset(backend_config(cfg, real), runtime)
     bench = Bench(cfg, runtime, window, config_path, dataset=dataset, env=collect_env(runtime.device),
                   notes=notes + skipped)

@@ -79,12 +79,13 @@ def prepare(cfg: Config, runtime: Runtime, *, teacher_view: int | None, dataset:
     each crop for a teacher with its own input size. `dataset` reuses file lists already loaded
     for this config's data (the bench builds one setup per backend)."""
     seed_everything(cfg.run.seed + runtime.shard.rank, deterministic=cfg.runtime.deterministic)
-    if dataset is None:
+    if cfg.data.backend == "synthetic":
+        dataset = None
+    elif dataset is None:
         dataset = checked_dataset(cfg, runtime)
     loaders = build_loaders(cfg.data, spec=runtime.batch_spec, seed=cfg.data_seed, shard=runtime.shard,
-                            dataset=dataset if cfg.data.backend != "synthetic" else None,
-                            teacher_image_size=teacher_view)
-    return Setup(cfg, runtime, dataset if cfg.data.backend != "synthetic" else None, loaders)
+                            dataset=dataset, teacher_image_size=teacher_view)
+    return Setup(cfg, runtime, dataset, loaders)
 
 
 @dataclass
@@ -118,6 +119,13 @@ def build_student(setup: Setup, *, checkpoint: dict[str, Any] | None = None, pre
     num_params = count_parameters(student)
     model, raw = runtime.prepare_model(student, trainable=True)
     return Student(model, raw, normalization, num_params)
+
+
+def build_ema(cfg: Config, raw: nn.Module) -> ModelEma | NoEma:
+    """The EMA of the student's weights that `model.ema_decay` asks for (else one that does nothing)."""
+    if cfg.model.ema_decay is None:
+        return NoEma()
+    return ModelEma(raw, decay=cfg.model.ema_decay, warmup=cfg.model.ema_warmup)
 
 
 def train(cfg: Config, *, resume: bool = False, progress: bool = True) -> RunResult:
@@ -470,8 +478,7 @@ def _run(cfg: Config, *, resume: bool, progress: bool) -> RunResult:
             grad_clip_norm=cfg.optim.grad_clip_norm, log_every_steps=cfg.run.log_every_steps,
             checkpoint_every_steps=cfg.run.checkpoint_every_steps, progress=progress,
             image_size_at=size_schedule(cfg.data).at,
-            ema=(ModelEma(raw, decay=cfg.model.ema_decay, warmup=cfg.model.ema_warmup)
-                 if cfg.model.ema_decay is not None else NoEma()))
+            ema=build_ema(cfg, raw))
         if checkpoint is not None:
             restore_training(training, checkpoint, source=cfg.run_dir / "last.pt")
             logger.truncate_after(state.epoch)

@@ -209,53 +209,75 @@ def test_warm_up_drains_what_the_loader_prefetched():
 
 
 def test_the_bench_plan_runs_each_row_once_and_says_why_it_runs_those_not_asked_for():
-    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
     from types import SimpleNamespace
 
     from fastkd.bench import Window, format_plan, plan_bench
+
+    cpu = SimpleNamespace(device=torch.device("cpu"))
+    plan, notes = plan_bench(["distill", "loader", "train"], ["torchvision", "synthetic"], cpu)
+    assert [(p.label, p.backend, bool(p.why)) for p in plan] == [
+        ("train", "torchvision", False),  # asked for after distill needed it: no reason printed
+        ("distill", "torchvision", False), ("loader", "torchvision", False),
+        ("train", "synthetic", False), ("distill", "synthetic", False), ("loader", "synthetic", False)]
+    plan, notes = plan_bench(["distill-cached", "loader-stages"], ["torchvision"], cpu)
+    assert [(p.label, p.why) for p in plan] == [
+        ("train", "the student alone on the same loader, for the ratio"), ("distill-cached", "")]
+    assert notes == ["loader-stages measures dali-cpu pipelines; torchvision has none (--what loader times it)"]
+    printed = format_plan(plan, Window(steps=4, warmup=2, repeats=3)).splitlines()
+    assert printed[0].startswith("bench plan: 2 row(s), each the median of 3 window(s) of 4 batches after 2 ")
+    assert printed[1:] == ["  1. train with torchvision (the student alone on the same loader, for the ratio)",
+                           "  2. distill-cached with torchvision"]
+
+
+def test_the_bench_plan_of_dali_rows_on_a_cpu_and_on_a_gpu():
+    pytest.importorskip("nvidia.dali", reason="NVIDIA DALI is not installed")
+    from types import SimpleNamespace
+
+    from fastkd.bench import plan_bench
     from pipelines.dali_stages import CEILING, STAGES
 
     cpu, gpu = SimpleNamespace(device=torch.device("cpu")), SimpleNamespace(device=torch.device("cuda"))
-    plan, notes = plan_bench(["distill", "loader", "train"], ["torchvision", "dali-gpu", "dali-cpu"], cpu)
+    plan, notes = plan_bench(["loader", "train"], ["dali-gpu", "dali-cpu"], cpu)
     assert [(p.label, p.backend, p.variant, bool(p.why)) for p in plan] == [
-        ("train", "torchvision", "", False),  # asked for after distill needed it: no reason printed
-        ("distill", "torchvision", "", False), ("loader", "torchvision", "", False),
-        ("train", "dali-cpu", "", False), ("distill", "dali-cpu", "", False), ("loader", "dali-cpu", "", False),
-        ("loader-stage", "dali-cpu", CEILING, True)]
+        ("loader", "dali-cpu", "", False), ("loader-stage", "dali-cpu", CEILING, True), ("train", "dali-cpu", "", False)]
     assert notes == ["dali-gpu skipped: needs a CUDA training device (runtime.device)"]
-    plan, _ = plan_bench(["distill-cached", "loader-stages", "loader"], ["dali-cpu", "synthetic"], cpu)
-    assert [(p.label, p.backend, p.variant) for p in plan] == [
-        ("train", "dali-cpu", ""), ("distill-cached", "dali-cpu", ""),
-        *[("loader-stage", "dali-cpu", stage) for stage in STAGES], ("loader", "dali-cpu", ""),
-        ("train", "synthetic", ""), ("distill-cached", "synthetic", ""), ("loader", "synthetic", "")]
-    assert all(not p.why for p in plan if p.what != "train")  # the ceiling is one of the stages asked for
+    plan, _ = plan_bench(["loader-stages", "loader"], ["dali-cpu"], cpu)  # the ceiling is one of the stages asked for
+    assert [(p.label, p.variant, p.why) for p in plan] == [("loader-stage", stage, "") for stage in STAGES] + [
+        ("loader", "", "")]
     plan, _ = plan_bench(["distill"], ["dali-gpu"], gpu)  # on a GPU: the side stream's worth beside it
-    assert [p.label for p in plan] == ["train", "distill", "distill-no-side-stream"]
-    printed = format_plan(plan, Window(steps=4, warmup=2, repeats=3)).splitlines()
-    assert printed[0].startswith("bench plan: 3 row(s), each the median of 3 window(s) of 4 batches after 2 ")
-    assert printed[1:] == ["  1. train with dali-gpu (the student alone on the same loader, for the ratio)",
-                           "  2. distill with dali-gpu", "  3. distill-no-side-stream with dali-gpu (what the side "
-                           "stream saves)"]
+    assert [(p.label, p.why) for p in plan] == [("train", "the student alone on the same loader, for the ratio"),
+                                                ("distill", ""), ("distill-no-side-stream", "what the side stream saves")]
 
 
 def test_the_bench_times_the_step_the_engine_builds_for_the_run(tiny_imagefolder, tmp_path, monkeypatch):
+    """The bench's rows take the engine's setup, step and EMA with the config's settings: the
+    teacher's own view of each crop (even when the config replays a cache), label smoothing,
+    the distillation weights, gradient clipping."""
+    from fastkd import bench, loop
     from fastkd.bench import Window, run_bench
     from fastkd.config import config_from_dict
 
-    built = []
-    build_step = engine.build_step
+    built, views, emas, clips = [], [], [], []
+    build_step, prepare, build_ema, apply_update = engine.build_step, engine.prepare, engine.build_ema, loop.apply_update
     monkeypatch.setattr(engine, "build_step", lambda *a, **kw: built.append(build_step(*a, **kw)) or built[-1])
-    raw = tiny_config_dict(tiny_imagefolder, tmp_path / "runs", model={"arch": "shufflenet_v2_x0_5"},
-                           optim={"label_smoothing": 0.2})
-    raw["distill"] = {"teacher": {"arch": "resnet18", "checkpoint": str(tmp_path / "absent.pt")}, "alpha": 0.3}
-    rows = run_bench(config_from_dict(raw), config_path="x", what=["distill"], backends=["synthetic"],
+    monkeypatch.setattr(engine, "prepare", lambda *a, **kw: views.append(kw["teacher_view"]) or prepare(*a, **kw))
+    monkeypatch.setattr(engine, "build_ema", lambda *a: emas.append(build_ema(*a)) or emas[-1])
+    monkeypatch.setattr(bench, "apply_update", lambda *a: clips.append(a[3]) or apply_update(*a))
+    raw = tiny_config_dict(tiny_imagefolder, tmp_path / "runs", model={"arch": "shufflenet_v2_x0_5", "ema_decay": 0.9},
+                           optim={"label_smoothing": 0.2, "grad_clip_norm": 5.0})
+    raw["distill"] = {"teacher": {"arch": "resnet18", "checkpoint": str(tmp_path / "absent.pt"), "image_size": 24},
+                      "alpha": 0.3, "teacher_cache": str(tmp_path / "cache")}
+    rows = run_bench(config_from_dict(raw), config_path="x", what=["distill"], backends=["torchvision"],
                      window=Window(steps=1, warmup=0, repeats=1), echo=lambda text: None)
     assert [r["what"] for r in rows] == ["train", "distill"]
+    assert views == [None, 24]  # the live row's loader makes the teacher's 24 px view
     # each row: the timed step, then the same step with its teacher on the main stream for the breakdown
     assert [type(step).__name__ for step in built] == ["ClassificationStep"] * 2 + ["DistillationStep"] * 2
     assert all(step.label_smoothing == 0.2 for step in built)
     assert (built[2].kd_weight, built[2].ce_weight) == (built[3].kd_weight, built[3].ce_weight) == (0.3, 0.7)
     assert built[2].model is built[3].model and built[2].teacher is built[3].teacher
+    assert len(emas) == 2 and all(ema.module is not None and ema.decay == 0.9 for ema in emas)
+    assert clips and set(clips) == {5.0}
 
 
 def test_report_keeps_runs_of_other_folders_apart_and_refuses_a_group_of_other_models(tmp_path):

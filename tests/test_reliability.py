@@ -331,7 +331,7 @@ assert PIL.Image.MAX_IMAGE_PIXELS == limit, "the PIL pixel limit was changed"
 from fastkd.data import build_loaders
 from tests.conftest import CPU, data_config
 loader = build_loaders(data_config({str(tiny_imagefolder)!r}, "torchvision", num_workers=2), spec=CPU, seed=0).train
-early = multiprocessing.Process(target=os.system, args=("sleep 3; touch {tmp_path / 'early-done'}",), daemon=False)
+early = multiprocessing.Process(target=os.system, args=("sleep 8; touch {tmp_path / 'early-done'}",), daemon=False)
 early.start()
 next(iter(loader))
 assert early.is_alive(), "the foreign child must be alive across the first iter()"
