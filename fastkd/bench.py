@@ -31,8 +31,7 @@ from fastkd.config import Config
 from fastkd.env import collect_env
 from fastkd.errors import ConfigError
 from fastkd.log import log
-from fastkd.models import attach_input_normalization, create_model, freeze, resolve_normalization
-from fastkd.loop import apply_update, backward
+from fastkd.loop import backward, finish_update
 from fastkd.optim import create_optimizer, optimizer_params
 from fastkd.report import markdown_table
 from fastkd.runtime import Runtime, create_runtime
@@ -125,9 +124,15 @@ def cpu_times() -> tuple[int, int] | None:
     return sum(ticks), ticks[3] + ticks[4]  # idle + iowait
 
 
+MIN_TICKS = 10
+"""Fewer clock ticks than this between two readings (0.05 s on 2 cores) say nothing of how busy
+the machine was: the kernel samples each tick whole, busy or idle."""
+
+
 def busy_fraction(before: tuple[int, int] | None, after: tuple[int, int] | None) -> float | None:
-    """The share of the machine's CPU time that was busy between two `cpu_times()` readings."""
-    if before is None or after is None or after[0] <= before[0]:
+    """The share of the machine's CPU time that was busy between two `cpu_times()` readings;
+    None without readings or over fewer than `MIN_TICKS` ticks."""
+    if before is None or after is None or after[0] - before[0] < MIN_TICKS:
         return None
     return round(1 - (after[1] - before[1]) / (after[0] - before[0]), 3)
 
@@ -337,9 +342,8 @@ class Update:
         backward(loss, self.optimizer, self.scaler)
 
     def step(self) -> None:
-        apply_update(self.optimizer, self.scaler, self.params, self.grad_clip_norm)
         self.steps += 1
-        self.ema.update(self.steps)
+        finish_update(self.optimizer, self.scaler, self.params, self.grad_clip_norm, self.ema, self.steps)
 
 
 def time_steps(step: nn.Module, loader: Loader, update: Update, window: Window, sync: Callable[[], None]) -> Row:
@@ -494,14 +498,10 @@ class Bench:
         kd = self.cfg.distill
         assert kd is not None
         path = engine.teacher_source(kd)
-        if (isinstance(path, str) or path.is_file()) and self.dataset is not None:
-            return engine.teacher_module(self.cfg, self.runtime, classes)
-        self.note(f"teacher weights: random ({path} not found); speed does not depend on them")
-        teacher = freeze(create_model(kd.teacher.arch, self.num_classes,
-                                      image_size=kd.teacher.image_size or self.cfg.data.image_size,
-                                      key="distill.teacher.arch"))
-        attach_input_normalization(teacher, resolve_normalization(kd.teacher.arch, kd.teacher.mean, kd.teacher.std))
-        return self.runtime.prepare_model(teacher, trainable=False)[0]
+        weights = (isinstance(path, str) or path.is_file()) and self.dataset is not None
+        if not weights:
+            self.note(f"teacher weights: random ({path} not found); speed does not depend on them")
+        return engine.teacher_module(self.cfg, self.runtime, classes, weights=weights)
 
     def synthetic_cache(self, loader: Loader, folder: Path) -> CachedTeacher:
         """A one-epoch teacher cache of random logits for every sample the loader can yield."""

@@ -32,7 +32,7 @@ from fastkd.loop import StopFlag, TrainState, Training, evaluate, fit
 from fastkd.metrics import Meter, RunLogger
 from fastkd.losses import distillation_term
 from fastkd.models import (Normalization, attach_input_normalization, check_arch, count_parameters, create_model,
-                           is_weights_name, load_pretrained, load_teacher, load_weights, resolve_normalization,
+                           freeze, is_weights_name, load_pretrained, load_teacher, load_weights, resolve_normalization,
                            weights_identity)
 from fastkd.optim import create_optimizer, lr_at
 from fastkd.runtime import Runtime, create_runtime, seed_everything, set_rng_state, shard_from_env
@@ -276,15 +276,20 @@ def build_step(cfg: Config, runtime: Runtime, model: nn.Module, *, teacher: nn.M
                             label_smoothing=cfg.optim.label_smoothing, recorded=recorded)
 
 
-def teacher_module(cfg: Config, runtime: Runtime, classes: list[str]) -> nn.Module:
+def teacher_module(cfg: Config, runtime: Runtime, classes: list[str], *, weights: bool = True) -> nn.Module:
     """The frozen teacher of `distill.teacher`, with its input normalization, placed on the
-    device (rank 0 first when its weights download)."""
+    device (rank 0 first when its weights download); `weights` False: random ones instead of
+    its checkpoint's (`fastkd bench` without the file: speed does not depend on them)."""
     kd = cfg.distill
     assert kd is not None
-    teacher = _rank_0_first(lambda: load_teacher(kd.teacher.arch, teacher_source(kd), classes,
-                                                 image_size=kd.teacher.image_size or cfg.data.image_size,
-                                                 mean=kd.teacher.mean, std=kd.teacher.std),
-                            downloads=is_weights_name(kd.teacher.checkpoint))
+    image_size = kd.teacher.image_size or cfg.data.image_size
+    if weights:
+        teacher = _rank_0_first(lambda: load_teacher(kd.teacher.arch, teacher_source(kd), classes,
+                                                     image_size=image_size, mean=kd.teacher.mean, std=kd.teacher.std),
+                                downloads=is_weights_name(kd.teacher.checkpoint))
+    else:
+        teacher = freeze(create_model(kd.teacher.arch, len(classes), image_size=image_size, key="distill.teacher.arch"))
+        attach_input_normalization(teacher, resolve_normalization(kd.teacher.arch, kd.teacher.mean, kd.teacher.std))
     return runtime.prepare_model(teacher, trainable=False)[0]
 
 

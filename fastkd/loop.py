@@ -173,8 +173,7 @@ def train_epoch(t: Training) -> tuple[dict[str, float], bool]:
         with runtime.no_host_sync():
             out = t.step(images, labels, indices, teacher_images)
             backward(out.loss, t.optimizer, t.scaler)
-            apply_update(t.optimizer, t.scaler, params, t.grad_clip_norm)
-            t.ema.update(state.step + 1)
+            finish_update(t.optimizer, t.scaler, params, t.grad_clip_norm, t.ema, state.step + 1)
             correct = topk_correct(out.logits.detach(), labels)
             meter.update(batch_size, {"loss": out.loss.detach() * batch_size, "top1": correct[0],
                                       "top5": correct[1], **{name: value * batch_size for name, value in out.parts.items()}})
@@ -229,6 +228,14 @@ def apply_update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
         torch.nn.utils.clip_grad_norm_(params, grad_clip_norm)
     scaler.step(optimizer)
     scaler.update()
+
+
+def finish_update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list[torch.Tensor],
+                  grad_clip_norm: float | None, ema, step: int) -> None:
+    """After backward: the optimizer step (`apply_update`), then the EMA of the weights at
+    `step` (the steps taken, this one included). The loop and `fastkd bench` both call it."""
+    apply_update(optimizer, scaler, params, grad_clip_norm)
+    ema.update(step)
 
 
 def agree_to_stop(t: Training) -> bool:

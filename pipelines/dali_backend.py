@@ -239,9 +239,8 @@ class DaliLoader:
         self._num_threads = num_threads
         self._sizes, self._crop_range = sizes, crop_range
         self._val_size, self._val_resize = val_size, val_resize
-        self._prefetch_queue = prefetch_queue
         self.prefetched_batches = prefetch_queue
-        """DALI's prefetch queue: batches it runs ahead of the consumer."""
+        """DALI's prefetch queue depth: batches it runs ahead of the consumer."""
         self._seed = seed
         self._files, self._labels = list(split.files), list(split.labels)
         start, end = self._val_shard()
@@ -272,7 +271,7 @@ class DaliLoader:
         # which on GPU-decoded images is a GPU -> CPU transition only the dynamic executor allows.
         @pipeline_def(batch_size=self.batch_size, num_threads=self._num_threads, device_id=device_id,
                       seed=self._seed * 1009 + shard.rank + (0 if self.train else 7), exec_dynamic=True,
-                      prefetch_queue_depth=self._prefetch_queue, **workers)
+                      prefetch_queue_depth=self.prefetched_batches, **workers)
         def pipeline():
             if self.train:
                 source = TrainSamples(self._files, self._labels, seed=self._seed, rank=shard.rank,
@@ -363,7 +362,7 @@ class DaliLoader:
         if self._reading is None:
             return []
         epoch, first = self._reading
-        count = (self._prefetch_queue + 2) * self.batch_size
+        count = (self.prefetched_batches + 2) * self.batch_size
         if epoch is None:
             start, end = self._val_shard()
             files = self._files[start:end]
