@@ -37,7 +37,7 @@ from fastkd.report import markdown_table
 from fastkd.runtime import Runtime, create_runtime
 from fastkd.steps import DistillationStep
 from fastkd.teacher_cache import CacheKey, CachedTeacher, TeacherCache
-from pipelines.base import Loader, Shard
+from pipelines.base import Batch, Loader, Shard
 from pipelines.loaders import loader_workers
 from pipelines.datasets import Dataset
 
@@ -91,7 +91,7 @@ def endless(loader: Loader, batches: Callable[[Loader], Iterator] | None = None)
     while True:
         loader.set_epoch(epoch)
         for batch in (batches or iter)(loader):
-            if batch[1].shape[0] == loader.batch_size:
+            if (batch.size if isinstance(batch, Batch) else batch[1].shape[0]) == loader.batch_size:
                 yield batch
         epoch += 1
 
@@ -170,18 +170,13 @@ class StageClock:
         return totals
 
 
-def _next_batch(stream: Iterator, loader: Loader, clock: StageClock):
-    """Next (images, labels, indices, teacher images) of `loader.host_batches()`, on the device;
-    host wait and the second stage (`to_device`) are timed apart."""
+def _next_batch(stream: Iterator, loader: Loader, clock: StageClock) -> Batch:
+    """Next batch of `loader.host_batches()`, on the device; host wait and the second stage
+    (`to_device`, the batch stage included) are timed apart."""
     started = time.perf_counter()
-    images, labels, indices, teacher = next(stream)
+    batch = next(stream)
     clock.host_time("data wait", time.perf_counter() - started)
-
-    def copy():
-        return (*loader.to_device(images, labels), None if teacher is None else loader.images_to_device(teacher))
-
-    images, labels, teacher = clock.device("host-to-device copy", copy)
-    return images, labels, indices, teacher
+    return clock.device("host-to-device copy", lambda: loader.to_device(batch))
 
 
 # -- the plan ----------------------------------------------------------------------------
@@ -355,12 +350,12 @@ def time_steps(step: nn.Module, loader: Loader, update: Update, window: Window, 
 
     def one() -> int:
         started = time.perf_counter()
-        images, labels, indices, teacher_images = next(stream)
+        batch = next(stream)
         waited[0] += time.perf_counter() - started
-        side[0] = images.shape[-1]
-        update.backward(step(images, labels, indices, teacher_images).loss)
+        side[0] = batch.images.shape[-1]
+        update.backward(step(batch).loss)
         update.step()
-        return labels.shape[0]
+        return batch.size
 
     started = time.perf_counter()
     window = warmup_for(window, loader)
@@ -383,15 +378,14 @@ def stage_breakdown(step: nn.Module, loader: Loader, update: Update, runtime: Ru
         if index == 2:  # two untimed batches first
             clock = StageClock(runtime)
             runtime.synchronize()
-        images, labels, indices, teacher_images = _next_batch(stream, loader, clock)
-        teacher_view = images if teacher_images is None else teacher_images
+        batch = _next_batch(stream, loader, clock)
         if isinstance(step, DistillationStep):
             stage = "cache lookup" if step.recorded is not None else "teacher forward"
-            teacher_logits = clock.device(stage, lambda: step.teacher_logits(teacher_view, indices))
+            teacher_logits = clock.device(stage, lambda: step.teacher_logits(batch.teacher_view, batch.indices))
             clock.device("student forward+backward", lambda: update.backward(
-                step.student_output(images, labels, teacher_logits).loss))
+                step.student_output(batch, teacher_logits).loss))
         else:
-            clock.device("student forward+backward", lambda: update.backward(step(images, labels).loss))
+            clock.device("student forward+backward", lambda: update.backward(step(batch).loss))
         clock.device("optimizer", update.step)
     return {stage: round(1000 * seconds / steps, 3) for stage, seconds in clock.seconds().items()}
 

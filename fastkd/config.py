@@ -88,9 +88,19 @@ class DataConfig:
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     """Training RandomResizedCrop: range of the crop's aspect ratio, width / height (torchvision's default)."""
     batch_size: int = 64
-    """Training images per step per process (the global batch is this times the world size)."""
+    """Training images per step per process (the global batch is this times the world size); even with mixup or CutMix."""
     val_batch_size: Optional[int] = None
     """Validation images per batch per process; null = `batch_size`."""
+    mixup_alpha: float = 0.0
+    """mixup (timm's `--mixup`): each training sample blended with its partner (the other of its pair in the epoch's order) by lam ~ Beta(alpha, alpha); 0 = off. The teacher sees the same mixed image."""
+    cutmix_alpha: float = 0.0
+    """CutMix (timm's `--cutmix`): a box of the partner's image pasted in, its area 1 - lam, lam ~ Beta(alpha, alpha); 0 = off."""
+    mix_prob: float = 1.0
+    """Probability that a pair (or sample, `mix_mode: elem`) is mixed at all (timm's `--mixup-prob`)."""
+    mix_switch_prob: float = 0.5
+    """With both alphas set: probability of CutMix rather than mixup (timm's `--mixup-switch-prob`)."""
+    mix_mode: Literal["pair", "elem", "batch"] = "pair"
+    """`pair`: one draw per pair of samples, both mixed with each other; `elem`: one draw per sample (timm's modes). timm's `batch` is refused: one draw per batch would depend on the batch size."""
     num_workers: Optional[int] = None
     """DataLoader worker processes or DALI CPU threads; null = one per available CPU core."""
     train_dir: str = "train"
@@ -158,6 +168,16 @@ class DataConfig:
         low, high = self.crop_ratio
         _require(0 < low <= high, "crop_ratio", f"must be [low, high] with 0 < low <= high, got {list(self.crop_ratio)}")
         _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        for key in ("mixup_alpha", "cutmix_alpha"):
+            _require(getattr(self, key) >= 0, key, f"must be >= 0 (0: off), got {getattr(self, key)}")
+        for key in ("mix_prob", "mix_switch_prob"):
+            _require(0 <= getattr(self, key) <= 1, key, f"must be within [0, 1], got {getattr(self, key)}")
+        _require(self.mix_mode != "batch", "mix_mode",
+                 "batch (one draw per batch) would make the mixed images depend on the batch size; use pair (one "
+                 "draw per pair of samples) or elem")
+        _require(not self.mixes or self.batch_size % 2 == 0, "batch_size",
+                 f"must be even with mixup or CutMix (each sample is mixed with the other of its pair), got "
+                 f"{self.batch_size}")
         _require(self.val_batch_size is None or self.val_batch_size >= 1, "val_batch_size",
                  f"must be >= 1 or null, got {self.val_batch_size}")
         _require(self.num_workers is None or self.num_workers >= 0, "num_workers",
@@ -172,6 +192,11 @@ class DataConfig:
     @property
     def root_path(self) -> Path:
         return Path(_expand(self.root))
+
+    @property
+    def mixes(self) -> bool:
+        """Whether training batches are mixed (mixup or CutMix)."""
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
     @property
     def val_crop_size(self) -> int:
@@ -377,6 +402,12 @@ class Config:
     """Device, precision, memory format, compilation."""
     distill: Optional[DistillConfig] = None
     """Distillation settings; required by `fastkd distill`, refused by `fastkd train`."""
+
+    def __post_init__(self) -> None:
+        _require(not (self.distill is not None and self.distill.loss == "dkd" and self.data.mixes), "distill.loss",
+                 "dkd splits the teacher's and student's probabilities at each sample's one label, which mixup and "
+                 "CutMix replace by two; use loss kd or dist with data.mixup_alpha / data.cutmix_alpha, or turn "
+                 "mixing off")
 
     @property
     def run_dir(self) -> Path:

@@ -8,6 +8,7 @@ from typing import Any
 from fastkd.config import DataConfig
 from pipelines.augment import CropRange, SizeSchedule, samples_per_rank
 from pipelines.base import BatchSpec, Loaders, Shard
+from pipelines.batch_stage import BatchStage, Mixing, MixSpec, StagedLoader
 from pipelines.datasets import Dataset, load_dataset
 from pipelines.loaders import loader_workers
 
@@ -32,6 +33,27 @@ def dali_loader_values(cfg: DataConfig) -> dict[str, Any]:
                 crop_range=crop_range(cfg), prefetch_queue=cfg.dali_prefetch_queue)
 
 
+def mix_spec(data: DataConfig) -> MixSpec:
+    """mixup / CutMix as the data section sets them (`data.mixup_alpha`, ...)."""
+    return MixSpec(mixup_alpha=data.mixup_alpha, cutmix_alpha=data.cutmix_alpha, prob=data.mix_prob,
+                   switch_prob=data.mix_switch_prob, mode=data.mix_mode)
+
+
+def batch_stage(data: DataConfig, *, seed: int, num_items: int) -> BatchStage | None:
+    """The training batches' transforms on the device (`pipelines.batch_stage`), or None when
+    the data section sets none (the backend's batches are then used as they come)."""
+    transforms = []
+    if data.mixes:
+        transforms.append(Mixing(mix_spec(data), seed=seed, num_items=num_items))
+    return BatchStage(transforms) if transforms else None
+
+
+def stage_description(data: DataConfig) -> list[dict[str, Any]]:
+    """What a teacher cache records of the batch stage (empty without one)."""
+    stage = batch_stage(data, seed=0, num_items=0)
+    return stage.describe() if stage is not None else []
+
+
 def load_data(cfg: DataConfig) -> Dataset:
     """The file lists of a real dataset (not for the synthetic backend)."""
     return load_dataset(cfg.format, cfg.root_path, train_list=cfg.train_list, val_list=cfg.val_list,
@@ -40,43 +62,59 @@ def load_data(cfg: DataConfig) -> Dataset:
 
 def build_loaders(cfg: DataConfig, *, spec: BatchSpec, seed: int, shard: Shard = Shard(),
                   dataset: Dataset | None = None, teacher_image_size: int | None = None) -> Loaders:
-    """Training and validation loaders of the configured backend for this process.
+    """Training and validation loaders of the configured backend for this process, the
+    training batches through the batch stage when the data section sets one (`batch_stage`).
 
     With `teacher_image_size`, training batches come with a second view of the same crops at
-    that size (`indexed()`'s fourth item), for a teacher with its own input size.
+    that size (`Batch.teacher_images`), for a teacher with its own input size.
     """
+    if cfg.backend != "synthetic":
+        dataset = dataset or load_data(cfg)
+    loaders = _backend_loaders(cfg, spec=spec, seed=seed, shard=shard, dataset=dataset,
+                               teacher_image_size=teacher_image_size)
+    num_items = loaders.train.num_samples if dataset is None else len(dataset.train)  # synthetic: positions
+    stage = batch_stage(cfg, seed=seed, num_items=num_items)
+    if stage is not None:
+        loaders.train = StagedLoader(loaders.train, stage)
+    return loaders
+
+
+def _backend_loaders(cfg: DataConfig, *, spec: BatchSpec, seed: int, shard: Shard, dataset: Dataset | None,
+                     teacher_image_size: int | None) -> Loaders:
     val_batch_size = cfg.val_batch_size or cfg.batch_size
     sizes = size_schedule(cfg)
+    deal = 2 if cfg.mixes else 1  # mixing pairs positions (2m, 2m + 1): each pair stays on one rank
     if cfg.backend == "synthetic":
         from pipelines.synthetic import SyntheticLoader
 
         classes = [f"class_{i:04d}" for i in range(cfg.synthetic_num_classes)]
 
         def synthetic(num_samples: int, batch_size: int, offset: int, sizes: SizeSchedule,
-                      teacher_size: int | None) -> SyntheticLoader:
-            return SyntheticLoader(num_samples=samples_per_rank(num_samples, shard.world_size), batch_size=batch_size,
-                                   sizes=sizes, num_classes=len(classes), seed=seed + offset + 7919 * shard.rank,
-                                   spec=spec, teacher_size=teacher_size)
+                      teacher_size: int | None, deal: int) -> SyntheticLoader:
+            return SyntheticLoader(num_samples=samples_per_rank(num_samples, shard.world_size, deal),
+                                   batch_size=batch_size, sizes=sizes, num_classes=len(classes),
+                                   seed=seed + offset + 7919 * shard.rank, spec=spec, teacher_size=teacher_size)
 
-        return Loaders(synthetic(cfg.synthetic_train_samples, cfg.batch_size, 0, sizes, teacher_image_size),
-                       synthetic(cfg.synthetic_val_samples, val_batch_size, 1, SizeSchedule(cfg.val_crop_size), None),
+        return Loaders(synthetic(cfg.synthetic_train_samples, cfg.batch_size, 0, sizes, teacher_image_size, deal),
+                       synthetic(cfg.synthetic_val_samples, val_batch_size, 1, SizeSchedule(cfg.val_crop_size), None, 1),
                        classes)
 
-    dataset = dataset or load_data(cfg)
+    assert dataset is not None
     if cfg.backend == "torchvision":
         from pipelines.torchvision_backend import TorchvisionLoader
 
         common = dict(sizes=sizes, val_size=cfg.val_crop_size, val_resize=cfg.val_resize_size, seed=seed,
                       shard=shard, spec=spec, num_workers=loader_workers(cfg.num_workers, shard))
         return Loaders(TorchvisionLoader(dataset.train, train=True, batch_size=cfg.batch_size,
-                                         teacher_size=teacher_image_size, crop_range=crop_range(cfg), **common),
+                                         teacher_size=teacher_image_size, crop_range=crop_range(cfg), deal=deal,
+                                         **common),
                        TorchvisionLoader(dataset.val, train=False, batch_size=val_batch_size, **common),
                        list(dataset.classes))
 
     from pipelines.dali_backend import build_dali_loaders
 
     return build_dali_loaders(dataset, batch_size=cfg.batch_size, val_batch_size=val_batch_size, spec=spec, seed=seed,
-                              shard=shard, teacher_image_size=teacher_image_size,
+                              shard=shard, teacher_image_size=teacher_image_size, deal=deal,
                               num_threads=max(1, loader_workers(cfg.num_workers, shard, dali=True)),
                               dali_device=cfg.dali_device, hw_decoder_load=cfg.dali_hw_decoder_load,
                               cpu_resize=cfg.dali_cpu_resize, **dali_loader_values(cfg))

@@ -22,8 +22,8 @@ from torch import nn
 from tqdm import tqdm
 
 from fastkd.checkpoint import is_fastkd_checkpoint, load_checkpoint
-from fastkd.config import Config, DistillConfig, ModelConfig, changed_keys, config_from_dict, config_to_dict, dump_config
-from fastkd.data import build_loaders, crop_range, load_data, size_schedule
+from fastkd.config import Config, DataConfig, DistillConfig, ModelConfig, changed_keys, config_from_dict, config_to_dict, dump_config
+from fastkd.data import build_loaders, crop_range, load_data, size_schedule, stage_description
 from fastkd.ema import ModelEma, NoEma
 from fastkd.env import collect_env, device_name
 from fastkd.errors import CheckpointError, ConfigError, DataError, FastkdError
@@ -214,9 +214,9 @@ def _record_epoch(cache: TeacherCache, epoch: int, teacher: nn.Module, loader, r
     loader.set_epoch(epoch)
     batches = tqdm(loader.indexed(), total=len(loader), desc=f"teacher logits, epoch {epoch}", leave=False,
                    disable=None if (progress and runtime.is_main) else True)
-    for images, _, indices, teacher_images in batches:
-        images = images if teacher_images is None else teacher_images
-        logits = frozen_forward(teacher, images, autocast=lambda: runtime.autocast(precision),
+    for batch in batches:
+        indices = batch.indices
+        logits = frozen_forward(teacher, batch.teacher_view, autocast=lambda: runtime.autocast(precision),
                                 input_dtype=runtime.input_dtype(precision)).float()
         indices = indices.to(runtime.device)
         if runtime.distributed:  # every rank's batch has the same size (shards are padded equal)
@@ -346,6 +346,13 @@ def teacher_input_size(cfg: Config) -> int | dict[str, int]:
     return cfg.distill.teacher.image_size or size_schedule(cfg.data).describe()
 
 
+def cache_augmentation(data: DataConfig) -> dict[str, Any]:
+    """The training stream's augmentation as a teacher cache records it: the crops and flips,
+    and the batch stage's transforms when there are any (a cache without them keeps its key)."""
+    stage = stage_description(data)
+    return {**augmentation_spec(crop_range(data)), **({"batch_stage": stage} if stage else {})}
+
+
 def teacher_cache_key(cfg: Config, runtime: Runtime, dataset: Dataset | None, classes: list[str]) -> CacheKey:
     """What a teacher cache must have been recorded for to serve this run."""
     kd = cfg.distill
@@ -355,7 +362,7 @@ def teacher_cache_key(cfg: Config, runtime: Runtime, dataset: Dataset | None, cl
     normalization = teacher_normalization(kd)  # a missing or unreadable teacher is an error here too
     return CacheKey(dataset=dataset_digest(dataset.train.files, dataset.train.labels, cfg.data.root_path),
                     num_samples=len(dataset.train), classes=list(classes), seed=cfg.data_seed,
-                    image_size=teacher_input_size(cfg), augmentation=augmentation_spec(crop_range(cfg.data)),
+                    image_size=teacher_input_size(cfg), augmentation=cache_augmentation(cfg.data),
                     teacher_arch=kd.teacher.arch,
                     teacher_checkpoint=(weights_identity(kd.teacher.checkpoint, kd.teacher.arch)
                                         if is_weights_name(kd.teacher.checkpoint)

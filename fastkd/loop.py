@@ -166,15 +166,15 @@ def train_epoch(t: Training) -> tuple[dict[str, float], bool]:
     window_images, window_started = 0, time.perf_counter()
     started = window_started
     finished = True
-    for images, labels, indices, teacher_images in t.train_loader.indexed():
+    for batch in t.train_loader.indexed():
         lr = t.lr_at(state.step)
         set_lr(t.optimizer, lr)
-        batch_size = labels.shape[0]
+        batch_size = batch.size
         with runtime.no_host_sync():
-            out = t.step(images, labels, indices, teacher_images)
+            out = t.step(batch)
             backward(out.loss, t.optimizer, t.scaler)
             finish_update(t.optimizer, t.scaler, params, t.grad_clip_norm, t.ema, state.step + 1)
-            correct = topk_correct(out.logits.detach(), labels)
+            correct = topk_correct(out.logits.detach(), batch.labels)  # a mixed sample's own label
             meter.update(batch_size, {"loss": out.loss.detach() * batch_size, "top1": correct[0],
                                       "top5": correct[1], **{name: value * batch_size for name, value in out.parts.items()}})
             guard.observe(out.loss)

@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pipelines.base import Batch, Mix
+
 
 @dataclass
 class StepOutput:
@@ -24,8 +26,22 @@ class StepOutput:
     """Batch means worth logging: unweighted loss terms, student-teacher agreement."""
 
 
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mix: Mix | None, label_smoothing: float) -> torch.Tensor:
+    """Batch-mean cross-entropy in fp32, label-smoothed; against soft targets with a `mix`:
+    `weight * onehot(labels) + (1 - weight) * onehot(partner_labels)`, each smoothed, which
+    (cross-entropy being linear in the target) is the weighted sum of the two hard-label terms
+    (timm's `mixup_target` + `SoftTargetCrossEntropy`)."""
+    logits = logits.float()
+    if mix is None:
+        return F.cross_entropy(logits, labels, label_smoothing=label_smoothing)
+    own = F.cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction="none")
+    partner = F.cross_entropy(logits, mix.partner_labels, label_smoothing=label_smoothing, reduction="none")
+    return torch.lerp(partner, own, mix.weight).mean()
+
+
 class ClassificationStep(nn.Module):
-    """Supervised training: cross-entropy (optionally label-smoothed) on the model's logits."""
+    """Supervised training: cross-entropy (optionally label-smoothed, soft-target for mixed
+    batches) on the model's logits."""
 
     def __init__(self, model: nn.Module, *, autocast: Callable[[], ContextManager], label_smoothing: float = 0.0):
         super().__init__()
@@ -36,11 +52,10 @@ class ClassificationStep(nn.Module):
     def set_epoch(self, epoch: int) -> None:
         pass
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor | None = None,
-                teacher_images: torch.Tensor | None = None) -> StepOutput:
+    def forward(self, batch: Batch) -> StepOutput:
         with self.autocast():
-            logits = self.model(images)
-        loss = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+            logits = self.model(batch.images)
+        loss = cross_entropy(logits, batch.labels, batch.mix, self.label_smoothing)
         return StepOutput(loss=loss, logits=logits, parts={"ce": loss.detach()})
 
 
@@ -141,22 +156,21 @@ class DistillationStep(nn.Module):
         with torch.cuda.stream(self.stream):
             return self._teacher_forward(images)
 
-    def forward(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor | None = None,
-                teacher_images: torch.Tensor | None = None) -> StepOutput:
-        """`teacher_images`: the same crops at the teacher's own input size (None: it sees `images`)."""
-        teacher_view = images if teacher_images is None else teacher_images
-        teacher_logits = self.teacher_logits(teacher_view, indices)  # queued first: overlaps the student below
-        return self.student_output(images, labels, teacher_logits)
+    def forward(self, batch: Batch) -> StepOutput:
+        """The teacher sees `batch.teacher_view` (its own view of the crops, else the student's)."""
+        teacher_logits = self.teacher_logits(batch.teacher_view, batch.indices)  # queued first: overlaps the student
+        return self.student_output(batch, teacher_logits)
 
-    def student_output(self, images: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor) -> StepOutput:
+    def student_output(self, batch: Batch, teacher_logits: torch.Tensor) -> StepOutput:
         """The student's forward and the loss against given teacher logits."""
+        labels = batch.labels
         with self.autocast():
-            logits = self.model(images)
+            logits = self.model(batch.images)
         if self.stream is not None and self.recorded is None:
             main = torch.cuda.current_stream()
             main.wait_stream(self.stream)  # the teacher is done with the batch and its logits are ready
             teacher_logits.record_stream(main)
-        ce = F.cross_entropy(logits.float(), labels, label_smoothing=self.label_smoothing)
+        ce = cross_entropy(logits, labels, batch.mix, self.label_smoothing)
         term = self.term(logits, teacher_logits, labels)
         loss = self.ce_weight * ce + self.kd_weight * term
         agree = (logits.detach().argmax(dim=1) == teacher_logits.argmax(dim=1)).float().mean()

@@ -131,8 +131,20 @@ class CacheKey:
                 return f"the {what} differs (sha256 {mine[:12]}... recorded, {theirs[:12]}... now)"
             if name == "classes":
                 return f"the class list differs ({len(mine)} classes recorded, {len(theirs)} now)"
+            if name == "augmentation":
+                return f"the augmentation differs: {_describe_difference(mine, theirs)}"
             return f"{name} differs ({mine} recorded, {theirs} now)"
         return None
+
+
+def _describe_difference(recorded: dict[str, Any], now: dict[str, Any]) -> str:
+    """The keys of two augmentation descriptions whose values differ, with both values."""
+    parts = []
+    for key in sorted(set(recorded) | set(now), key=lambda k: (k not in recorded, k)):
+        mine, theirs = recorded.get(key, "none"), now.get(key, "none")
+        if mine != theirs:
+            parts.append(f"{key} {json.dumps(mine)} recorded, {json.dumps(theirs)} now")
+    return "; ".join(parts)
 
 
 class TeacherCache:

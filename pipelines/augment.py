@@ -131,26 +131,31 @@ class SizeSchedule:
         return {"start": self.start, "end": self.end, "first": self.first, "last": self.last, "step": self.step}
 
 
-def samples_per_rank(num_items: int, world_size: int) -> int:
-    """Training samples each rank takes per epoch: the same on every rank (`epoch_order` pads)."""
-    return -(-num_items // world_size)
+def samples_per_rank(num_items: int, world_size: int, deal: int = 1) -> int:
+    """Training samples each rank takes per epoch: the same on every rank (`epoch_order` pads),
+    a multiple of `deal`."""
+    return -(-num_items // (world_size * deal)) * deal
 
 
 def epoch_order(num_items: int, *, seed: int, epoch: int, shuffle: bool, rank: int = 0,
-                world_size: int = 1) -> list[int]:
+                world_size: int = 1, deal: int = 1) -> list[int]:
     """This rank's sample indices for one epoch, in the order they are seen.
 
     Training (`shuffle`): a permutation drawn from (seed, epoch), padded by wrapping to a
-    multiple of the world size so every rank takes the same number of steps (as PyTorch's
-    DistributedSampler), then dealt out `rank::world_size`. Validation: the natural order, dealt
-    out the same way without padding, so every image is counted exactly once across ranks.
+    multiple of `deal` x the world size so every rank takes the same number of steps (as
+    PyTorch's DistributedSampler), then dealt out in runs of `deal` consecutive positions,
+    run `rank::world_size`. `deal` 2 keeps each pair of positions (2m, 2m + 1), which mixup
+    and CutMix mix together (`pipelines.batch_stage`), on one rank whatever the world size;
+    with `deal` 1 (no mixing) the positions are dealt out one by one, as before mixing existed.
+    Validation: the natural order, dealt out one by one without padding, so every image is
+    counted exactly once across ranks.
     """
     if not shuffle:
         return list(range(num_items))[rank::world_size]
     order = np.random.default_rng([seed % 2**63, epoch]).permutation(num_items)
-    padded = samples_per_rank(num_items, world_size) * world_size
-    order = np.resize(order, padded).tolist()  # wraps around, as often as fewer items than ranks need
-    return order[rank::world_size]
+    padded = samples_per_rank(num_items, world_size, deal) * world_size
+    order = np.resize(order, padded)  # wraps around, as often as fewer items than ranks need
+    return order.reshape(-1, deal)[rank::world_size].reshape(-1).tolist()
 
 
 def stream_state() -> dict[str, Any]:

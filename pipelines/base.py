@@ -9,15 +9,16 @@ A training or validation loader yields `(images, labels)`:
 - `len(loader)` is the number of batches of one epoch on this process (partial last batch
   included); `loader.num_samples` the number of images this process sees per epoch.
 
-Training loaders also yield, through `indexed()`, `(images, labels, indices)`: each sample's
-index in the split (int64 `[B]`, on the host), which a teacher cache is keyed by.
+Training loaders also yield, through `indexed()`, a `Batch`: the images and labels above, each
+sample's index in the split (int64 `[B]`, on the host), which a teacher cache is keyed by, the
+teacher's view of the same crops at its own input size (or None), and the batch's `Mix` (or
+None) once the batch stage (`pipelines.batch_stage`) has mixed it.
 
 The loop never branches on the backend: it only relies on this contract and on
 `set_epoch(epoch, start_batch)` / `state_dict()` / `load_state_dict()` for exact resume.
-Every training loader also exposes the two stages of `indexed()`, `host_batches()` and
-`to_device(images, labels)` / `images_to_device(images)`, and `prefetched_batches`, which
-`fastkd bench` times and drains (a loader whose batches are made on the device has an
-identity second stage).
+Every training loader also exposes the two stages of `indexed()`, `host_batches()` (a `Batch`
+as the backend makes it) and `to_device(batch)`, and `prefetched_batches`, which `fastkd bench`
+times and drains (a loader whose batches are made on the device has an identity second stage).
 """
 
 from __future__ import annotations
@@ -42,18 +43,16 @@ class Loader(Protocol):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
 
-    def indexed(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Training batches with their samples' indices (host int64 `[B]`)."""
+    def indexed(self) -> Iterator["Batch"]:
+        """Training batches with their samples' indices (host int64 `[B]`): `to_device(b)` of
+        every `b` of `host_batches()`."""
 
-    def host_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
-        """Stage 1 of `indexed()`: (images, labels, indices, teacher images) as the backend
-        makes them (host memory for a CPU decoder), before `to_device`."""
+    def host_batches(self) -> Iterator["Batch"]:
+        """Stage 1 of `indexed()`: batches as the backend makes them (host memory, HWC, for a
+        CPU decoder), before `to_device`."""
 
-    def to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stage 2: a `host_batches()` batch's images and labels as the contract above has them."""
-
-    def images_to_device(self, images: torch.Tensor) -> torch.Tensor:
-        """Stage 2 of the images alone (the teacher's view of a crop)."""
+    def to_device(self, batch: "Batch") -> "Batch":
+        """Stage 2: a `host_batches()` batch as the contract above has it."""
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Prepare the next `iter()` to yield epoch `epoch` from batch `start_batch` on."""
@@ -62,6 +61,43 @@ class Loader(Protocol):
         """What, beyond (epoch, batch), is needed to resume the stream exactly."""
 
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass(frozen=True)
+class Mix:
+    """How a batch's samples were mixed with their partners (mixup or CutMix): the targets.
+
+    Sample k's target is `weight[k] * onehot(labels[k]) + (1 - weight[k]) * onehot(partner_labels[k])`
+    (label smoothing applied to both), `weight` being the share of its own image in its mix."""
+
+    weight: torch.Tensor
+    """fp32 `[B]` on the device."""
+    partner_labels: torch.Tensor
+    """int64 `[B]` on the device: the label of the sample each one was mixed with."""
+
+
+@dataclass
+class Batch:
+    """One training batch (see the module docstring for each field's contract)."""
+
+    images: torch.Tensor
+    labels: torch.Tensor
+    indices: torch.Tensor | None
+    """Each sample's index in the split: int64 `[B]` on the host (None in a validation loader's
+    `host_batches()`)."""
+    teacher_images: torch.Tensor | None = None
+    """The same crops at the teacher's own input size (None: the teacher sees `images`)."""
+    mix: Mix | None = None
+    """Set by the batch stage when it mixed the batch (None: hard labels)."""
+
+    @property
+    def size(self) -> int:
+        return self.labels.shape[0]
+
+    @property
+    def teacher_view(self) -> torch.Tensor:
+        """What a live teacher sees: its own view, else the student's images."""
+        return self.images if self.teacher_images is None else self.teacher_images
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from fastkd.errors import ConfigError, DataError
-from pipelines.base import IMAGENET_MEAN, IMAGENET_STD, BatchSpec, Loaders, Shard
+from pipelines.base import IMAGENET_MEAN, IMAGENET_STD, Batch, BatchSpec, Loaders, Shard
 from pipelines.datasets import Dataset, Split
 from pipelines.augment import (CropRange, SizeSchedule, check_stream_state, epoch_order, samples_per_rank,
                                stream_state)
@@ -228,7 +228,7 @@ class DaliLoader:
     def __init__(self, split: Split, *, train: bool, batch_size: int, place: Placement, seed: int, shard: Shard,
                  spec: BatchSpec, num_threads: int, sizes: SizeSchedule, val_size: int, val_resize: int,
                  prefetch_queue: int, crop_range: CropRange = CropRange(), teacher_size: int | None = None,
-                 build: bool = True):
+                 deal: int = 1, build: bool = True):
         self.batch_size = batch_size
         self.teacher_size = teacher_size if train else None
         """The side of the teacher's view of each training crop (None: no second view)."""
@@ -242,9 +242,11 @@ class DaliLoader:
         self.prefetched_batches = prefetch_queue
         """DALI's prefetch queue depth: batches it runs ahead of the consumer."""
         self._seed = seed
+        self._deal = deal if train else 1
+        """Positions dealt out to ranks in runs of this many (`pipelines.augment.epoch_order`)."""
         self._files, self._labels = list(split.files), list(split.labels)
         start, end = self._val_shard()
-        self.num_samples = samples_per_rank(len(self._files), shard.world_size) if train else end - start
+        self.num_samples = samples_per_rank(len(self._files), shard.world_size, self._deal) if train else end - start
         self._position: tuple[int, int] | None = None
         """(epoch, batch) the training pipeline yields next; None when unknown (rebuild)."""
         self._reading: tuple[int | None, int] | None = None
@@ -277,7 +279,8 @@ class DaliLoader:
                 source = TrainSamples(self._files, self._labels, seed=self._seed, rank=shard.rank,
                                       world_size=shard.world_size, batch_size=self.batch_size,
                                       sizes=self._sizes, teacher_size=self.teacher_size,
-                                      first_epoch=first_epoch, first_batch=first_batch, crop_range=self._crop_range)
+                                      first_epoch=first_epoch, first_batch=first_batch, crop_range=self._crop_range,
+                                      deal=self._deal)
                 return _train_graph(source, place=place, dtype=dtype, teacher_view=self.teacher_size is not None)
             return _val_graph(self._files, self._labels, place=place, image_size=self._val_size,
                               val_resize=self._val_resize, shard=shard, dtype=dtype)
@@ -316,7 +319,7 @@ class DaliLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_stream_state(state)
 
-    def host_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]]:
+    def host_batches(self) -> Iterator[Batch]:
         """Stage 1: the pipeline's output (already on the GPU when DALI augments there): images,
         labels and, for training, the samples' indices (on the host) and the teacher's view of
         the same crops (None without one)."""
@@ -328,7 +331,7 @@ class DaliLoader:
             for number, (batch,) in enumerate(self._iterator):
                 self._reading = (None, number + 1)
                 if batch["labels"].shape[0]:  # not an uneven validation shard's empty trailing batch
-                    yield batch["images"], batch["labels"], None, None
+                    yield Batch(batch["images"], batch["labels"], None)
         except Exception as exc:  # DALI raises RuntimeError, or Exception for its Python workers' errors
             if self.train:
                 self._position = None  # the pipeline's place in the stream is lost: set_epoch rebuilds it
@@ -368,13 +371,13 @@ class DaliLoader:
             files = self._files[start:end]
             return (files[first * self.batch_size:] + files)[:count]
         order = lambda e: epoch_order(len(self._files), seed=self._seed, epoch=e, shuffle=True,  # noqa: E731
-                                      rank=self._shard.rank, world_size=self._shard.world_size)
+                                      rank=self._shard.rank, world_size=self._shard.world_size, deal=self._deal)
         ahead = order(epoch)[first * self.batch_size:]
         if len(ahead) < count:
             ahead += order(epoch + 1)
         return [self._files[i] for i in ahead[:count]]
 
-    def _train_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    def _train_batches(self) -> Iterator[Batch]:
         """The rest of the current epoch, from the pipeline's never-ending stream (`TrainSamples`)."""
         if self._position is None:
             raise _StreamError("DaliLoader: an epoch failed midway; call set_epoch(epoch, batch) before reading again")
@@ -382,7 +385,7 @@ class DaliLoader:
         shard = self._shard
         # What each batch must hold: the source computes the same order in its workers.
         order = torch.tensor(epoch_order(len(self._files), seed=self._seed, epoch=epoch, shuffle=True, rank=shard.rank,
-                                         world_size=shard.world_size), dtype=torch.int64)
+                                         world_size=shard.world_size, deal=self._deal), dtype=torch.int64)
         for batch_index in range(first, len(self)):
             self._reading = (epoch, batch_index)
             (batch,) = next(self._iterator)
@@ -395,27 +398,31 @@ class DaliLoader:
                                    f"holds other samples than the epoch's order says")
             # Where the stream stands once this batch is out (a consumer may stop after any batch).
             self._position = (epoch, batch_index + 1) if batch_index + 1 < len(self) else (epoch + 1, 0)
-            yield (batch["images"][:real], batch["labels"][:real], indices[:real],
-                   None if teacher is None else teacher[:real])
+            yield Batch(batch["images"][:real], batch["labels"][:real], indices[:real],
+                        None if teacher is None else teacher[:real])
 
-    def images_to_device(self, images: torch.Tensor) -> torch.Tensor:
+    def _images_to_device(self, images: torch.Tensor) -> torch.Tensor:
         """HWC -> NCHW view with channels-last strides (no copy); to the device if needed."""
         images = images.permute(0, 3, 1, 2).to(self.spec.device, non_blocking=True)
         return images.contiguous(memory_format=self.spec.memory_format)
 
-    def to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stage 2: images as `images_to_device`; labels to int64 on the device."""
-        return self.images_to_device(images), labels.view(-1).to(self.spec.device, torch.int64, non_blocking=True)
+    def to_device(self, batch: Batch) -> Batch:
+        """Stage 2: images as `_images_to_device`; labels to int64 on the device."""
+        teacher = batch.teacher_images
+        return Batch(self._images_to_device(batch.images),
+                     batch.labels.view(-1).to(self.spec.device, torch.int64, non_blocking=True), batch.indices,
+                     None if teacher is None else self._images_to_device(teacher))
 
-    def indexed(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    def indexed(self) -> Iterator[Batch]:
         if not self.train:
             raise NotImplementedError("sample indices come with training batches only")
-        for images, labels, indices, teacher in self.host_batches():
-            yield *self.to_device(images, labels), indices, None if teacher is None else self.images_to_device(teacher)
+        for batch in self.host_batches():
+            yield self.to_device(batch)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels, *_ in self.host_batches():
-            yield self.to_device(images, labels)
+        for batch in self.host_batches():
+            batch = self.to_device(batch)
+            yield batch.images, batch.labels
 
 
 class _finished_with_torch:
@@ -463,7 +470,8 @@ def placement(dali_device: str, spec: BatchSpec, *, hw_decoder_load: float, file
 def build_dali_loaders(dataset: Dataset, *, spec: BatchSpec, seed: int, shard: Shard, num_threads: int,
                        batch_size: int, val_batch_size: int, sizes: SizeSchedule, val_size: int, val_resize: int,
                        dali_device: str, hw_decoder_load: float, cpu_resize: str, prefetch_queue: int,
-                       crop_range: CropRange = CropRange(), teacher_image_size: int | None = None) -> Loaders:
+                       crop_range: CropRange = CropRange(), teacher_image_size: int | None = None,
+                       deal: int = 1) -> Loaders:
     """Training and validation DALI loaders of one process (`dali_device`: "gpu", "cpu" or
     "auto", as `data.dali_device`; the other values as the `data.*` keys of the same names)."""
     _require_dali()
@@ -472,6 +480,6 @@ def build_dali_loaders(dataset: Dataset, *, spec: BatchSpec, seed: int, shard: S
     common = dict(place=place, seed=seed, shard=shard, spec=spec, num_threads=num_threads, sizes=sizes,
                   val_size=val_size, val_resize=val_resize, prefetch_queue=prefetch_queue)
     return Loaders(DaliLoader(dataset.train, train=True, batch_size=batch_size, teacher_size=teacher_image_size,
-                              crop_range=crop_range, **common),
+                              crop_range=crop_range, deal=deal, **common),
                    DaliLoader(dataset.val, train=False, batch_size=val_batch_size, **common),
                    list(dataset.classes))

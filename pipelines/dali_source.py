@@ -42,7 +42,7 @@ class TrainSamples:
 
     def __init__(self, files: Sequence[str], labels: Sequence[int], *, seed: int, rank: int, world_size: int,
                  batch_size: int, sizes: SizeSchedule, teacher_size: int | None = None, first_epoch: int = 0,
-                 first_batch: int = 0, crop_range: CropRange = CropRange()):
+                 first_batch: int = 0, crop_range: CropRange = CropRange(), deal: int = 1):
         self.files = list(files)
         self.crop_range = crop_range
         self.sizes = sizes
@@ -54,7 +54,8 @@ class TrainSamples:
         self.batch_size = batch_size
         self.first_epoch = first_epoch
         self.first_batch = first_batch
-        self.num_samples = samples_per_rank(len(self.files), world_size)
+        self.deal = deal
+        self.num_samples = samples_per_rank(len(self.files), world_size, deal)
         self._order: tuple[int, list[int]] | None = None
         self._sizes = np.full((len(self.files), 2), -1, dtype=np.int32)
         """Oriented (width, height) of each file once seen (a header is parsed once per worker;
@@ -63,7 +64,7 @@ class TrainSamples:
     def order(self, epoch: int) -> list[int]:
         if self._order is None or self._order[0] != epoch:
             self._order = (epoch, epoch_order(len(self.files), seed=self.seed, epoch=epoch, shuffle=True,
-                                              rank=self.rank, world_size=self.world_size))
+                                              rank=self.rank, world_size=self.world_size, deal=self.deal))
         return self._order[1]
 
     def batches_in_epoch(self, epoch: int) -> int:

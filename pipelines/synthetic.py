@@ -11,7 +11,7 @@ from typing import Any, Iterator
 import torch
 
 from pipelines.augment import SizeSchedule
-from pipelines.base import BatchSpec
+from pipelines.base import Batch, BatchSpec
 
 _POOL_BATCHES = 4
 
@@ -58,7 +58,7 @@ class SyntheticLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
-    def indexed(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    def indexed(self) -> Iterator[Batch]:
         """Batches with their sample indices (positions in the epoch; the pool repeats them)."""
         images = self._images(self.sizes.at(self._epoch))
         teacher = self._images(self.teacher_size) if self.teacher_size else None
@@ -66,19 +66,16 @@ class SyntheticLoader:
             first = batch * self.batch_size
             size = min(self.batch_size, self.num_samples - first)
             slot = batch % _POOL_BATCHES
-            yield (images[slot][:size], self._labels[slot][:size], torch.arange(first, first + size),
-                   None if teacher is None else teacher[slot][:size])
+            yield Batch(images[slot][:size], self._labels[slot][:size], torch.arange(first, first + size),
+                        None if teacher is None else teacher[slot][:size])
 
-    def host_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    def host_batches(self) -> Iterator[Batch]:
         """The batches are made on the device: stage 1 is `indexed()` and stage 2 the identity."""
         return self.indexed()
 
-    def to_device(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return images, labels
-
-    def images_to_device(self, images: torch.Tensor) -> torch.Tensor:
-        return images
+    def to_device(self, batch: Batch) -> Batch:
+        return batch
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels, *_ in self.indexed():
-            yield images, labels
+        for batch in self.indexed():
+            yield batch.images, batch.labels

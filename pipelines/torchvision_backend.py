@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 
 from fastkd.errors import DataError
 from pipelines.augment import CropRange, SizeSchedule, check_stream_state, epoch_order, stream_state, train_crop
-from pipelines.base import BatchSpec, Shard, normalization
+from pipelines.base import Batch, BatchSpec, Shard, normalization
 from pipelines.datasets import Split
 from pipelines.verify import unlimited_pixels
 
@@ -133,8 +133,9 @@ class EpochSampler(torch.utils.data.Sampler):
     """One rank's `(index, epoch)` items for one epoch (`pipelines.augment.epoch_order`), from a
     given batch on."""
 
-    def __init__(self, num_items: int, *, shuffle: bool, seed: int, shard: Shard, batch_size: int):
+    def __init__(self, num_items: int, *, shuffle: bool, seed: int, shard: Shard, batch_size: int, deal: int = 1):
         self.num_items = num_items
+        self.deal = deal
         self.shuffle = shuffle
         self.seed = seed
         self.shard = shard
@@ -148,7 +149,7 @@ class EpochSampler(torch.utils.data.Sampler):
     def indices(self) -> list[int]:
         """This rank's sample indices for the whole current epoch."""
         return epoch_order(self.num_items, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle,
-                           rank=self.shard.rank, world_size=self.shard.world_size)
+                           rank=self.shard.rank, world_size=self.shard.world_size, deal=self.deal)
 
     def __len__(self) -> int:
         return max(0, len(self.indices()) - self.start_batch * self.batch_size)
@@ -163,10 +164,11 @@ class TorchvisionLoader:
 
     def __init__(self, split: Split, *, train: bool, batch_size: int, sizes: SizeSchedule, val_size: int,
                  val_resize: int, num_workers: int, seed: int, shard: Shard, spec: BatchSpec,
-                 teacher_size: int | None = None, crop_range: CropRange = CropRange()):
+                 teacher_size: int | None = None, crop_range: CropRange = CropRange(), deal: int = 1):
         self.batch_size = batch_size
         self.spec = spec
-        self.sampler = EpochSampler(len(split), shuffle=train, seed=seed, shard=shard, batch_size=batch_size)
+        self.sampler = EpochSampler(len(split), shuffle=train, seed=seed, shard=shard, batch_size=batch_size,
+                                    deal=deal if train else 1)
         self.num_samples = len(self.sampler.indices())
         self.prefetched_batches = num_workers * PREFETCH_FACTOR
         """Batches the workers hold ready at most (a benchmark must drain them before timing)."""
@@ -194,31 +196,33 @@ class TorchvisionLoader:
         if self.sampler.shuffle:
             check_stream_state(state)
 
-    def host_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
+    def host_batches(self) -> Iterator[Batch]:
         """Stage 1: decoded, augmented uint8 NHWC batches in (pinned) host memory, with their
         labels, sample indices and the teacher's view of the same crops (None without one)."""
         try:
             batches = _start_iterating(self._loader)
             for pixels, labels, indices, *teacher in batches:
-                yield pixels, labels, indices, (teacher[0] if teacher else None)
+                yield Batch(pixels, labels, indices, teacher[0] if teacher else None)
         except DataError as exc:  # re-raised from a worker with its traceback: keep the last line
             message = str(exc).strip().splitlines()[-1]
             raise DataError(message.split("DataError: ", 1)[-1] + BROKEN_HINT) from None
 
-    def images_to_device(self, pixels: torch.Tensor) -> torch.Tensor:
+    def _images_to_device(self, pixels: torch.Tensor) -> torch.Tensor:
         # NHWC uint8 -> NCHW view with channels-last strides; the normalization keeps them.
         images = pixels.to(self.spec.device, non_blocking=True).permute(0, 3, 1, 2).to(self.spec.dtype)
         images = images.sub_(self._mean).mul_(self._inv_std)
         return images.contiguous(memory_format=self.spec.memory_format)
 
-    def to_device(self, pixels: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def to_device(self, batch: Batch) -> Batch:
         """Stage 2: copy to the device and normalize there."""
-        return self.images_to_device(pixels), labels.to(self.spec.device, non_blocking=True)
+        teacher = batch.teacher_images
+        return Batch(self._images_to_device(batch.images), batch.labels.to(self.spec.device, non_blocking=True),
+                     batch.indices, None if teacher is None else self._images_to_device(teacher))
 
-    def indexed(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]]:
-        for pixels, labels, indices, teacher in self.host_batches():
-            yield *self.to_device(pixels, labels), indices, None if teacher is None else self.images_to_device(teacher)
+    def indexed(self) -> Iterator[Batch]:
+        for batch in self.host_batches():
+            yield self.to_device(batch)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for images, labels, *_ in self.indexed():
-            yield images, labels
+        for batch in self.indexed():
+            yield batch.images, batch.labels

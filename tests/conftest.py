@@ -17,7 +17,7 @@ import yaml
 
 from fastkd.config import Config, DataConfig, config_from_dict
 from fastkd.synth import DemoSpec, generate_demo_dataset
-from pipelines.base import BatchSpec
+from pipelines.base import Batch, BatchSpec
 
 TINY_SPEC = DemoSpec(train_per_class=4, val_per_class=2, min_side=40, max_side=64)
 
@@ -130,6 +130,11 @@ def distill_dict(root: Path, out: Path, teacher: Path, **distill) -> dict:
 CPU = BatchSpec(device=torch.device("cpu"), dtype=torch.float32)
 GPU_SPEC = BatchSpec(device=torch.device("cuda", 0), dtype=torch.float16)
 """A GPU batch spec, for graphs built (not run) without a GPU."""
+
+
+def batch_of(images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor | None = None, **fields) -> Batch:
+    """A training batch of these images and labels (indices 0..B-1 unless given)."""
+    return Batch(images, labels, torch.arange(labels.shape[0]) if indices is None else indices, **fields)
 
 
 def data_config(root: Path, backend: str, **kw) -> DataConfig:

@@ -144,12 +144,12 @@ def test_a_source_out_of_step_with_its_loader_stops_instead_of_cutting_other_cro
 
 
 def training_batches_per_backend(root, *, seed: int, epoch: int, **data) -> dict[str, list]:
-    """One epoch of (images, labels, indices) training batches of 8 from torchvision and DALI."""
+    """One epoch of (images, labels, indices, mix) training batches of 8 from torchvision and DALI."""
     batches = {}
     for backend in ("torchvision", "dali"):
         loader = build_loaders(data_config(root, backend, batch_size=8, **data), spec=CPU, seed=seed).train
         loader.set_epoch(epoch)
-        batches[backend] = list(loader.indexed())
+        batches[backend] = [(b.images, b.labels, b.indices, b.mix) for b in loader.indexed()]
     return batches
 
 
@@ -166,6 +166,19 @@ def test_dali_and_torchvision_cut_the_same_training_crops(tiny_imagefolder, cpu_
         difference = (a - b).abs()
         assert difference.mean() < VAL_MEAN_ABS_TOLERANCE, difference.mean()
         assert difference.flatten().quantile(0.999) < 0.2
+
+
+def test_dali_and_torchvision_mix_the_same_pairs_alike(tiny_imagefolder):
+    """mixup and CutMix run after the backends, on the same draws: the same partners and target
+    weights exactly, pixels apart by resampling only."""
+    batches = training_batches_per_backend(tiny_imagefolder, seed=3, epoch=1, image_size=48, val_resize=55,
+                                           mixup_alpha=0.8, cutmix_alpha=1.0)
+    assert len(batches["dali"]) == len(batches["torchvision"]) == 5
+    for (a, la, ia, ma), (b, lb, ib, mb) in zip(batches["torchvision"], batches["dali"]):
+        assert torch.equal(ia, ib) and torch.equal(la, lb)
+        assert torch.equal(ma.weight, mb.weight) and torch.equal(ma.partner_labels, mb.partner_labels)
+        assert (ma.weight < 1).any()
+        assert (a - b).abs().mean() < VAL_MEAN_ABS_TOLERANCE
 
 
 def test_exif_oriented_training_images_are_cut_like_torchvision(tmp_path):
@@ -419,8 +432,8 @@ def test_a_loader_left_as_cyclic_garbage_does_not_break_the_next_one_s_forked_wo
 
 def test_batches_are_channels_last_views_of_the_pipeline_output(tiny_imagefolder):
     loader = build_loaders(data_config(tiny_imagefolder, "dali"), spec=CPU, seed=0).train
-    hwc, labels, *_ = next(loader.host_batches())
-    images, _ = loader.to_device(hwc, labels)
+    host = next(loader.host_batches())
+    hwc, images = host.images, loader.to_device(host).images
     assert hwc.shape[-1] == 3 and images.shape[1] == 3
     assert images.data_ptr() == hwc.data_ptr() and images.is_contiguous(memory_format=torch.channels_last)
 
@@ -433,9 +446,11 @@ def test_gpu_pipelines_honour_the_contract_in_fp16(tiny_imagefolder, dali_device
     loaders = build_loaders(data_config(tiny_imagefolder, "dali", dali_device=dali_device), spec=spec, seed=0)
     for loader in (loaders.train, loaders.val):
         total = 0
-        for hwc, labels, *_ in loader.host_batches():
-            assert hwc.is_cuda and labels.is_cuda  # no pageable host copy per batch
-            images, labels = loader.to_device(hwc, labels)
+        for host in loader.host_batches():
+            hwc = host.images
+            assert hwc.is_cuda and host.labels.is_cuda  # no pageable host copy per batch
+            batch = loader.to_device(host)
+            images, labels = batch.images, batch.labels
             assert images.data_ptr() == hwc.data_ptr()  # zero-copy channels-last view
             check_batch(images, labels, spec=spec, image_size=32, num_classes=10, max_batch_size=7)
             total += labels.shape[0]

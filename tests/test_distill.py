@@ -12,7 +12,7 @@ from fastkd.config import config_from_dict
 from fastkd.checkpoint import load_checkpoint, save_checkpoint
 from fastkd.losses import kd_loss
 from fastkd.steps import DistillationStep
-from tests.conftest import cli_error, distill_dict, run_cli, stop_after, tiny_config_dict, write_config
+from tests.conftest import batch_of, cli_error, distill_dict, run_cli, stop_after, tiny_config_dict, write_config
 
 
 def make_step(stream=None, *, teacher_input_dtype=None, label_smoothing=0.0, term=None) -> DistillationStep:
@@ -34,7 +34,7 @@ def test_teacher_stays_in_eval_after_train_mode_and_gets_no_gradients():
     optimizer = torch.optim.SGD(step.model.parameters(), lr=0.1)
     images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
     for _ in range(2):
-        out = step(images, labels)
+        out = step(batch_of(images, labels))
         optimizer.zero_grad()
         out.loss.backward()
         optimizer.step()
@@ -52,13 +52,13 @@ def test_teacher_forward_builds_no_graph_even_with_trainable_teacher_weights():
 
 
 def test_loss_is_the_weighted_sum_of_its_logged_parts():
-    out = make_step().train()(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,)))
+    out = make_step().train()(batch_of(torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))))
     assert out.loss.item() == pytest.approx(0.4 * out.parts["ce"].item() + 0.6 * out.parts["kd"].item(), rel=1e-6)
 
 
 def test_label_smoothing_reaches_the_distillation_cross_entropy():
     images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    out = make_step(label_smoothing=0.2).train()(images, labels)
+    out = make_step(label_smoothing=0.2).train()(batch_of(images, labels))
     expected = torch.nn.functional.cross_entropy(out.logits.float(), labels, label_smoothing=0.2)
     assert out.parts["ce"].item() == pytest.approx(expected.item(), rel=1e-6)
     plain = torch.nn.functional.cross_entropy(out.logits.float(), labels)
@@ -111,10 +111,10 @@ def test_side_stream_orders_teacher_student_and_loss(monkeypatch):
     step.teacher.register_forward_pre_hook(lambda *_: events.append(f"teacher forward on {current[-1].name}"))
     step.model.register_forward_pre_hook(lambda *_: events.append(f"student forward on {current[-1].name}"))
     images, labels = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
-    out = step(images, labels)
+    out = step(batch_of(images, labels))
     assert events == ["side waits for main", "teacher forward on side", "student forward on main",
                       "main waits for side", "recorded on main", "loss reads the teacher's logits"]
-    reference = make_step().train()(images, labels)
+    reference = make_step().train()(batch_of(images, labels))
     assert torch.equal(out.loss, reference.loss)
 
 
@@ -127,18 +127,18 @@ def test_side_stream_matches_the_sequential_step_under_a_forced_race(late):
     batch (a late producer): the teacher must wait for the main stream before reading it."""
     images = torch.randn(8, 3, 32, 32, device="cuda")
     labels = torch.randint(0, 10, (8,), device="cuda")
-    reference = make_step().cuda().train()(images.clone(), labels)
+    reference = make_step().cuda().train()(batch_of(images.clone(), labels))
     step = make_step(torch.cuda.Stream()).cuda().train()
     batch = torch.zeros_like(images)
     if late == "teacher":
         step.teacher.register_forward_pre_hook(lambda *_: torch.cuda._sleep(200_000_000))  # ~0.1 s, side stream
         batch.copy_(images)
-        out = step(batch, labels)
+        out = step(batch_of(batch, labels))
         batch.zero_()  # main stream: must not overtake the teacher's read of the batch
     else:
         torch.cuda._sleep(200_000_000)  # main stream: the batch arrives late
         batch.copy_(images)
-        out = step(batch, labels)
+        out = step(batch_of(batch, labels))
     torch.testing.assert_close(out.parts["kd"], reference.parts["kd"])
     torch.testing.assert_close(out.loss, reference.loss)
 

@@ -41,7 +41,7 @@ def test_every_backend_honours_the_batch_contract(backend, tiny_imagefolder):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_training_loader_has_the_two_stages_the_bench_times(backend, tiny_imagefolder):
-    """`host_batches()` then `to_device()` / `images_to_device()` is `indexed()`, batch for batch,
+    """`host_batches()` then `to_device()` is `indexed()`, batch for batch,
     teacher view included; `prefetched_batches` says what a warm-up must drain."""
     require_backend(backend)
     loader = build_loaders(data_config(tiny_imagefolder, backend), spec=CPU, seed=0, teacher_image_size=24).train
@@ -49,13 +49,13 @@ def test_every_training_loader_has_the_two_stages_the_bench_times(backend, tiny_
     loader.set_epoch(1)
     whole = list(loader.indexed())
     loader.set_epoch(1)
-    staged = [(*loader.to_device(images, labels), indices, loader.images_to_device(teacher))
-              for images, labels, indices, teacher in loader.host_batches()]
+    staged = [loader.to_device(batch) for batch in loader.host_batches()]
     assert len(staged) == len(whole) == len(loader)
-    for (images, labels, indices, teacher), (s_images, s_labels, s_indices, s_teacher) in zip(whole, staged):
-        assert torch.equal(images, s_images) and torch.equal(labels, s_labels) and torch.equal(indices, s_indices)
-        assert teacher.shape[-1] == 24 and torch.equal(teacher, s_teacher)
-        check_batch(s_images, s_labels, spec=CPU, image_size=32, num_classes=10, max_batch_size=7)
+    for batch, s in zip(whole, staged):
+        assert torch.equal(batch.images, s.images) and torch.equal(batch.labels, s.labels)
+        assert torch.equal(batch.indices, s.indices) and batch.mix is None and s.mix is None
+        assert batch.teacher_images.shape[-1] == 24 and torch.equal(batch.teacher_images, s.teacher_images)
+        check_batch(s.images, s.labels, spec=CPU, image_size=32, num_classes=10, max_batch_size=7)
 
 
 @pytest.mark.parametrize("backend", ["torchvision", "dali"])

@@ -42,7 +42,8 @@ def test_every_backend_trains_at_the_epochs_size_and_validates_at_its_own(tiny_i
     sizes = []
     for epoch in range(5):
         loaders.train.set_epoch(epoch)
-        images, labels, indices, teacher_images = next(iter(loaders.train.indexed()))
+        batch = next(iter(loaders.train.indexed()))
+        images, labels, teacher_images = batch.images, batch.labels, batch.teacher_images
         sizes.append(images.shape[-1])
         assert images.shape[-2] == images.shape[-1] and images.is_contiguous(memory_format=torch.channels_last)
         assert teacher_images.shape == (len(labels), 3, 40, 40)  # the teacher's size does not follow the schedule
@@ -60,7 +61,8 @@ def test_the_teachers_view_is_the_students_crop_at_another_size(tiny_imagefolder
     cfg = data_config(tiny_imagefolder, backend, batch_size=8, image_size=24, val_resize=28, **extra)
     loader = build_loaders(cfg, spec=CPU, seed=3, teacher_image_size=64).train
     loader.set_epoch(1)
-    for images, _, _, teacher_images in loader.indexed():
+    for batch in loader.indexed():
+        images, teacher_images = batch.images, batch.teacher_images
         down = F.interpolate(teacher_images, size=(24, 24), mode="bilinear", antialias=True, align_corners=False)
         matched = (down - images).abs().mean()
         shuffled = (down.roll(1, dims=0) - images).abs().mean()

@@ -139,7 +139,8 @@ def test_recorded_logits_equal_the_live_teachers_on_the_same_crops(tiny_imagefol
     seen = []
     for epoch in (0, 1):
         loaders.train.set_epoch(epoch)
-        for images, _, indices, _ in loaders.train.indexed():
+        for batch in loaders.train.indexed():
+            images, indices = batch.images, batch.indices
             with torch.no_grad():
                 live = teacher(images)
             assert torch.equal(torch.from_numpy(cache.rows(epoch, indices.numpy())), live)
@@ -147,11 +148,16 @@ def test_recorded_logits_equal_the_live_teachers_on_the_same_crops(tiny_imagefol
     assert sorted(seen) == [(e, i) for e in (0, 1) for i in range(40)]  # every sample of every epoch
 
 
-@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+MIXING = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0}
+
+
+@pytest.mark.parametrize("backend, mixing", [("torchvision", {}), ("dali", {}), ("torchvision", MIXING),
+                                             ("dali", MIXING)])
 def test_a_student_distilled_from_an_fp32_cache_ends_bit_identical_to_online_distillation(
-        tiny_imagefolder, tiny_teacher, tmp_path, backend):  # noqa: F811
+        tiny_imagefolder, tiny_teacher, tmp_path, backend, mixing):  # noqa: F811
+    """With mixup and CutMix too: the cache holds the teacher's logits of each mixed image."""
     raw = kd_raw(tiny_imagefolder, tmp_path / "runs", tiny_teacher, tmp_path / "cache", backend=backend,
-                 dali_device="cpu")
+                 dali_device="cpu", **mixing)
     record(raw, dtype="fp32")
     cached = engine.distill(config_from_dict(raw), progress=False).summary
     engine.distill(config_from_dict(online(raw)), progress=False)
@@ -196,12 +202,12 @@ def test_replay_under_another_batch_size_reads_each_samples_row(tiny_imagefolder
     step.set_epoch(1)
     loaders.train.set_epoch(1)
     batches = list(loaders.train.indexed())
-    assert [len(i) for _, _, i, _ in batches] == [5] * 8
-    for images, labels, indices, _ in batches:
+    assert [b.size for b in batches] == [5] * 8
+    for batch in batches:
         with torch.no_grad():
-            live = teacher(images)  # another batch composition than when recorded: equal up to float rounding
-        torch.testing.assert_close(step.teacher_logits(images, indices), live, rtol=1e-4, atol=1e-3)
-        assert torch.isfinite(step(images, labels, indices).loss)
+            live = teacher(batch.images)  # another batch composition than when recorded: equal up to float rounding
+        torch.testing.assert_close(step.teacher_logits(batch.images, batch.indices), live, rtol=1e-4, atol=1e-3)
+        assert torch.isfinite(step(batch).loss)
 
 
 def test_a_cached_distillation_resumes_exactly_and_only_with_its_own_cache(tiny_imagefolder, tiny_teacher,  # noqa: F811
@@ -228,6 +234,27 @@ def test_a_cached_distillation_resumes_exactly_and_only_with_its_own_cache(tiny_
     config = write_config(tmp_path / "kd.yaml", stopped)
     message = cli_error(capsys, "distill", "--config", str(config), "--resume")
     assert "was trained from other teacher logits than those in" in message
+
+
+def test_a_mixed_cached_distillation_resumed_midway_ends_as_online_distillation(tiny_imagefolder, tiny_teacher,  # noqa: F811
+                                                                                tmp_path, monkeypatch):
+    raw = kd_raw(tiny_imagefolder, tmp_path / "runs", tiny_teacher, tmp_path / "cache", **MIXING)
+    record(raw)
+    manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
+    assert manifest["key"]["augmentation"]["batch_stage"][0]["mixup_alpha"] == 0.8
+    with monkeypatch.context() as patch:
+        stop_after(patch, 7)  # inside epoch 2
+        with pytest.raises(loop.Interrupted):
+            engine.distill(config_from_dict(raw), progress=False)
+    engine.distill(config_from_dict(raw), resume=True, progress=False)
+    engine.distill(config_from_dict(online(raw)), progress=False)
+    a, b = final_weights(raw), final_weights(online(raw))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    unmixed = online(raw)
+    unmixed["run"]["name"], unmixed["data"]["mixup_alpha"], unmixed["data"]["cutmix_alpha"] = "unmixed", 0.0, 0.0
+    engine.distill(config_from_dict(unmixed), progress=False)
+    c = final_weights(unmixed)
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # the batches were mixed indeed
 
 
 def torchrun(*args: str, **hooks: str) -> subprocess.CompletedProcess:
@@ -265,7 +292,9 @@ def test_two_processes_record_the_same_cache_and_replay_it_exactly(tiny_imagefol
     ("data.image_size=30", "image_size differs (32 recorded, 30 now)"),
     ("distill.teacher.precision=bf16", "teacher_precision differs (fp32 recorded, bf16 now)"),
     ("optim.epochs=3", "holds epochs 0-1, the run needs epochs 0-2"),
-    ("data.crop_scale=[0.35,1]", "augmentation differs"),
+    ("data.crop_scale=[0.35,1]", 'the augmentation differs: crop_area [0.08, 1.0] recorded, [0.35, 1.0] now'),
+    ("data.mixup_alpha=0.2", 'the augmentation differs: batch_stage "none" recorded, [{"name": "mix", "mixup_alpha": '
+                             '0.2'),
 ])
 def test_a_cache_that_does_not_fit_the_run_is_refused_before_anything_is_written(
         tiny_imagefolder, tiny_teacher, tmp_path, capsys, change, expected):  # noqa: F811

@@ -1,0 +1,175 @@
+"""The batch stage: mixup and CutMix as timm defines them, drawn from (seed, epoch, sample)
+whatever the batch size, process count or backend, with soft targets in the loss."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastkd.config import config_from_dict
+from fastkd.data import build_loaders
+from fastkd.errors import ConfigError
+from fastkd.steps import ClassificationStep, cross_entropy
+from pipelines.augment import epoch_order
+from pipelines.base import Shard
+from pipelines.batch_stage import Mixing, MixSpec, cut_boxes, mix_draws
+from tests.conftest import CPU, batch_of, data_config, require_backend, tiny_config_dict
+
+MIXUP = MixSpec(mixup_alpha=0.8)
+CUTMIX = MixSpec(cutmix_alpha=1.0)
+BOTH = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "mix_switch_prob": 0.5}
+
+
+def mixed(spec: MixSpec, images, labels, indices, *, epoch=0, teacher=None):
+    mixing = Mixing(spec, seed=0, num_items=100)
+    mixing.set_epoch(epoch)
+    return mixing, mixing(batch_of(images, labels, indices, teacher_images=teacher))
+
+
+def test_mixup_blends_each_pair_with_one_weight_and_targets_both_labels():
+    images = torch.randn(6, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    labels, indices = torch.tensor([0, 1, 2, 3, 4, 5]), torch.tensor([10, 11, 12, 13, 14, 15])
+    _, out = mixed(MIXUP, images, labels, indices)
+    lam = mix_draws(MIXUP, seed=0, epoch=0, num_items=100).lam[[10, 10, 12, 12, 14, 14]]  # the pair's first sample
+    assert not np.allclose(lam, 1) and not np.allclose(lam, lam[0])
+    partner = images[[1, 0, 3, 2, 5, 4]]
+    expected = torch.from_numpy(lam).float().view(6, 1, 1, 1) * images + (1 - torch.from_numpy(lam).float().view(
+        6, 1, 1, 1)) * partner
+    torch.testing.assert_close(out.images, expected)
+    assert out.images.is_contiguous(memory_format=torch.channels_last)
+    torch.testing.assert_close(out.mix.weight, torch.from_numpy(lam).float())
+    assert out.mix.partner_labels.tolist() == [1, 0, 3, 2, 5, 4]
+    assert torch.equal(out.labels, labels) and torch.equal(out.indices, indices)
+
+
+def test_elem_mode_draws_each_sample_apart():
+    images, labels = torch.randn(4, 3, 8, 8), torch.arange(4)
+    _, out = mixed(MixSpec(mixup_alpha=0.8, mode="elem"), images, labels, torch.tensor([3, 7, 9, 20]))
+    lam = mix_draws(MIXUP, seed=0, epoch=0, num_items=100).lam[[3, 7, 9, 20]]
+    torch.testing.assert_close(out.mix.weight, torch.from_numpy(lam).float())
+
+
+def test_cutmix_pastes_the_partners_box_and_weights_the_target_by_its_area():
+    images = torch.arange(2 * 3 * 20 * 20, dtype=torch.float32).view(2, 3, 20, 20)
+    teacher = torch.randn(2, 3, 40, 40)
+    _, out = mixed(CUTMIX, images, torch.tensor([4, 7]), torch.tensor([5, 6]), epoch=3, teacher=teacher)
+    draws = mix_draws(CUTMIX, seed=0, epoch=3, num_items=100)
+    lam, centre = draws.lam[[5, 5]], draws.centre[[5, 5]]
+    for view, original, side in ((out.images, images, 20), (out.teacher_images, teacher, 40)):
+        top, bottom, left, right = cut_boxes(lam, centre, side, side)[0]
+        assert bottom > top and right > left  # the draw (seed 0, epoch 3) cuts a box
+        inside = torch.zeros(side, side, dtype=torch.bool)
+        inside[top:bottom, left:right] = True
+        assert torch.equal(view[0][:, inside], original[1][:, inside])  # the partner's pixels, in the same box
+        assert torch.equal(view[0][:, ~inside], original[0][:, ~inside])
+        assert torch.equal(view[1][:, inside], original[0][:, inside])
+    top, bottom, left, right = cut_boxes(lam, centre, 20, 20)[0]
+    area = (bottom - top) * (right - left) / 400
+    torch.testing.assert_close(out.mix.weight, torch.full((2,), 1 - area, dtype=torch.float32))
+
+
+def test_unmixed_pairs_keep_their_images_and_labels():
+    images = torch.randn(4, 3, 8, 8)
+    _, out = mixed(MixSpec(mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.0), images, torch.arange(4), torch.arange(4))
+    assert torch.equal(out.images, images) and torch.equal(out.mix.weight, torch.ones(4))
+
+
+def test_the_draws_follow_timms_distributions():
+    draws = mix_draws(MixSpec(mixup_alpha=0.8, cutmix_alpha=1.0, switch_prob=0.5), seed=1, epoch=0,
+                      num_items=20000)
+    assert abs(draws.cut.mean() - 0.5) < 0.02  # switch probability
+    assert abs(draws.lam[draws.cut].mean() - 0.5) < 0.02 and abs(draws.lam[~draws.cut].mean() - 0.5) < 0.02
+    assert abs(draws.lam[draws.cut].var() - 1 / 12) < 0.01  # Beta(1, 1) is uniform
+    assert abs(draws.lam[~draws.cut].var() - 0.8**2 / (1.6**2 * 2.6)) < 0.01  # Beta(0.8, 0.8)
+    half = mix_draws(MixSpec(mixup_alpha=0.8, prob=0.5), seed=1, epoch=0, num_items=20000)
+    assert abs((half.lam == 1).mean() - 0.5) < 0.02
+    again = mix_draws(MixSpec(mixup_alpha=0.8), seed=1, epoch=1, num_items=20000)
+    assert not np.array_equal(again.lam, mix_draws(MixSpec(mixup_alpha=0.8), seed=1, epoch=0, num_items=20000).lam)
+
+
+def test_soft_target_cross_entropy_is_timms_mixup_target_and_soft_cross_entropy():
+    logits, labels, partner = torch.randn(6, 5), torch.tensor([0, 1, 2, 3, 4, 0]), torch.tensor([1, 0, 3, 2, 0, 4])
+    weight, smoothing = torch.rand(6), 0.1
+    from pipelines.base import Mix
+
+    loss = cross_entropy(logits, labels, Mix(weight=weight, partner_labels=partner), smoothing)
+    off, on = smoothing / 5, 1 - smoothing + smoothing / 5
+    one_hot = lambda y: torch.full((6, 5), off).scatter_(1, y.view(-1, 1), on)  # noqa: E731 (timm's one_hot)
+    target = one_hot(labels) * weight.view(-1, 1) + one_hot(partner) * (1 - weight.view(-1, 1))
+    torch.testing.assert_close(loss, (-target * F.log_softmax(logits, dim=1)).sum(dim=1).mean())
+    assert torch.equal(cross_entropy(logits, labels, None, smoothing),
+                       F.cross_entropy(logits, labels, label_smoothing=smoothing))
+
+
+def test_a_mixed_batch_trains_against_both_labels():
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 8 * 8, 4))
+    step = ClassificationStep(model, autocast=lambda: torch.autocast("cpu", enabled=False))
+    images, labels = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    _, batch = mixed(MIXUP, images, labels, torch.arange(4))
+    out = step(batch)
+    expected = cross_entropy(model(batch.images), labels, batch.mix, 0.0)
+    torch.testing.assert_close(out.loss, expected)
+    assert not torch.allclose(out.loss, F.cross_entropy(model(batch.images), labels))
+
+
+def mixed_by_sample(root, backend, *, batch_size, rank=0, world_size=1, **data) -> dict[int, tuple]:
+    """Epoch 1's mixed training images, target weights and partner labels, by sample index."""
+    cfg = data_config(root, backend, batch_size=batch_size, **BOTH, **data)
+    loader = build_loaders(cfg, spec=CPU, seed=0, shard=Shard(rank=rank, world_size=world_size)).train
+    loader.set_epoch(1)
+    out = {}
+    for batch in loader.indexed():
+        for k, index in enumerate(batch.indices.tolist()):
+            out[index] = (batch.images[k], float(batch.mix.weight[k]), int(batch.mix.partner_labels[k]))
+    return out
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+def test_every_sample_is_mixed_alike_whatever_the_batch_size_or_process_count(tiny_imagefolder, backend):
+    require_backend(backend)
+    one = mixed_by_sample(tiny_imagefolder, backend, batch_size=8)
+    assert len(one) == 40 and any(weight < 1 for _, weight, _ in one.values())
+    by_batch = mixed_by_sample(tiny_imagefolder, backend, batch_size=6)
+    ranks = {}
+    for rank in (0, 1, 2):  # 40 samples on 3 ranks: the order is padded to 42, 2 samples twice
+        ranks.update(mixed_by_sample(tiny_imagefolder, backend, batch_size=4, rank=rank, world_size=3))
+    for other in (by_batch, ranks):
+        assert sorted(other) == sorted(one)
+        for index, (image, weight, partner) in one.items():
+            assert torch.equal(other[index][0], image) and other[index][1:] == (weight, partner)
+
+
+def test_pairs_are_dealt_to_ranks_whole():
+    whole = epoch_order(40, seed=0, epoch=1, shuffle=True, deal=2)
+    pairs = {tuple(whole[i:i + 2]) for i in range(0, 40, 2)}
+    for world_size in (2, 3, 4):
+        for rank in range(world_size):
+            mine = epoch_order(40, seed=0, epoch=1, shuffle=True, rank=rank, world_size=world_size, deal=2)
+            assert len(mine) % 2 == 0
+            assert all(tuple(mine[i:i + 2]) in pairs for i in range(0, len(mine), 2))
+    assert epoch_order(40, seed=0, epoch=1, shuffle=True, deal=1) == whole  # one process: the same order
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"mixup_alpha": 0.2, "batch_size": 7}, "data.batch_size: must be even with mixup or CutMix"),
+    ({"mix_mode": "batch"}, "data.mix_mode: batch (one draw per batch) would make the mixed images depend on the "
+                            "batch size"),
+    ({"cutmix_alpha": -1}, "data.cutmix_alpha: must be >= 0"),
+    ({"mix_prob": 1.5}, "data.mix_prob: must be within [0, 1]"),
+])
+def test_mixing_settings_that_cannot_work_are_refused(tmp_path, data, message):
+    raw = tiny_config_dict(tmp_path, tmp_path / "runs", data=data)
+    with pytest.raises(ConfigError) as error:
+        config_from_dict(raw)
+    assert str(error.value).startswith(message)
+
+
+def test_dkd_with_mixed_labels_is_refused(tmp_path):
+    raw = tiny_config_dict(tmp_path, tmp_path / "runs", data={"mixup_alpha": 0.2})
+    raw["distill"] = {"teacher": {"arch": "resnet18", "checkpoint": str(tmp_path / "t.pt")}, "loss": "dkd"}
+    with pytest.raises(ConfigError, match="^distill.loss: dkd splits .* at each sample's one label"):
+        config_from_dict(raw)
+    raw["data"]["mixup_alpha"] = 0.0
+    config_from_dict(raw)  # without mixing, dkd is fine
