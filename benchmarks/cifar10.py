@@ -265,6 +265,12 @@ TIMM_ROW = "fastkd kd cached timm student"
 TIMM_EMA_ROW = "fastkd kd cached timm student, EMA weights"
 ROWS[TIMM_ROW] = ("fastkd", "timm student (--timm-student) distilled, teacher cache", "dali-cpu")
 ROWS[TIMM_EMA_ROW] = ("fastkd", "the same runs' EMA of the weights (model.ema_decay)", "dali-cpu")
+MIX_ROWS = {
+    "fastkd kd mixup live dali-cpu": ("fastkd", "x0.5 distilled with mixup (--mixup), live teacher", "dali-cpu"),
+    "fastkd cache recording mixup 2x": ("fastkd", "teacher cache of the mixed images, twice the epochs: record",
+                                        "dali-cpu"),
+    "fastkd kd mixup cached 2x": ("fastkd", "x0.5 distilled with mixup, teacher cache, twice the epochs", "dali-cpu"),
+}
 FASTKD_AS_ORIGINAL = ("fastkd teacher", "fastkd student dali-cpu", "fastkd cache recording", "fastkd kd cached dali-cpu")
 """fastkd's way to the original's three results (teacher, student alone, student distilled)."""
 
@@ -329,6 +335,20 @@ def plan(args: argparse.Namespace, recipe: Recipe, original_code: Path | None, o
                              *data, *overrides["teacher-cache"], f"run.seed={seed}", *top], REPO,
                             done_file=args.out / "caches" / f"recorded-top{k}-s{seed}.json"))
             fastkd_run(top_k_row(k, "kd"), seed, f"fastkd-kd-cached-top{k}-dali-s{seed}", "distill", CACHED_CONFIG, top)
+        if args.mixup:  # mixup on every batch, the teacher seeing the mixed images; then twice as long from a cache
+            ROWS.update(MIX_ROWS)
+            mixing = [f"data.mixup_alpha={args.mixup}"]
+            fastkd_run("fastkd kd mixup live dali-cpu", seed, f"fastkd-kd-mixup-dali-s{seed}", "distill", KD_CONFIG,
+                       [*live, *mixing])
+            long = [f"optim.epochs={2 * recipe.epochs}"]
+            mixed_cache = [*live, *mixing, *long,
+                           f"distill.teacher_cache={args.out / 'caches' / f'resnet18-mixup-2x-s{seed}'}"]
+            jobs.append(Job("fastkd cache recording mixup 2x", seed, f"fastkd-cache-mixup-2x-s{seed}",
+                            [*fastkd, "teacher-cache", "--config", str(CACHED_CONFIG), "--no-progress",
+                             *data, *overrides["teacher-cache"], f"run.seed={seed}", *mixed_cache], REPO,
+                            done_file=args.out / "caches" / f"recorded-mixup-2x-s{seed}.json"))
+            fastkd_run("fastkd kd mixup cached 2x", seed, f"fastkd-kd-mixup-cached-2x-dali-s{seed}", "distill",
+                       CACHED_CONFIG, mixed_cache)
         if args.timm_student:  # a timm student from the same teacher's cache, with an EMA of its weights
             fastkd_run(TIMM_ROW, seed, f"fastkd-kd-cached-timm-ema-s{seed}", "distill", CACHED_CONFIG,
                        [*cached, f"model.arch={args.timm_student}", f"model.ema_decay={args.ema_decay}"])
@@ -553,6 +573,9 @@ def build_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timm-student", metavar="timm:NAME",
                         help="also distil this timm student from each seed's teacher cache, with an EMA of its weights")
     parser.add_argument("--ema-decay", type=float, default=0.999, help="its model.ema_decay (default %(default)s)")
+    parser.add_argument("--mixup", type=float, metavar="ALPHA",
+                        help="also distil with mixup of this alpha (data.mixup_alpha) from the live teacher, and "
+                             "from a cache of the mixed images over twice the epochs")
     parser.add_argument("--only", nargs="+", default=[], metavar="ROW",
                         help="run only these rows (e.g. 'fastkd student dali-cpu' with more --seeds); the table "
                              "counts every finished run")
