@@ -91,6 +91,14 @@ class DataConfig:
     """Training images per step per process (the global batch is this times the world size); even with mixup or CutMix."""
     val_batch_size: Optional[int] = None
     """Validation images per batch per process; null = `batch_size`."""
+    auto_augment: Literal["none", "randaugment", "trivialaugment"] = "none"
+    """Training: torchvision's RandAugment or TrivialAugmentWide (its 14 ops and magnitudes, nearest interpolation, fill 0), each sample's ops drawn from (seed, epoch, sample), after the crop and flip, before mixup/CutMix; the teacher sees the same ops."""
+    randaugment_num_ops: int = 2
+    """RandAugment: ops per sample (torchvision's `num_ops`)."""
+    randaugment_magnitude: int = 9
+    """RandAugment: the magnitude bin of every op (torchvision's `magnitude`), below `augment_magnitude_bins`."""
+    augment_magnitude_bins: int = 31
+    """RandAugment / TrivialAugmentWide: number of magnitude bins (torchvision's `num_magnitude_bins`)."""
     mixup_alpha: float = 0.0
     """mixup (timm's `--mixup`): each training sample blended with its partner (the other of its pair in the epoch's order) by lam ~ Beta(alpha, alpha); 0 = off. The teacher sees the same mixed image."""
     cutmix_alpha: float = 0.0
@@ -168,6 +176,12 @@ class DataConfig:
         low, high = self.crop_ratio
         _require(0 < low <= high, "crop_ratio", f"must be [low, high] with 0 < low <= high, got {list(self.crop_ratio)}")
         _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
+        _require(self.randaugment_num_ops >= 1, "randaugment_num_ops", f"must be >= 1, got {self.randaugment_num_ops}")
+        _require(self.augment_magnitude_bins >= 2, "augment_magnitude_bins",
+                 f"must be >= 2, got {self.augment_magnitude_bins}")
+        _require(0 <= self.randaugment_magnitude < self.augment_magnitude_bins, "randaugment_magnitude",
+                 f"must be within [0, data.augment_magnitude_bins) = [0, {self.augment_magnitude_bins}), got "
+                 f"{self.randaugment_magnitude}")
         for key in ("mixup_alpha", "cutmix_alpha"):
             _require(getattr(self, key) >= 0, key, f"must be >= 0 (0: off), got {getattr(self, key)}")
         for key in ("mix_prob", "mix_switch_prob"):

@@ -7,6 +7,7 @@ from typing import Any
 
 from fastkd.config import DataConfig
 from pipelines.augment import CropRange, SizeSchedule, samples_per_rank
+from pipelines.auto_augment import AutoAugment
 from pipelines.base import BatchSpec, Loaders, Shard
 from pipelines.batch_stage import BatchStage, Mixing, MixSpec, StagedLoader
 from pipelines.datasets import Dataset, load_dataset
@@ -42,7 +43,11 @@ def mix_spec(data: DataConfig) -> MixSpec:
 def batch_stage(data: DataConfig, *, seed: int, num_items: int) -> BatchStage | None:
     """The training batches' transforms on the device (`pipelines.batch_stage`), or None when
     the data section sets none (the backend's batches are then used as they come)."""
-    transforms = []
+    transforms: list = []
+    if data.auto_augment != "none":
+        transforms.append(AutoAugment(data.auto_augment, seed=seed, num_items=num_items,
+                                      num_ops=data.randaugment_num_ops, magnitude=data.randaugment_magnitude,
+                                      num_bins=data.augment_magnitude_bins))
     if data.mixes:
         transforms.append(Mixing(mix_spec(data), seed=seed, num_items=num_items))
     return BatchStage(transforms) if transforms else None

@@ -2,7 +2,8 @@
 backend has decoded, cropped, resized, flipped and normalized them, the same for every
 backend (`StagedLoader` wraps any training loader of `pipelines.base`'s contract).
 
-Its transforms today are mixup and CutMix (`Mixing`), with timm's semantics
+Its transforms, in order: RandAugment or TrivialAugmentWide (`pipelines.auto_augment`), then
+mixup and CutMix (`Mixing`), with timm's semantics
 (`timm.data.mixup.Mixup` in its "pair" and "elem" modes): a sample is mixed with its partner,
 the other sample of its pair of positions (2m, 2m + 1) in the epoch's order; mixup blends the
 two images with weight `lam ~ Beta(mixup_alpha, mixup_alpha)`, CutMix pastes a box of the

@@ -116,7 +116,7 @@ def test_a_mixed_batch_trains_against_both_labels():
 
 def mixed_by_sample(root, backend, *, batch_size, rank=0, world_size=1, **data) -> dict[int, tuple]:
     """Epoch 1's mixed training images, target weights and partner labels, by sample index."""
-    cfg = data_config(root, backend, batch_size=batch_size, **BOTH, **data)
+    cfg = data_config(root, backend, batch_size=batch_size, **BOTH, **data, auto_augment="trivialaugment")
     loader = build_loaders(cfg, spec=CPU, seed=0, shard=Shard(rank=rank, world_size=world_size)).train
     loader.set_epoch(1)
     out = {}
@@ -128,6 +128,7 @@ def mixed_by_sample(root, backend, *, batch_size, rank=0, world_size=1, **data) 
 
 @pytest.mark.parametrize("backend", ["torchvision", "dali"])
 def test_every_sample_is_mixed_alike_whatever_the_batch_size_or_process_count(tiny_imagefolder, backend):
+    """TrivialAugment then mixup / CutMix: each sample's image, weight and partner are the same."""
     require_backend(backend)
     one = mixed_by_sample(tiny_imagefolder, backend, batch_size=8)
     assert len(one) == 40 and any(weight < 1 for _, weight, _ in one.values())

@@ -135,7 +135,7 @@ def test_a_source_out_of_step_with_its_loader_stops_instead_of_cutting_other_cro
     import pipelines.dali_source as source
 
     module = source if longer == "source" else backend  # the source's epochs or the loader's, a batch longer
-    monkeypatch.setattr(module, "samples_per_rank", lambda num_items, world_size: num_items + 8)  # forked workers too
+    monkeypatch.setattr(module, "samples_per_rank", lambda num_items, world_size, deal=1: num_items + 8)  # forked workers too
     loader = build_loaders(data_config(tiny_imagefolder, "dali", batch_size=8), spec=CPU, seed=0).train
     assert loader.num_samples == (48 if longer == "loader" else 40)
     with pytest.raises(RuntimeError, match="training stream is out of step: batch 5 of epoch 0" if longer == "loader"

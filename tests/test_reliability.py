@@ -207,8 +207,8 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     original = ClassificationStep.forward
     calls = {"n": 0}
 
-    def poisoned(self, images, labels, indices=None, teacher_images=None):
-        out = original(self, images, labels, indices, teacher_images)
+    def poisoned(self, batch):
+        out = original(self, batch)
         calls["n"] += 1
         if calls["n"] == 7:  # step 7: inside epoch 2 (5 steps per epoch)
             out.loss = out.loss * float("nan")

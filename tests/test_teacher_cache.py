@@ -148,14 +148,15 @@ def test_recorded_logits_equal_the_live_teachers_on_the_same_crops(tiny_imagefol
     assert sorted(seen) == [(e, i) for e in (0, 1) for i in range(40)]  # every sample of every epoch
 
 
-MIXING = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0}
+MIXING = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "auto_augment": "randaugment"}
+"""The batch stage's transforms: RandAugment, then mixup or CutMix."""
 
 
 @pytest.mark.parametrize("backend, mixing", [("torchvision", {}), ("dali", {}), ("torchvision", MIXING),
                                              ("dali", MIXING)])
 def test_a_student_distilled_from_an_fp32_cache_ends_bit_identical_to_online_distillation(
         tiny_imagefolder, tiny_teacher, tmp_path, backend, mixing):  # noqa: F811
-    """With mixup and CutMix too: the cache holds the teacher's logits of each mixed image."""
+    """With RandAugment, mixup and CutMix too: the cache holds the teacher's logits of each mixed image."""
     raw = kd_raw(tiny_imagefolder, tmp_path / "runs", tiny_teacher, tmp_path / "cache", backend=backend,
                  dali_device="cpu", **mixing)
     record(raw, dtype="fp32")
@@ -241,7 +242,7 @@ def test_a_mixed_cached_distillation_resumed_midway_ends_as_online_distillation(
     raw = kd_raw(tiny_imagefolder, tmp_path / "runs", tiny_teacher, tmp_path / "cache", **MIXING)
     record(raw)
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
-    assert manifest["key"]["augmentation"]["batch_stage"][0]["mixup_alpha"] == 0.8
+    assert [t["name"] for t in manifest["key"]["augmentation"]["batch_stage"]] == ["randaugment", "mix"]
     with monkeypatch.context() as patch:
         stop_after(patch, 7)  # inside epoch 2
         with pytest.raises(loop.Interrupted):
@@ -251,7 +252,8 @@ def test_a_mixed_cached_distillation_resumed_midway_ends_as_online_distillation(
     a, b = final_weights(raw), final_weights(online(raw))
     assert all(torch.equal(a[k], b[k]) for k in a)
     unmixed = online(raw)
-    unmixed["run"]["name"], unmixed["data"]["mixup_alpha"], unmixed["data"]["cutmix_alpha"] = "unmixed", 0.0, 0.0
+    unmixed["run"]["name"] = "unmixed"
+    unmixed["data"].update(mixup_alpha=0.0, cutmix_alpha=0.0, auto_augment="none")
     engine.distill(config_from_dict(unmixed), progress=False)
     c = final_weights(unmixed)
     assert not all(torch.equal(a[k], c[k]) for k in a)  # the batches were mixed indeed
@@ -295,6 +297,8 @@ def test_two_processes_record_the_same_cache_and_replay_it_exactly(tiny_imagefol
     ("data.crop_scale=[0.35,1]", 'the augmentation differs: crop_area [0.08, 1.0] recorded, [0.35, 1.0] now'),
     ("data.mixup_alpha=0.2", 'the augmentation differs: batch_stage "none" recorded, [{"name": "mix", "mixup_alpha": '
                              '0.2'),
+    ("data.auto_augment=trivialaugment", 'the augmentation differs: batch_stage "none" recorded, [{"name": '
+                                         '"trivialaugment"'),
 ])
 def test_a_cache_that_does_not_fit_the_run_is_refused_before_anything_is_written(
         tiny_imagefolder, tiny_teacher, tmp_path, capsys, change, expected):  # noqa: F811

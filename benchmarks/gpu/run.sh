@@ -116,6 +116,13 @@ if want smoke; then
     run.name=s7 optim.epochs=2 distill.teacher.arch=resnet18 distill.teacher.checkpoint="$work/runs/s2/best.pt" \
     distill.allow_weak_teacher=true data.dali_device=gpu "${small[@]}" "${res[@]}" data.size_ramp_epochs=[0,1] \
     data.image_size_step=32 data.val_resize=null
+  # mixup and CutMix in the batch stage, on fp16 GPU batches and the teacher's own 224 px view,
+  # under sync_debug (a pageable copy of the stage's table would be a host sync).
+  mixed=(data.mixup_alpha=0.8 data.cutmix_alpha=1.0 distill.teacher.image_size=224)
+  [ "${REHEARSE:-0}" = 1 ] && mixed=(data.mixup_alpha=0.8 data.cutmix_alpha=1.0 distill.teacher.image_size=64)
+  step smoke-distill-mixed 150 "${fastkd[@]}" distill --config configs/bench/gpu_224.yaml "${smoke[@]}" \
+    run.name=s8 distill.teacher.arch=resnet18 distill.teacher.checkpoint="$work/runs/s2/best.pt" \
+    distill.allow_weak_teacher=true runtime.precision=fp16 data.dali_device=gpu "${small[@]}" "${mixed[@]}"
 fi
 
 if want loader; then
@@ -133,6 +140,9 @@ fi
 
 if want extra; then
   window=(--steps 20 --warmup 8 --repeats 3)
+  stage_device=cuda
+  [ "${REHEARSE:-0}" = 1 ] && stage_device=cpu
+  step bench-batch-stage 120 "$py" benchmarks/batch_stage.py --device "$stage_device" --out "$out/batch_stage.jsonl"
   step bench-shufflenet-nchw 200 "${fastkd[@]}" bench --config configs/bench/gpu_224.yaml --what train,distill \
     --backends synthetic "${window[@]}" "${bench[@]}" runtime.channels_last=false
   step bench-r50-r18-hybrid 200 "${fastkd[@]}" bench --config configs/bench/gpu_r50_r18_224.yaml --what distill \
