@@ -101,7 +101,9 @@ class AutoAugment:
         self._epoch: int | None = None
         self._draws: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
         self._norm: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
-        self._grids: dict[tuple[int, int, torch.device], torch.Tensor] = {}
+        self._grids: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
+        """(h, w, device): torchvision's base grid `[1, h * w, 3]` and its half-size divisor `[2]`."""
+        self._kernels: dict[torch.device, torch.Tensor] = {}
         self._magnitudes: dict[tuple[int, int], dict[str, list | None]] = {}
 
     def describe(self) -> dict[str, Any]:
@@ -215,7 +217,13 @@ class AutoAugment:
         if op == "Contrast":
             return _blend(x, _grayscale(x).mean(dim=(-3, -2, -1), keepdim=True), value, rest)
         if op == "Sharpness":  # torchvision leaves images of 2 pixels or fewer a side as they are
-            return x if min(x.shape[-2:]) <= 2 else _blend(x, _blurred(x), value, rest)
+            if min(x.shape[-2:]) <= 2:
+                return x
+            if x.device not in self._kernels:
+                kernel = torch.ones((3, 3))
+                kernel[1, 1] = 5.0
+                self._kernels[x.device] = (kernel / kernel.sum()).to(x.device)
+            return _blend(x, _blurred(x, self._kernels[x.device]), value, rest)
         if op == "Posterize":
             return torch.floor(x / value) * value
         if op == "Solarize":
@@ -235,9 +243,9 @@ class AutoAugment:
             base[..., 0].copy_(torch.linspace(-w * 0.5 + 0.5, w * 0.5 + 0.5 - 1, steps=w, device=x.device))
             base[..., 1].copy_(torch.linspace(-h * 0.5 + 0.5, h * 0.5 + 0.5 - 1, steps=h, device=x.device).unsqueeze_(-1))
             base[..., 2].fill_(1)
-            self._grids[key] = base.view(1, h * w, 3)
-        rescaled = theta.transpose(1, 2) / torch.tensor([0.5 * w, 0.5 * h], device=x.device)
-        grid = self._grids[key].expand(n, h * w, 3).bmm(rescaled).view(n, h, w, 2)
+            self._grids[key] = (base.view(1, h * w, 3), torch.tensor([0.5 * w, 0.5 * h]).to(x.device))
+        base, half = self._grids[key]  # made once per size: no host-to-device copy per step
+        grid = base.expand(n, h * w, 3).bmm(theta.transpose(1, 2) / half).view(n, h, w, 2)
         return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 
 
@@ -252,11 +260,8 @@ def _grayscale(x: torch.Tensor) -> torch.Tensor:
     return torch.floor(0.2989 * r + 0.587 * g + 0.114 * b).unsqueeze(dim=-3)
 
 
-def _blurred(x: torch.Tensor) -> torch.Tensor:
-    """torchvision's `_blurred_degenerate_image` (rounded), the border kept."""
-    kernel = torch.ones((3, 3), device=x.device)
-    kernel[1, 1] = 5.0
-    kernel /= kernel.sum()
+def _blurred(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    """torchvision's `_blurred_degenerate_image` (rounded), the border kept; `kernel`: its 3x3."""
     blurred = torch.round(F.conv2d(x, kernel.expand(x.shape[-3], 1, 3, 3), groups=x.shape[-3]))
     out = x.clone()
     out[..., 1:-1, 1:-1] = blurred
