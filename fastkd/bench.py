@@ -38,6 +38,7 @@ from fastkd.runtime import Runtime, create_runtime
 from fastkd.steps import DistillationStep
 from fastkd.teacher_cache import CacheKey, CachedTeacher, TeacherCache
 from pipelines.base import Batch, Loader, Shard
+from pipelines.batch_stage import StagedLoader
 from pipelines.loaders import loader_workers
 from pipelines.datasets import Dataset
 
@@ -171,11 +172,14 @@ class StageClock:
 
 
 def _next_batch(stream: Iterator, loader: Loader, clock: StageClock) -> Batch:
-    """Next batch of `loader.host_batches()`, on the device; host wait and the second stage
-    (`to_device`, the batch stage included) are timed apart."""
+    """Next batch of `loader.host_batches()`, on the device; host wait, the second stage
+    (`to_device`) and the batch stage (mixup, RandAugment, ...: `StagedLoader`) are timed apart."""
     started = time.perf_counter()
     batch = next(stream)
     clock.host_time("data wait", time.perf_counter() - started)
+    if isinstance(loader, StagedLoader):
+        batch = clock.device("host-to-device copy", lambda: loader.loader.to_device(batch))
+        return clock.device("batch stage", lambda: loader.staged(batch))
     return clock.device("host-to-device copy", lambda: loader.to_device(batch))
 
 

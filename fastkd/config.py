@@ -176,12 +176,15 @@ class DataConfig:
         low, high = self.crop_ratio
         _require(0 < low <= high, "crop_ratio", f"must be [low, high] with 0 < low <= high, got {list(self.crop_ratio)}")
         _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        _require(self.randaugment_num_ops >= 1, "randaugment_num_ops", f"must be >= 1, got {self.randaugment_num_ops}")
-        _require(self.augment_magnitude_bins >= 2, "augment_magnitude_bins",
-                 f"must be >= 2, got {self.augment_magnitude_bins}")
-        _require(0 <= self.randaugment_magnitude < self.augment_magnitude_bins, "randaugment_magnitude",
-                 f"must be within [0, data.augment_magnitude_bins) = [0, {self.augment_magnitude_bins}), got "
-                 f"{self.randaugment_magnitude}")
+        if self.auto_augment != "none":
+            _require(self.augment_magnitude_bins >= 2, "augment_magnitude_bins",
+                     f"must be >= 2, got {self.augment_magnitude_bins}")
+        if self.auto_augment == "randaugment":
+            _require(self.randaugment_num_ops >= 1, "randaugment_num_ops",
+                     f"must be >= 1, got {self.randaugment_num_ops}")
+            _require(0 <= self.randaugment_magnitude < self.augment_magnitude_bins, "randaugment_magnitude",
+                     f"must be within [0, data.augment_magnitude_bins) = [0, {self.augment_magnitude_bins}), "
+                     f"got {self.randaugment_magnitude}")
         for key in ("mixup_alpha", "cutmix_alpha"):
             _require(getattr(self, key) >= 0, key, f"must be >= 0 (0: off), got {getattr(self, key)}")
         for key in ("mix_prob", "mix_switch_prob"):

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, Callable, ContextManager
 
 from fastkd.config import DataConfig
 from pipelines.augment import CropRange, SizeSchedule, samples_per_rank
@@ -66,21 +67,25 @@ def load_data(cfg: DataConfig) -> Dataset:
 
 
 def build_loaders(cfg: DataConfig, *, spec: BatchSpec, seed: int, shard: Shard = Shard(),
-                  dataset: Dataset | None = None, teacher_image_size: int | None = None) -> Loaders:
+                  dataset: Dataset | None = None, teacher_image_size: int | None = None,
+                  stage_guard: Callable[[], ContextManager] = contextlib.nullcontext) -> Loaders:
     """Training and validation loaders of the configured backend for this process, the
-    training batches through the batch stage when the data section sets one (`batch_stage`).
+    training batches through the batch stage when the data section sets one (`batch_stage`),
+    inside `stage_guard()` (the runtime's `no_host_sync`).
 
     With `teacher_image_size`, training batches come with a second view of the same crops at
     that size (`Batch.teacher_images`), for a teacher with its own input size.
     """
-    if cfg.backend != "synthetic":
+    synthetic = cfg.backend == "synthetic"
+    if not synthetic:
         dataset = dataset or load_data(cfg)
-    loaders = _backend_loaders(cfg, spec=spec, seed=seed, shard=shard, dataset=dataset,
+    loaders = _backend_loaders(cfg, spec=spec, seed=seed, shard=shard, dataset=None if synthetic else dataset,
                                teacher_image_size=teacher_image_size)
-    num_items = loaders.train.num_samples if dataset is None else len(dataset.train)  # synthetic: positions
+    # The stage's draws by sample index: a synthetic batch's indices are its positions in the epoch.
+    num_items = loaders.train.num_samples if synthetic else len(dataset.train)
     stage = batch_stage(cfg, seed=seed, num_items=num_items)
     if stage is not None:
-        loaders.train = StagedLoader(loaders.train, stage)
+        loaders.train = StagedLoader(loaders.train, stage, stage_guard)
     return loaders
 
 

@@ -84,7 +84,7 @@ def prepare(cfg: Config, runtime: Runtime, *, teacher_view: int | None, dataset:
     elif dataset is None:
         dataset = checked_dataset(cfg, runtime)
     loaders = build_loaders(cfg.data, spec=runtime.batch_spec, seed=cfg.data_seed, shard=runtime.shard,
-                            dataset=dataset, teacher_image_size=teacher_view)
+                            dataset=dataset, teacher_image_size=teacher_view, stage_guard=runtime.no_host_sync)
     return Setup(cfg, runtime, dataset, loaders)
 
 

@@ -141,11 +141,13 @@ def epoch_order(num_items: int, *, seed: int, epoch: int, shuffle: bool, rank: i
                 world_size: int = 1, deal: int = 1) -> list[int]:
     """This rank's sample indices for one epoch, in the order they are seen.
 
-    Training (`shuffle`): a permutation drawn from (seed, epoch), padded by wrapping to a
-    multiple of `deal` x the world size so every rank takes the same number of steps (as
-    PyTorch's DistributedSampler), then dealt out in runs of `deal` consecutive positions,
-    run `rank::world_size`. `deal` 2 keeps each pair of positions (2m, 2m + 1), which mixup
-    and CutMix mix together (`pipelines.batch_stage`), on one rank whatever the world size;
+    Training (`shuffle`): a permutation drawn from (seed, epoch), cut into runs of `deal`
+    consecutive positions (the last one completed with its own last sample), the runs padded by
+    wrapping to a multiple of the world size so every rank takes the same number of steps (as
+    PyTorch's DistributedSampler), then dealt out run `rank::world_size`. `deal` 2 keeps each
+    pair of positions (2m, 2m + 1), which mixup and CutMix mix together
+    (`pipelines.batch_stage`), on one rank whatever the world size, and every copy of a padded
+    sample in the same pair (an odd count's last sample is paired with itself: left unmixed);
     with `deal` 1 (no mixing) the positions are dealt out one by one, as before mixing existed.
     Validation: the natural order, dealt out one by one without padding, so every image is
     counted exactly once across ranks.
@@ -153,9 +155,12 @@ def epoch_order(num_items: int, *, seed: int, epoch: int, shuffle: bool, rank: i
     if not shuffle:
         return list(range(num_items))[rank::world_size]
     order = np.random.default_rng([seed % 2**63, epoch]).permutation(num_items)
-    padded = samples_per_rank(num_items, world_size, deal) * world_size
-    order = np.resize(order, padded)  # wraps around, as often as fewer items than ranks need
-    return order.reshape(-1, deal)[rank::world_size].reshape(-1).tolist()
+    if num_items % deal:
+        order = np.concatenate([order, np.repeat(order[-1:], deal - num_items % deal)])
+    runs = order.reshape(-1, deal)
+    padded = samples_per_rank(num_items, world_size, deal) * world_size // deal
+    runs = np.resize(runs, (padded, deal))  # whole runs wrap around, as often as fewer than ranks need
+    return runs[rank::world_size].reshape(-1).tolist()
 
 
 def stream_state() -> dict[str, Any]:

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from pipelines.base import Batch, normalization
+from pipelines.batch_stage import in_layout_of, table_to_device
 
 OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast",
        "Sharpness", "Posterize", "Solarize", "AutoContrast", "Equalize")
@@ -104,7 +105,7 @@ class AutoAugment:
         self._grids: dict[tuple[int, int, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
         """(h, w, device): torchvision's base grid `[1, h * w, 3]` and its half-size divisor `[2]`."""
         self._kernels: dict[torch.device, torch.Tensor] = {}
-        self._magnitudes: dict[tuple[int, int], dict[str, list | None]] = {}
+        self._lookup: dict[tuple[tuple[int, int], int, int], np.ndarray] = {}
 
     def describe(self) -> dict[str, Any]:
         return {"name": self.policy, "num_ops": self.num_ops,
@@ -134,48 +135,45 @@ class AutoAugment:
             views.append(self._augment(batch.teacher_images, ops, negative, bins, student))
         return replace(batch, images=views[0], teacher_images=views[1] if len(views) > 1 else None)
 
-    def _magnitude_table(self, height: int, width: int) -> dict[str, list | None]:
-        """Each op's magnitudes as Python numbers (torchvision's float32 values), at this size."""
-        key = (height, width)
-        if key not in self._magnitudes:
-            self._magnitudes[key] = {}
-            for op in OPS:
-                levels = magnitudes(self.policy, op, self.num_bins, width, height)
-                self._magnitudes[key][op] = None if levels is None else levels.tolist()
-        return self._magnitudes[key]
+    def _parameters(self, student: tuple[int, int], height: int, width: int) -> np.ndarray:
+        """float64 `[len(OPS), num_bins, 2 (sign: +, -), 8]`: each (op, magnitude bin, sign)'s
+        theta (6) and value, 1 - value, at a view of `height` x `width` of a student's batch of
+        `student` (h, w): torchvision's magnitudes at the student's size, exactly; a teacher's
+        view scales translations. Made once per size."""
+        key = (student, height, width)
+        if key not in self._lookup:
+            table = np.zeros((len(OPS), self.num_bins, 2, 8))
+            for o, op in enumerate(OPS):
+                levels = magnitudes(self.policy, op, self.num_bins, student[1], student[0])
+                levels = [0.0] * self.num_bins if levels is None else levels.tolist()
+                for level, value in enumerate(levels):
+                    for sign in (0, 1):
+                        magnitude = -float(value) if sign and op in SIGNED else float(value)
+                        row = table[o, level, sign]
+                        if op in _GEOMETRIC:
+                            row[:6] = op_theta(op, magnitude, width, height, width / student[1])
+                        elif op in ("Brightness", "Color", "Contrast", "Sharpness"):
+                            row[6], row[7] = 1.0 + magnitude, 1.0 - (1.0 + magnitude)
+                        elif op == "Posterize":
+                            row[6] = 2 ** (8 - int(magnitude))
+                        elif op == "Solarize":
+                            row[6] = magnitude
+            self._lookup[key] = table
+        return self._lookup[key]
 
     def _table(self, ops: np.ndarray, negative: np.ndarray, bins: np.ndarray, student: tuple[int, int],
                width: int, height: int) -> tuple[np.ndarray, list[tuple[str, int, int]]]:
         """One round's `[B, _COLUMNS]` float32 table (rows in the batch's order sorted by op) and the
         (op, first, end) slices of the sorted batch."""
         order = np.argsort(ops, kind="stable")
-        table = np.zeros((len(ops), _COLUMNS), dtype=np.float64)
+        table = np.empty((len(ops), _COLUMNS), dtype=np.float32)
         table[:, 0], table[:, 1] = order, np.argsort(order)
-        # magnitudes at the student's size (torchvision's, exactly); a teacher's view scales translations
-        values = self._magnitude_table(*student)
-        student_width = student[1]
-        slices = []
+        table[:, 2:] = self._parameters(student, height, width)[ops[order], bins[order], negative[order].astype(int)]
         sorted_ops = ops[order]
-        for op_index in np.unique(sorted_ops):
-            op = OPS[op_index]
-            first, end = np.searchsorted(sorted_ops, op_index), np.searchsorted(sorted_ops, op_index, side="right")
-            slices.append((op, int(first), int(end)))
-            levels = values[op]
-            for row in range(first, end):
-                sample = order[row]
-                magnitude = float(levels[bins[sample]]) if levels is not None else 0.0
-                if op in SIGNED and negative[sample]:
-                    magnitude *= -1.0
-                if op in _GEOMETRIC:
-                    table[row, 2:8] = op_theta(op, magnitude, width, height, width / student_width)
-                elif op in ("Brightness", "Color", "Contrast", "Sharpness"):
-                    factor = 1.0 + magnitude
-                    table[row, 8], table[row, 9] = factor, 1.0 - factor
-                elif op == "Posterize":
-                    table[row, 8] = 2 ** (8 - int(magnitude))
-                elif op == "Solarize":
-                    table[row, 8] = magnitude
-        return table.astype(np.float32), slices
+        present = np.unique(sorted_ops)
+        firsts = np.searchsorted(sorted_ops, present)
+        ends = np.searchsorted(sorted_ops, present, side="right")
+        return table, [(OPS[o], int(a), int(b)) for o, a, b in zip(present, firsts, ends)]
 
     def _augment(self, images: torch.Tensor, ops: np.ndarray, negative: np.ndarray, bins: np.ndarray,
                  student: tuple[int, int]) -> torch.Tensor:
@@ -185,19 +183,14 @@ class AutoAugment:
         _, _, height, width = pixels.shape
         for r in range(self.num_ops):
             host, slices = self._table(ops[:, r], negative[:, r], bins[:, r], student, width, height)
-            table = torch.from_numpy(host)
-            if device.type == "cuda":
-                table = table.pin_memory()  # a pageable copy would wait for the stream: pinned, it is queued
-            table = table.to(device, non_blocking=True)
+            table = table_to_device(host, device)
             order, inverse = table[:, 0].long(), table[:, 1].long()
             work = pixels[order]
             for op, first, end in slices:
                 if op != "Identity":
                     work[first:end] = self._apply(op, work[first:end], table[first:end])
             pixels = work[inverse]
-        out = ((pixels - mean) * inv_std).to(dtype)
-        return out.contiguous(memory_format=torch.channels_last) if images.is_contiguous(
-            memory_format=torch.channels_last) else out.contiguous()
+        return in_layout_of(images, ((pixels - mean) * inv_std).to(dtype))
 
     def _normalization(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         key = (device, torch.float32)

@@ -17,7 +17,8 @@ Every draw is a pure function of (seed, epoch, sample index), and the pairs of t
 order: the same whatever the batch size (even), number of processes (`epoch_order` deals the
 pairs out whole) or backend. A teacher's view of the same crops at its own size is mixed with
 the same partners, weights and box (scaled to its size), so the teacher sees the image the
-student sees and a teacher cache recorded per (epoch, sample) replays it.
+student sees (its box drawn from the same fractions at its own size) and a teacher cache
+recorded per (epoch, sample) replays it.
 
 A draw costs nothing per step: each epoch's are drawn at once (a few values per sample, on
 the host), and a batch takes its rows by index; what reaches the device per step is one small
@@ -27,7 +28,8 @@ the host), and a batch takes its rows by index; what reaches the device per step
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Any, Iterator, Protocol
+import contextlib
+from typing import Any, Callable, ContextManager, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -50,10 +52,6 @@ class MixSpec:
     prob: float = 1.0
     switch_prob: float = 0.5
     mode: str = "pair"
-
-    @property
-    def enabled(self) -> bool:
-        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
 
     def describe(self) -> dict[str, Any]:
         """What a teacher cache records of it (every value the mixed images depend on)."""
@@ -164,10 +162,7 @@ class Mixing:
                              "rank's share of the epoch must be even)")
         views = [batch.images] + ([batch.teacher_images] if batch.teacher_images is not None else [])
         device = batch.images.device
-        table = torch.from_numpy(self.table(batch.indices.numpy(), [tuple(v.shape[-2:]) for v in views]))
-        if device.type == "cuda":
-            table = table.pin_memory()  # a pageable copy would wait for the stream: pinned, it is queued
-        table = table.to(device, non_blocking=True)
+        table = table_to_device(self.table(batch.indices.numpy(), [tuple(v.shape[-2:]) for v in views]), device)
         swap = self._swap(size, device)
         mixed = [_mix_view(view, swap, table[:, 0], table[:, 2 + 4 * k:6 + 4 * k]) for k, view in enumerate(views)]
         mix = Mix(weight=table[:, 1], partner_labels=batch.labels[swap])
@@ -185,9 +180,23 @@ def _mix_view(images: torch.Tensor, swap: torch.Tensor, pixel: torch.Tensor, box
     cols = torch.arange(width, device=images.device, dtype=boxes.dtype).view(1, 1, 1, width)
     top, bottom, left, right = (boxes[:, k].view(batch, 1, 1, 1) for k in range(4))
     inside = (rows >= top) & (rows < bottom) & (cols >= left) & (cols < right)
-    out = torch.where(inside, partner, blended)
-    return out.contiguous(memory_format=torch.channels_last) if images.is_contiguous(
-        memory_format=torch.channels_last) else out.contiguous()
+    return in_layout_of(images, torch.where(inside, partner, blended))
+
+
+def table_to_device(table: np.ndarray, device: torch.device) -> torch.Tensor:
+    """A transform's small per-step host table on the device: on a GPU from pinned memory, so the
+    copy is queued on the stream (a copy from pageable memory would wait for it)."""
+    host = torch.from_numpy(table)
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
+def in_layout_of(images: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """`out` in the memory format of the batch it was made from (the contract's channels-last)."""
+    if images.is_contiguous(memory_format=torch.channels_last):
+        return out.contiguous(memory_format=torch.channels_last)
+    return out.contiguous()
 
 
 class BatchStage:
@@ -211,11 +220,19 @@ class BatchStage:
 
 class StagedLoader:
     """A training loader whose batches go through a `BatchStage` once on the device: the
-    stage is the last part of `to_device` and of `indexed()`."""
+    stage is the last part of `to_device` and of `indexed()`, run inside `guard()` (the
+    runtime's `no_host_sync`: with `runtime.sync_debug`, a host sync in the stage raises)."""
 
-    def __init__(self, loader: Loader, stage: BatchStage):
+    def __init__(self, loader: Loader, stage: BatchStage,
+                 guard: Callable[[], ContextManager] = contextlib.nullcontext):
         self.loader = loader
         self.stage = stage
+        self.guard = guard
+
+    def staged(self, batch: Batch) -> Batch:
+        """The stage's transforms of a batch already on the device."""
+        with self.guard():
+            return self.stage(batch)
 
     @property
     def num_samples(self) -> int:
@@ -246,11 +263,11 @@ class StagedLoader:
         return self.loader.host_batches()
 
     def to_device(self, batch: Batch) -> Batch:
-        return self.stage(self.loader.to_device(batch))
+        return self.staged(self.loader.to_device(batch))
 
     def indexed(self) -> Iterator[Batch]:
         for batch in self.loader.indexed():
-            yield self.stage(batch)
+            yield self.staged(batch)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for batch in self.indexed():

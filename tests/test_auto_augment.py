@@ -24,13 +24,13 @@ def as_pixels(images: torch.Tensor) -> torch.Tensor:
     return torch.round(images / INV_STD + MEAN).to(torch.uint8)
 
 
-def photos(n: int, size: int, seed: int = 0) -> torch.Tensor:
+def photos(n: int, size: int, seed: int = 0, width: int | None = None) -> torch.Tensor:
     """Smooth gradients plus noise: every op has something to change (flat images hide most)."""
     g = torch.Generator().manual_seed(seed)
-    ramp = torch.linspace(0, 1, size)
-    base = (ramp.view(1, 1, size, 1) * torch.rand(n, 3, 1, 1, generator=g) * 180
-            + ramp.view(1, 1, 1, size) * torch.rand(n, 3, 1, 1, generator=g) * 60)
-    return (base + torch.rand(n, 3, size, size, generator=g) * 20).clamp(0, 255).to(torch.uint8)
+    width = width or size
+    base = (torch.linspace(0, 1, size).view(1, 1, size, 1) * torch.rand(n, 3, 1, 1, generator=g) * 180
+            + torch.linspace(0, 1, width).view(1, 1, 1, width) * torch.rand(n, 3, 1, 1, generator=g) * 60)
+    return (base + torch.rand(n, 3, size, width, generator=g) * 20).clamp(0, 255).to(torch.uint8)
 
 
 def forced(policy: str, ops: np.ndarray, negative: np.ndarray, bins: np.ndarray, **kw) -> AutoAugment:
@@ -43,15 +43,16 @@ def forced(policy: str, ops: np.ndarray, negative: np.ndarray, bins: np.ndarray,
 @pytest.mark.parametrize("policy", ["randaugment", "trivialaugment"])
 @pytest.mark.parametrize("op", OPS)
 def test_each_op_is_torchvisions_on_uint8_pixels(policy, op):
-    n, size = 8, 20
-    pixels = photos(n, size)
+    """Non-square images, so that a height taken for a width shows."""
+    n, size, width = 8, 20, 28
+    pixels = photos(n, size, width=width)
     ops = np.full((n, 1), OPS.index(op))
     negative = (np.arange(n) % 2 == 1)[:, None]
     # several magnitudes in one batch (RandAugment: its one magnitude)
     bins = (np.arange(n) * 4 % 31)[:, None] if policy == "trivialaugment" else np.full((n, 1), 9)
     augment = forced(policy, ops, negative, bins, num_ops=1, magnitude=9)
     out = as_pixels(augment(batch_of(normalized(pixels), torch.zeros(n, dtype=torch.long))).images)
-    levels = magnitudes(policy, op, 31, size, size)
+    levels = magnitudes(policy, op, 31, width, size)
     for k in range(n):
         magnitude = float(levels[bins[k, 0]].item()) if levels is not None and levels.ndim > 0 else 0.0
         if op in SIGNED and negative[k, 0]:

@@ -47,8 +47,31 @@ def test_mixup_blends_each_pair_with_one_weight_and_targets_both_labels():
 def test_elem_mode_draws_each_sample_apart():
     images, labels = torch.randn(4, 3, 8, 8), torch.arange(4)
     _, out = mixed(MixSpec(mixup_alpha=0.8, mode="elem"), images, labels, torch.tensor([3, 7, 9, 20]))
-    lam = mix_draws(MIXUP, seed=0, epoch=0, num_items=100).lam[[3, 7, 9, 20]]
-    torch.testing.assert_close(out.mix.weight, torch.from_numpy(lam).float())
+    lam = torch.from_numpy(mix_draws(MIXUP, seed=0, epoch=0, num_items=100).lam[[3, 7, 9, 20]]).float()
+    torch.testing.assert_close(out.mix.weight, lam)
+    expected = lam.view(4, 1, 1, 1) * images + (1 - lam.view(4, 1, 1, 1)) * images[[1, 0, 3, 2]]
+    torch.testing.assert_close(out.images, expected)
+
+
+def test_with_both_each_pair_is_mixed_up_or_cut():
+    """Switch probability 0.5: some pairs blended (every pixel moves), others cut (pixels either
+    the image's own or the partner's), each as its draw says; elem mode gives each sample a box."""
+    spec = MixSpec(mixup_alpha=0.8, cutmix_alpha=1.0, mode="elem")
+    n = 32
+    images = torch.randn(n, 3, 16, 16)
+    indices = torch.arange(n)
+    _, out = mixed(spec, images, torch.arange(n), indices)
+    draws = mix_draws(spec, seed=0, epoch=0, num_items=100)
+    partner = images[torch.arange(n) ^ 1]
+    assert 0 < draws.cut[:n].sum() < n
+    for k in range(n):
+        own, other = (out.images[k] == images[k]), (out.images[k] == partner[k])
+        if draws.cut[k]:
+            assert (own | other).all() and other.any()
+            box = cut_boxes(draws.lam[[k]], draws.centre[[k]], 16, 16)[0]
+            assert other[:, box[0]:box[1], box[2]:box[3]].all()
+        else:
+            assert not own.any()
 
 
 def test_cutmix_pastes_the_partners_box_and_weights_the_target_by_its_area():
@@ -135,22 +158,38 @@ def test_every_sample_is_mixed_alike_whatever_the_batch_size_or_process_count(ti
     by_batch = mixed_by_sample(tiny_imagefolder, backend, batch_size=6)
     ranks = {}
     for rank in (0, 1, 2):  # 40 samples on 3 ranks: the order is padded to 42, 2 samples twice
-        ranks.update(mixed_by_sample(tiny_imagefolder, backend, batch_size=4, rank=rank, world_size=3))
+        for index, seen in mixed_by_sample(tiny_imagefolder, backend, batch_size=4, rank=rank, world_size=3).items():
+            again = ranks.setdefault(index, seen)  # a padded copy is mixed as the sample itself
+            assert torch.equal(again[0], seen[0]) and again[1:] == seen[1:]
     for other in (by_batch, ranks):
         assert sorted(other) == sorted(one)
         for index, (image, weight, partner) in one.items():
             assert torch.equal(other[index][0], image) and other[index][1:] == (weight, partner)
 
 
-def test_pairs_are_dealt_to_ranks_whole():
-    whole = epoch_order(40, seed=0, epoch=1, shuffle=True, deal=2)
-    pairs = {tuple(whole[i:i + 2]) for i in range(0, 40, 2)}
+@pytest.mark.parametrize("num_items", [40, 41, 7])
+def test_pairs_are_dealt_to_ranks_whole(num_items):
+    """Every copy of a sample (padding repeats some) sits in the same pair on every rank: an odd
+    count's last sample is paired with itself."""
+    whole = epoch_order(num_items, seed=0, epoch=1, shuffle=True, deal=2)
+    pairs = {tuple(whole[i:i + 2]) for i in range(0, len(whole), 2)}
+    assert sorted(set(whole)) == list(range(num_items)) and len(whole) == num_items + num_items % 2
+    partner = {}
+    for a, b in pairs:
+        assert partner.setdefault(a, b) == b and partner.setdefault(b, a) == a  # one partner each
     for world_size in (2, 3, 4):
         for rank in range(world_size):
-            mine = epoch_order(40, seed=0, epoch=1, shuffle=True, rank=rank, world_size=world_size, deal=2)
+            mine = epoch_order(num_items, seed=0, epoch=1, shuffle=True, rank=rank, world_size=world_size, deal=2)
             assert len(mine) % 2 == 0
             assert all(tuple(mine[i:i + 2]) in pairs for i in range(0, len(mine), 2))
-    assert epoch_order(40, seed=0, epoch=1, shuffle=True, deal=1) == whole  # one process: the same order
+    assert epoch_order(num_items, seed=0, epoch=1, shuffle=True)[:num_items] == whole[:num_items]  # the same order
+
+
+def test_a_sample_paired_with_itself_is_left_as_it_is():
+    images = torch.randn(2, 3, 8, 8)
+    images[1] = images[0]
+    _, out = mixed(MixSpec(mixup_alpha=0.8, cutmix_alpha=1.0), images, torch.tensor([3, 3]), torch.tensor([5, 5]))
+    assert torch.equal(out.images, images) and out.mix.partner_labels.tolist() == [3, 3]
 
 
 @pytest.mark.parametrize("data, message", [
@@ -174,3 +213,27 @@ def test_dkd_with_mixed_labels_is_refused(tmp_path):
         config_from_dict(raw)
     raw["data"]["mixup_alpha"] = 0.0
     config_from_dict(raw)  # without mixing, dkd is fine
+
+
+@pytest.mark.gpu
+def test_the_batch_stage_queues_its_work_without_a_host_sync_on_a_gpu():
+    """fp16 channels-last GPU batches, and a teacher view, through RandAugment and mixup/CutMix:
+    any synchronizing call raises in "error" sync-debug mode."""
+    from pipelines.auto_augment import AutoAugment
+    from pipelines.batch_stage import BatchStage
+
+    stage = BatchStage([AutoAugment("randaugment", seed=0, num_items=64),
+                        Mixing(MixSpec(mixup_alpha=0.8, cutmix_alpha=1.0), seed=0, num_items=64)])
+    stage.set_epoch(0)
+    images = torch.randn(16, 3, 32, 32, device="cuda").clamp(-2, 2).half()
+    batch = batch_of(images.contiguous(memory_format=torch.channels_last), torch.randint(10, (16,), device="cuda"),
+                     torch.arange(16), teacher_images=torch.randn(16, 3, 64, 64, device="cuda").clamp(-2, 2).half())
+    stage(batch)  # the first call makes the per-size tables, once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        out = stage(batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert out.images.dtype == torch.float16 and out.images.is_contiguous(memory_format=torch.channels_last)
+    assert out.teacher_images.shape[-1] == 64 and out.mix is not None
