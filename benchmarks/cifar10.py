@@ -478,7 +478,9 @@ def render(rows: dict[str, dict[str, Any]], recipe: Recipe, env: dict[str, Any])
         if r is None:
             continue
         table_rows.append([system, what, backend, fmt_mean_sd(r["top1"]),
-                           " / ".join(f"{v:.2f}" for v in r["top1"]), fmt_mean_sd(r["gap"]),
+                           " / ".join(f"{v:.2f}" for v in r["top1"]),
+                           # a mixed image's hard label is not its target: its train top-1 is no gap
+                           "" if key in MIX_ROWS else fmt_mean_sd(r["gap"]),
                            fmt_mean_sd(r["images_per_sec"], 0), fmt_mean_sd(r["wall_seconds"], 0),
                            ", ".join(map(str, r["seeds"]))])
     table = markdown_table(["system", "run", "data path", "best val top-1 (mean ± sd)", "per seed", "train-val gap",
@@ -515,6 +517,12 @@ def render(rows: dict[str, dict[str, Any]], recipe: Recipe, env: dict[str, Any])
     for key in [k for k in ROWS if k.startswith("fastkd kd cached top-")]:
         comparisons[f"{key.split('cached ')[1]} - every logit (teacher caches)"] = difference(
             top1(key), top1("fastkd kd cached dali-cpu"))
+    comparisons["mixup - plain KD, live teacher"] = difference(top1("fastkd kd mixup live dali-cpu"),
+                                                               top1("fastkd kd live dali-cpu"))
+    comparisons["mixup twice the epochs from the cache - plain KD from the cache"] = difference(
+        top1("fastkd kd mixup cached 2x"), top1("fastkd kd cached dali-cpu"))
+    comparisons["mixup: twice the epochs from the cache - live teacher"] = difference(
+        top1("fastkd kd mixup cached 2x"), top1("fastkd kd mixup live dali-cpu"))
     lines = [f"{name}: {c['difference']:+.2f} points, two standard errors {c['two_standard_errors']:.2f}: "
              f"{'beyond' if c['beyond_noise'] else 'within'} seed noise" for name, c in comparisons.items() if c]
     independent = {k: r for k, r in rows.items() if k != TIMM_EMA_ROW}  # the EMA row shares its runs
@@ -534,8 +542,9 @@ def render(rows: dict[str, dict[str, Any]], recipe: Recipe, env: dict[str, Any])
            for k in (*original_keys, *FASTKD_AS_ORIGINAL)):
         original = sum(sum(rows[k]["wall_seconds"]) for k in original_keys)
         same = sum(sum(rows[k]["wall_seconds"]) for k in FASTKD_AS_ORIGINAL)
-        everything = sum(sum(r["wall_seconds"]) for key, r in rows.items()  # the top-k and timm rows are extra
-                         if key.startswith("fastkd") and " top-" not in key and not key.startswith(TIMM_ROW))
+        everything = sum(sum(r["wall_seconds"]) for key, r in rows.items()  # the top-k, timm, mixup rows are extra
+                         if key.startswith("fastkd") and " top-" not in key and not key.startswith(TIMM_ROW)
+                         and key not in MIX_ROWS)
         walls = {"original_seconds": round(original), "fastkd_same_results_seconds": round(same),
                  "fastkd_whole_table_seconds": round(everything), "ratio_same_results": round(same / original, 3)}
         lines.append(f"Wall time, the original's three results (teacher, student alone, distilled) x seeds: original "
