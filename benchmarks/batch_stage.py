@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
                    "batch_size": args.batch, "images_per_sec": round(statistics.median(rates)),
                    "min": round(min(rates)), "max": round(max(rates)), "windows": args.repeats,
                    "steps_per_window": args.steps, "torch": torch.__version__, "cpu": env.get("cpu"),
-                   "threads": torch.get_num_threads()}
+                   "threads": torch.get_num_threads(), "git": env.get("git"),
+                   "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
             rows.append(row)
             print(f"{name:>13} {size:>4} px: {row['images_per_sec']:>10,} images/s (min {row['min']:,}, "
                   f"max {row['max']:,}; {args.repeats} windows of {args.steps} batches of {args.batch})", flush=True)

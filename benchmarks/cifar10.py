@@ -525,7 +525,8 @@ def render(rows: dict[str, dict[str, Any]], recipe: Recipe, env: dict[str, Any])
         top1("fastkd kd mixup cached 2x"), top1("fastkd kd mixup live dali-cpu"))
     lines = [f"{name}: {c['difference']:+.2f} points, two standard errors {c['two_standard_errors']:.2f}: "
              f"{'beyond' if c['beyond_noise'] else 'within'} seed noise" for name, c in comparisons.items() if c]
-    independent = {k: r for k, r in rows.items() if k != TIMM_EMA_ROW}  # the EMA row shares its runs
+    # the EMA row shares its runs; the mixup rows are another recipe (and twice the epochs), not seed noise of this one
+    independent = {k: r for k, r in rows.items() if k != TIMM_EMA_ROW and k not in MIX_ROWS}
     sds = [statistics.stdev(r["top1"]) for r in independent.values() if len(r["top1"]) > 1]
     resolution = None
     if sds:
@@ -533,7 +534,9 @@ def render(rows: dict[str, dict[str, Any]], recipe: Recipe, env: dict[str, Any])
         n = min(len(r["top1"]) for r in independent.values() if len(r["top1"]) > 1)
         resolution = {"pooled_sd": round(pooled, 2), "seeds": n,
                       "two_standard_errors_of_a_difference": round(2 * pooled * math.sqrt(2 / n), 2)}
-        lines.append(f"Seed noise: pooled standard deviation {pooled:.2f} points over {len(sds)} rows; with {n} seeds "
+        mixed = [k for k in MIX_ROWS if k in rows]
+        lines.append(f"Seed noise: pooled standard deviation {pooled:.2f} points over {len(sds)} rows"
+                     f"{' (the mixup rows, another recipe, left out)' if mixed else ''}; with {n} seeds "
                      f"a difference of two rows' means is resolved beyond two standard errors from "
                      f"{2 * pooled * math.sqrt(2 / n):.2f} points.")
     original_keys = ("original teacher", "original student", "original kd")
@@ -550,7 +553,7 @@ def render(rows: dict[str, dict[str, Any]], recipe: Recipe, env: dict[str, Any])
         lines.append(f"Wall time, the original's three results (teacher, student alone, distilled) x seeds: original "
                      f"scripts {original / 60:.1f} min; fastkd {same / 60:.1f} min ({same / original:.2f} of it: teacher, "
                      f"student on dali-cpu, the cache recorded and replayed); fastkd's whole table (every fastkd "
-                     f"row) {everything / 60:.1f} min.")
+                     f"row but the top-k, timm and mixup ones) {everything / 60:.1f} min.")
     header = (f"CIFAR-10 photographs (50,000 train / 10,000 test JPEGs, {recipe.image_size} px, training crops of "
               f"{recipe.crop_scale[0]:g}-{recipe.crop_scale[1]:g} of the area), {recipe.epochs} epochs, batch "
               f"{recipe.batch_size}, SGD lr {recipe.lr} wd {recipe.weight_decay}, cosine, {recipe.warmup_epochs} "

@@ -162,20 +162,36 @@ class Mixing:
                              "rank's share of the epoch must be even)")
         views = [batch.images] + ([batch.teacher_images] if batch.teacher_images is not None else [])
         device = batch.images.device
-        table = table_to_device(self.table(batch.indices.numpy(), [tuple(v.shape[-2:]) for v in views]), device)
+        host = self.table(batch.indices.numpy(), [tuple(v.shape[-2:]) for v in views])
+        table = table_to_device(host, device)
         swap = self._swap(size, device)
-        mixed = [_mix_view(view, swap, table[:, 0], table[:, 2 + 4 * k:6 + 4 * k]) for k, view in enumerate(views)]
+        # What the host table already says (no sync): whether any slot blends, whether any box is
+        # cut at each view's size. Skipping a lerp by weight 1 or an empty paste leaves every finite
+        # pixel as it was (the lerp would only turn a -0.0 into +0.0).
+        blend = bool((host[:, 0] != 1.0).any())
+        mixed = [_mix_view(view, swap, table[:, 0], table[:, 2 + 4 * k:6 + 4 * k], blend=blend,
+                           paste=bool(((host[:, 3 + 4 * k] > host[:, 2 + 4 * k])
+                                       & (host[:, 5 + 4 * k] > host[:, 4 + 4 * k])).any()))
+                 for k, view in enumerate(views)]
         mix = Mix(weight=table[:, 1], partner_labels=batch.labels[swap])
         return replace(batch, images=mixed[0], teacher_images=mixed[1] if len(mixed) > 1 else None, mix=mix)
 
 
-def _mix_view(images: torch.Tensor, swap: torch.Tensor, pixel: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+def _mix_view(images: torch.Tensor, swap: torch.Tensor, pixel: torch.Tensor, boxes: torch.Tensor, *,
+              blend: bool = True, paste: bool = True) -> torch.Tensor:
     """`images` blended with their partners by `pixel` weight, their partners' pixels pasted in
-    `boxes` (top, bottom, left, right), in the images' memory format and dtype."""
+    `boxes` (top, bottom, left, right), in the images' memory format and dtype. `blend=False`
+    (every weight 1) skips the blend, `paste=False` (every box empty) the paste, with the same finite
+    pixels; with neither, the result may be `images` itself (nothing downstream writes to it)."""
     batch, _, height, width = images.shape
     partner = images[swap]
-    weight = pixel.to(images.dtype).view(batch, 1, 1, 1)
-    blended = torch.lerp(partner, images, weight)  # weight 1 (CutMix, unmixed): the image itself
+    if blend:
+        weight = pixel.to(images.dtype).view(batch, 1, 1, 1)
+        blended = torch.lerp(partner, images, weight)  # weight 1 (CutMix, unmixed): the image itself
+    else:
+        blended = images
+    if not paste:
+        return in_layout_of(images, blended)
     rows = torch.arange(height, device=images.device, dtype=boxes.dtype).view(1, 1, height, 1)
     cols = torch.arange(width, device=images.device, dtype=boxes.dtype).view(1, 1, 1, width)
     top, bottom, left, right = (boxes[:, k].view(batch, 1, 1, 1) for k in range(4))

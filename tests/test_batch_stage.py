@@ -14,7 +14,7 @@ from fastkd.errors import ConfigError
 from fastkd.steps import ClassificationStep, cross_entropy
 from pipelines.augment import epoch_order
 from pipelines.base import Shard
-from pipelines.batch_stage import Mixing, MixSpec, cut_boxes, mix_draws
+from pipelines.batch_stage import Mixing, MixSpec, _mix_view, cut_boxes, mix_draws
 from tests.conftest import CPU, batch_of, data_config, require_backend, tiny_config_dict
 
 MIXUP = MixSpec(mixup_alpha=0.8)
@@ -97,6 +97,43 @@ def test_unmixed_pairs_keep_their_images_and_labels():
     images = torch.randn(4, 3, 8, 8)
     _, out = mixed(MixSpec(mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.0), images, torch.arange(4), torch.arange(4))
     assert torch.equal(out.images, images) and torch.equal(out.mix.weight, torch.ones(4))
+
+
+BOTH_SPEC = MixSpec(mixup_alpha=0.8, cutmix_alpha=1.0)
+
+
+@pytest.mark.parametrize("spec, student, flags", [
+    (MIXUP, 12, (True, False, False)),
+    (CUTMIX, 12, (False, True, True)),
+    (CUTMIX, 3, (False, False, True)),  # at 3 px every box is empty; the teacher's 24-px boxes are not
+    (BOTH_SPEC, 12, (True, True, True)),
+    (MixSpec(mixup_alpha=0.8, cutmix_alpha=1.0, prob=0.0), 12, (False, False, False)),
+], ids=["mixup", "cutmix", "cutmix-3px", "both", "unmixed"])
+def test_a_blend_or_paste_the_host_table_rules_out_is_skipped_and_changes_nothing(spec, student, flags,
+                                                                                  monkeypatch):
+    """The stage skips the blend when every pixel weight is 1 and a view's paste when none of its
+    boxes is cut (known from its host table, per view): its output equals the full blend-then-paste."""
+    import pipelines.batch_stage as stage
+
+    calls = []
+
+    def recording(*args, blend, paste):
+        calls.append((blend, paste))
+        return _mix_view(*args, blend=blend, paste=paste)
+
+    monkeypatch.setattr(stage, "_mix_view", recording)
+    images = torch.randn(8, 3, student, student).contiguous(memory_format=torch.channels_last)
+    teacher = torch.randn(8, 3, 24, 24).contiguous(memory_format=torch.channels_last)
+    indices = torch.arange(20, 28)
+    mixing, out = mixed(spec, images, torch.arange(8), indices, teacher=teacher)
+    (blend, student_paste), (teacher_blend, teacher_paste) = calls
+    assert (blend, student_paste, teacher_paste) == flags and teacher_blend == blend
+    table = torch.from_numpy(mixing.table(indices.numpy(), [(student, student), (24, 24)]))
+    swap = torch.arange(8) ^ 1
+    for k, (view, original) in enumerate(((out.images, images), (out.teacher_images, teacher))):
+        full = _mix_view(original, swap, table[:, 0], table[:, 2 + 4 * k:6 + 4 * k], blend=True, paste=True)
+        assert torch.equal(view, full)
+        assert view.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_the_draws_follow_timms_distributions():

@@ -133,3 +133,26 @@ def test_plan_with_only_prints_those_rows_alone(tmp_path, capsys):
     lines = capsys.readouterr().out.splitlines()
     assert [line.split(":")[0].split("] ")[1] for line in lines] == [
         "fastkd-student-torchvision-s0", "fastkd-student-torchvision-s1"], lines
+
+
+def test_the_mixup_rows_are_tabulated_apart_from_the_recipes_seed_noise():
+    """Rendered from the committed 2026-12-03 table's rows: a mixed row shows no train-val gap
+    (a mixed image's hard label is not its target), its comparisons are drawn, and the pooled
+    seed noise and the whole-table wall leave the mixup rows (another recipe) out."""
+    table = load_script()
+    saved = json.loads((REPO / "benchmarks/results/cifar10/2026-12-03-2core-amd-epyc/table.json").read_text())
+    table.ROWS.update(table.MIX_ROWS)
+    text, result = table.render(saved["rows"], table.read_recipe(), saved["env"])
+    live = next(line for line in text.splitlines() if "with mixup (--mixup), live teacher" in line)
+    cells = [c.strip() for c in live.strip("|").split("|")]
+    assert cells[3].startswith("48.15") and cells[5] == ""
+    plain = next(line for line in text.splitlines() if "| x0.5 distilled, live teacher" in line)
+    assert [c.strip() for c in plain.strip("|").split("|")][5] != ""
+    assert result["comparisons"]["mixup - plain KD, live teacher"]["difference"] == pytest.approx(-6.06, abs=0.01)
+    assert result["noise"]["pooled_sd"] == pytest.approx(2.13, abs=0.01)
+    assert "over 12 rows (the mixup rows, another recipe, left out)" in text
+    without = {k: r for k, r in saved["rows"].items() if k not in table.MIX_ROWS}
+    assert len(without) == len(saved["rows"]) - 3
+    _, unmixed = table.render(without, table.read_recipe(), saved["env"])
+    assert result["wall"]["fastkd_whole_table_seconds"] == unmixed["wall"]["fastkd_whole_table_seconds"]
+    assert result["noise"] == unmixed["noise"]
