@@ -181,6 +181,23 @@ def test_dali_and_torchvision_mix_the_same_pairs_alike(tiny_imagefolder):
         assert (a - b).abs().mean() < VAL_MEAN_ABS_TOLERANCE
 
 
+@pytest.mark.parametrize("policy", ["randaugment", "trivialaugment"])
+def test_dali_and_torchvision_augment_the_same_samples_alike(tiny_imagefolder, policy):
+    """RandAugment / TrivialAugmentWide run after the backends on draws of (seed, epoch, sample):
+    both backends' batches get the same ops, so they stay apart by resampling only (a threshold
+    op such as Solarize may flip a rare pixel that rounding put on the other side)."""
+    common = dict(seed=3, epoch=1, image_size=48, val_resize=55)
+    plain = training_batches_per_backend(tiny_imagefolder, **common)["torchvision"]
+    batches = training_batches_per_backend(tiny_imagefolder, auto_augment=policy, **common)
+    assert len(batches["dali"]) == len(batches["torchvision"]) == 5
+    for (a, la, ia, _), (b, lb, ib, _), (unaugmented, _, _, _) in zip(batches["torchvision"], batches["dali"], plain):
+        assert torch.equal(ia, ib) and torch.equal(la, lb)
+        difference = (a - b).abs()
+        assert difference.mean() < VAL_MEAN_ABS_TOLERANCE, difference.mean()
+        assert difference.flatten().quantile(0.999) < 0.2
+        assert (a - unaugmented).abs().mean() > 20 * VAL_MEAN_ABS_TOLERANCE  # the ops ran
+
+
 def test_exif_oriented_training_images_are_cut_like_torchvision(tmp_path):
     """The crop window is computed on the oriented image; DALI must slice that image, not the
     stored one (a half-red half-noise picture shows any mismatch)."""
