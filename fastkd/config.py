@@ -192,6 +192,7 @@ class DataConfig:
         _require(self.mix_mode != "batch", "mix_mode",
                  "batch (one draw per batch) would make the mixed images depend on the batch size; use pair (one "
                  "draw per pair of samples) or elem")
+        self._refuse_settings_without_effect()
         _require(not self.mixes or self.batch_size % 2 == 0, "batch_size",
                  f"must be even with mixup or CutMix (each sample is mixed with the other of its pair), got "
                  f"{self.batch_size}")
@@ -214,6 +215,27 @@ class DataConfig:
     def mixes(self) -> bool:
         """Whether training batches are mixed (mixup or CutMix)."""
         return self.mixup_alpha > 0 or self.cutmix_alpha > 0
+
+    def _refuse_settings_without_effect(self) -> None:
+        """A batch-stage setting changed from its default where nothing reads it: refused, since
+        the run would silently train without what the user asked for."""
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        idle: dict[str, str] = {}
+        if not self.mixes:
+            for key in ("mix_prob", "mix_switch_prob", "mix_mode"):
+                idle[key] = "mixing is off (data.mixup_alpha and data.cutmix_alpha are 0)"
+        elif not (self.mixup_alpha > 0 and self.cutmix_alpha > 0):
+            idle["mix_switch_prob"] = ("it chooses between mixup and CutMix, and only one of data.mixup_alpha, "
+                                       "data.cutmix_alpha is > 0")
+        if self.auto_augment != "randaugment":
+            for key in ("randaugment_num_ops", "randaugment_magnitude"):
+                idle[key] = f"data.auto_augment is {self.auto_augment}, not randaugment"
+        if self.auto_augment == "none":
+            idle["augment_magnitude_bins"] = "data.auto_augment is none"
+        for key, why in idle.items():
+            value = getattr(self, key)
+            _require(value == defaults[key], key, f"{value} has no effect: {why} (remove it, or set what it "
+                     f"needs)")
 
     @property
     def val_crop_size(self) -> int:

@@ -235,12 +235,35 @@ def test_a_sample_paired_with_itself_is_left_as_it_is():
                             "batch size"),
     ({"cutmix_alpha": -1}, "data.cutmix_alpha: must be >= 0"),
     ({"mix_prob": 1.5}, "data.mix_prob: must be within [0, 1]"),
+    ({"mix_prob": 0.5}, "data.mix_prob: 0.5 has no effect: mixing is off (data.mixup_alpha and data.cutmix_alpha "
+                        "are 0)"),
+    ({"mix_mode": "elem"}, "data.mix_mode: elem has no effect: mixing is off"),
+    ({"cutmix_alpha": 1.0, "mix_switch_prob": 0.3}, "data.mix_switch_prob: 0.3 has no effect: it chooses between "
+                                                    "mixup and CutMix"),
+    ({"randaugment_magnitude": 5}, "data.randaugment_magnitude: 5 has no effect: data.auto_augment is none, not "
+                                   "randaugment"),
+    ({"auto_augment": "trivialaugment", "randaugment_num_ops": 3}, "data.randaugment_num_ops: 3 has no effect: "
+                                                                   "data.auto_augment is trivialaugment"),
+    ({"augment_magnitude_bins": 11}, "data.augment_magnitude_bins: 11 has no effect: data.auto_augment is none"),
 ])
 def test_mixing_settings_that_cannot_work_are_refused(tmp_path, data, message):
     raw = tiny_config_dict(tmp_path, tmp_path / "runs", data=data)
     with pytest.raises(ConfigError) as error:
         config_from_dict(raw)
     assert str(error.value).startswith(message)
+
+
+@pytest.mark.parametrize("data", [
+    {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "mix_prob": 0.5, "mix_switch_prob": 0.3, "mix_mode": "elem"},
+    {"cutmix_alpha": 1.0, "mix_prob": 0.5, "mix_mode": "elem"},
+    {"auto_augment": "randaugment", "randaugment_num_ops": 3, "randaugment_magnitude": 5,
+     "augment_magnitude_bins": 11},
+    {"auto_augment": "trivialaugment", "augment_magnitude_bins": 11},
+    {"mix_prob": 1.0, "mix_switch_prob": 0.5, "mix_mode": "pair", "randaugment_num_ops": 2},  # the defaults
+])
+def test_batch_stage_settings_are_taken_where_they_have_an_effect(tmp_path, data):
+    cfg = config_from_dict(tiny_config_dict(tmp_path, tmp_path / "runs", data=data))
+    assert all(getattr(cfg.data, key) == value for key, value in data.items())
 
 
 def test_dkd_with_mixed_labels_is_refused(tmp_path):
