@@ -184,6 +184,8 @@ def _mix_view(images: torch.Tensor, swap: torch.Tensor, pixel: torch.Tensor, box
     (every weight 1) skips the blend, `paste=False` (every box empty) the paste, with the same finite
     pixels; with neither, the result may be `images` itself (nothing downstream writes to it)."""
     batch, _, height, width = images.shape
+    if not (blend or paste):
+        return in_layout_of(images, images)
     partner = images[swap]
     if blend:
         weight = pixel.to(images.dtype).view(batch, 1, 1, 1)
