@@ -534,9 +534,9 @@ def render(rows: dict[str, dict[str, Any]], recipe: Recipe, env: dict[str, Any])
         n = min(len(r["top1"]) for r in independent.values() if len(r["top1"]) > 1)
         resolution = {"pooled_sd": round(pooled, 2), "seeds": n,
                       "two_standard_errors_of_a_difference": round(2 * pooled * math.sqrt(2 / n), 2)}
-        mixed = [k for k in MIX_ROWS if k in rows]
-        lines.append(f"Seed noise: pooled standard deviation {pooled:.2f} points over {len(sds)} rows"
-                     f"{' (the mixup rows, another recipe, left out)' if mixed else ''}; with {n} seeds "
+        left_out = " (the mixup rows, another recipe, left out)" if any(k in rows for k in MIX_ROWS) else ""
+        lines.append(f"Seed noise: pooled standard deviation {pooled:.2f} points over {len(sds)} rows{left_out}; "
+                     f"with {n} seeds "
                      f"a difference of two rows' means is resolved beyond two standard errors from "
                      f"{2 * pooled * math.sqrt(2 / n):.2f} points.")
     original_keys = ("original teacher", "original student", "original kd")

@@ -169,10 +169,11 @@ class Mixing:
         # cut at each view's size. Skipping a lerp by weight 1 or an empty paste leaves every finite
         # pixel as it was (the lerp would only turn a -0.0 into +0.0).
         blend = bool((host[:, 0] != 1.0).any())
-        mixed = [_mix_view(view, swap, table[:, 0], table[:, 2 + 4 * k:6 + 4 * k], blend=blend,
-                           paste=bool(((host[:, 3 + 4 * k] > host[:, 2 + 4 * k])
-                                       & (host[:, 5 + 4 * k] > host[:, 4 + 4 * k])).any()))
-                 for k, view in enumerate(views)]
+        mixed = []
+        for k, view in enumerate(views):
+            top, bottom, left, right = host[:, 2 + 4 * k:6 + 4 * k].T
+            paste = bool(((bottom > top) & (right > left)).any())
+            mixed.append(_mix_view(view, swap, table[:, 0], table[:, 2 + 4 * k:6 + 4 * k], blend=blend, paste=paste))
         mix = Mix(weight=table[:, 1], partner_labels=batch.labels[swap])
         return replace(batch, images=mixed[0], teacher_images=mixed[1] if len(mixed) > 1 else None, mix=mix)
 
