@@ -337,7 +337,7 @@ def plan(args: argparse.Namespace, recipe: Recipe, original_code: Path | None, o
             fastkd_run(top_k_row(k, "kd"), seed, f"fastkd-kd-cached-top{k}-dali-s{seed}", "distill", CACHED_CONFIG, top)
         if args.mixup:  # mixup on every batch, the teacher seeing the mixed images; then twice as long from a cache
             ROWS.update(MIX_ROWS)
-            mixing = [f"data.mixup_alpha={args.mixup}"]
+            mixing = [f"data.mix.mixup_alpha={args.mixup}"]
             fastkd_run("fastkd kd mixup live dali-cpu", seed, f"fastkd-kd-mixup-dali-s{seed}", "distill", KD_CONFIG,
                        [*live, *mixing])
             long = [f"optim.epochs={2 * recipe.epochs}"]
@@ -586,7 +586,7 @@ def build_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="also distil this timm student from each seed's teacher cache, with an EMA of its weights")
     parser.add_argument("--ema-decay", type=float, default=0.999, help="its model.ema_decay (default %(default)s)")
     parser.add_argument("--mixup", type=float, metavar="ALPHA",
-                        help="also distil with mixup of this alpha (data.mixup_alpha) from the live teacher, and "
+                        help="also distil with mixup of this alpha (data.mix.mixup_alpha) from the live teacher, and "
                              "from a cache of the mixed images over twice the epochs")
     parser.add_argument("--only", nargs="+", default=[], metavar="ROW",
                         help="run only these rows (e.g. 'fastkd student dali-cpu' with more --seeds); the table "

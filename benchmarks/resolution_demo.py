@@ -19,7 +19,7 @@ import statistics
 import time
 from pathlib import Path
 
-from fastkd import engine
+from fastkd import commands
 from fastkd.config import load_config
 from fastkd.demo import _run_or_reuse, find_demo_configs
 from fastkd.env import collect_env
@@ -28,7 +28,7 @@ from fastkd.report import markdown_table
 VARIANTS = {
     "(a) fixed 64 px, tested at 64 px": ("cache-64", []),
     "(b) ramped 32 -> 64 px over epochs 2-16, tested at 80 px": ("cache-ramp", [
-        "data.start_image_size=32", "data.size_ramp_epochs=[2,16]", "data.image_size_step=16",
+        "data.size_schedule={start_image_size: 32, ramp_epochs: [2, 16], image_size_step: 16}",
         "data.val_image_size=80", "data.val_resize=null"]),
     "(c) 48 px student, 64 px teacher view, tested at 64 px": ("cache-64", [
         "data.image_size=48", "distill.teacher.image_size=64", "data.val_image_size=64", "data.val_resize=null"]),
@@ -61,7 +61,7 @@ def main() -> None:
                 f"distill.teacher_cache={args.out / cache}", *overrides])
             if cache not in cache_seconds:
                 started = time.perf_counter()
-                recorded = engine.record_teacher_cache(cfg, progress=False)["recorded_now"]
+                recorded = commands.record_teacher_cache(cfg, progress=False)["recorded_now"]
                 cache_seconds[cache] = time.perf_counter() - started if recorded else None  # None: reused
             results.append(_run_or_reuse(cfg, progress=False))
             configs.append(cfg)

@@ -2,13 +2,14 @@
 
 The command line becomes a plan of rows (`plan_bench`: what, backend, variant, and why a row
 runs that was not asked for), printed before anything is timed. The rows run in one process,
-one after another, so ratios compare like with like. Their loaders, student, teacher and step
-come from the engine's setup (`fastkd.engine.prepare`, `build_student`, `build_step`), so a row
-times the step `fastkd train`/`distill` run with the same config. Each figure is the median of
+one after another, so ratios compare like with like. Each row times a run built as the command
+it stands for builds it (`fastkd.engine.build_run`): its loaders, its step and its update, so a
+row times what `fastkd train`/`distill` run with the same config. Each figure is the median of
 `repeats` timed windows of `steps` batches after `warmup` batches, with the spread (min, max).
-A per-stage breakdown (data wait, host-to-device copy, teacher forward, student
-forward+backward, optimizer) is measured in a separate pass, with CUDA events on a GPU and
-timers on the CPU, and ends in one sentence naming the bottleneck.
+A per-stage breakdown (data wait for the loader's host stage, each of its device stages by
+name, teacher forward or cache lookup, student forward+backward, optimizer) is measured in a
+separate pass, with CUDA events on a GPU and timers on the CPU, and ends in one sentence naming
+the bottleneck.
 """
 
 from __future__ import annotations
@@ -27,18 +28,18 @@ import torch
 from torch import nn
 
 from fastkd import engine
-from fastkd.config import Config
+from fastkd.config import Config, DaliConfig, SyntheticConfig
+from fastkd.data import checked_dataset
 from fastkd.env import collect_env
 from fastkd.errors import ConfigError
 from fastkd.log import log
-from fastkd.loop import backward, finish_update
-from fastkd.optim import create_optimizer, optimizer_params
+from fastkd.loop import Update
 from fastkd.report import markdown_table
 from fastkd.runtime import Runtime, create_runtime
 from fastkd.steps import DistillationStep
+from fastkd.teacher import Teacher, build_teacher_module, teacher_source
 from fastkd.teacher_cache import CacheKey, CachedTeacher, TeacherCache
-from pipelines.base import Batch, Loader, Shard
-from pipelines.batch_stage import StagedLoader
+from pipelines.base import Batch, HostStage, Loader, Shard, run_stages
 from pipelines.loaders import loader_workers
 from pipelines.datasets import Dataset
 
@@ -50,6 +51,10 @@ WHATS = ("loader", "loader-stages", "train", "distill", "distill-cached")
 (speed does not depend on them)."""
 
 
+STEP_STAGES = ("teacher forward", "cache lookup", "student forward+backward", "optimizer")
+"""The stage breakdown's parts of a training step; the others are the loader's."""
+
+
 @dataclass(frozen=True)
 class Window:
     steps: int
@@ -57,18 +62,20 @@ class Window:
     repeats: int
 
 
-def backend_overrides(backend: str) -> dict[str, Any]:
-    return {"torchvision": {"backend": "torchvision"}, "dali-cpu": {"backend": "dali", "dali_device": "cpu"},
-            "dali-gpu": {"backend": "dali", "dali_device": "gpu"}, "synthetic": {"backend": "synthetic"}}[backend]
-
-
 def backend_config(cfg: Config, backend: str, *, num_classes: int | None = None) -> Config:
-    """`cfg` with `backend`'s data settings; synthetic batches with `num_classes` classes (the
-    dataset's, so that the same student is timed)."""
-    data = dataclasses.replace(cfg.data, **backend_overrides(backend))
-    if backend == "synthetic" and num_classes is not None:
-        data = dataclasses.replace(data, synthetic_num_classes=num_classes)
-    return dataclasses.replace(cfg, data=data)
+    """`cfg` with `backend`'s data settings (the config's DALI settings, or DALI's defaults, with
+    its decoder's device); synthetic batches with `num_classes` classes (the dataset's, so that
+    the same student is timed)."""
+    data = cfg.data
+    dali = data.dali or DaliConfig()
+    synthetic = data.synthetic or SyntheticConfig()
+    if num_classes is not None:
+        synthetic = dataclasses.replace(synthetic, num_classes=num_classes)
+    sections = {"torchvision": {"backend": "torchvision", "dali": None, "synthetic": None},
+                "dali-cpu": {"backend": "dali", "dali": dataclasses.replace(dali, device="cpu"), "synthetic": None},
+                "dali-gpu": {"backend": "dali", "dali": dataclasses.replace(dali, device="gpu"), "synthetic": None},
+                "synthetic": {"backend": "synthetic", "dali": None, "synthetic": synthetic}}[backend]
+    return dataclasses.replace(cfg, data=dataclasses.replace(data, **sections))
 
 
 def skip_reason(backend: str, runtime: Runtime) -> str | None:
@@ -82,17 +89,17 @@ def skip_reason(backend: str, runtime: Runtime) -> str | None:
     return None
 
 
-def endless(loader: Loader, batches: Callable[[Loader], Iterator] | None = None) -> Iterator:
-    """Full batches of epoch after epoch (of `batches(loader)`, default the loader itself).
+def endless(source: Loader | HostStage) -> Iterator[Batch]:
+    """Full batches of epoch after epoch of a loader (or of its host stage alone).
 
     An epoch's partial last batch is skipped: a new batch shape inside a timed window would
     time cuDNN's autotuning or a recompilation instead of the steady state.
     """
     epoch = 0
     while True:
-        loader.set_epoch(epoch)
-        for batch in (batches or iter)(loader):
-            if (batch.size if isinstance(batch, Batch) else batch[1].shape[0]) == loader.batch_size:
+        source.set_epoch(epoch)
+        for batch in source:
+            if batch.size == source.batch_size:
                 yield batch
         epoch += 1
 
@@ -171,16 +178,14 @@ class StageClock:
         return totals
 
 
-def _next_batch(stream: Iterator, loader: Loader, clock: StageClock) -> Batch:
-    """Next batch of `loader.host_batches()`, on the device; host wait, the second stage
-    (`to_device`) and the batch stage (mixup, RandAugment, ...: `StagedLoader`) are timed apart."""
+def _next_batch(stream: Iterator[Batch], loader: Loader, clock: StageClock) -> Batch:
+    """The next batch of `loader`: the wait for its host stage (`stream`, of `loader.host`), then
+    each of its device stages, timed apart under their names, as the loader runs them."""
     started = time.perf_counter()
     batch = next(stream)
     clock.host_time("data wait", time.perf_counter() - started)
-    if isinstance(loader, StagedLoader):
-        batch = clock.device("host-to-device copy", lambda: loader.loader.to_device(batch))
-        return clock.device("batch stage", lambda: loader.staged(batch))
-    return clock.device("host-to-device copy", lambda: loader.to_device(batch))
+    with loader.guard():
+        return run_stages(batch, loader.stages, timed=clock.device)
 
 
 # -- the plan ----------------------------------------------------------------------------
@@ -314,9 +319,9 @@ def time_loader(loader: Loader, window: Window, sync: Callable[[], None]) -> Row
     side = [0]
 
     def one() -> int:
-        images, labels = next(stream)
-        side[0] = images.shape[-1]
-        return labels.shape[0]
+        batch = next(stream)
+        side[0] = batch.images.shape[-1]
+        return batch.size
 
     window = warmup_for(window, loader)
     before = cpu_times()
@@ -325,32 +330,25 @@ def time_loader(loader: Loader, window: Window, sync: Callable[[], None]) -> Row
                cpu_busy=busy_fraction(before, cpu_times()))
 
 
-class Update:
-    """What the loop does after a step's loss: backward through the scaler, then the optimizer
-    step (clipped at `optim.grad_clip_norm`) and the EMA of the weights (`engine.build_ema`)."""
+def update_counting_steps(update: Update) -> Callable[[], None]:
+    """`update.step` with the optimizer steps numbered from 1, as the loop numbers them (the EMA's
+    warm-up reads them)."""
+    steps = [0]
 
-    def __init__(self, cfg: Config, runtime: Runtime, student: engine.Student):
-        self.optimizer = create_optimizer(student.raw, cfg.optim, runtime.device)
-        self.scaler = runtime.create_scaler()
-        self.params = optimizer_params(self.optimizer)
-        self.grad_clip_norm = cfg.optim.grad_clip_norm
-        self.ema = engine.build_ema(cfg, student.raw)
-        self.steps = 0
+    def step() -> None:
+        steps[0] += 1
+        update.step(steps[0])
 
-    def backward(self, loss: torch.Tensor) -> None:
-        backward(loss, self.optimizer, self.scaler)
-
-    def step(self) -> None:
-        self.steps += 1
-        finish_update(self.optimizer, self.scaler, self.params, self.grad_clip_norm, self.ema, self.steps)
+    return step
 
 
 def time_steps(step: nn.Module, loader: Loader, update: Update, window: Window, sync: Callable[[], None]) -> Row:
     """Training steps as the loop runs them (forward, loss, backward, update, EMA), fed by
     `loader`; the loop's on-device meters are left out."""
     step.train()
-    stream = endless(loader, lambda l: l.indexed())
+    stream = endless(loader)
     waited, side = [0.0], [0]
+    take_step = update_counting_steps(update)
 
     def one() -> int:
         started = time.perf_counter()
@@ -358,7 +356,7 @@ def time_steps(step: nn.Module, loader: Loader, update: Update, window: Window, 
         waited[0] += time.perf_counter() - started
         side[0] = batch.images.shape[-1]
         update.backward(step(batch).loss)
-        update.step()
+        take_step()
         return batch.size
 
     started = time.perf_counter()
@@ -377,7 +375,8 @@ def stage_breakdown(step: nn.Module, loader: Loader, update: Update, runtime: Ru
     for the same GPU.
     """
     clock = StageClock(runtime)
-    stream = endless(loader, lambda l: l.host_batches())
+    stream = endless(loader.host)
+    take_step = update_counting_steps(update)
     for index in range(steps + 2):
         if index == 2:  # two untimed batches first
             clock = StageClock(runtime)
@@ -390,7 +389,7 @@ def stage_breakdown(step: nn.Module, loader: Loader, update: Update, runtime: Ru
                 step.student_output(batch, teacher_logits).loss))
         else:
             clock.device("student forward+backward", lambda: update.backward(step(batch).loss))
-        clock.device("optimizer", update.step)
+        clock.device("optimizer", take_step)
     return {stage: round(1000 * seconds / steps, 3) for stage, seconds in clock.seconds().items()}
 
 
@@ -411,28 +410,38 @@ class Bench:
 
     @property
     def num_classes(self) -> int:
-        return len(self.dataset.classes) if self.dataset is not None else self.cfg.data.synthetic_num_classes
+        return len(self.dataset.classes) if self.dataset is not None else (self.cfg.data.synthetic
+                                                                            or SyntheticConfig()).num_classes
 
     def note(self, text: str) -> None:
         if text not in self.notes:
             self.notes.append(text)
 
-    def setup(self, backend: str, *, teacher_view: int | None = None) -> engine.Setup:
-        """The engine's setup for `backend` over the dataset loaded once."""
-        return engine.prepare(backend_config(self.cfg, backend, num_classes=self.num_classes), self.runtime,
-                              teacher_view=teacher_view, dataset=self.dataset)
+    def config(self, backend: str, *, side_stream: bool | None = None) -> Config:
+        """The bench's config for `backend` (with `side_stream` for a distillation row's teacher)."""
+        cfg = backend_config(self.cfg, backend, num_classes=self.num_classes)
+        if side_stream is not None and cfg.distill is not None:
+            cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, side_stream=side_stream))
+        return cfg
+
+    def run(self, backend: str, *, teacher: Teacher | None = None, side_stream: bool | None = None) -> engine.Run:
+        """The run `backend` times, over the dataset loaded once: its student untrained (speed does
+        not depend on the weights; a pretrained name would need the network), with `teacher`."""
+        return engine.build_run(self.config(backend, side_stream=side_stream), self.runtime, student="untrained",
+                                teacher=teacher or "none", dataset=self.dataset)
 
     def settings(self, row: Row) -> dict[str, Any]:
         cfg, distills = self.cfg, row.what.startswith("distill")
+        dali = cfg.data.dali or DaliConfig()
         return {
             "batch_size": cfg.data.batch_size, "image_size": cfg.data.image_size, "model": cfg.model.arch,
             "teacher": cfg.distill.teacher.arch if cfg.distill and distills else None,
             "teacher_image_size": cfg.distill.teacher.image_size if cfg.distill and distills else None,
             "precision": self.runtime.precision, "channels_last": self.runtime.channels_last,
             "compile": self.runtime.compile, "num_workers": cfg.data.num_workers,
-            "dali_prefetch_queue": (cfg.data.dali_prefetch_queue if row.backend.startswith("dali")
+            "dali_prefetch_queue": (dali.prefetch_queue if row.backend.startswith("dali")
                                     and row.what != "loader-stage" else None),
-            "dali_cpu_resize": (cfg.data.dali_cpu_resize if row.backend == "dali-cpu"
+            "dali_cpu_resize": (dali.cpu_resize if row.backend == "dali-cpu"
                                 and self.runtime.device.type == "cpu" else None),
             "device": self.env["device"], "cpu_count": self.env["cpu_count"], "torch": self.env["torch"],
             "torchvision": self.env["torchvision"], "dali": self.env["dali"], "git": self.env["git"],
@@ -441,7 +450,7 @@ class Bench:
 
     def measure(self, planned: Planned) -> Row:
         if planned.what == "loader":
-            row = time_loader(self.setup(planned.backend).loaders.train, self.window, self.runtime.synchronize)
+            row = time_loader(self.run(planned.backend).loaders.train, self.window, self.runtime.synchronize)
         elif planned.what == "loader-stage":
             row = self.time_dali_stage(planned.variant)
         else:
@@ -467,46 +476,52 @@ class Bench:
 
     def time_step_row(self, planned: Planned, cache_folder: Path) -> Row:
         """The student's training steps alone (`train`), against the live teacher (`distill`) or
-        against cached logits (`distill-cached`), as `build_step` makes them for a run."""
-        kd, live = self.cfg.distill, planned.what == "distill"
-        # A live teacher's own view of each crop, whether or not the config replays a cache.
-        setup = self.setup(planned.backend, teacher_view=kd.teacher.image_size if live and kd else None)
-        # Weights do not change the speed; a pretrained name would need the network.
-        student = engine.build_student(setup, pretrained=False)
-        loader, classes = setup.loaders.train, setup.loaders.classes
-        del setup  # the validation loader goes: nothing of it runs beside the timed steps
-        update = Update(self.cfg, self.runtime, student)
-        teacher = self.teacher(classes) if live else None
-        recorded = self.synthetic_cache(loader, cache_folder) if planned.what == "distill-cached" else None
-        side_stream = (False if planned.variant == "no-side-stream" else kd.side_stream) if live and kd else None
-        step = engine.build_step(self.cfg, self.runtime, student.model, teacher=teacher, recorded=recorded,
-                                 side_stream=side_stream)
-        row = time_steps(step, loader, update, self.window, self.runtime.synchronize)
-        sequential = engine.build_step(self.cfg, self.runtime, student.model, teacher=teacher, recorded=recorded,
-                                       side_stream=False)
+        against cached logits (`distill-cached`): each the step and update of a run built as
+        `fastkd train`/`distill` builds it."""
+        teacher, side_stream = None, None
+        if planned.what == "distill":  # live, whether or not the config replays a cache
+            teacher = self.live_teacher()
+            side_stream = False if planned.variant == "no-side-stream" else None
+        elif planned.what == "distill-cached":
+            teacher = self.synthetic_cache(cache_folder)
+        run = self.run(planned.backend, teacher=teacher, side_stream=side_stream)
+        assert run.student is not None and run.step is not None and run.update is not None
+        loader = run.loaders.train
+        row = time_steps(run.step, loader, run.update, self.window, self.runtime.synchronize)
+        # The breakdown times the teacher apart: the same step with its teacher on the main stream.
+        sequential = engine.build_step(run.cfg, self.runtime, run.student.model, run.teacher, side_stream=False)
         sequential.train()
-        row.stages = stage_breakdown(sequential, loader, update, self.runtime, self.window.steps)
-        row.side_stream = side_stream
-        row.teacher_cache = "temporary, random fp16 logits" if recorded is not None else None
+        row.stages = stage_breakdown(sequential, loader, run.update, self.runtime, self.window.steps)
+        live = run.teacher is not None and run.teacher.module is not None
+        row.side_stream = run.cfg.distill.side_stream if live and run.cfg.distill is not None else None
+        row.teacher_cache = "temporary, random fp16 logits" if planned.what == "distill-cached" else None
         return row
 
-    def teacher(self, classes: list[str]) -> nn.Module:
-        """The config's teacher (`engine.teacher_module`), or one of random weights when its
-        checkpoint is not there (speed does not depend on them)."""
+    @property
+    def classes(self) -> list[str]:
+        """The dataset's classes (every row's: synthetic batches take their number)."""
+        return list(self.dataset.classes) if self.dataset is not None else [
+            f"class_{i:04d}" for i in range(self.num_classes)]
+
+    def live_teacher(self) -> Teacher:
+        """The config's teacher (`fastkd.teacher.build_teacher_module`), or one of random weights when
+        its checkpoint is not there (speed does not depend on them)."""
         kd = self.cfg.distill
         assert kd is not None
-        path = engine.teacher_source(kd)
+        path = teacher_source(kd)
         weights = (isinstance(path, str) or path.is_file()) and self.dataset is not None
         if not weights:
             self.note(f"teacher weights: random ({path} not found); speed does not depend on them")
-        return engine.teacher_module(self.cfg, self.runtime, classes, weights=weights)
+        module = build_teacher_module(self.cfg, self.runtime, self.classes, weights=weights)
+        return Teacher(module, None, {"arch": kd.teacher.arch})
 
-    def synthetic_cache(self, loader: Loader, folder: Path) -> CachedTeacher:
-        """A one-epoch teacher cache of random logits for every sample the loader can yield."""
-        # Indices are positions in the split (real data) or in the epoch (synthetic batches).
-        num_samples = max(len(self.dataset.train) if self.dataset is not None else 0, loader.num_samples)
-        key = CacheKey(dataset="bench", num_samples=num_samples, classes=[str(i) for i in range(self.num_classes)],
-                       seed=0, image_size=self.cfg.data.image_size, augmentation={}, teacher_arch="bench",
+    def synthetic_cache(self, folder: Path) -> Teacher:
+        """A one-epoch teacher cache of random logits for every sample a loader can yield: positions
+        in the split (real data) or in the epoch (synthetic batches, one more for a mixed pair)."""
+        synthetic = self.cfg.data.synthetic or SyntheticConfig()
+        num_samples = max(len(self.dataset.train) if self.dataset is not None else 0, synthetic.train_samples + 1)
+        key = CacheKey(dataset="bench", num_samples=num_samples, classes=self.classes, seed=0,
+                       image_size=self.cfg.data.image_size, augmentation={}, teacher_arch="bench",
                        teacher_checkpoint="bench", teacher_precision="bench")
         cache = TeacherCache.create_or_resume(folder, key, num_classes=self.num_classes, dtype="fp16",
                                               teacher_val={"val_top1": 0.0, "val_top5": 0.0})
@@ -515,7 +530,7 @@ class Bench:
         rows.flush()
         del rows
         cache.commit_epoch(0)
-        return CachedTeacher(cache, self.runtime.device)
+        return Teacher(None, CachedTeacher(cache, self.runtime.device), {"arch": "bench"})
 
 
 def run_bench(cfg: Config, *, config_path: str, what: Sequence[str], backends: Sequence[str], window: Window,
@@ -530,8 +545,8 @@ def run_bench(cfg: Config, *, config_path: str, what: Sequence[str], backends: S
         if item in what and cfg.distill is None:
             raise ConfigError(f"--what {item} needs a config with a distill section (the teacher's arch)")
     notes = []
-    if cfg.data.start_image_size is not None:  # a schedule would change the size between timed windows
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, start_image_size=None, size_ramp_epochs=None))
+    if cfg.data.size_schedule is not None:  # a schedule would change the size between timed windows
+        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, size_schedule=None))
         notes.append(f"the size schedule is left out: measured at data.image_size ({cfg.data.image_size} px); "
                      "--image-sizes measures others")
     runtime = create_runtime(cfg.runtime)  # one process: the bench is not a torchrun job
@@ -539,7 +554,7 @@ def run_bench(cfg: Config, *, config_path: str, what: Sequence[str], backends: S
     echo(format_plan(plan, window))
     # Any real backend asked for, run or skipped: synthetic rows then have the dataset's classes.
     real = next((backend for backend in backends if backend != "synthetic"), None)
-    dataset = None if real is None else engine.checked_dataset(backend_config(cfg, real), runtime)
+    dataset = None if real is None else checked_dataset(backend_config(cfg, real).data, runtime.shard, is_main=True)
     bench = Bench(cfg, runtime, window, config_path, dataset=dataset, env=collect_env(runtime.device),
                   notes=notes + skipped)
     records = []
@@ -578,8 +593,9 @@ def format_rows(rows: list[dict[str, Any]], notes: Sequence[str] = ()) -> str:
     stage_rows = [r for r in rows if r.get("stages")]
     stages = ""
     if stage_rows:
-        names = ["data wait", "host-to-device copy", "teacher forward", "cache lookup", "student forward+backward",
-                 "optimizer"]
+        # the host stage's wait, the loaders' device stages in the order they run, then the step's parts
+        device = [name for r in stage_rows for name in r["stages"] if name not in STEP_STAGES and name != "data wait"]
+        names = ["data wait", *dict.fromkeys(["host-to-device copy", *device]), *STEP_STAGES]
         stages = "\n\nms per batch, by stage:\n" + markdown_table(
             ["what", "backend", *names],
             [[r["what"], r["backend"], *[f"{r['stages'].get(n, 0.0):.1f}" for n in names]] for r in stage_rows])
@@ -608,7 +624,7 @@ def bottleneck_sentences(rows: list[dict[str, Any]], runtime: Runtime) -> list[s
         stages = row.get("stages")
         if not stages:
             continue
-        data = stages.get("data wait", 0.0) + stages.get("host-to-device copy", 0.0)
+        data = sum(ms for name, ms in stages.items() if name not in STEP_STAGES)  # host stage and device stages
         teacher = stages.get("teacher forward", 0.0) + stages.get("cache lookup", 0.0)
         student = stages.get("student forward+backward", 0.0) + stages.get("optimizer", 0.0)
         name = f"{row['what']} with {row['backend']}"

@@ -1,4 +1,4 @@
-"""Command line: argument parsing only; validated configs go to `fastkd.engine` and friends.
+"""Command line: argument parsing only; validated configs go to `fastkd.commands` and friends.
 
 User errors (`FastkdError`) print one line and exit with code 2; `--debug` shows the traceback.
 """
@@ -171,11 +171,11 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> None:
     from fastkd.config import load_config
 
     if args.command in ("train", "distill"):
-        from fastkd import engine
+        from fastkd import commands
         from fastkd.loop import Interrupted
 
         cfg = load_config(args.config, args.overrides)
-        run = engine.train if args.command == "train" else engine.distill
+        run = commands.train if args.command == "train" else commands.distill
         try:
             result = run(cfg, resume=args.resume, progress=not args.no_progress)
         except Interrupted as stop:
@@ -183,11 +183,11 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> None:
         if result.is_main:
             _print_summary(result.run_dir, result.summary)
     elif args.command == "teacher-cache":
-        from fastkd import engine
+        from fastkd import commands
         from fastkd.teacher_cache import describe_top_k
 
         cfg = load_config(args.config, args.overrides)
-        done = engine.record_teacher_cache(cfg, epochs=args.epochs, dtype=args.dtype, top_k=args.top_k,
+        done = commands.record_teacher_cache(cfg, epochs=args.epochs, dtype=args.dtype, top_k=args.top_k,
                                            progress=not args.no_progress)
         if int(os.environ.get("RANK", "0")) == 0:
             recorded = f"recorded epochs {', '.join(map(str, done['recorded_now']))}" if done["recorded_now"] else \
@@ -196,10 +196,10 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> None:
                   f"samples in {done['dtype']}, {describe_top_k(done['top_k'])} (teacher val top1 "
                   f"{done['teacher']['val_top1']:.2f})")
     elif args.command == "eval":
-        from fastkd import engine
+        from fastkd import commands
 
         cfg = load_config(args.config, args.overrides)
-        metrics = engine.evaluate_checkpoint(cfg, args.checkpoint, arch=args.arch, ema=args.ema)
+        metrics = commands.evaluate_checkpoint(cfg, args.checkpoint, arch=args.arch, ema=args.ema)
         print(f"{metrics['arch']} {args.checkpoint}: val top1 {metrics['top1']:.2f}  top5 {metrics['top5']:.2f}  "
               f"loss {metrics['loss']:.4f}  ({metrics['count']} images)")
     elif args.command == "bench":
@@ -213,9 +213,9 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> None:
             raise ConfigError(f"--image-sizes: expected a comma list of pixel sizes, got {args.image_sizes!r}")
         # Every size's config is checked before anything runs (a bad size writes no rows); the
         # validation sizes follow each (the bench times no validation).
-        configs = [load_config(args.config, [*args.overrides, f"data.image_size={size}", "data.start_image_size=null",
-                                             "data.size_ramp_epochs=null", "data.val_image_size=null",
-                                             "data.val_resize=null"]) for size in sizes] or [cfg]
+        configs = [load_config(args.config, [*args.overrides, f"data.image_size={size}", "data.size_schedule=null",
+                                             "data.val_image_size=null", "data.val_resize=null"])
+                   for size in sizes] or [cfg]
         for sized in configs:
             run_bench(sized, config_path=args.config, what=[w for w in args.what.split(",") if w],
                       backends=[b for b in args.backends.split(",") if b],

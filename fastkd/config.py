@@ -62,23 +62,122 @@ class RunConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class SizeScheduleConfig:
+    start_image_size: int
+    """The training size at first; it grows to data.image_size over `ramp_epochs`."""
+    ramp_epochs: tuple[int, int]
+    """[first, last] (0-based epochs): `start_image_size` up to epoch `first`, then linear to data.image_size at epoch `last`, rounded to a multiple of `image_size_step`."""
+    image_size_step: int = 32
+    """Scheduled training sizes (and both ends) are multiples of this many pixels."""
+
+    def __post_init__(self) -> None:
+        _require(self.image_size_step >= 1, "image_size_step", f"must be >= 1, got {self.image_size_step}")
+        _require(self.start_image_size >= 16 and self.start_image_size % self.image_size_step == 0, "start_image_size",
+                 f"must be a multiple of data.size_schedule.image_size_step ({self.image_size_step}) and >= 16, got "
+                 f"{self.start_image_size}")
+        first, last = self.ramp_epochs
+        _require(0 <= first < last, "ramp_epochs",
+                 f"must be [first, last] epochs with 0 <= first < last, got {list(self.ramp_epochs)}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class RandAugmentConfig:
+    num_ops: int = 2
+    """Ops per sample (torchvision's `num_ops`)."""
+    magnitude: int = 9
+    """The magnitude bin of every op (torchvision's `magnitude`), below `magnitude_bins`."""
+    magnitude_bins: int = 31
+    """Number of magnitude bins (torchvision's `num_magnitude_bins`)."""
+
+    def __post_init__(self) -> None:
+        _require(self.num_ops >= 1, "num_ops", f"must be >= 1, got {self.num_ops}")
+        _require(self.magnitude_bins >= 2, "magnitude_bins", f"must be >= 2, got {self.magnitude_bins}")
+        _require(0 <= self.magnitude < self.magnitude_bins, "magnitude",
+                 f"must be within [0, magnitude_bins) = [0, {self.magnitude_bins}), got {self.magnitude}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrivialAugmentConfig:
+    magnitude_bins: int = 31
+    """Number of magnitude bins each sample's one op draws its magnitude from (torchvision's `num_magnitude_bins`)."""
+
+    def __post_init__(self) -> None:
+        _require(self.magnitude_bins >= 2, "magnitude_bins", f"must be >= 2, got {self.magnitude_bins}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MixConfig:
+    mixup_alpha: float = 0.0
+    """mixup (timm's `--mixup`): each training sample blended with its partner (the other of its pair in the epoch's order) by lam ~ Beta(alpha, alpha); 0 = no mixup. The teacher sees the same mixed image."""
+    cutmix_alpha: float = 0.0
+    """CutMix (timm's `--cutmix`): a box of the partner's image pasted in, its area 1 - lam, lam ~ Beta(alpha, alpha); 0 = no CutMix."""
+    prob: float = 1.0
+    """Probability that a pair (or sample, `mode: elem`) is mixed at all (timm's `--mixup-prob`)."""
+    switch_prob: float = 0.5
+    """With both alphas set: probability of CutMix rather than mixup (timm's `--mixup-switch-prob`)."""
+    mode: Literal["pair", "elem", "batch"] = "pair"
+    """`pair`: one draw per pair of samples, both mixed with each other; `elem`: one draw per sample (timm's modes). timm's `batch` is refused: one draw per batch would depend on the batch size."""
+
+    def __post_init__(self) -> None:
+        for key in ("mixup_alpha", "cutmix_alpha"):
+            _require(getattr(self, key) >= 0, key, f"must be >= 0 (0: off), got {getattr(self, key)}")
+        _require(self.mixup_alpha > 0 or self.cutmix_alpha > 0, "mixup_alpha",
+                 "must be > 0 where data.mix.cutmix_alpha is 0: the section would mix nothing (set one of them, or "
+                 "remove data.mix)")
+        for key in ("prob", "switch_prob"):
+            _require(0 <= getattr(self, key) <= 1, key, f"must be within [0, 1], got {getattr(self, key)}")
+        _require(self.mode != "batch", "mode",
+                 "batch (one draw per batch) would make the mixed images depend on the batch size; use pair (one "
+                 "draw per pair of samples) or elem")
+        _require(self.switch_prob == 0.5 or (self.mixup_alpha > 0 and self.cutmix_alpha > 0), "switch_prob",
+                 f"{self.switch_prob} has no effect: it chooses between mixup and CutMix, and only one of "
+                 "data.mix.mixup_alpha, data.mix.cutmix_alpha is > 0 (remove it, or set both)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DaliConfig:
+    device: Literal["auto", "gpu", "cpu"] = "auto"
+    """Where DALI decodes: `gpu` (nvJPEG, `mixed`), `cpu`, or `auto` (gpu when the run trains on a CUDA GPU)."""
+    hw_decoder_load: float = 0.65
+    """Share of JPEGs sent to the GPU's hardware JPEG decoder (A100/H100); the rest use CUDA nvJPEG."""
+    prefetch_queue: int = 2
+    """Batches DALI prepares ahead of the training step."""
+    cpu_resize: Literal["torch", "dali"] = "torch"
+    """Training on the CPU: who resizes, flips and normalizes the decoded crops: `torch` (its uint8 antialiased kernel, after the pipeline: the faster) or `dali` (inside the pipeline). Unused on a GPU."""
+
+    def __post_init__(self) -> None:
+        _require(0.0 <= self.hw_decoder_load <= 1.0, "hw_decoder_load",
+                 f"must be within [0, 1], got {self.hw_decoder_load}")
+        _require(self.prefetch_queue >= 1, "prefetch_queue", f"must be >= 1, got {self.prefetch_queue}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class SyntheticConfig:
+    num_classes: int = 100
+    """Number of classes."""
+    train_samples: int = 6400
+    """Training samples per epoch."""
+    val_samples: int = 1280
+    """Validation samples."""
+
+    def __post_init__(self) -> None:
+        _require(self.num_classes >= 2, "num_classes", "must be >= 2")
+        _require(self.train_samples >= 1, "train_samples", "must be >= 1")
+        _require(self.val_samples >= 1, "val_samples", "must be >= 1")
+
+
+@dataclass(frozen=True, kw_only=True)
 class DataConfig:
     format: Literal["imagefolder", "mini-imagenet", "filelist"] = "imagefolder"
     """Dataset layout under `root` (see the README's data layouts)."""
     root: str = ""
     """Dataset folder; `~` and environment variables are expanded."""
     backend: Literal["torchvision", "dali", "synthetic"] = "torchvision"
-    """Who decodes and augments: torchvision DataLoader (PIL), NVIDIA DALI, or synthetic batches on the device."""
-    dali_device: Literal["auto", "gpu", "cpu"] = "auto"
-    """Where DALI decodes: `gpu` (nvJPEG, `mixed`), `cpu`, or `auto` (gpu when CUDA is available)."""
+    """Who decodes and augments: torchvision DataLoader (PIL), NVIDIA DALI (`data.dali`), or synthetic batches on the device (`data.synthetic`)."""
     image_size: int = 224
-    """Training crop side (RandomResizedCrop) in pixels: the whole run's, or the end of a size schedule (`start_image_size`)."""
-    start_image_size: Optional[int] = None
-    """Progressive resolution: the training size at first; it grows to `image_size` over `size_ramp_epochs`. null = `image_size` throughout."""
-    size_ramp_epochs: Optional[tuple[int, int]] = None
-    """[first, last] (0-based epochs): `start_image_size` up to epoch `first`, then linear to `image_size` at epoch `last`, rounded to a multiple of `image_size_step`."""
-    image_size_step: int = 32
-    """Scheduled training sizes are multiples of this many pixels."""
+    """Training crop side (RandomResizedCrop) in pixels: the whole run's, or the end of `size_schedule`."""
+    size_schedule: Optional[SizeScheduleConfig] = None
+    """Progressive resolution: training starts at a lower size and grows to `image_size`; null = `image_size` throughout."""
     val_image_size: Optional[int] = None
     """Validation centre-crop side; null = `image_size` (train low, test high: set it above)."""
     val_resize: Optional[int] = None
@@ -88,27 +187,15 @@ class DataConfig:
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     """Training RandomResizedCrop: range of the crop's aspect ratio, width / height (torchvision's default)."""
     batch_size: int = 64
-    """Training images per step per process (the global batch is this times the world size); even with mixup or CutMix."""
+    """Training images per step per process (the global batch is this times the world size); even with `mix`."""
     val_batch_size: Optional[int] = None
     """Validation images per batch per process; null = `batch_size`."""
-    auto_augment: Literal["none", "randaugment", "trivialaugment"] = "none"
-    """Training: torchvision's RandAugment or TrivialAugmentWide (its 14 ops and magnitudes, nearest interpolation, fill 0), each sample's ops drawn from (seed, epoch, sample), after the crop and flip, before mixup/CutMix; the teacher sees the same ops."""
-    randaugment_num_ops: int = 2
-    """RandAugment: ops per sample (torchvision's `num_ops`)."""
-    randaugment_magnitude: int = 9
-    """RandAugment: the magnitude bin of every op (torchvision's `magnitude`), below `augment_magnitude_bins`."""
-    augment_magnitude_bins: int = 31
-    """RandAugment / TrivialAugmentWide: number of magnitude bins (torchvision's `num_magnitude_bins`)."""
-    mixup_alpha: float = 0.0
-    """mixup (timm's `--mixup`): each training sample blended with its partner (the other of its pair in the epoch's order) by lam ~ Beta(alpha, alpha); 0 = off. The teacher sees the same mixed image."""
-    cutmix_alpha: float = 0.0
-    """CutMix (timm's `--cutmix`): a box of the partner's image pasted in, its area 1 - lam, lam ~ Beta(alpha, alpha); 0 = off."""
-    mix_prob: float = 1.0
-    """Probability that a pair (or sample, `mix_mode: elem`) is mixed at all (timm's `--mixup-prob`)."""
-    mix_switch_prob: float = 0.5
-    """With both alphas set: probability of CutMix rather than mixup (timm's `--mixup-switch-prob`)."""
-    mix_mode: Literal["pair", "elem", "batch"] = "pair"
-    """`pair`: one draw per pair of samples, both mixed with each other; `elem`: one draw per sample (timm's modes). timm's `batch` is refused: one draw per batch would depend on the batch size."""
+    randaugment: Optional[RandAugmentConfig] = None
+    """Training: torchvision's RandAugment (its 14 ops and magnitudes, nearest interpolation, fill 0), each sample's ops drawn from (seed, epoch, sample), after the crop and flip, before `mix`; the teacher sees the same ops. null = off."""
+    trivialaugment: Optional[TrivialAugmentConfig] = None
+    """Training: torchvision's TrivialAugmentWide, as `randaugment` (one op at a drawn magnitude); null = off."""
+    mix: Optional[MixConfig] = None
+    """mixup and/or CutMix of training batches (timm's semantics, drawn from (seed, epoch, sample)); null = off."""
     num_workers: Optional[int] = None
     """DataLoader worker processes or DALI CPU threads; null = one per available CPU core."""
     train_dir: str = "train"
@@ -127,18 +214,10 @@ class DataConfig:
     """Decode every image once before training (results cached) so a broken file stops the run before its first step."""
     skip_broken: bool = False
     """Train without the images that cannot be decoded (listed in a warning) instead of stopping."""
-    dali_hw_decoder_load: float = 0.65
-    """Share of JPEGs sent to the GPU's hardware JPEG decoder (A100/H100); the rest use CUDA nvJPEG."""
-    dali_prefetch_queue: int = 2
-    """Batches DALI prepares ahead of the training step."""
-    dali_cpu_resize: Literal["torch", "dali"] = "torch"
-    """Training on the CPU with DALI: who resizes, flips and normalizes the decoded crops: `torch` (its uint8 antialiased kernel, after the pipeline: the faster) or `dali` (inside the pipeline). Unused on a GPU."""
-    synthetic_num_classes: int = 100
-    """synthetic backend: number of classes."""
-    synthetic_train_samples: int = 6400
-    """synthetic backend: training samples per epoch."""
-    synthetic_val_samples: int = 1280
-    """synthetic backend: validation samples."""
+    dali: Optional[DaliConfig] = None
+    """NVIDIA DALI's settings (backend dali only); null = their defaults."""
+    synthetic: Optional[SyntheticConfig] = None
+    """The synthetic batches' settings (backend synthetic only); null = their defaults."""
     seed: Optional[int] = None
     """Seed of the training stream (sample order, crops, flips); null = run.seed. Fix it to vary only the model's initialization across seeds, and share one teacher cache between them."""
 
@@ -152,19 +231,11 @@ class DataConfig:
         _require(self.train_dir != self.val_dir, "val_dir",
                  f"must differ from data.train_dir (both {self.val_dir!r}): validating on training images")
         _require(self.image_size >= 16, "image_size", f"must be >= 16, got {self.image_size}")
-        _require(self.image_size_step >= 1, "image_size_step", f"must be >= 1, got {self.image_size_step}")
-        if self.start_image_size is not None:
-            for key in ("start_image_size", "image_size"):
-                size = getattr(self, key)
-                _require(size >= 16 and size % self.image_size_step == 0, key,
-                         f"must be a multiple of data.image_size_step ({self.image_size_step}) and >= 16 with a size "
-                         f"schedule, got {size}")
-            ramp = self.size_ramp_epochs
-            _require(ramp is not None and 0 <= ramp[0] < ramp[1], "size_ramp_epochs",
-                     f"must be [first, last] epochs with 0 <= first < last when data.start_image_size is set, got "
-                     f"{list(ramp) if ramp else ramp}")
-        else:
-            _require(self.size_ramp_epochs is None, "size_ramp_epochs", "needs data.start_image_size (the size it ramps from)")
+        if self.size_schedule is not None:
+            step = self.size_schedule.image_size_step
+            _require(self.image_size % step == 0, "image_size",
+                     f"must be a multiple of data.size_schedule.image_size_step ({step}) with a size schedule, got "
+                     f"{self.image_size}")
         _require(self.val_image_size is None or self.val_image_size >= 16, "val_image_size",
                  f"must be >= 16 or null, got {self.val_image_size}")
         _require(self.val_resize is None or self.val_resize >= self.val_crop_size, "val_resize",
@@ -176,36 +247,22 @@ class DataConfig:
         low, high = self.crop_ratio
         _require(0 < low <= high, "crop_ratio", f"must be [low, high] with 0 < low <= high, got {list(self.crop_ratio)}")
         _require(self.batch_size >= 1, "batch_size", f"must be >= 1, got {self.batch_size}")
-        if self.auto_augment != "none":
-            _require(self.augment_magnitude_bins >= 2, "augment_magnitude_bins",
-                     f"must be >= 2, got {self.augment_magnitude_bins}")
-        if self.auto_augment == "randaugment":
-            _require(self.randaugment_num_ops >= 1, "randaugment_num_ops",
-                     f"must be >= 1, got {self.randaugment_num_ops}")
-            _require(0 <= self.randaugment_magnitude < self.augment_magnitude_bins, "randaugment_magnitude",
-                     f"must be within [0, data.augment_magnitude_bins) = [0, {self.augment_magnitude_bins}), "
-                     f"got {self.randaugment_magnitude}")
-        for key in ("mixup_alpha", "cutmix_alpha"):
-            _require(getattr(self, key) >= 0, key, f"must be >= 0 (0: off), got {getattr(self, key)}")
-        for key in ("mix_prob", "mix_switch_prob"):
-            _require(0 <= getattr(self, key) <= 1, key, f"must be within [0, 1], got {getattr(self, key)}")
-        _require(self.mix_mode != "batch", "mix_mode",
-                 "batch (one draw per batch) would make the mixed images depend on the batch size; use pair (one "
-                 "draw per pair of samples) or elem")
-        self._refuse_settings_without_effect()
-        _require(not self.mixes or self.batch_size % 2 == 0, "batch_size",
-                 f"must be even with mixup or CutMix (each sample is mixed with the other of its pair), got "
-                 f"{self.batch_size}")
+        _require(self.randaugment is None or self.trivialaugment is None, "trivialaugment",
+                 "cannot be set with data.randaugment: a batch gets one of the two policies (remove one)")
+        _require(self.mix is None or self.batch_size % 2 == 0, "batch_size",
+                 f"must be even with data.mix (each sample is mixed with the other of its pair), got {self.batch_size}")
         _require(self.val_batch_size is None or self.val_batch_size >= 1, "val_batch_size",
                  f"must be >= 1 or null, got {self.val_batch_size}")
         _require(self.num_workers is None or self.num_workers >= 0, "num_workers",
                  f"must be >= 0 or null, got {self.num_workers}")
-        _require(0.0 <= self.dali_hw_decoder_load <= 1.0, "dali_hw_decoder_load",
-                 f"must be within [0, 1], got {self.dali_hw_decoder_load}")
-        _require(self.dali_prefetch_queue >= 1, "dali_prefetch_queue", f"must be >= 1, got {self.dali_prefetch_queue}")
-        _require(self.synthetic_num_classes >= 2, "synthetic_num_classes", "must be >= 2")
-        _require(self.synthetic_train_samples >= 1, "synthetic_train_samples", "must be >= 1")
-        _require(self.synthetic_val_samples >= 1, "synthetic_val_samples", "must be >= 1")
+        for backend, section in (("dali", "dali"), ("synthetic", "synthetic")):
+            _require(self.backend == backend or getattr(self, section) is None, section,
+                     f"has no effect: data.backend is {self.backend}, not {backend} (remove it, or set the backend)")
+        # The backend's section resolved: the run directory's config.yaml shows the settings used.
+        if self.backend == "dali" and self.dali is None:
+            object.__setattr__(self, "dali", DaliConfig())
+        if self.backend == "synthetic" and self.synthetic is None:
+            object.__setattr__(self, "synthetic", SyntheticConfig())
 
     @property
     def root_path(self) -> Path:
@@ -214,28 +271,7 @@ class DataConfig:
     @property
     def mixes(self) -> bool:
         """Whether training batches are mixed (mixup or CutMix)."""
-        return self.mixup_alpha > 0 or self.cutmix_alpha > 0
-
-    def _refuse_settings_without_effect(self) -> None:
-        """A batch-stage setting changed from its default where nothing reads it: refused, since
-        the run would silently train without what the user asked for."""
-        defaults = {f.name: f.default for f in dataclasses.fields(self)}
-        idle: dict[str, str] = {}
-        if not self.mixes:
-            for key in ("mix_prob", "mix_switch_prob", "mix_mode"):
-                idle[key] = "mixing is off (data.mixup_alpha and data.cutmix_alpha are 0)"
-        elif not (self.mixup_alpha > 0 and self.cutmix_alpha > 0):
-            idle["mix_switch_prob"] = ("it chooses between mixup and CutMix, and only one of data.mixup_alpha, "
-                                       "data.cutmix_alpha is > 0")
-        if self.auto_augment != "randaugment":
-            for key in ("randaugment_num_ops", "randaugment_magnitude"):
-                idle[key] = f"data.auto_augment is {self.auto_augment}, not randaugment"
-        if self.auto_augment == "none":
-            idle["augment_magnitude_bins"] = "data.auto_augment is none"
-        for key, why in idle.items():
-            value = getattr(self, key)
-            _require(value == defaults[key], key, f"{value} has no effect: {why} (remove it, or set what it "
-                     f"needs)")
+        return self.mix is not None
 
     @property
     def val_crop_size(self) -> int:
@@ -349,6 +385,11 @@ class RuntimeConfig:
     sync_debug: bool = False
     """CUDA only: any host synchronisation inside a training step raises (a debugging aid: stalls show up as errors)."""
 
+    def __post_init__(self) -> None:
+        _require(not (self.sync_debug and self.sync_bn), "sync_debug",
+                 "SyncBatchNorm synchronizes with the host in every step by design; turn runtime.sync_bn off to look "
+                 "for host syncs")
+
 
 @dataclass(frozen=True, kw_only=True)
 class TeacherConfig:
@@ -443,10 +484,7 @@ class Config:
     """Distillation settings; required by `fastkd distill`, refused by `fastkd train`."""
 
     def __post_init__(self) -> None:
-        _require(not (self.distill is not None and self.distill.loss == "dkd" and self.data.mixes), "distill.loss",
-                 "dkd splits the teacher's and student's probabilities at each sample's one label, which mixup and "
-                 "CutMix replace by two; use loss kd or dist with data.mixup_alpha / data.cutmix_alpha, or turn "
-                 "mixing off")
+        validate(self)
 
     @property
     def run_dir(self) -> Path:
@@ -458,17 +496,56 @@ class Config:
         return self.run.seed if self.data.seed is None else self.data.seed
 
 
+def validate(cfg: Config) -> None:
+    """Every rule that spans sections (a section's own rules are in its `__post_init__`); each
+    broken rule is one `ConfigError` naming the key at fault. Runs whenever a `Config` is made."""
+    data, kd = cfg.data, cfg.distill
+    if kd is not None and kd.loss == "dkd" and data.mixes:
+        raise ConfigError("distill.loss: dkd splits the teacher's and student's probabilities at each sample's one "
+                          "label, which mixup and CutMix replace by two; use loss kd or dist with data.mix, or remove "
+                          "data.mix")
+    if kd is not None and kd.teacher_cache and data.backend == "synthetic":
+        raise ConfigError("distill.teacher_cache: a teacher cache needs real data (data.backend torchvision or dali)")
+    from fastkd.models import check_arch, family_of  # the model registry (imports torchvision)
+
+    models = [("model.arch", cfg.model.arch, data.image_size)]
+    if kd is not None:
+        models.append(("distill.teacher.arch", kd.teacher.arch, kd.teacher.image_size or data.image_size))
+    for key, arch, size in models:
+        check_arch(arch, key)
+        if family_of(arch).fixed_input_size(arch) and (data.size_schedule is not None or data.val_crop_size != size):
+            raise ConfigError(f"{key}: {arch} is built for one input size ({size} px here): it cannot train with "
+                              f"data.size_schedule or be validated at data.val_image_size {data.val_crop_size}")
+
+
 SECTIONS: dict[str, type] = {
-    "run": RunConfig, "data": DataConfig, "model": ModelConfig, "optim": OptimConfig,
+    "run": RunConfig, "data": DataConfig, "data.size_schedule": SizeScheduleConfig,
+    "data.randaugment": RandAugmentConfig, "data.trivialaugment": TrivialAugmentConfig, "data.mix": MixConfig,
+    "data.dali": DaliConfig, "data.synthetic": SyntheticConfig, "model": ModelConfig, "optim": OptimConfig,
     "runtime": RuntimeConfig, "distill": DistillConfig, "distill.teacher": TeacherConfig,
 }
 
 # Keys that may change between a run and its `--resume` without changing its results.
 RESUMABLE_CHANGES = frozenset({
     "run.log_every_steps", "run.checkpoint_every_steps", "run.tensorboard",
-    "data.num_workers", "data.dali_prefetch_queue", "data.root", "data.generate_demo",
+    "data.num_workers", "data.dali.prefetch_queue", "data.root", "data.generate_demo",
     "distill.teacher.checkpoint",
 })
+
+MOVED: dict[str, str] = {
+    **{f"data.{old}": f"data.mix.{new}" for old, new in (
+        ("mixup_alpha", "mixup_alpha"), ("cutmix_alpha", "cutmix_alpha"), ("mix_prob", "prob"),
+        ("mix_switch_prob", "switch_prob"), ("mix_mode", "mode"))},
+    "data.auto_augment": "a section of its own: data.randaugment or data.trivialaugment",
+    "data.randaugment_num_ops": "data.randaugment.num_ops", "data.randaugment_magnitude": "data.randaugment.magnitude",
+    "data.augment_magnitude_bins": "data.randaugment.magnitude_bins or data.trivialaugment.magnitude_bins",
+    **{f"data.dali_{key}": f"data.dali.{key}" for key in ("device", "hw_decoder_load", "prefetch_queue", "cpu_resize")},
+    **{f"data.synthetic_{key}": f"data.synthetic.{key}" for key in ("num_classes", "train_samples", "val_samples")},
+    "data.start_image_size": "data.size_schedule.start_image_size",
+    "data.size_ramp_epochs": "data.size_schedule.ramp_epochs",
+    "data.image_size_step": "data.size_schedule.image_size_step",
+}
+"""Keys of earlier fastkd versions, and where they live now (named by the error a config using them gets)."""
 
 
 def _expand(path: str) -> str:
@@ -554,6 +631,32 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
     return _build(Config, raw, "")
 
 
+def upgrade_saved_config(raw: dict[str, Any]) -> dict[str, Any]:
+    """A config as a checkpoint of an earlier fastkd saved it (every key, flat data settings), in
+    today's sections (`MOVED`), so that its runs still resume, export and evaluate. A user's YAML
+    is never upgraded: a moved key there is an error naming its new place."""
+    data = dict(raw.get("data") or {})
+    if not any(f"data.{key}" in MOVED for key in data):
+        return raw
+    old = {key: data.pop(key) for key in list(data) if f"data.{key}" in MOVED}
+    if old.get("mixup_alpha", 0) or old.get("cutmix_alpha", 0):
+        data["mix"] = {new.rsplit(".", 1)[1]: old[key.rsplit(".", 1)[1]] for key, new in MOVED.items()
+                       if new.startswith("data.mix.") and key.rsplit(".", 1)[1] in old}
+    policy = old.get("auto_augment", "none")
+    if policy == "randaugment":
+        data["randaugment"] = {"num_ops": old.get("randaugment_num_ops", 2), "magnitude": old.get("randaugment_magnitude", 9),
+                               "magnitude_bins": old.get("augment_magnitude_bins", 31)}
+    elif policy == "trivialaugment":
+        data["trivialaugment"] = {"magnitude_bins": old.get("augment_magnitude_bins", 31)}
+    for prefix, backend in (("dali_", "dali"), ("synthetic_", "synthetic")):
+        if data.get("backend") == backend:
+            data[backend] = {key[len(prefix):]: value for key, value in old.items() if key.startswith(prefix)}
+    if old.get("start_image_size") is not None:
+        data["size_schedule"] = {"start_image_size": old["start_image_size"], "ramp_epochs": old["size_ramp_epochs"],
+                                 "image_size_step": old.get("image_size_step", 32)}
+    return {**raw, "data": data}
+
+
 def _build(cls: type, raw: Any, path: str) -> Any:
     where = path or "config"
     if raw is None:
@@ -565,6 +668,8 @@ def _build(cls: type, raw: Any, path: str) -> Any:
     for key in raw:
         if key not in names:
             full = f"{path}.{key}" if path else str(key)
+            if full in MOVED:
+                raise ConfigError(f"{full}: moved to {MOVED[full]}")
             raise ConfigError(f"{full}: unknown key{_suggest_key(str(key), names, path)}")
     for f in dataclasses.fields(cls):
         required = f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import fastkd
-from fastkd import engine
+from fastkd import commands
 from fastkd.config import Config, load_config
 from fastkd.errors import FastkdError
 from fastkd.log import log
@@ -42,7 +42,7 @@ def _run_or_reuse(cfg: Config, *, progress: bool) -> dict[str, Any]:
         return json.loads((run_dir / "summary.json").read_text())
     resume = (run_dir / "last.pt").is_file()
     log.info(f"[demo] {'resuming' if resume else 'starting'} {run_dir}")
-    run = engine.distill if cfg.distill is not None else engine.train
+    run = commands.distill if cfg.distill is not None else commands.train
     return run(cfg, resume=resume, progress=progress).summary
 
 
@@ -75,7 +75,7 @@ def run_demo(out_dir: Path, *, seeds: Sequence[int] = (0,), overrides: Sequence[
             *base, *per_seed, f"run.name={distilled}-s{seed}", *teacher_settings, *distill_only])
         if teacher_cache and cache_seconds is None:
             started = time.perf_counter()
-            done = engine.record_teacher_cache(distill_cfg, progress=progress)  # once: every seed replays it
+            done = commands.record_teacher_cache(distill_cfg, progress=progress)  # once: every seed replays it
             cache_seconds = time.perf_counter() - started
             log.info(f"[demo] teacher cache {cache_dir}: {len(done['recorded_now'])} epoch(s) recorded in "
                      f"{cache_seconds:.0f} s")

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from fastkd.checkpoint import is_fastkd_checkpoint, load_checkpoint
-from fastkd.config import config_from_dict
+from fastkd.config import config_from_dict, upgrade_saved_config
 from fastkd.errors import CheckpointError, FastkdError
 from fastkd.models import create_model, load_weights
 from pipelines.base import IMAGENET_MEAN, IMAGENET_STD
@@ -50,7 +50,7 @@ def export_student(run_dir: Path, out: Path, *, checkpoint: str = "best", onnx: 
     best_top1 = payload["best_top1"]
     if checkpoint == "best-ema":  # the EMA weights of the epoch where they tested best
         weights, best_top1 = payload["ema"], payload["state"]["best_ema_top1"]
-    data = config_from_dict(payload["config"]).data
+    data = config_from_dict(upgrade_saved_config(payload["config"])).data
     image_size = data.val_crop_size  # what the model was tested at (a run may train lower: a size schedule)
     model = create_model(payload["arch"], payload["num_classes"], image_size=data.image_size)
     load_weights(model, weights, source=path, arch=payload["arch"], num_classes=payload["num_classes"])

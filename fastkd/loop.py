@@ -6,11 +6,13 @@ read at log intervals, epoch ends and before every checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import signal
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -20,10 +22,11 @@ from tqdm import tqdm
 
 from fastkd.checkpoint import copy_checkpoint, save_checkpoint
 from fastkd.ema import ModelEma, NoEma
-from fastkd.errors import FastkdError
+from fastkd.errors import CheckpointError, FastkdError
+from fastkd.models import load_weights
 from fastkd.metrics import Meter, NonFiniteGuard, RunLogger, percent, topk_correct
 from fastkd.optim import optimizer_params, set_lr
-from fastkd.runtime import Runtime, rng_state
+from fastkd.runtime import Runtime, rng_state, set_rng_state
 from fastkd.steps import frozen_forward
 from pipelines.base import Loader
 
@@ -46,6 +49,23 @@ class StopFlag:
     @property
     def requested(self) -> bool:
         return self.signum != 0
+
+
+@contextlib.contextmanager
+def stop_on_signals(flag: StopFlag) -> Iterator[None]:
+    """SIGTERM/SIGINT: finish the current step, checkpoint, exit. A second Ctrl-C aborts at once."""
+
+    def handler(signum: int, frame: Any) -> None:
+        if flag.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag.signum = signum
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
 
 
 @dataclass
@@ -72,6 +92,31 @@ class TrainState:
     last_val_ema: dict[str, float] = field(default_factory=dict)
 
 
+class Update:
+    """What follows a step's loss: backward through the (possibly disabled) GradScaler, then the
+    optimizer step, clipped at `grad_clip_norm` (`apply_update`), and the EMA of the weights.
+    The loop and `fastkd bench` run this one object, built once by the engine."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, *,
+                 grad_clip_norm: float | None = None, ema: ModelEma | NoEma | None = None):
+        self.optimizer = optimizer
+        self.scaler = scaler
+        self.grad_clip_norm = grad_clip_norm
+        self.ema = ema if ema is not None else NoEma()
+        self.params = optimizer_params(optimizer)
+
+    def set_lr(self, lr: float) -> None:
+        set_lr(self.optimizer, lr)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        backward(loss, self.optimizer, self.scaler)
+
+    def step(self, step: int) -> None:
+        """The optimizer step, then the EMA at `step` (the steps taken, this one included)."""
+        apply_update(self.optimizer, self.scaler, self.params, self.grad_clip_norm)
+        self.ema.update(step)
+
+
 @dataclass
 class Training:
     """Everything `fit` needs, built by `fastkd.engine`."""
@@ -79,8 +124,7 @@ class Training:
     step: nn.Module
     model: nn.Module
     """The raw student (what checkpoints save and evaluation runs)."""
-    optimizer: torch.optim.Optimizer
-    scaler: torch.amp.GradScaler
+    update: Update
     train_loader: Loader
     val_loader: Loader
     lr_at: Callable[[int], float]
@@ -91,7 +135,6 @@ class Training:
     logger: RunLogger
     checkpoint_extra: dict[str, Any]
     """Constant checkpoint fields: arch, classes, config."""
-    grad_clip_norm: float | None = None
     log_every_steps: int = 50
     checkpoint_every_steps: int = 0
     stop: StopFlag = field(default_factory=StopFlag)
@@ -100,8 +143,11 @@ class Training:
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None
     image_size_at: Callable[[int], int] | None = None
     """The training image side of an epoch (the data's size schedule), recorded with its metrics."""
-    ema: ModelEma | NoEma = field(default_factory=NoEma)
-    """An EMA of the weights (updated after every step, evaluated each epoch), or nothing."""
+
+    @property
+    def ema(self) -> ModelEma | NoEma:
+        """An EMA of the weights (updated after every step, evaluated each epoch), or nothing."""
+        return self.update.ema
 
 
 def fit(t: Training) -> TrainState:
@@ -157,7 +203,6 @@ def train_epoch(t: Training) -> tuple[dict[str, float], bool]:
     meter = t.train_meter or Meter(runtime.device)
     t.train_meter = meter
     guard = NonFiniteGuard(runtime.device, first_step=state.step)
-    params = optimizer_params(t.optimizer)
     total = len(t.train_loader)
     bar = tqdm(total=total, initial=state.batches_done, desc=f"epoch {state.epoch + 1}/{t.epochs}",
                disable=None if (t.progress and runtime.is_main) else True,  # None: only on a terminal
@@ -166,14 +211,14 @@ def train_epoch(t: Training) -> tuple[dict[str, float], bool]:
     window_images, window_started = 0, time.perf_counter()
     started = window_started
     finished = True
-    for batch in t.train_loader.indexed():
+    for batch in t.train_loader:
         lr = t.lr_at(state.step)
-        set_lr(t.optimizer, lr)
+        t.update.set_lr(lr)
         batch_size = batch.size
         with runtime.no_host_sync():
             out = t.step(batch)
-            backward(out.loss, t.optimizer, t.scaler)
-            finish_update(t.optimizer, t.scaler, params, t.grad_clip_norm, t.ema, state.step + 1)
+            t.update.backward(out.loss)
+            t.update.step(state.step + 1)
             correct = topk_correct(out.logits.detach(), batch.labels)  # a mixed sample's own label
             meter.update(batch_size, {"loss": out.loss.detach() * batch_size, "top1": correct[0],
                                       "top5": correct[1], **{name: value * batch_size for name, value in out.parts.items()}})
@@ -230,14 +275,6 @@ def apply_update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
     scaler.update()
 
 
-def finish_update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, params: list[torch.Tensor],
-                  grad_clip_norm: float | None, ema, step: int) -> None:
-    """After backward: the optimizer step (`apply_update`), then the EMA of the weights at
-    `step` (the steps taken, this one included). The loop and `fastkd bench` both call it."""
-    apply_update(optimizer, scaler, params, grad_clip_norm)
-    ema.update(step)
-
-
 def agree_to_stop(t: Training) -> bool:
     """Whether to stop after this step. Collective under torchrun: every rank calls it after
     every step, and at log intervals all of them take the same decision (a stop requested on
@@ -279,7 +316,8 @@ def evaluate(model: nn.Module, loader: Loader, runtime: Runtime, precision: str 
     meter = Meter(runtime.device, names=("loss", "top1", "top5"))  # fixed: a rank may see no batch
     resolved = runtime.resolve_precision(precision)  # type: ignore[arg-type]
     loader.set_epoch(0)
-    for images, labels in loader:
+    for batch in loader:
+        images, labels = batch.images, batch.labels
         logits = frozen_forward(model, images, autocast=lambda: runtime.autocast(resolved),
                                 input_dtype=runtime.input_dtype(resolved))
         correct = topk_correct(logits, labels)
@@ -311,8 +349,8 @@ def checkpoint_payload(t: Training, rank_states: list[dict[str, Any]]) -> dict[s
         "step": state.step,
         "best_top1": state.best_top1,
         "state": asdict(state),
-        "optimizer": t.optimizer.state_dict(),
-        "scaler": t.scaler.state_dict(),
+        "optimizer": t.update.optimizer.state_dict(),
+        "scaler": t.update.scaler.state_dict(),
         **({"ema": {k: v.detach().to("cpu", memory_format=torch.contiguous_format)  # host sync: checkpoints only
                     for k, v in t.ema.state_dict().items()}} if t.ema.module is not None else {}),
         "world_size": t.runtime.shard.world_size,
@@ -353,3 +391,28 @@ def save_training_checkpoint(t: Training, *, best: bool, best_ema: bool = False)
         copy_checkpoint(last, t.run_dir / "best.pt")
     if best_ema:
         copy_checkpoint(last, t.run_dir / "best_ema.pt")
+
+
+def restore_training(t: Training, checkpoint: dict[str, Any], *, source: Path) -> None:
+    """Everything `checkpoint_payload` saved, back into the training state: the one place resume reads.
+
+    Weights, optimizer and scaler, the EMA, progress counters, and this rank's RNG streams,
+    loader position and partial meters (`fit` then starts the loader at `state.batches_done`).
+    """
+    shard = t.runtime.shard
+    load_weights(t.model, checkpoint["model"], source=source, arch=checkpoint["arch"],
+                 num_classes=checkpoint["num_classes"])
+    state = TrainState(**checkpoint["state"])
+    t.state.__dict__.update(state.__dict__)
+    t.update.optimizer.load_state_dict(checkpoint["optimizer"])
+    if t.ema.module is not None:
+        if "ema" not in checkpoint:
+            raise CheckpointError(f"--resume: {source} holds no EMA weights (model.ema_decay was off)")
+        t.ema.load_state_dict(checkpoint["ema"])
+    t.update.scaler.load_state_dict(checkpoint["scaler"])
+    mine = checkpoint["ranks"][shard.rank]
+    t.train_loader.load_state_dict(mine["loader"])
+    if mine["train_meter"] is not None:
+        t.train_meter = Meter(t.runtime.device)
+        t.train_meter.load_state_dict(mine["train_meter"])
+    set_rng_state(mine["rng"])

@@ -1,6 +1,9 @@
-"""Model registry: torchvision classification builders by name, and timm's as `timm:<name>`
-(the optional `timm` extra), randomly initialized or from pretrained weights, each with the
-input normalization it expects."""
+"""Model registry: each family of classification models (`FAMILIES`: torchvision's builders by
+name, timm's as `timm:<name>` with the optional `timm` extra) says how to create its models, what
+normalization and pretrained weights they have and whether they take one input size only; the
+rest of fastkd asks `family_of(arch)`. Also: weights put into models with one-line errors, and
+the one place an input normalization is decided (`resolve_normalization`).
+"""
 
 from __future__ import annotations
 
@@ -8,7 +11,7 @@ import difflib
 import functools
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 import torchvision
@@ -22,21 +25,157 @@ TORCHVISION_WEIGHTS_PREFIX = "torchvision:"
 TIMM_HINT = "pip install timm (in a checkout of fastkd: pip install -e '.[timm]'; from a package: 'fastkd[timm]')"
 
 
-def is_timm(arch: str) -> bool:
-    return arch.startswith(TIMM_PREFIX)
+class ModelFamily(Protocol):
+    """A source of classification models: how to name, create and initialize one, and what it
+    expects. `family_of(arch)` finds an arch's family; nothing else looks at an arch's prefix."""
+
+    name: str
+    weights_names: str
+    """What `model.pretrained` / `distill.teacher.checkpoint` writes to name this family's own
+    pretrained weights (downloaded on first use)."""
+
+    def owns(self, arch: str) -> bool: ...
+
+    def owns_weights(self, spec: str) -> bool: ...
+
+    def check(self, arch: str, key: str) -> None:
+        """One `ConfigError` naming `key` when `arch` is not one of the family's models."""
+
+    def create(self, arch: str, num_classes: int, image_size: int, key: str) -> nn.Module:
+        """A randomly initialized model (nothing downloads), built for `image_size` when it takes one size."""
+
+    def fixed_input_size(self, arch: str) -> bool:
+        """Whether the model takes inputs of the one size it was created for (ViTs)."""
+
+    def own_normalization(self, arch: str, weights: str) -> Normalization | None:
+        """The input normalization its weights (`weights`: a weights name of this family, or "") expect, if known."""
+
+    def pretrained_state_dict(self, arch: str, spec: str, key: str) -> dict[str, torch.Tensor]:
+        """The weights a weights name of this family names (the one place fastkd downloads)."""
+
+    def weights_identity(self, arch: str, spec: str) -> str:
+        """What a weights name stands for, for a teacher cache's key (it changes when the file would)."""
+
+
+class TorchvisionModels:
+    """torchvision's classification builders by name (`resnet18`), weights as `torchvision:<Weights>`."""
+
+    name = "torchvision"
+    weights_names = f"{TORCHVISION_WEIGHTS_PREFIX}<Weights> (e.g. {TORCHVISION_WEIGHTS_PREFIX}ResNet18_Weights.IMAGENET1K_V1)"
+    SIZED = {"vit_": "image_size", "maxvit_": "input_size"}
+    """Builders whose models take one input size, and the argument that sets it."""
+
+    def owns(self, arch: str) -> bool:
+        return not arch.startswith(TIMM_PREFIX)
+
+    def owns_weights(self, spec: str) -> bool:
+        return spec.startswith(TORCHVISION_WEIGHTS_PREFIX)
+
+    def check(self, arch: str, key: str) -> None:
+        names = classification_archs()
+        if arch not in names:
+            close = difflib.get_close_matches(arch, names, n=1, cutoff=0.6)
+            hint = f" (did you mean {close[0]}?)" if close else "; see torchvision.models.list_models(), or timm:<name>"
+            raise ConfigError(f"{key}: {arch!r} is not a torchvision classification model{hint}")
+
+    def _size_argument(self, arch: str) -> str | None:
+        return next((argument for prefix, argument in self.SIZED.items() if arch.startswith(prefix)), None)
+
+    def create(self, arch: str, num_classes: int, image_size: int, key: str) -> nn.Module:
+        kwargs: dict = {"weights": None, "num_classes": num_classes}
+        if arch in ("googlenet", "inception_v3"):
+            kwargs.update(aux_logits=False, init_weights=True)  # one logits tensor, like every other model
+        argument = self._size_argument(arch)
+        if argument == "image_size":
+            kwargs["image_size"] = image_size
+        elif argument == "input_size":
+            kwargs["input_size"] = (image_size, image_size)
+        return torchvision.models.get_model(arch, **kwargs)
+
+    def fixed_input_size(self, arch: str) -> bool:
+        return self._size_argument(arch) is not None
+
+    def own_normalization(self, arch: str, weights: str) -> Normalization | None:
+        if not self.owns_weights(weights):
+            return None
+        transforms = torchvision_weights(weights, "weights").transforms()
+        return Normalization(tuple(transforms.mean), tuple(transforms.std))
+
+    def pretrained_state_dict(self, arch: str, spec: str, key: str) -> dict[str, torch.Tensor]:
+        return torchvision_weights(spec, key).get_state_dict(progress=True)
+
+    def weights_identity(self, arch: str, spec: str) -> str:
+        return torchvision_weights(spec, "distill.teacher.checkpoint").url  # the URL holds the file's hash
+
+
+class TimmModels:
+    """timm's models as `timm:<name>` (the optional timm extra), their own weights as `timm`."""
+
+    name = "timm"
+    weights_names = "timm (the timm model's own pretrained weights)"
+
+    def owns(self, arch: str) -> bool:
+        return arch.startswith(TIMM_PREFIX)
+
+    def owns_weights(self, spec: str) -> bool:
+        return spec == "timm"
+
+    @staticmethod
+    def _timm(key: str):
+        try:
+            import timm
+        except ImportError:
+            raise ConfigError(f"{key}: timm models need the timm package: {TIMM_HINT}") from None
+        return timm
+
+    def _config(self, arch: str, key: str = "model.arch"):
+        return self._timm(key).models.get_pretrained_cfg(arch[len(TIMM_PREFIX):])
+
+    def check(self, arch: str, key: str) -> None:
+        timm = self._timm(key)
+        name = arch[len(TIMM_PREFIX):]
+        if not timm.is_model(name):
+            close = difflib.get_close_matches(name, timm.list_models(), n=1, cutoff=0.6)
+            hint = f" (did you mean {TIMM_PREFIX}{close[0]}?)" if close else "; see timm.list_models()"
+            raise ConfigError(f"{key}: {name!r} is not a timm model{hint}")
+
+    def create(self, arch: str, num_classes: int, image_size: int, key: str) -> nn.Module:
+        # a model built for one input size (a ViT) takes the run's, as torchvision's vit_* do
+        size = {"img_size": image_size} if self.fixed_input_size(arch) else {}
+        return self._timm(key).create_model(arch[len(TIMM_PREFIX):], pretrained=False, num_classes=num_classes, **size)
+
+    def fixed_input_size(self, arch: str) -> bool:
+        cfg = self._config(arch)
+        return cfg is not None and bool(getattr(cfg, "fixed_input_size", False))
+
+    def own_normalization(self, arch: str, weights: str) -> Normalization | None:
+        cfg = self._config(arch)
+        if cfg is not None and cfg.mean and cfg.std:
+            return Normalization(tuple(cfg.mean), tuple(cfg.std))
+        return None
+
+    def pretrained_state_dict(self, arch: str, spec: str, key: str) -> dict[str, torch.Tensor]:
+        return self._timm(key).create_model(arch[len(TIMM_PREFIX):], pretrained=True).state_dict()
+
+    def weights_identity(self, arch: str, spec: str) -> str:
+        # timm's model, pretrained tag and version: a tag's default can change between versions
+        timm = self._timm("distill.teacher.checkpoint")
+        cfg = self._config(arch, "distill.teacher.checkpoint")
+        return f"{arch}.{getattr(cfg, 'tag', None) or 'default'} (timm {timm.__version__})"
+
+
+FAMILIES: tuple[ModelFamily, ...] = (TimmModels(), TorchvisionModels())
+"""Every model family; the first that owns an arch serves it (torchvision's owns every arch
+without another family's prefix). A new family is one class here."""
+
+
+def family_of(arch: str) -> ModelFamily:
+    return next(family for family in FAMILIES if family.owns(arch))
 
 
 def is_weights_name(spec: str) -> bool:
     """Pretrained weights named (`torchvision:<Weights>`, `timm`: downloaded), not a file."""
-    return spec == "timm" or spec.startswith(TORCHVISION_WEIGHTS_PREFIX)
-
-
-def _timm(key: str):
-    try:
-        import timm
-    except ImportError:
-        raise ConfigError(f"{key}: timm models need the timm package: {TIMM_HINT}") from None
-    return timm
+    return any(family.owns_weights(spec) for family in FAMILIES)
 
 
 @functools.cache
@@ -45,38 +184,15 @@ def classification_archs() -> tuple[str, ...]:
 
 
 def check_arch(arch: str, key: str = "model.arch") -> None:
-    if is_timm(arch):
-        timm = _timm(key)
-        name = arch[len(TIMM_PREFIX):]
-        if not timm.is_model(name):
-            close = difflib.get_close_matches(name, timm.list_models(), n=1, cutoff=0.6)
-            hint = f" (did you mean {TIMM_PREFIX}{close[0]}?)" if close else "; see timm.list_models()"
-            raise ConfigError(f"{key}: {name!r} is not a timm model{hint}")
-        return
-    names = classification_archs()
-    if arch not in names:
-        close = difflib.get_close_matches(arch, names, n=1, cutoff=0.6)
-        hint = f" (did you mean {close[0]}?)" if close else "; see torchvision.models.list_models(), or timm:<name>"
-        raise ConfigError(f"{key}: {arch!r} is not a torchvision classification model{hint}")
+    family_of(arch).check(arch, key)
 
 
 def create_model(arch: str, num_classes: int, *, image_size: int = 224, key: str = "model.arch") -> nn.Module:
-    """`torchvision.models.<arch>(num_classes=N)` or `timm.create_model(name, num_classes=N)`,
-    with random weights (nothing is downloaded here)."""
-    check_arch(arch, key)
-    if is_timm(arch):
-        timm = _timm(key)
-        name = arch[len(TIMM_PREFIX):]
-        cfg = timm.models.get_pretrained_cfg(name)
-        # models built for one input size (ViTs) take the run's, as torchvision's vit_* do
-        size = {"img_size": image_size} if cfg is not None and getattr(cfg, "fixed_input_size", False) else {}
-        return timm.create_model(name, pretrained=False, num_classes=num_classes, **size)
-    kwargs: dict = {"weights": None, "num_classes": num_classes}
-    if arch in ("googlenet", "inception_v3"):
-        kwargs.update(aux_logits=False, init_weights=True)  # one logits tensor, like every other model
-    if arch.startswith("vit_"):
-        kwargs["image_size"] = image_size
-    return torchvision.models.get_model(arch, **kwargs)
+    """`arch` with `num_classes` outputs and random weights (nothing is downloaded here), built for
+    `image_size` when its family's model takes one input size."""
+    family = family_of(arch)
+    family.check(arch, key)
+    return family.create(arch, num_classes, image_size, key)
 
 
 # --- pretrained weights and input normalization -------------------------------------------------
@@ -106,26 +222,25 @@ def torchvision_weights(name: str, key: str):
                           f"{TORCHVISION_WEIGHTS_PREFIX}ResNet18_Weights.IMAGENET1K_V1)") from None
 
 
-def own_normalization(arch: str, weights: str = "", checkpoint: dict[str, Any] | None = None) -> Normalization:
-    """What a model expects when the config does not say: a fastkd checkpoint's recorded
-    normalization; torchvision weights' transforms; a timm model's pretrained config; else
-    ImageNet's (every torchvision classification weight uses it)."""
+def resolve_normalization(arch: str, mean: Sequence[float] | None, std: Sequence[float] | None, *,
+                          weights: str | Path = "", checkpoint: dict[str, Any] | None = None,
+                          key: str = "model.pretrained") -> Normalization:
+    """The one place a model's input normalization is decided (student, teacher, teacher cache key,
+    `fastkd eval` alike): the config's `mean`/`std` where given, else what the weights record (a
+    fastkd checkpoint's `normalization`: `checkpoint` when the caller has loaded it, else read from
+    the `weights` file, named by `key` in an error), else what a weights name or the model's family
+    says, else ImageNet's."""
+    spec = str(weights)
+    if checkpoint is None and spec and not is_weights_name(spec):
+        from fastkd.checkpoint import is_fastkd_checkpoint, load_checkpoint
+
+        payload = load_checkpoint(Path(spec).expanduser(), key=key)  # a missing or unreadable file is an error here
+        checkpoint = payload if is_fastkd_checkpoint(payload) else None
+    own = None
     if checkpoint is not None and checkpoint.get("normalization"):
         recorded = checkpoint["normalization"]
-        return Normalization(tuple(recorded["mean"]), tuple(recorded["std"]))
-    if weights.startswith(TORCHVISION_WEIGHTS_PREFIX):
-        transforms = torchvision_weights(weights, "weights").transforms()
-        return Normalization(tuple(transforms.mean), tuple(transforms.std))
-    if is_timm(arch):
-        cfg = _timm("model.arch").models.get_pretrained_cfg(arch[len(TIMM_PREFIX):])
-        if cfg is not None and cfg.mean and cfg.std:
-            return Normalization(tuple(cfg.mean), tuple(cfg.std))
-    return Normalization()
-
-
-def resolve_normalization(arch: str, mean: Sequence[float] | None, std: Sequence[float] | None, *,
-                          weights: str = "", checkpoint: dict[str, Any] | None = None) -> Normalization:
-    own = own_normalization(arch, weights, checkpoint)
+        own = Normalization(tuple(recorded["mean"]), tuple(recorded["std"]))
+    own = own or family_of(arch).own_normalization(arch, spec) or Normalization()
     return Normalization(tuple(mean) if mean is not None else own.mean, tuple(std) if std is not None else own.std)
 
 
@@ -165,28 +280,20 @@ def classifier_keys(model: nn.Module) -> set[str]:
 
 
 def weights_identity(spec: str, arch: str) -> str:
-    """What a weights name stands for, for a teacher cache's key: torchvision's weights URL (it
-    holds the file's hash); timm's model, pretrained tag and timm version (a tag's default can
-    change between versions)."""
-    if spec.startswith(TORCHVISION_WEIGHTS_PREFIX):
-        return torchvision_weights(spec, "distill.teacher.checkpoint").url
-    timm = _timm("distill.teacher.checkpoint")
-    cfg = timm.models.get_pretrained_cfg(arch[len(TIMM_PREFIX):])
-    return f"{arch}.{getattr(cfg, 'tag', None) or 'default'} (timm {timm.__version__})"
+    """What a weights name stands for, for a teacher cache's key (its family says)."""
+    return family_of(arch).weights_identity(arch, spec)
 
 
 def read_pretrained(spec: str, arch: str, num_classes: int, *, key: str) -> dict[str, torch.Tensor]:
-    """The state_dict that `spec` names: a local file, `torchvision:<Weights>` or `timm` (these
-    two download the weights into torch's or Hugging Face's cache on first use: the one place
-    fastkd downloads anything, and only when a config asks for it)."""
-    if spec.startswith(TORCHVISION_WEIGHTS_PREFIX):
-        return torchvision_weights(spec, key).get_state_dict(progress=True)
-    if spec == "timm":
-        if not is_timm(arch):
-            raise ConfigError(f"{key}: 'timm' names a timm model's own pretrained weights, but the arch {arch} is not "
-                              f"a timm model ({TIMM_PREFIX}<name>)")
-        name = arch[len(TIMM_PREFIX):]
-        return _timm(key).create_model(name, pretrained=True).state_dict()
+    """The state_dict that `spec` names: a local file, or a weights name of the arch's family
+    (`torchvision:<Weights>`, `timm`), downloaded into torch's or Hugging Face's cache on first
+    use: the one place fastkd downloads anything, and only when a config asks for it."""
+    if is_weights_name(spec):
+        family = family_of(arch)
+        if not family.owns_weights(spec):
+            raise ConfigError(f"{key}: {spec!r} names another family's weights than {arch}'s ({family.name}): "
+                              f"{family.weights_names}")
+        return family.pretrained_state_dict(arch, spec, key)
     from fastkd.checkpoint import is_fastkd_checkpoint, load_checkpoint
 
     payload = load_checkpoint(Path(spec).expanduser(), key=key)
@@ -332,6 +439,6 @@ def load_teacher(arch: str, checkpoint: Path | str, classes: list[str], *, image
     hint = (" (pretrained weights are used as they are: their classes must be the data's; fine-tune them first with "
             "`fastkd train` and model.pretrained)") if payload is None and not Path(spec).exists() else ""
     load_weights(model, state_dict, source=Path(spec), arch=arch, num_classes=len(classes), key=key, hint=hint)
-    normalization = resolve_normalization(arch, mean, std, weights=spec, checkpoint=payload)
+    normalization = resolve_normalization(arch, mean, std, weights=spec, checkpoint=payload or {})
     attach_input_normalization(model, normalization)
     return freeze(model)

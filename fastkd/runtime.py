@@ -155,9 +155,6 @@ def resolve_precision(requested: Precision, device: torch.device, key: str = "ru
 
 
 def create_runtime(cfg: RuntimeConfig, shard: Shard | None = None) -> Runtime:
-    if cfg.sync_debug and cfg.sync_bn:
-        raise ConfigError("runtime.sync_debug: SyncBatchNorm synchronizes with the host in every step by design; "
-                          "turn runtime.sync_bn off to look for host syncs")
     shard = shard or shard_from_env()
     device = resolve_device(cfg.device, shard)
     if device.type == "cuda":

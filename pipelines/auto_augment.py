@@ -91,6 +91,8 @@ class AutoAugment:
     """RandAugment (`num_ops` ops at `magnitude` of `num_bins`) or TrivialAugmentWide (one op at a
     magnitude drawn from `num_bins`) of training batches; a batch-stage transform."""
 
+    name = "auto-augment"
+
     def __init__(self, policy: str, *, seed: int, num_items: int, num_ops: int = 2, magnitude: int = 9,
                  num_bins: int = 31):
         if policy not in POLICIES:

@@ -1,66 +1,37 @@
-"""The batch contract every data backend honours, written once.
+"""The batch contract every data backend honours, written once, and the loader that delivers it.
 
-A training or validation loader yields `(images, labels)`:
+A loader is a host stage followed by an ordered list of device stages (`Loader`), as ffcv's
+pipelines are lists of operations. Iterating it yields `Batch`es, in training and validation:
 
 - `images`: `[B, 3, H, W]` floating tensor on the training device, channels-last memory,
   normalized with the ImageNet mean/std (values roughly within [-2.2, 2.7]); float32 on the
   CPU or with fp32 precision, float16 on a GPU with reduced precision (autocast takes it on).
 - `labels`: int64 `[B]` on the same device, values in `[0, num_classes)`.
+- `indices`: each sample's index in the split, int64 `[B]` on the host (what a teacher cache is
+  keyed by); None in validation batches of backends that do not track them.
+- `teacher_images`: the teacher's view of the same crops at its own input size, or None.
+- `mix`: set by the mixing stage (`pipelines.batch_stage.Mixing`), else None.
 - `len(loader)` is the number of batches of one epoch on this process (partial last batch
   included); `loader.num_samples` the number of images this process sees per epoch.
 
-Training loaders also yield, through `indexed()`, a `Batch`: the images and labels above, each
-sample's index in the split (int64 `[B]`, on the host), which a teacher cache is keyed by, the
-teacher's view of the same crops at its own input size (or None), and the batch's `Mix` (or
-None) once the batch stage (`pipelines.batch_stage`) has mixed it.
-
-The loop never branches on the backend: it only relies on this contract and on
-`set_epoch(epoch, start_batch)` / `state_dict()` / `load_state_dict()` for exact resume.
-Every training loader also exposes the two stages of `indexed()`, `host_batches()` (a `Batch`
-as the backend makes it) and `to_device(batch)`, and `prefetched_batches`, which `fastkd bench`
-times and drains (a loader whose batches are made on the device has an identity second stage).
+The host stage (`HostStage`: a backend's decoding, on the host for a CPU decoder) yields batches
+as the backend makes them; the device stages (`DeviceStage`: the copy to the device and its
+normalization, RandAugment, mixing) each take a batch and return one, run in order by
+`run_stages`, which `fastkd bench` also calls to time them one by one. The loop never branches on
+the backend: it only relies on this contract and on `set_epoch(epoch, start_batch)` /
+`state_dict()` / `load_state_dict()` for exact resume.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterator, Protocol
+import contextlib
+from typing import Any, Callable, ContextManager, Iterator, Protocol, Sequence
 
 import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-class Loader(Protocol):
-    num_samples: int
-    batch_size: int
-    prefetched_batches: int
-    """Batches the loader can hold ready before one is asked for (its workers' queues): what a
-    benchmark's warm-up must drain so as to time the loader, not a queue."""
-
-    def __len__(self) -> int: ...
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]: ...
-
-    def indexed(self) -> Iterator["Batch"]:
-        """Training batches with their samples' indices (host int64 `[B]`): `to_device(b)` of
-        every `b` of `host_batches()`."""
-
-    def host_batches(self) -> Iterator["Batch"]:
-        """Stage 1 of `indexed()`: batches as the backend makes them (host memory, HWC, for a
-        CPU decoder), before `to_device`."""
-
-    def to_device(self, batch: "Batch") -> "Batch":
-        """Stage 2: a `host_batches()` batch as the contract above has it."""
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        """Prepare the next `iter()` to yield epoch `epoch` from batch `start_batch` on."""
-
-    def state_dict(self) -> dict[str, Any]:
-        """What, beyond (epoch, batch), is needed to resume the stream exactly."""
-
-    def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -78,13 +49,13 @@ class Mix:
 
 @dataclass
 class Batch:
-    """One training batch (see the module docstring for each field's contract)."""
+    """One batch (see the module docstring for each field's contract)."""
 
     images: torch.Tensor
     labels: torch.Tensor
     indices: torch.Tensor | None
-    """Each sample's index in the split: int64 `[B]` on the host (None in a validation loader's
-    `host_batches()`)."""
+    """Each sample's index in the split: int64 `[B]` on the host (None in validation batches that
+    do not track them)."""
     teacher_images: torch.Tensor | None = None
     """The same crops at the teacher's own input size (None: the teacher sees `images`)."""
     mix: Mix | None = None
@@ -118,6 +89,99 @@ class Shard:
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
+
+
+class HostStage(Protocol):
+    """A backend's first stage: one epoch's batches as the backend makes them (host memory, HWC,
+    for a CPU decoder), from a given batch on, as a pure function of (seed, epoch, batch)."""
+
+    num_samples: int
+    """Images this process sees per epoch."""
+    batch_size: int
+    prefetched_batches: int
+    """Batches the stage can hold ready before one is asked for (its workers' queues): what a
+    benchmark's warm-up must drain so as to time the loader, not a queue."""
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """Prepare the next `iter()` to yield epoch `epoch` from batch `start_batch` on."""
+
+    def state_dict(self) -> dict[str, Any]:
+        """What, beyond (epoch, batch), is needed to resume the stream exactly."""
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class DeviceStage(Protocol):
+    """One operation on whole batches on the training device: a pure function of the batch and
+    the epoch (its draws come from (seed, epoch, sample index)), adding no host sync."""
+
+    name: str
+    """How `fastkd bench` names its time per batch."""
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def __call__(self, batch: Batch) -> Batch: ...
+
+
+def run_stages(batch: Batch, stages: Sequence[DeviceStage],
+               timed: Callable[[str, Callable[[], Batch]], Batch] | None = None) -> Batch:
+    """`batch` through `stages` in order: the one place device stages run. `timed(name, run)`, when
+    given, runs each stage (the bench times them one by one)."""
+    for stage in stages:
+        batch = stage(batch) if timed is None else timed(stage.name, lambda: stage(batch))  # noqa: B023
+    return batch
+
+
+class Loader:
+    """A host stage and the device stages after it; iterating it yields the contract's `Batch`es.
+
+    The device stages run inside `guard()` (the runtime's `no_host_sync` for training: with
+    `runtime.sync_debug` on a GPU, a host sync in any of them raises)."""
+
+    def __init__(self, host: HostStage, stages: Sequence[DeviceStage] = (),
+                 guard: Callable[[], ContextManager] = contextlib.nullcontext):
+        self.host = host
+        self.stages = list(stages)
+        self.guard = guard
+
+    @property
+    def num_samples(self) -> int:
+        return self.host.num_samples
+
+    @property
+    def batch_size(self) -> int:
+        return self.host.batch_size
+
+    @property
+    def prefetched_batches(self) -> int:
+        return self.host.prefetched_batches
+
+    def __len__(self) -> int:
+        return len(self.host)
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.host.set_epoch(epoch, start_batch)
+        for stage in self.stages:
+            stage.set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.host.state_dict()  # the device stages are pure functions of (seed, epoch, sample)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.host.load_state_dict(state)
+
+    def device_stages(self, batch: Batch) -> Batch:
+        """A host-stage batch through the device stages, inside the guard."""
+        with self.guard():
+            return run_stages(batch, self.stages)
+
+    def __iter__(self) -> Iterator[Batch]:
+        for batch in self.host:
+            yield self.device_stages(batch)
 
 
 @dataclass

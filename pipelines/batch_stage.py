@@ -1,6 +1,6 @@
 """The batch stage: transforms of whole training batches on the training device, after a
 backend has decoded, cropped, resized, flipped and normalized them, the same for every
-backend (`StagedLoader` wraps any training loader of `pipelines.base`'s contract).
+backend: device stages (`pipelines.base.DeviceStage`) after a loader's copy to the device.
 
 Its transforms, in order: RandAugment or TrivialAugmentWide (`pipelines.auto_augment`), then
 mixup and CutMix (`Mixing`), with timm's semantics
@@ -28,13 +28,12 @@ the host), and a batch takes its rows by index; what reaches the device per step
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-import contextlib
-from typing import Any, Callable, ContextManager, Iterator, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 
-from pipelines.base import Batch, Loader, Mix
+from pipelines.base import Batch, DeviceStage, Mix
 
 MIX_MODES = ("pair", "elem")
 """timm's modes that do not depend on the batch: one draw per pair of positions, or per sample.
@@ -100,12 +99,8 @@ def cut_boxes(lam: np.ndarray, centre: np.ndarray, height: int, width: int) -> n
                      np.clip(cx - cut_w // 2, 0, width), np.clip(cx + cut_w // 2, 0, width)], axis=1)
 
 
-class BatchTransform(Protocol):
-    """One transform of the batch stage: a function of the batch and the epoch."""
-
-    def set_epoch(self, epoch: int) -> None: ...
-
-    def __call__(self, batch: Batch) -> Batch: ...
+class BatchTransform(DeviceStage, Protocol):
+    """One transform of the batch stage: a device stage that changes what the models see."""
 
     def describe(self) -> dict[str, Any]:
         """Its name and every parameter the output depends on (a teacher cache's key records it)."""
@@ -113,6 +108,8 @@ class BatchTransform(Protocol):
 
 class Mixing:
     """mixup / CutMix of training batches (see the module docstring)."""
+
+    name = "mix"
 
     def __init__(self, spec: MixSpec, *, seed: int, num_items: int):
         if spec.mode not in MIX_MODES:
@@ -216,79 +213,3 @@ def in_layout_of(images: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     if images.is_contiguous(memory_format=torch.channels_last):
         return out.contiguous(memory_format=torch.channels_last)
     return out.contiguous()
-
-
-class BatchStage:
-    """The batch stage's transforms, applied in order."""
-
-    def __init__(self, transforms: list[BatchTransform]):
-        self.transforms = list(transforms)
-
-    def set_epoch(self, epoch: int) -> None:
-        for transform in self.transforms:
-            transform.set_epoch(epoch)
-
-    def describe(self) -> list[dict[str, Any]]:
-        return [transform.describe() for transform in self.transforms]
-
-    def __call__(self, batch: Batch) -> Batch:
-        for transform in self.transforms:
-            batch = transform(batch)
-        return batch
-
-
-class StagedLoader:
-    """A training loader whose batches go through a `BatchStage` once on the device: the
-    stage is the last part of `to_device` and of `indexed()`, run inside `guard()` (the
-    runtime's `no_host_sync`: with `runtime.sync_debug`, a host sync in the stage raises)."""
-
-    def __init__(self, loader: Loader, stage: BatchStage,
-                 guard: Callable[[], ContextManager] = contextlib.nullcontext):
-        self.loader = loader
-        self.stage = stage
-        self.guard = guard
-
-    def staged(self, batch: Batch) -> Batch:
-        """The stage's transforms of a batch already on the device."""
-        with self.guard():
-            return self.stage(batch)
-
-    @property
-    def num_samples(self) -> int:
-        return self.loader.num_samples
-
-    @property
-    def batch_size(self) -> int:
-        return self.loader.batch_size
-
-    @property
-    def prefetched_batches(self) -> int:
-        return self.loader.prefetched_batches
-
-    def __len__(self) -> int:
-        return len(self.loader)
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.loader.set_epoch(epoch, start_batch)
-        self.stage.set_epoch(epoch)
-
-    def state_dict(self) -> dict[str, Any]:
-        return self.loader.state_dict()  # the stage is a pure function of (seed, epoch, sample)
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.loader.load_state_dict(state)
-
-    def host_batches(self) -> Iterator[Batch]:
-        return self.loader.host_batches()
-
-    def to_device(self, batch: Batch) -> Batch:
-        return self.staged(self.loader.to_device(batch))
-
-    def indexed(self) -> Iterator[Batch]:
-        for batch in self.loader.indexed():
-            yield self.staged(batch)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for batch in self.indexed():
-            yield batch.images, batch.labels
-

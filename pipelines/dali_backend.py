@@ -6,18 +6,18 @@ Training:   Python source (order, crop and flip as explicit numbers: `pipelines.
             pipeline) -> flip + normalize (fp16 on a GPU with AMP, else fp32), HWC; with a
             teacher of its own input size, the same crop resized again for it. Training on the CPU,
             the pipeline ends at the decoded crops and torch's uint8 kernels finish them
-            (`pipelines.resample`, `data.dali_cpu_resize: torch`): DALI's CPU resize costs
+            (`pipelines.resample`, `data.dali.cpu_resize: torch`): DALI's CPU resize costs
             more than its decoding.
 Validation: file reader -> decode -> resize shorter side to val_resize -> centre crop +
             normalize, HWC
 
-Where each part runs follows `data.dali_device` and the training device:
+Where each part runs follows `data.dali.device` and the training device:
 
-| dali_device | training device | decode (+ crop)          | resize, flip, normalize |
+| dali.device | training device | decode (+ crop)          | resize, flip, normalize |
 | ----------- | --------------- | ------------------------ | ----------------------- |
 | gpu         | cuda            | GPU (`mixed`: nvJPEG, and the hardware JPEG decoder of A100/H100-class GPUs) | GPU |
 | cpu         | cuda            | CPU (libjpeg-turbo)      | GPU (hybrid, as NVIDIA's examples: the batch leaves the pipeline on the GPU) |
-| cpu         | cpu             | CPU                      | CPU (torch after the pipeline, or DALI: `data.dali_cpu_resize`) |
+| cpu         | cpu             | CPU                      | CPU (torch after the pipeline, or DALI: `data.dali.cpu_resize`) |
 
 HWC batches become NCHW channels-last views with `permute(0, 3, 1, 2)`: no copy.
 
@@ -39,7 +39,7 @@ import numpy as np
 import torch
 
 from fastkd.errors import ConfigError, DataError
-from pipelines.base import IMAGENET_MEAN, IMAGENET_STD, Batch, BatchSpec, Loaders, Shard
+from pipelines.base import IMAGENET_MEAN, IMAGENET_STD, Batch, BatchSpec, Loader, Loaders, Shard
 from pipelines.datasets import Dataset, Split
 from pipelines.augment import (CropRange, SizeSchedule, check_stream_state, epoch_order, samples_per_rank,
                                stream_state)
@@ -64,10 +64,10 @@ SIZE_HINT_SAMPLES = 64
 
 
 def resolve_dali_device(requested: str, device: torch.device) -> str:
-    """Where DALI decodes ('gpu' or 'cpu'), from `data.dali_device` and the training device."""
+    """Where DALI decodes ("gpu" or "cpu"), from `data.dali.device` and the training device."""
     if requested == "gpu" and device.type != "cuda":
         why = "runtime.device is cpu" if torch.cuda.is_available() else "no CUDA GPU is available"
-        raise ConfigError(f"data.dali_device: gpu requested but the run trains on the CPU ({why}); use auto or cpu")
+        raise ConfigError(f"data.dali.device: gpu requested but the run trains on the CPU ({why}); use auto or cpu")
     if requested == "auto":
         return "gpu" if device.type == "cuda" else "cpu"
     return requested
@@ -222,8 +222,11 @@ class _StreamError(RuntimeError):
     """The loader's own bookkeeping failed (not DALI, not the data)."""
 
 
-class DaliLoader:
-    """A DALI pipeline + iterator honouring the batch contract of `pipelines.base`."""
+class DaliBatches:
+    """The host stage of the DALI backend (`pipelines.base.HostStage`): a DALI pipeline and its
+    iterator. Its batches are HWC, on the GPU when DALI augments there, with labels, the training
+    samples' indices (on the host) and the teacher's view of the same crops (None without one);
+    `DaliToDevice` is the stage after it."""
 
     def __init__(self, split: Split, *, train: bool, batch_size: int, place: Placement, seed: int, shard: Shard,
                  spec: BatchSpec, num_threads: int, sizes: SizeSchedule, val_size: int, val_resize: int,
@@ -319,10 +322,7 @@ class DaliLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         check_stream_state(state)
 
-    def host_batches(self) -> Iterator[Batch]:
-        """Stage 1: the pipeline's output (already on the GPU when DALI augments there): images,
-        labels and, for training, the samples' indices (on the host) and the teacher's view of
-        the same crops (None without one)."""
+    def __iter__(self) -> Iterator[Batch]:
         self._reading = None if self.train else (None, 0)
         try:
             if self.train:
@@ -380,7 +380,7 @@ class DaliLoader:
     def _train_batches(self) -> Iterator[Batch]:
         """The rest of the current epoch, from the pipeline's never-ending stream (`TrainSamples`)."""
         if self._position is None:
-            raise _StreamError("DaliLoader: an epoch failed midway; call set_epoch(epoch, batch) before reading again")
+            raise _StreamError("DaliBatches: an epoch failed midway; call set_epoch(epoch, batch) before reading again")
         epoch, first = self._position
         shard = self._shard
         # What each batch must hold: the source computes the same order in its workers.
@@ -401,28 +401,30 @@ class DaliLoader:
             yield Batch(batch["images"][:real], batch["labels"][:real], indices[:real],
                         None if teacher is None else teacher[:real])
 
-    def _images_to_device(self, images: torch.Tensor) -> torch.Tensor:
-        """HWC -> NCHW view with channels-last strides (no copy); to the device if needed."""
+
+
+class DaliToDevice:
+    """The device stage after `DaliBatches`: HWC images as NCHW views with channels-last strides
+    (no copy), moved to the training device when the pipeline ended on the host; labels as int64
+    on the device (indices stay on the host)."""
+
+    name = "host-to-device copy"
+
+    def __init__(self, spec: BatchSpec):
+        self.spec = spec
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def _images(self, images: torch.Tensor) -> torch.Tensor:
         images = images.permute(0, 3, 1, 2).to(self.spec.device, non_blocking=True)
         return images.contiguous(memory_format=self.spec.memory_format)
 
-    def to_device(self, batch: Batch) -> Batch:
-        """Stage 2: images as `_images_to_device`; labels to int64 on the device."""
+    def __call__(self, batch: Batch) -> Batch:
         teacher = batch.teacher_images
-        return Batch(self._images_to_device(batch.images),
+        return Batch(self._images(batch.images),
                      batch.labels.view(-1).to(self.spec.device, torch.int64, non_blocking=True), batch.indices,
-                     None if teacher is None else self._images_to_device(teacher))
-
-    def indexed(self) -> Iterator[Batch]:
-        if not self.train:
-            raise NotImplementedError("sample indices come with training batches only")
-        for batch in self.host_batches():
-            yield self.to_device(batch)
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for batch in self.host_batches():
-            batch = self.to_device(batch)
-            yield batch.images, batch.labels
+                     None if teacher is None else self._images(teacher))
 
 
 class _finished_with_torch:
@@ -472,14 +474,16 @@ def build_dali_loaders(dataset: Dataset, *, spec: BatchSpec, seed: int, shard: S
                        dali_device: str, hw_decoder_load: float, cpu_resize: str, prefetch_queue: int,
                        crop_range: CropRange = CropRange(), teacher_image_size: int | None = None,
                        deal: int = 1) -> Loaders:
-    """Training and validation DALI loaders of one process (`dali_device`: "gpu", "cpu" or
-    "auto", as `data.dali_device`; the other values as the `data.*` keys of the same names)."""
+    """Training and validation DALI loaders (`DaliBatches`, then `DaliToDevice`) of one process
+    (`dali_device`: "gpu", "cpu" or "auto", as `data.dali.device`; the other values as the keys of
+    `data` and `data.dali` of the same names)."""
     _require_dali()
     device = resolve_dali_device(dali_device, spec.device)
     place = placement(device, spec, hw_decoder_load=hw_decoder_load, files=dataset.train.files, cpu_resize=cpu_resize)
     common = dict(place=place, seed=seed, shard=shard, spec=spec, num_threads=num_threads, sizes=sizes,
                   val_size=val_size, val_resize=val_resize, prefetch_queue=prefetch_queue)
-    return Loaders(DaliLoader(dataset.train, train=True, batch_size=batch_size, teacher_size=teacher_image_size,
-                              crop_range=crop_range, deal=deal, **common),
-                   DaliLoader(dataset.val, train=False, batch_size=val_batch_size, **common),
+    to_device = DaliToDevice(spec)
+    return Loaders(Loader(DaliBatches(dataset.train, train=True, batch_size=batch_size, teacher_size=teacher_image_size,
+                                      crop_range=crop_range, deal=deal, **common), [to_device]),
+                   Loader(DaliBatches(dataset.val, train=False, batch_size=val_batch_size, **common), [to_device]),
                    list(dataset.classes))

@@ -16,8 +16,9 @@ from pipelines.base import Batch, BatchSpec
 _POOL_BATCHES = 4
 
 
-class SyntheticLoader:
-    """Batches of the scheduled size (`sizes`), and of the teacher's size when it has its own."""
+class SyntheticBatches:
+    """A host stage whose batches are made on the device (no device stage follows it): batches of
+    the scheduled size (`sizes`), and of the teacher's size when it has its own."""
 
     def __init__(self, *, num_samples: int, batch_size: int, sizes: SizeSchedule, num_classes: int,
                  seed: int, spec: BatchSpec, teacher_size: int | None = None):
@@ -58,7 +59,7 @@ class SyntheticLoader:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
 
-    def indexed(self) -> Iterator[Batch]:
+    def __iter__(self) -> Iterator[Batch]:
         """Batches with their sample indices (positions in the epoch; the pool repeats them)."""
         images = self._images(self.sizes.at(self._epoch))
         teacher = self._images(self.teacher_size) if self.teacher_size else None
@@ -68,14 +69,3 @@ class SyntheticLoader:
             slot = batch % _POOL_BATCHES
             yield Batch(images[slot][:size], self._labels[slot][:size], torch.arange(first, first + size),
                         None if teacher is None else teacher[slot][:size])
-
-    def host_batches(self) -> Iterator[Batch]:
-        """The batches are made on the device: stage 1 is `indexed()` and stage 2 the identity."""
-        return self.indexed()
-
-    def to_device(self, batch: Batch) -> Batch:
-        return batch
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for batch in self.indexed():
-            yield batch.images, batch.labels

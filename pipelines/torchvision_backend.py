@@ -24,8 +24,8 @@ from PIL import Image, ImageOps
 
 from fastkd.errors import DataError
 from pipelines.augment import CropRange, SizeSchedule, check_stream_state, epoch_order, stream_state, train_crop
-from pipelines.base import Batch, BatchSpec, Shard, normalization
-from pipelines.datasets import Split
+from pipelines.base import Batch, BatchSpec, Loader, Shard, normalization
+from pipelines.datasets import Dataset, Split
 from pipelines.verify import unlimited_pixels
 
 BROKEN_HINT = " (list every undecodable file with `fastkd data verify ROOT`)"
@@ -159,14 +159,16 @@ class EpochSampler(torch.utils.data.Sampler):
             yield index, self.epoch
 
 
-class TorchvisionLoader:
-    """DataLoader over an image list, handing over batches per the contract in `pipelines.base`."""
+class TorchvisionBatches:
+    """The host stage of the torchvision backend (`pipelines.base.HostStage`): a DataLoader over an
+    image list, decoding and augmenting in worker processes into uint8 NHWC batches in (pinned)
+    host memory, with their labels, sample indices and the teacher's view of the same crops
+    (None without one). `ToDevice` is the stage after it."""
 
     def __init__(self, split: Split, *, train: bool, batch_size: int, sizes: SizeSchedule, val_size: int,
-                 val_resize: int, num_workers: int, seed: int, shard: Shard, spec: BatchSpec,
+                 val_resize: int, num_workers: int, seed: int, shard: Shard, pin_memory: bool,
                  teacher_size: int | None = None, crop_range: CropRange = CropRange(), deal: int = 1):
         self.batch_size = batch_size
-        self.spec = spec
         self.sampler = EpochSampler(len(split), shuffle=train, seed=seed, shard=shard, batch_size=batch_size,
                                     deal=deal if train else 1)
         self.num_samples = len(self.sampler.indices())
@@ -176,12 +178,11 @@ class TorchvisionLoader:
                                    teacher_size=teacher_size if train else None, crop_range=crop_range)
         self._loader = torch.utils.data.DataLoader(
             dataset, batch_size=batch_size, sampler=self.sampler, num_workers=num_workers,
-            pin_memory=spec.device.type == "cuda", drop_last=False,
+            pin_memory=pin_memory, drop_last=False,
             persistent_workers=num_workers > 0, prefetch_factor=PREFETCH_FACTOR if num_workers > 0 else None,
             worker_init_fn=_ignore_stop_signals,
             # Its own generator: drawing worker seeds must not consume the global RNG (exact resume).
             generator=torch.Generator().manual_seed(seed))
-        self._mean, self._inv_std = normalization(spec.device, spec.dtype)
 
     def __len__(self) -> int:
         return math.ceil(self.num_samples / self.batch_size)
@@ -196,9 +197,7 @@ class TorchvisionLoader:
         if self.sampler.shuffle:
             check_stream_state(state)
 
-    def host_batches(self) -> Iterator[Batch]:
-        """Stage 1: decoded, augmented uint8 NHWC batches in (pinned) host memory, with their
-        labels, sample indices and the teacher's view of the same crops (None without one)."""
+    def __iter__(self) -> Iterator[Batch]:
         try:
             batches = _start_iterating(self._loader)
             for pixels, labels, indices, *teacher in batches:
@@ -207,22 +206,41 @@ class TorchvisionLoader:
             message = str(exc).strip().splitlines()[-1]
             raise DataError(message.split("DataError: ", 1)[-1] + BROKEN_HINT) from None
 
-    def _images_to_device(self, pixels: torch.Tensor) -> torch.Tensor:
+
+class ToDevice:
+    """The device stage after `TorchvisionBatches`: uint8 NHWC pixels (pinned on a GPU run) copied
+    to the device without blocking and normalized there into the contract's channels-last batch;
+    labels copied alike (indices stay on the host)."""
+
+    name = "host-to-device copy"
+
+    def __init__(self, spec: BatchSpec):
+        self.spec = spec
+        self._mean, self._inv_std = normalization(spec.device, spec.dtype)  # once, not per batch
+
+    def set_epoch(self, epoch: int) -> None:
+        pass
+
+    def _images(self, pixels: torch.Tensor) -> torch.Tensor:
         # NHWC uint8 -> NCHW view with channels-last strides; the normalization keeps them.
         images = pixels.to(self.spec.device, non_blocking=True).permute(0, 3, 1, 2).to(self.spec.dtype)
         images = images.sub_(self._mean).mul_(self._inv_std)
         return images.contiguous(memory_format=self.spec.memory_format)
 
-    def to_device(self, batch: Batch) -> Batch:
-        """Stage 2: copy to the device and normalize there."""
+    def __call__(self, batch: Batch) -> Batch:
         teacher = batch.teacher_images
-        return Batch(self._images_to_device(batch.images), batch.labels.to(self.spec.device, non_blocking=True),
-                     batch.indices, None if teacher is None else self._images_to_device(teacher))
+        return Batch(self._images(batch.images), batch.labels.to(self.spec.device, non_blocking=True),
+                     batch.indices, None if teacher is None else self._images(teacher))
 
-    def indexed(self) -> Iterator[Batch]:
-        for batch in self.host_batches():
-            yield self.to_device(batch)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        for batch in self.indexed():
-            yield batch.images, batch.labels
+def torchvision_loaders(dataset: Dataset, *, spec: BatchSpec, batch_size: int, val_batch_size: int, **values: Any
+                        ) -> tuple[Loader, Loader]:
+    """Training and validation loaders of the torchvision backend (`values`: `TorchvisionBatches`'
+    other arguments; `teacher_size`, `crop_range` and `deal` for training only)."""
+    pin = spec.device.type == "cuda"
+    training = {key: values.pop(key) for key in ("teacher_size", "crop_range", "deal") if key in values}
+    to_device = ToDevice(spec)
+    return (Loader(TorchvisionBatches(dataset.train, train=True, batch_size=batch_size, pin_memory=pin, **training,
+                                      **values), [to_device]),
+            Loader(TorchvisionBatches(dataset.val, train=False, batch_size=val_batch_size, pin_memory=pin, **values),
+                   [to_device]))

@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 import torch
@@ -113,10 +113,10 @@ def stop_after(monkeypatch, step: int) -> None:
 @pytest.fixture(scope="session")
 def tiny_teacher(tiny_imagefolder, tmp_path_factory) -> Path:
     """best.pt of a short `fastkd train` run on the tiny dataset (barely trained: near chance)."""
-    from fastkd import engine
+    from fastkd import commands
 
     out = tmp_path_factory.mktemp("teacher-runs")
-    result = engine.train(tiny_config(tiny_imagefolder, out, run={"name": "teacher"}), progress=False)
+    result = commands.train(tiny_config(tiny_imagefolder, out, run={"name": "teacher"}), progress=False)
     return result.run_dir / "best.pt"
 
 
@@ -132,17 +132,30 @@ GPU_SPEC = BatchSpec(device=torch.device("cuda", 0), dtype=torch.float16)
 """A GPU batch spec, for graphs built (not run) without a GPU."""
 
 
+def pairs(loader: Any) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(images, labels) of each batch a loader yields."""
+    for batch in loader:
+        yield batch.images, batch.labels
+
+
 def batch_of(images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor | None = None, **fields) -> Batch:
     """A training batch of these images and labels (indices 0..B-1 unless given)."""
     return Batch(images, labels, torch.arange(labels.shape[0]) if indices is None else indices, **fields)
 
 
-def data_config(root: Path, backend: str, **kw) -> DataConfig:
-    values = dict(root=str(root), backend=backend, dali_device="cpu", image_size=32, val_resize=36,
-                  batch_size=7, num_workers=1, synthetic_num_classes=10, synthetic_train_samples=40,
-                  synthetic_val_samples=20)
-    values.update(kw)
-    return DataConfig(**values)
+def backend_data(backend: str, **dali: Any) -> dict[str, Any]:
+    """A data section's backend keys: DALI decoding on the CPU (with `dali`'s other settings)."""
+    return {"backend": backend, **({"dali": {"device": "cpu", **dali}} if backend == "dali" else {})}
+
+
+def data_config(root: Path, backend: str, *, dali: dict[str, Any] | None = None, **kw) -> DataConfig:
+    """A small data section of `backend` (DALI decoding on the CPU unless `dali` says otherwise;
+    10 classes of synthetic batches), with `kw` as data keys (sections as dicts)."""
+    raw = dict(root=str(root), **backend_data(backend, **(dali or {})), image_size=32, val_resize=36, batch_size=7,
+               num_workers=1, **({"synthetic": {"num_classes": 10, "train_samples": 40, "val_samples": 20}}
+                                 if backend == "synthetic" else {}))
+    raw.update(kw)
+    return config_from_dict({"data": raw}).data
 
 
 def require_backend(backend: str) -> None:

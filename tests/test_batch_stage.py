@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastkd.config import config_from_dict
+from fastkd.config import config_from_dict, config_to_dict
 from fastkd.data import build_loaders
 from fastkd.errors import ConfigError
 from fastkd.steps import ClassificationStep, cross_entropy
@@ -19,7 +19,7 @@ from tests.conftest import CPU, batch_of, data_config, require_backend, tiny_con
 
 MIXUP = MixSpec(mixup_alpha=0.8)
 CUTMIX = MixSpec(cutmix_alpha=1.0)
-BOTH = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "mix_switch_prob": 0.5}
+BOTH = {"mix": {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "switch_prob": 0.5}}
 
 
 def mixed(spec: MixSpec, images, labels, indices, *, epoch=0, teacher=None):
@@ -176,11 +176,11 @@ def test_a_mixed_batch_trains_against_both_labels():
 
 def mixed_by_sample(root, backend, *, batch_size, rank=0, world_size=1, **data) -> dict[int, tuple]:
     """Epoch 1's mixed training images, target weights and partner labels, by sample index."""
-    cfg = data_config(root, backend, batch_size=batch_size, **BOTH, **data, auto_augment="trivialaugment")
+    cfg = data_config(root, backend, batch_size=batch_size, **BOTH, **data, trivialaugment={})
     loader = build_loaders(cfg, spec=CPU, seed=0, shard=Shard(rank=rank, world_size=world_size)).train
     loader.set_epoch(1)
     out = {}
-    for batch in loader.indexed():
+    for batch in loader:
         for k, index in enumerate(batch.indices.tolist()):
             out[index] = (batch.images[k], float(batch.mix.weight[k]), int(batch.mix.partner_labels[k]))
     return out
@@ -230,23 +230,29 @@ def test_a_sample_paired_with_itself_is_left_as_it_is():
 
 
 @pytest.mark.parametrize("data, message", [
-    ({"mixup_alpha": 0.2, "batch_size": 7}, "data.batch_size: must be even with mixup or CutMix"),
-    ({"mix_mode": "batch"}, "data.mix_mode: batch (one draw per batch) would make the mixed images depend on the "
-                            "batch size"),
-    ({"cutmix_alpha": -1}, "data.cutmix_alpha: must be >= 0"),
-    ({"mix_prob": 1.5}, "data.mix_prob: must be within [0, 1]"),
-    ({"mix_prob": 0.5}, "data.mix_prob: 0.5 has no effect: mixing is off (data.mixup_alpha and data.cutmix_alpha "
-                        "are 0)"),
-    ({"mix_mode": "elem"}, "data.mix_mode: elem has no effect: mixing is off"),
-    ({"cutmix_alpha": 1.0, "mix_switch_prob": 0.3}, "data.mix_switch_prob: 0.3 has no effect: it chooses between "
-                                                    "mixup and CutMix"),
-    ({"randaugment_magnitude": 5}, "data.randaugment_magnitude: 5 has no effect: data.auto_augment is none, not "
-                                   "randaugment"),
-    ({"auto_augment": "trivialaugment", "randaugment_num_ops": 3}, "data.randaugment_num_ops: 3 has no effect: "
-                                                                   "data.auto_augment is trivialaugment"),
-    ({"augment_magnitude_bins": 11}, "data.augment_magnitude_bins: 11 has no effect: data.auto_augment is none"),
+    ({"mix": {"mixup_alpha": 0.2}, "batch_size": 7}, "data.batch_size: must be even with data.mix"),
+    ({"mix": {"mixup_alpha": 0.2, "mode": "batch"}}, "data.mix.mode: batch (one draw per batch) would make the mixed "
+                                                      "images depend on the batch size"),
+    ({"mix": {"cutmix_alpha": -1}}, "data.mix.cutmix_alpha: must be >= 0"),
+    ({"mix": {"mixup_alpha": 0.2, "prob": 1.5}}, "data.mix.prob: must be within [0, 1]"),
+    ({"mix": {"prob": 0.5}}, "data.mix.mixup_alpha: must be > 0 where data.mix.cutmix_alpha is 0: the section would "
+                             "mix nothing"),
+    ({"mix": {"cutmix_alpha": 1.0, "switch_prob": 0.3}}, "data.mix.switch_prob: 0.3 has no effect: it chooses between "
+                                                          "mixup and CutMix"),
+    ({"randaugment": {"magnitude": 31}}, "data.randaugment.magnitude: must be within [0, magnitude_bins) = [0, 31)"),
+    ({"randaugment": {}, "trivialaugment": {}}, "data.trivialaugment: cannot be set with data.randaugment"),
+    ({"trivialaugment": {"num_ops": 2}}, "data.trivialaugment.num_ops: unknown key"),
+    ({"dali": {"device": "cpu"}}, "data.dali: has no effect: data.backend is torchvision, not dali"),
+    ({"synthetic": {"num_classes": 5}}, "data.synthetic: has no effect: data.backend is torchvision, not synthetic"),
+    ({"mix_prob": 0.5}, "data.mix_prob: moved to data.mix.prob"),
+    ({"auto_augment": "trivialaugment"}, "data.auto_augment: moved to a section of its own: data.randaugment or "
+                                         "data.trivialaugment"),
+    ({"dali_device": "cpu"}, "data.dali_device: moved to data.dali.device"),
+    ({"start_image_size": 16}, "data.start_image_size: moved to data.size_schedule.start_image_size"),
 ])
-def test_mixing_settings_that_cannot_work_are_refused(tmp_path, data, message):
+def test_batch_stage_settings_that_cannot_work_are_refused(tmp_path, data, message):
+    """A setting without effect cannot be written (its section is the feature); a key of an earlier
+    fastkd names its new place."""
     raw = tiny_config_dict(tmp_path, tmp_path / "runs", data=data)
     with pytest.raises(ConfigError) as error:
         config_from_dict(raw)
@@ -254,24 +260,23 @@ def test_mixing_settings_that_cannot_work_are_refused(tmp_path, data, message):
 
 
 @pytest.mark.parametrize("data", [
-    {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "mix_prob": 0.5, "mix_switch_prob": 0.3, "mix_mode": "elem"},
-    {"cutmix_alpha": 1.0, "mix_prob": 0.5, "mix_mode": "elem"},
-    {"auto_augment": "randaugment", "randaugment_num_ops": 3, "randaugment_magnitude": 5,
-     "augment_magnitude_bins": 11},
-    {"auto_augment": "trivialaugment", "augment_magnitude_bins": 11},
-    {"mix_prob": 1.0, "mix_switch_prob": 0.5, "mix_mode": "pair", "randaugment_num_ops": 2},  # the defaults
+    {"mix": {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "prob": 0.5, "switch_prob": 0.3, "mode": "elem"}},
+    {"mix": {"cutmix_alpha": 1.0, "prob": 0.5, "mode": "elem"}},
+    {"randaugment": {"num_ops": 3, "magnitude": 5, "magnitude_bins": 11}},
+    {"trivialaugment": {"magnitude_bins": 11}},
+    {"mix": {"mixup_alpha": 0.2, "prob": 1.0, "switch_prob": 0.5, "mode": "pair"}, "randaugment": {"num_ops": 2}},
 ])
 def test_batch_stage_settings_are_taken_where_they_have_an_effect(tmp_path, data):
-    cfg = config_from_dict(tiny_config_dict(tmp_path, tmp_path / "runs", data=data))
-    assert all(getattr(cfg.data, key) == value for key, value in data.items())
+    saved = config_to_dict(config_from_dict(tiny_config_dict(tmp_path, tmp_path / "runs", data=data)))["data"]
+    assert all(saved[section][key] == value for section, values in data.items() for key, value in values.items())
 
 
 def test_dkd_with_mixed_labels_is_refused(tmp_path):
-    raw = tiny_config_dict(tmp_path, tmp_path / "runs", data={"mixup_alpha": 0.2})
+    raw = tiny_config_dict(tmp_path, tmp_path / "runs", data={"mix": {"mixup_alpha": 0.2}})
     raw["distill"] = {"teacher": {"arch": "resnet18", "checkpoint": str(tmp_path / "t.pt")}, "loss": "dkd"}
     with pytest.raises(ConfigError, match="^distill.loss: dkd splits .* at each sample's one label"):
         config_from_dict(raw)
-    raw["data"]["mixup_alpha"] = 0.0
+    del raw["data"]["mix"]
     config_from_dict(raw)  # without mixing, dkd is fine
 
 
@@ -280,19 +285,20 @@ def test_the_batch_stage_queues_its_work_without_a_host_sync_on_a_gpu():
     """fp16 channels-last GPU batches, and a teacher view, through RandAugment and mixup/CutMix:
     any synchronizing call raises in "error" sync-debug mode."""
     from pipelines.auto_augment import AutoAugment
-    from pipelines.batch_stage import BatchStage
+    from pipelines.base import run_stages
 
-    stage = BatchStage([AutoAugment("randaugment", seed=0, num_items=64),
-                        Mixing(MixSpec(mixup_alpha=0.8, cutmix_alpha=1.0), seed=0, num_items=64)])
-    stage.set_epoch(0)
+    stages = [AutoAugment("randaugment", seed=0, num_items=64),
+              Mixing(MixSpec(mixup_alpha=0.8, cutmix_alpha=1.0), seed=0, num_items=64)]
+    for stage in stages:
+        stage.set_epoch(0)
     images = torch.randn(16, 3, 32, 32, device="cuda").clamp(-2, 2).half()
     batch = batch_of(images.contiguous(memory_format=torch.channels_last), torch.randint(10, (16,), device="cuda"),
                      torch.arange(16), teacher_images=torch.randn(16, 3, 64, 64, device="cuda").clamp(-2, 2).half())
-    stage(batch)  # the first call makes the per-size tables, once
+    run_stages(batch, stages)  # the first call makes the per-size tables, once
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
-        out = stage(batch)
+        out = run_stages(batch, stages)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert out.images.dtype == torch.float16 and out.images.is_contiguous(memory_format=torch.channels_last)

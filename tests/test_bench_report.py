@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from fastkd import engine
+from fastkd import commands, engine
 from fastkd.cli import main
 from tests.conftest import tiny_config, tiny_config_dict, write_config
 
@@ -97,7 +97,7 @@ def test_report_renders_a_table_and_pngs_from_runs(tiny_imagefolder, tmp_path, c
     for name, arch in (("a", "resnet18"), ("b", "shufflenet_v2_x0_5")):
         cfg = tiny_config(tiny_imagefolder, tmp_path / "runs", run={"name": name}, model={"arch": arch},
                           optim={"epochs": 1, "warmup_epochs": 0})
-        runs.append(engine.train(cfg, progress=False).run_dir)
+        runs.append(commands.train(cfg, progress=False).run_dir)
     out = tmp_path / "report" / "report.md"
     main(["report", *map(str, runs), "--out", str(out)])
     text = out.read_text()
@@ -254,17 +254,19 @@ def test_the_bench_plan_of_dali_rows_on_a_cpu_and_on_a_gpu():
 
 
 def test_the_bench_times_the_step_the_engine_builds_for_the_run(tiny_imagefolder, tmp_path, monkeypatch):
-    """The bench's rows take the engine's setup, step and EMA with the config's settings: the
-    teacher's own view of each crop (even when the config replays a cache), label smoothing,
-    the distillation weights, gradient clipping."""
+    """The bench's rows time runs the engine builds (`build_run`): their loaders, step and EMA with the
+    config's settings: the teacher's own view of each crop (even when the config replays a cache),
+    label smoothing, the distillation weights, gradient clipping."""
     from fastkd import loop
     from fastkd.bench import Window, run_bench
     from fastkd.config import config_from_dict
 
     built, views, emas, clips = [], [], [], []
-    build_step, prepare, build_ema, apply_update = engine.build_step, engine.prepare, engine.build_ema, loop.apply_update
+    build_step, build_loaders, build_ema = engine.build_step, engine.build_loaders, engine.build_ema
+    apply_update = loop.apply_update
     monkeypatch.setattr(engine, "build_step", lambda *a, **kw: built.append(build_step(*a, **kw)) or built[-1])
-    monkeypatch.setattr(engine, "prepare", lambda *a, **kw: views.append(kw["teacher_view"]) or prepare(*a, **kw))
+    monkeypatch.setattr(engine, "build_loaders",
+                        lambda *a, **kw: views.append(kw["teacher_image_size"]) or build_loaders(*a, **kw))
     monkeypatch.setattr(engine, "build_ema", lambda *a: emas.append(build_ema(*a)) or emas[-1])
     monkeypatch.setattr(loop, "apply_update", lambda *a: clips.append(a[3]) or apply_update(*a))
     raw = tiny_config_dict(tiny_imagefolder, tmp_path / "runs", model={"arch": "shufflenet_v2_x0_5", "ema_decay": 0.9},
@@ -303,3 +305,23 @@ def test_report_keeps_runs_of_other_folders_apart_and_refuses_a_group_of_other_m
                                           "model"):
         write_report([mixed], tmp_path / "mixed-report" / "report.md")
     assert not (tmp_path / "mixed-report").exists()
+
+
+def test_the_bench_times_each_device_stage_of_the_loader_by_name(tiny_imagefolder, tmp_path):
+    """The stage breakdown runs the loader's host stage, then its device stages one by one as the
+    loader does (`pipelines.base.run_stages`): the copy, RandAugment and mixing each get a time."""
+    from fastkd.bench import Window, format_rows, run_bench
+    from fastkd.config import config_from_dict
+
+    raw = tiny_config_dict(tiny_imagefolder, tmp_path / "runs", model={"arch": "shufflenet_v2_x0_5"},
+                           data={"randaugment": {}, "mix": {"mixup_alpha": 0.8, "cutmix_alpha": 1.0}})
+    rows = run_bench(config_from_dict(raw), config_path="x", what=["train"], backends=["torchvision", "synthetic"],
+                     window=Window(steps=2, warmup=1, repeats=1), echo=lambda text: None)
+    stages = {row["backend"]: row["stages"] for row in rows}
+    assert list(stages["torchvision"]) == ["data wait", "host-to-device copy", "auto-augment", "mix",
+                                           "student forward+backward", "optimizer"]
+    assert list(stages["synthetic"]) == ["data wait", "auto-augment", "mix", "student forward+backward", "optimizer"]
+    assert all(ms > 0 for ms in stages["torchvision"].values())
+    table = [re.sub(" +", " ", line) for line in format_rows(rows).splitlines()]
+    assert "| what | backend | data wait | host-to-device copy | auto-augment | mix | teacher forward | cache lookup | " \
+           "student forward+backward | optimizer |" in table

@@ -10,7 +10,7 @@ import torch
 import torchvision
 import yaml
 
-from fastkd import engine
+from fastkd import commands
 from fastkd.checkpoint import load_checkpoint
 from fastkd.cli import main
 from fastkd.synth import MARKER
@@ -88,7 +88,7 @@ def test_config_show_prints_the_resolved_config_with_overrides(capsys):
 @pytest.fixture(scope="module")
 def finished_run(tiny_imagefolder, tmp_path_factory):
     out = tmp_path_factory.mktemp("finished")
-    return engine.train(tiny_config(tiny_imagefolder, out, optim={"epochs": 2}), progress=False).run_dir
+    return commands.train(tiny_config(tiny_imagefolder, out, optim={"epochs": 2}), progress=False).run_dir
 
 
 def test_eval_takes_a_plain_state_dict_with_arch(finished_run, tiny_imagefolder, tmp_path, capsys):
@@ -205,3 +205,15 @@ def test_messages_go_through_the_fastkd_logger_and_can_be_quieted(tiny_imagefold
     assert not RankZeroOnly().filter(info) and RankZeroOnly().filter(error)
     monkeypatch.setenv("RANK", "0")
     assert RankZeroOnly().filter(info)
+
+
+def test_eval_of_a_broken_validation_image_is_one_line_naming_it(finished_run, tiny_imagefolder, tmp_path, capsys):
+    """`fastkd eval` builds its run as training does (validation images checked first): a file that
+    cannot be decoded is named in one line, exit 2."""
+    data = tmp_path / "data"
+    shutil.copytree(tiny_imagefolder, data)
+    broken = sorted((data / "val").rglob("*.jpg"))[3]
+    broken.write_bytes(b"\xff\xd8\xff not a jpeg")
+    config = write_config(tmp_path / "c.yaml", tiny_config_dict(data, tmp_path / "runs"))
+    message = cli_error(capsys, "eval", "--checkpoint", str(finished_run / "best.pt"), "--config", str(config))
+    assert message.startswith(f"fastkd: error: cannot decode {broken} (") and "fastkd data verify" in message

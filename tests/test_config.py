@@ -71,11 +71,16 @@ def test_bad_choice_lists_the_choices_and_suggests():
     ("data.batch_size=0", "data.batch_size: must be >= 1, got 0"),
     ("data.val_resize=100", "data.val_resize: must be >= the validation crop (data.val_image_size or "
                             "data.image_size: 224), got 100"),
-    ("data.start_image_size=100", "data.start_image_size: must be a multiple of data.image_size_step (32) and >= 16 "
-                                  "with a size schedule, got 100"),
-    ("data.start_image_size=160", "data.size_ramp_epochs: must be [first, last] epochs with 0 <= first < last when "
-                                  "data.start_image_size is set, got None"),
-    ("data.size_ramp_epochs=[3,5]", "data.size_ramp_epochs: needs data.start_image_size (the size it ramps from)"),
+    ("data.size_schedule={start_image_size: 100, ramp_epochs: [0, 1]}",
+     "data.size_schedule.start_image_size: must be a multiple of data.size_schedule.image_size_step (32) and >= 16, "
+     "got 100"),
+    ("data.size_schedule.start_image_size=160", "data.size_schedule.ramp_epochs: is required"),
+    ("data.size_schedule={start_image_size: 160, ramp_epochs: [5, 3]}",
+     "data.size_schedule.ramp_epochs: must be [first, last] epochs with 0 <= first < last, got [5, 3]"),
+    ("data.size_schedule={start_image_size: 160, ramp_epochs: [3, 5], image_size_step: 48}",
+     "data.size_schedule.start_image_size: must be a multiple of data.size_schedule.image_size_step (48) and >= 16, "
+     "got 160"),
+    ("data.size_ramp_epochs=[3,5]", "data.size_ramp_epochs: moved to data.size_schedule.ramp_epochs"),
     ("distill.teacher.image_size=8", "distill.teacher.image_size: must be >= 16 or null, got 8"),
     ("optim.warmup_epochs=200", "optim.warmup_epochs: must be within [0, optim.epochs=100), got 200.0"),
     ("optim.milestones_epochs=[60, 30]", "optim.milestones_epochs: must be increasing positive epochs, got [60, 30]"),
@@ -186,3 +191,27 @@ def test_config_to_dict_holds_only_plain_yaml_types():
     raw = config_to_dict(config_from_dict({**MINIMAL, "optim": {"betas": [0.8, 0.9], "milestones_epochs": [3]},
                                            "distill": {"teacher": {"arch": "resnet50", "checkpoint": "t.pt"}}}))
     assert plain(raw) and raw["optim"]["betas"] == [0.8, 0.9]
+
+
+def test_a_config_saved_by_an_earlier_fastkd_is_read_into_todays_sections():
+    """Checkpoints keep the config they ran with: one of 2026-12-04 (flat mixing, DALI and schedule
+    keys, every key written out) still resumes, exports and evaluates; a user's YAML with those keys
+    is refused naming the new place instead (tests/test_batch_stage.py)."""
+    from fastkd.config import upgrade_saved_config
+
+    saved = yaml.safe_load((REPO / "benchmarks/results/cifar10/2026-12-04-mixup-grad-clip/kd-mixup-s0/config.yaml")
+                           .read_text())
+    assert saved["data"]["mixup_alpha"] == 1.0 and "mix" not in saved["data"]
+    with pytest.raises(ConfigError, match="^data.dali_device: moved to data.dali.device$"):
+        config_from_dict(saved)
+    cfg = config_from_dict(upgrade_saved_config(saved))
+    assert cfg.data.mix is not None and cfg.data.mix.mixup_alpha == 1.0 and cfg.data.mix.cutmix_alpha == 0.0
+    assert cfg.data.randaugment is None and cfg.data.trivialaugment is None and cfg.data.size_schedule is None
+    assert cfg.data.backend == "dali" and cfg.data.dali is not None and cfg.data.dali.device == saved["data"]["dali_device"]
+    old = {**saved, "data": {**saved["data"], "mixup_alpha": 0.0, "auto_augment": "trivialaugment",
+                             "augment_magnitude_bins": 11, "start_image_size": 16, "size_ramp_epochs": [0, 2],
+                             "image_size_step": 16, "image_size": 32}}
+    cfg = config_from_dict(upgrade_saved_config(old))
+    assert cfg.data.mix is None and cfg.data.trivialaugment is not None and cfg.data.trivialaugment.magnitude_bins == 11
+    assert cfg.data.size_schedule is not None and cfg.data.size_schedule.ramp_epochs == (0, 2)
+    assert upgrade_saved_config(config_to_dict(cfg)) == config_to_dict(cfg)  # today's configs pass unchanged

@@ -16,12 +16,12 @@ from fastkd.errors import CheckpointError, ConfigError, DataError
 from fastkd.data import build_loaders, dali_loader_values, load_data
 from pipelines.augment import epoch_order
 from pipelines.base import BatchSpec, Shard, check_batch
-from tests.conftest import CPU, GPU_SPEC, REPO, data_config, hooked_env
+from tests.conftest import CPU, GPU_SPEC, REPO, data_config, hooked_env, pairs
 
 if importlib.util.find_spec("nvidia.dali") is None:  # not installed: skip; installed but broken: fail
     pytest.skip("NVIDIA DALI is not installed", allow_module_level=True)
 
-from pipelines.dali_backend import DaliLoader, placement, resolve_dali_device, size_hints  # noqa: E402
+from pipelines.dali_backend import DaliBatches, placement, resolve_dali_device, size_hints  # noqa: E402
 
 # Measured on the demo images (64/73, 224/256 px): mean |difference| 0.0015-0.003 in normalized
 # units (about 0.1-0.2 grey levels). Decoders and resampling filters differ in rounding only.
@@ -32,7 +32,7 @@ VAL_PIXEL_P999_TOLERANCE = 0.1
 def stream(loader, epochs: int) -> list[tuple[list[int], float]]:
     out = []
     for _ in range(epochs):
-        for images, labels in loader:
+        for images, labels in pairs(loader):
             out.append((labels.tolist(), float(images.double().sum())))
     return out
 
@@ -42,7 +42,7 @@ def test_dali_cpu_and_torchvision_validation_batches_agree(tiny_imagefolder, siz
     batches = {}
     for backend in ("torchvision", "dali"):
         cfg = data_config(tiny_imagefolder, backend, image_size=size, val_resize=resize, val_batch_size=20)
-        images, labels = next(iter(build_loaders(cfg, spec=CPU, seed=0).val))
+        images, labels = next(pairs(build_loaders(cfg, spec=CPU, seed=0).val))
         batches[backend] = (images, labels)
     assert torch.equal(batches["torchvision"][1], batches["dali"][1])
     difference = (batches["torchvision"][0] - batches["dali"][0]).abs()
@@ -96,8 +96,8 @@ def test_the_source_runs_epoch_after_epoch_from_a_resumed_batch():
 
 
 TRAINING_PATHS = [pytest.param({}, "cpu", id="cpu-torch-finishes"),
-                  pytest.param({"dali_cpu_resize": "dali"}, "cpu", id="cpu-dali-iterator"),  # the GPU path's iterator
-                  pytest.param({"dali_device": "gpu"}, "cuda", id="gpu-decoding", marks=pytest.mark.gpu)]
+                  pytest.param({"dali": {"cpu_resize": "dali"}}, "cpu", id="cpu-dali-iterator"),  # the GPU path's iterator
+                  pytest.param({"dali": {"device": "gpu"}}, "cuda", id="gpu-decoding", marks=pytest.mark.gpu)]
 
 
 @pytest.mark.parametrize("data, device", TRAINING_PATHS)
@@ -113,14 +113,14 @@ def test_the_training_pipeline_runs_on_across_epochs_and_resumes_exactly(tiny_im
     full = stream(build_loaders(cfg, spec=spec, seed=0).train, 3)
     per_epoch = len(full) // 3
     loader = build_loaders(cfg, spec=spec, seed=0).train
-    pipe = loader._pipe
+    pipe = loader.host._pipe
     monkeypatch.setattr(type(pipe), "reset", lambda self: pytest.fail("the training pipeline was reset"))
     seen = stream(loader, 1)
     loader.set_epoch(1)
-    seen += [(labels.tolist(), float(images.double().sum())) for images, labels in itertools.islice(loader, 2)]
+    seen += [(labels.tolist(), float(images.double().sum())) for images, labels in itertools.islice(pairs(loader), 2)]
     loader.set_epoch(1, 2)
     seen += stream(loader, 2)
-    assert loader._pipe is pipe and seen == full and len(full) == 3 * per_epoch
+    assert loader.host._pipe is pipe and seen == full and len(full) == 3 * per_epoch
     resumed = build_loaders(cfg, spec=spec, seed=0).train
     resumed.set_epoch(1, 2)
     assert stream(resumed, 2) == full[per_epoch + 2:]
@@ -143,13 +143,15 @@ def test_a_source_out_of_step_with_its_loader_stops_instead_of_cutting_other_cro
         stream(loader, 2)
 
 
-def training_batches_per_backend(root, *, seed: int, epoch: int, **data) -> dict[str, list]:
-    """One epoch of (images, labels, indices, mix) training batches of 8 from torchvision and DALI."""
+def training_batches_per_backend(root, *, seed: int, epoch: int, dali: dict | None = None, **data) -> dict[str, list]:
+    """One epoch of (images, labels, indices, mix) training batches of 8 from torchvision and DALI
+    (with `dali`'s settings)."""
     batches = {}
     for backend in ("torchvision", "dali"):
-        loader = build_loaders(data_config(root, backend, batch_size=8, **data), spec=CPU, seed=seed).train
+        loader = build_loaders(data_config(root, backend, batch_size=8, dali=dali if backend == "dali" else None,
+                                           **data), spec=CPU, seed=seed).train
         loader.set_epoch(epoch)
-        batches[backend] = [(b.images, b.labels, b.indices, b.mix) for b in loader.indexed()]
+        batches[backend] = [(b.images, b.labels, b.indices, b.mix) for b in loader]
     return batches
 
 
@@ -159,7 +161,7 @@ def test_dali_and_torchvision_cut_the_same_training_crops(tiny_imagefolder, cpu_
     """Same order, same crop and flip per (seed, epoch, sample); pixels differ by resampling only,
     whether torch (the default) or DALI resizes DALI's decoded crops, with any crop ranges."""
     batches = training_batches_per_backend(tiny_imagefolder, seed=3, epoch=2, image_size=48, val_resize=55,
-                                           dali_cpu_resize=cpu_resize, **crops)
+                                           dali={"cpu_resize": cpu_resize}, **crops)
     assert len(batches["dali"]) == len(batches["torchvision"]) == 5
     for (a, la, ia, _), (b, lb, ib, _) in zip(batches["torchvision"], batches["dali"]):
         assert torch.equal(ia, ib) and torch.equal(la, lb)
@@ -172,7 +174,7 @@ def test_dali_and_torchvision_mix_the_same_pairs_alike(tiny_imagefolder):
     """mixup and CutMix run after the backends, on the same draws: the same partners and target
     weights exactly, pixels apart by resampling only."""
     batches = training_batches_per_backend(tiny_imagefolder, seed=3, epoch=1, image_size=48, val_resize=55,
-                                           mixup_alpha=0.8, cutmix_alpha=1.0)
+                                           mix={"mixup_alpha": 0.8, "cutmix_alpha": 1.0})
     assert len(batches["dali"]) == len(batches["torchvision"]) == 5
     for (a, la, ia, ma), (b, lb, ib, mb) in zip(batches["torchvision"], batches["dali"]):
         assert torch.equal(ia, ib) and torch.equal(la, lb)
@@ -188,7 +190,7 @@ def test_dali_and_torchvision_augment_the_same_samples_alike(tiny_imagefolder, p
     op such as Solarize may flip a rare pixel that rounding put on the other side)."""
     common = dict(seed=3, epoch=1, image_size=48, val_resize=55)
     plain = training_batches_per_backend(tiny_imagefolder, **common)["torchvision"]
-    batches = training_batches_per_backend(tiny_imagefolder, auto_augment=policy, **common)
+    batches = training_batches_per_backend(tiny_imagefolder, **{policy: {}}, **common)
     assert len(batches["dali"]) == len(batches["torchvision"]) == 5
     for (a, la, ia, _), (b, lb, ib, _), (unaugmented, _, _, _) in zip(batches["torchvision"], batches["dali"], plain):
         assert torch.equal(ia, ib) and torch.equal(la, lb)
@@ -232,8 +234,8 @@ def test_a_stream_begun_by_another_fastkd_is_not_continued(tiny_imagefolder, bac
 
 def test_partial_last_batch_counts_and_len(tiny_imagefolder):
     loaders = build_loaders(data_config(tiny_imagefolder, "dali", batch_size=16, val_batch_size=16), spec=CPU, seed=0)
-    assert len(loaders.train) == 3 and [len(y) for _, y in loaders.train] == [16, 16, 8]
-    assert len(loaders.val) == 2 and [len(y) for _, y in loaders.val] == [16, 4]
+    assert len(loaders.train) == 3 and [b.size for b in loaders.train] == [16, 16, 8]
+    assert len(loaders.val) == 2 and [b.size for b in loaders.val] == [16, 4]
 
 
 def test_unusual_files_decode_to_rgb_like_torchvision(tmp_path):
@@ -266,7 +268,7 @@ def test_unusual_files_decode_to_rgb_like_torchvision(tmp_path):
     batches = {}
     for backend in ("torchvision", "dali"):
         cfg = data_config(root, backend, image_size=32, val_resize=32, val_batch_size=16)
-        batches[backend] = next(iter(build_loaders(cfg, spec=CPU, seed=0).val))
+        batches[backend] = next(pairs(build_loaders(cfg, spec=CPU, seed=0).val))
         check_batch(*batches[backend], spec=CPU, image_size=32, num_classes=2, max_batch_size=16)
     assert batches["dali"][0].shape[0] == 7
     difference = (batches["torchvision"][0] - batches["dali"][0]).abs().amax(dim=(1, 2, 3))
@@ -274,8 +276,8 @@ def test_unusual_files_decode_to_rgb_like_torchvision(tmp_path):
 
 
 def test_gpu_decoding_for_a_cpu_run_is_a_clear_error(tiny_imagefolder):
-    with pytest.raises(ConfigError, match="data.dali_device: gpu requested but the run trains on the CPU"):
-        build_loaders(data_config(tiny_imagefolder, "dali", dali_device="gpu"), spec=CPU, seed=0)
+    with pytest.raises(ConfigError, match="data.dali.device: gpu requested but the run trains on the CPU"):
+        build_loaders(data_config(tiny_imagefolder, "dali", dali={"device": "gpu"}), spec=CPU, seed=0)
 
 
 @pytest.mark.parametrize("requested, device, expected", [
@@ -289,13 +291,13 @@ def test_dali_device_follows_the_training_device_not_the_host(requested, device,
 def test_gpu_graphs_are_valid_without_a_gpu(tiny_imagefolder, dali_device, train):
     """The GPU (mixed decoder) and hybrid (CPU decoder, GPU augmentation) graphs, constructed and
     serialized on the CPU: argument and placement errors surface here, not on a GPU."""
-    cfg = data_config(tiny_imagefolder, "dali", dali_device=dali_device)
+    cfg = data_config(tiny_imagefolder, "dali", dali={"device": dali_device})
     dataset = load_data(cfg)
     place = placement(dali_device, GPU_SPEC, hw_decoder_load=0.65, files=dataset.train.files)
     assert place.on_gpu and (place.decoder == "mixed") == (dali_device == "gpu")
     split = dataset.train if train else dataset.val
-    loader = DaliLoader(split, train=train, batch_size=4, place=place, seed=0, shard=Shard(), spec=GPU_SPEC,
-                        num_threads=1, build=False, **dali_loader_values(cfg))
+    loader = DaliBatches(split, train=train, batch_size=4, place=place, seed=0, shard=Shard(), spec=GPU_SPEC,
+                         num_threads=1, build=False, **dali_loader_values(cfg))
     pipe = loader.create_pipeline(device_id=None)
     graph = pipe.serialize()
     if dali_device == "gpu":
@@ -327,10 +329,10 @@ def test_training_on_the_cpu_finishes_crops_with_torch_unless_told_otherwise():
 def test_batches_kept_by_the_caller_are_never_overwritten(tiny_imagefolder, cpu_resize):
     """Batch memory is recycled (`pipelines.resample.BatchBuffers`) only once the caller has let
     go of it: batches kept in a list equal the same stream read batch by batch."""
-    cfg = data_config(tiny_imagefolder, "dali", batch_size=4, dali_cpu_resize=cpu_resize)
+    cfg = data_config(tiny_imagefolder, "dali", batch_size=4, dali={"cpu_resize": cpu_resize})
     on_the_fly = stream(build_loaders(cfg, spec=CPU, seed=0).train, 2)
     loader = build_loaders(cfg, spec=CPU, seed=0).train
-    kept = [batch for epoch in range(2) for batch in (loader.set_epoch(epoch), list(loader))[1]]
+    kept = [batch for epoch in range(2) for batch in (loader.set_epoch(epoch), list(pairs(loader)))[1]]
     assert [(labels.tolist(), float(images.double().sum())) for images, labels in kept] == on_the_fly
     assert len({images.data_ptr() for images, _ in kept}) == len(kept)
 
@@ -371,7 +373,7 @@ def test_a_dali_error_is_a_data_error_only_when_a_file_in_flight_is_broken(tiny_
     decode = RuntimeError("Error in CPU operator `nvidia.dali.fn.decoders.image_random_crop`: nvImageCodec failure")
     oom = RuntimeError("Error in MIXED operator `nvidia.dali.fn.decoders.image_random_crop`: CUDA error: out of memory")
     # Batches of 2 and a queue of 2: 8 files in flight of the 40 training / 20 validation files.
-    loaders = build_loaders(data_config(root, "dali", verify_images=False, batch_size=2, dali_prefetch_queue=2),
+    loaders = build_loaders(data_config(root, "dali", verify_images=False, batch_size=2, dali={"prefetch_queue": 2}),
                             spec=CPU, seed=0)
     loader = loaders.train if train else loaders.val
     order = (lambda e: epoch_order(40, seed=0, epoch=e, shuffle=True)) if train else (lambda e: list(range(20)))
@@ -382,7 +384,7 @@ def test_a_dali_error_is_a_data_error_only_when_a_file_in_flight_is_broken(tiny_
     def read_with(error):
         if train:
             loader.set_epoch(0, start // 2)  # a failed epoch leaves the stream's place unknown: set_epoch
-        monkeypatch.setattr(loader, "_iterator", failing(error))
+        monkeypatch.setattr(loader.host, "_iterator", failing(error))
         with pytest.raises(Exception) as raised:
             next(iter(loader))
         return raised.value
@@ -394,7 +396,7 @@ def test_a_dali_error_is_a_data_error_only_when_a_file_in_flight_is_broken(tiny_
         return iterate()
 
     def break_file(index: int) -> Path:
-        path = Path(loader._files[index])
+        path = Path(loader.host._files[index])
         path.write_bytes(b"\xff\xd8\xff broken")
         return path
 
@@ -410,7 +412,7 @@ def test_a_dali_error_is_a_data_error_only_when_a_file_in_flight_is_broken(tiny_
         shutil.copy(next(p for p in sorted((tiny_imagefolder / "train").rglob("*.*"))), broken)
         nxt = break_file(order(1)[1])
         loader.set_epoch(0, 19)  # the last batch
-        monkeypatch.setattr(loader, "_iterator", failing(decode))
+        monkeypatch.setattr(loader.host, "_iterator", failing(decode))
         with pytest.raises(DataError, match=f"cannot decode {nxt}"):
             next(iter(loader))
 
@@ -430,7 +432,7 @@ def build_after_cyclic_garbage(root: str) -> None:
 
     for seed in (1, 2):
         fail_with_a_loader_in_a_cycle()
-        images, labels = next(iter(build_loaders(cfg, spec=CPU, seed=seed).train))
+        images, labels = next(pairs(build_loaders(cfg, spec=CPU, seed=seed).train))
         assert images.shape[0] == labels.shape[0] > 0
 
 
@@ -449,8 +451,8 @@ def test_a_loader_left_as_cyclic_garbage_does_not_break_the_next_one_s_forked_wo
 
 def test_batches_are_channels_last_views_of_the_pipeline_output(tiny_imagefolder):
     loader = build_loaders(data_config(tiny_imagefolder, "dali"), spec=CPU, seed=0).train
-    host = next(loader.host_batches())
-    hwc, images = host.images, loader.to_device(host).images
+    host = next(iter(loader.host))
+    hwc, images = host.images, loader.device_stages(host).images
     assert hwc.shape[-1] == 3 and images.shape[1] == 3
     assert images.data_ptr() == hwc.data_ptr() and images.is_contiguous(memory_format=torch.channels_last)
 
@@ -460,13 +462,13 @@ def test_batches_are_channels_last_views_of_the_pipeline_output(tiny_imagefolder
 def test_gpu_pipelines_honour_the_contract_in_fp16(tiny_imagefolder, dali_device):
     """GPU decoding, and hybrid (CPU decoding, GPU augmentation): batches arrive on the GPU."""
     spec = BatchSpec(device=torch.device("cuda", torch.cuda.current_device()), dtype=torch.float16)
-    loaders = build_loaders(data_config(tiny_imagefolder, "dali", dali_device=dali_device), spec=spec, seed=0)
+    loaders = build_loaders(data_config(tiny_imagefolder, "dali", dali={"device": dali_device}), spec=spec, seed=0)
     for loader in (loaders.train, loaders.val):
         total = 0
-        for host in loader.host_batches():
+        for host in loader.host:
             hwc = host.images
             assert hwc.is_cuda and host.labels.is_cuda  # no pageable host copy per batch
-            batch = loader.to_device(host)
+            batch = loader.device_stages(host)
             images, labels = batch.images, batch.labels
             assert images.data_ptr() == hwc.data_ptr()  # zero-copy channels-last view
             check_batch(images, labels, spec=spec, image_size=32, num_classes=10, max_batch_size=7)
@@ -477,9 +479,9 @@ def test_gpu_pipelines_honour_the_contract_in_fp16(tiny_imagefolder, dali_device
 @pytest.mark.gpu
 def test_gpu_and_cpu_decoding_agree_on_validation(tiny_imagefolder):
     spec = BatchSpec(device=torch.device("cuda", torch.cuda.current_device()), dtype=torch.float32)
-    gpu = next(iter(build_loaders(data_config(tiny_imagefolder, "dali", dali_device="gpu", val_batch_size=20),
-                                  spec=spec, seed=0).val))
-    cpu = next(iter(build_loaders(data_config(tiny_imagefolder, "dali", val_batch_size=20), spec=CPU, seed=0).val))
+    gpu = next(pairs(build_loaders(data_config(tiny_imagefolder, "dali", dali={"device": "gpu"}, val_batch_size=20),
+                                   spec=spec, seed=0).val))
+    cpu = next(pairs(build_loaders(data_config(tiny_imagefolder, "dali", val_batch_size=20), spec=CPU, seed=0).val))
     assert torch.equal(gpu[1].cpu(), cpu[1])
     # nvJPEG and libjpeg-turbo upsample chroma differently: allow a few grey levels on average.
     assert (gpu[0].cpu() - cpu[0]).abs().mean() < 0.05

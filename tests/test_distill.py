@@ -7,12 +7,12 @@ import pytest
 import torch
 import torchvision
 
-from fastkd import engine, loop
+from fastkd import commands, loop
 from fastkd.config import config_from_dict
 from fastkd.checkpoint import load_checkpoint, save_checkpoint
 from fastkd.losses import kd_loss
 from fastkd.steps import DistillationStep
-from tests.conftest import batch_of, cli_error, distill_dict, run_cli, stop_after, tiny_config_dict, write_config
+from tests.conftest import backend_data, batch_of, cli_error, distill_dict, run_cli, stop_after, tiny_config_dict, write_config
 
 
 def make_step(stream=None, *, teacher_input_dtype=None, label_smoothing=0.0, term=None) -> DistillationStep:
@@ -152,15 +152,15 @@ def test_distillation_resume_ends_with_the_same_weights_as_an_uninterrupted_run(
     configs = {}
     for name in ("straight", "interrupted"):
         raw = distill_dict(tiny_imagefolder, tmp_path / name, tiny_teacher)
-        raw["data"].update(backend=backend, dali_device="cpu", num_workers=2)
+        raw["data"].update(**backend_data(backend), num_workers=2)
         configs[name] = config_from_dict(raw)
-    engine.distill(configs["straight"], progress=False)
+    commands.distill(configs["straight"], progress=False)
     with monkeypatch.context() as patch:
         stop_after(patch, 7)  # inside epoch 2 (5 steps per epoch)
         with pytest.raises(loop.Interrupted):
-            engine.distill(configs["interrupted"], progress=False)
+            commands.distill(configs["interrupted"], progress=False)
     assert load_checkpoint(configs["interrupted"].run_dir / "last.pt")["step"] == 7
-    engine.distill(configs["interrupted"], resume=True, progress=False)
+    commands.distill(configs["interrupted"], resume=True, progress=False)
     a = load_checkpoint(configs["straight"].run_dir / "last.pt")
     b = load_checkpoint(configs["interrupted"].run_dir / "last.pt")
     assert a["step"] == b["step"] == 10

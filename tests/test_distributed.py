@@ -15,10 +15,10 @@ import torchvision
 from PIL import Image
 
 from fastkd.checkpoint import load_checkpoint
-from fastkd.config import DataConfig
+from fastkd.config import config_from_dict
 from fastkd.data import build_loaders
 from pipelines.base import Shard
-from tests.conftest import (CPU, HOOKED_FASTKD, REPO, distill_dict, hooked_env, tiny_config_dict, wait_for,
+from tests.conftest import (CPU, HOOKED_FASTKD, REPO, backend_data, distill_dict, hooked_env, tiny_config_dict, wait_for,
                             write_config)
 
 pytestmark = pytest.mark.slow
@@ -40,7 +40,7 @@ def torchrun(*args: str, timeout: float = 300, hooks: dict[str, str] | None = No
 def backend_section(backend: str) -> dict:
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
-    return {"backend": backend, "dali_device": "cpu", "batch_size": 4, "num_workers": 1}
+    return {**backend_data(backend), "batch_size": 4, "num_workers": 1}
 
 
 @pytest.mark.parametrize("backend", ["torchvision", "dali"])
@@ -85,12 +85,12 @@ def unique_label_dataset(root: Path, count: int) -> Path:
 def test_shards_are_disjoint_and_cover_the_data(tmp_path, backend):
     section = backend_section(backend)
     root = unique_label_dataset(tmp_path / "data", 23)
-    cfg = DataConfig(root=str(root), image_size=16, val_resize=16, **{**section, "batch_size": 5})
+    cfg = config_from_dict({"data": {"root": str(root), "image_size": 16, "val_resize": 16, **section, "batch_size": 5}}).data
     train, val = [], []
     for rank in range(2):
         loaders = build_loaders(cfg, spec=CPU, seed=0, shard=Shard(rank=rank, world_size=2))
-        train.append([y for _, labels in loaders.train for y in labels.tolist()])
-        val.append([y for _, labels in loaders.val for y in labels.tolist()])
+        train.append([y for batch in loaders.train for y in batch.labels.tolist()])
+        val.append([y for batch in loaders.val for y in batch.labels.tolist()])
         assert len(loaders.train) == 3  # equal steps on every rank
         assert loaders.val.num_samples == len(val[-1]) and len(loaders.val) == -(-len(val[-1]) // 5)  # its own count
     assert set(train[0]) | set(train[1]) == set(range(23))

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fastkd import engine, loop
+from fastkd import commands, loop
 from fastkd.checkpoint import load_checkpoint
 from fastkd.config import config_from_dict
-from tests.conftest import distill_dict, stop_after, tiny_config_dict
+from tests.conftest import backend_data, distill_dict, stop_after, tiny_config_dict
 
 pytestmark = pytest.mark.gpu
 
@@ -36,9 +36,9 @@ def stop_then_resume(monkeypatch, raw: dict, run, stop_step: int) -> dict:
 @pytest.mark.parametrize("precision, dali_device", [("fp16", "gpu"), ("bf16", "cpu")])
 def test_train_on_the_gpu_stops_and_resumes(tiny_imagefolder, tmp_path, monkeypatch, precision, dali_device):
     pytest.importorskip("nvidia.dali")
-    raw = tiny_config_dict(tiny_imagefolder, tmp_path / "runs", data={"backend": "dali", "dali_device": dali_device},
+    raw = tiny_config_dict(tiny_imagefolder, tmp_path / "runs", data=backend_data("dali", device=dali_device),
                            runtime={**GPU_RUNTIME, "precision": precision}, optim=GPU_OPTIM)
-    summary = stop_then_resume(monkeypatch, raw, engine.train, stop_step=3)
+    summary = stop_then_resume(monkeypatch, raw, commands.train, stop_step=3)
     assert summary["steps"] == 10 and summary["precision"] == precision
     assert summary["device"] == torch.cuda.get_device_name(0)
     checkpoint = load_checkpoint(tmp_path / "runs" / "tiny" / "last.pt")
@@ -53,11 +53,11 @@ def test_distill_on_the_gpu_stops_and_resumes(tiny_imagefolder, tmp_path, monkey
     teacher_raw = tiny_config_dict(tiny_imagefolder, tmp_path / "runs", run={"name": "teacher"},
                                    optim={**GPU_OPTIM, "epochs": 1, "warmup_epochs": 0},
                                    runtime={**GPU_RUNTIME, "precision": "bf16"})
-    teacher = engine.train(config_from_dict(teacher_raw), progress=False).run_dir / "best.pt"
+    teacher = commands.train(config_from_dict(teacher_raw), progress=False).run_dir / "best.pt"
     raw = distill_dict(tiny_imagefolder, tmp_path / "runs", teacher, side_stream=side_stream)
     raw["distill"]["teacher"]["precision"] = teacher_precision  # fp32 teacher fed fp16 DALI batches
-    raw["data"].update(backend="dali", dali_device="gpu")
+    raw["data"].update(backend_data("dali", device="gpu"))
     raw["runtime"] = {**GPU_RUNTIME, "precision": "bf16"}
     raw["optim"].update(GPU_OPTIM)
-    summary = stop_then_resume(monkeypatch, raw, engine.distill, stop_step=6)
+    summary = stop_then_resume(monkeypatch, raw, commands.distill, stop_step=6)
     assert summary["steps"] == 10 and summary["teacher"]["precision"] == (teacher_precision or "bf16")

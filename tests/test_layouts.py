@@ -86,7 +86,7 @@ def test_mini_imagenet_layout_loads_with_sorted_wnid_labels(tmp_path, tiny_image
         rows = list(csv.DictReader(f))
     assert [dataset.classes[y] for y in dataset.val.labels] == [r["label"] for r in rows]
     loaders = build_loaders(data_config(root, backend, format="mini-imagenet"), spec=CPU, seed=0)
-    labels = torch.cat([y for _, y in loaders.val]).tolist()
+    labels = torch.cat([batch.labels for batch in loaders.val]).tolist()
     assert sorted(labels) == sorted(dataset.val.labels)
 
 
@@ -156,7 +156,7 @@ def test_imagefolder_reads_a_validation_folder_named_by_data_val_dir(backend, ci
     assert [Path(f).relative_to(cifar_like / "test") for f in named.val.files] == [
         Path(f).relative_to(tiny_imagefolder / "val") for f in usual.val.files]
     loaders = build_loaders(data_config(cifar_like, backend, val_dir="test"), spec=CPU, seed=0)
-    seen = sum(len(batch[1]) for batch in loaders.val)
+    seen = sum(batch.size for batch in loaders.val)
     assert seen == len(usual.val)
 
 

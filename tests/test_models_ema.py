@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import builtins
 import json
+from pathlib import Path
 
 import pytest
 import torch
 import torchvision
 
-from fastkd import engine, loop
+from fastkd import commands, loop
 from fastkd.checkpoint import load_checkpoint
 from fastkd.cli import main
 from fastkd.config import config_from_dict
@@ -47,7 +48,7 @@ def test_a_timm_student_trains_evaluates_and_exports_with_its_timm_name(tiny_ima
     timm = pytest.importorskip("timm")
     cfg = tiny_config(tiny_imagefolder, tmp_path / "runs", model={"arch": "timm:test_resnet"},
                       optim={"epochs": 1, "warmup_epochs": 0})
-    run = engine.train(cfg, progress=False).run_dir
+    run = commands.train(cfg, progress=False).run_dir
     out = tmp_path / "export" / "student.pt"
     main(["export", str(run), "--out", str(out), "--onnx"])
     meta = json.loads(out.with_suffix(".json").read_text())
@@ -108,7 +109,7 @@ def test_a_teacher_trained_with_other_statistics_is_fed_them_and_its_cache_keys_
     own = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
     teacher_cfg = tiny_config(tiny_imagefolder, tmp_path / "runs", run={"name": "teacher"}, model=own,
                               optim={"epochs": 1, "warmup_epochs": 0})
-    teacher_run = engine.train(teacher_cfg, progress=False).run_dir
+    teacher_run = commands.train(teacher_cfg, progress=False).run_dir
     assert load_checkpoint(teacher_run / "best.pt")["normalization"] == own
     from fastkd.models import load_teacher
 
@@ -118,7 +119,7 @@ def test_a_teacher_trained_with_other_statistics_is_fed_them_and_its_cache_keys_
     raw = tiny_config_dict(tiny_imagefolder, tmp_path / "runs", run={"name": "kd"},
                            distill={"teacher": {"arch": "resnet18", "checkpoint": str(teacher_run / "best.pt")},
                                     "teacher_cache": str(tmp_path / "cache"), "allow_weak_teacher": True})
-    engine.record_teacher_cache(config_from_dict(raw), dtype="fp32", progress=False)
+    commands.record_teacher_cache(config_from_dict(raw), dtype="fp32", progress=False)
     manifest = json.loads((tmp_path / "cache" / "manifest.json").read_text())
     assert manifest["key"]["teacher_normalization"] == own
     raw["distill"]["teacher"].update(mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
@@ -152,7 +153,7 @@ def test_ema_is_evaluated_each_epoch_saved_at_its_best_exported_and_resumed_exac
                                                                                     monkeypatch, capsys):
     sections = {"model": {"ema_decay": 0.9}, "runtime": {"device": "cpu", "deterministic": True}}
     straight = tiny_config(tiny_imagefolder, tmp_path / "a", **sections)
-    summary = engine.train(straight, progress=False).summary
+    summary = commands.train(straight, progress=False).summary
     run = tmp_path / "a" / "tiny"
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all("val_ema_top1" in r and "val_top1" in r for r in records)
@@ -175,8 +176,55 @@ def test_ema_is_evaluated_each_epoch_saved_at_its_best_exported_and_resumed_exac
     with monkeypatch.context() as patch:
         stop_after(patch, 7)  # inside epoch 2
         with pytest.raises(loop.Interrupted):
-            engine.train(interrupted, progress=False)
-    engine.train(interrupted, resume=True, progress=False)
+            commands.train(interrupted, progress=False)
+    commands.train(interrupted, resume=True, progress=False)
     a, b = load_checkpoint(run / "last.pt"), load_checkpoint(tmp_path / "b" / "tiny" / "last.pt")
     for key, value in a["ema"].items():
         assert torch.equal(value, b["ema"][key]), key
+
+
+def test_a_model_of_one_input_size_trains_at_the_configured_size_or_is_refused_before_anything_is_written(
+        tiny_imagefolder, tmp_path, capsys):
+    """The registry says which models take one input size (timm ViTs by their pretrained config,
+    torchvision's vit_*/maxvit_* by builder): built at the run's size they train; a size schedule or
+    another validation size is one line naming the key, and no run directory appears."""
+    pytest.importorskip("timm")
+    raw = tiny_config_dict(tiny_imagefolder, tmp_path / "runs", model={"arch": "timm:vit_tiny_patch16_224"},
+                           optim={"epochs": 1, "warmup_epochs": 0})
+    config = write_config(tmp_path / "vit.yaml", raw)
+    schedule = "data.size_schedule={start_image_size: 16, ramp_epochs: [0, 1], image_size_step: 16}"
+    message = cli_error(capsys, "train", "--config", str(config), schedule)
+    assert message == ("fastkd: error: model.arch: timm:vit_tiny_patch16_224 is built for one input size (32 px here): "
+                       "it cannot train with data.size_schedule or be validated at data.val_image_size 32")
+    message = cli_error(capsys, "train", "--config", str(config), "model.arch=vit_b_16", "data.val_image_size=48",
+                        "data.val_resize=null")
+    assert message.startswith("fastkd: error: model.arch: vit_b_16 is built for one input size (32 px here)")
+    raw["distill"] = {"teacher": {"arch": "timm:vit_tiny_patch16_224", "checkpoint": "t.pt"}}
+    raw["model"]["arch"] = "resnet18"
+    message = cli_error(capsys, "distill", "--config", str(write_config(tmp_path / "kd.yaml", raw)), schedule)
+    assert message.startswith("fastkd: error: distill.teacher.arch: timm:vit_tiny_patch16_224 is built for one input size")
+    assert not (tmp_path / "runs").exists()
+    summary = commands.train(config_from_dict(tiny_config_dict(
+        tiny_imagefolder, tmp_path / "runs", model={"arch": "timm:vit_tiny_patch16_224"},
+        optim={"epochs": 1, "warmup_epochs": 0})), progress=False).summary
+    assert summary["epochs"] == 1 and summary["final_val_top1"] is not None  # trained and validated at 32 px
+
+
+def test_model_families_are_asked_not_recognised_by_prefix():
+    """The registry is the one place an arch's family is told from its name: a new family is one
+    class in `fastkd.models.FAMILIES`."""
+    import inspect
+
+    import fastkd
+    from fastkd.models import FAMILIES, TimmModels, TorchvisionModels, family_of, is_weights_name
+
+    assert isinstance(family_of("resnet18"), TorchvisionModels) and isinstance(family_of("timm:vit_tiny_patch16_224"),
+                                                                                 TimmModels)
+    assert is_weights_name("timm") and is_weights_name("torchvision:ResNet18_Weights.IMAGENET1K_V1")
+    assert not is_weights_name("runs/teacher/best.pt") and len(FAMILIES) == 2
+    package = Path(inspect.getfile(fastkd)).parent
+    for path in [*package.glob("*.py"), *(package.parent / "pipelines").glob("*.py")]:
+        if path.name != "models.py":
+            code = path.read_text()
+            for needle in ("TIMM_PREFIX", 'startswith("timm', "startswith('timm", 'startswith("vit', "is_timm"):
+                assert needle not in code, f"{path.name} tells a model family by its name ({needle})"

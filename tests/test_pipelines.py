@@ -11,11 +11,11 @@ from PIL import Image
 
 from fastkd.errors import DataError
 from fastkd.data import build_loaders
-from pipelines.base import Shard, check_batch
+from pipelines.base import Shard, check_batch, run_stages
 from pipelines.datasets import load_dataset
 from pipelines.augment import random_resized_crop_box, sample_seed
 from pipelines.torchvision_backend import EpochSampler
-from tests.conftest import CPU, data_config, require_backend
+from tests.conftest import CPU, data_config, pairs, require_backend
 
 BACKENDS = ["torchvision", "synthetic", "dali"]
 
@@ -33,7 +33,7 @@ def test_every_backend_honours_the_batch_contract(backend, tiny_imagefolder):
         for _ in range(2):  # two epochs: the loader restarts cleanly
             loader.set_epoch(0)
             sizes = []
-            for images, labels in loader:
+            for images, labels in pairs(loader):
                 check_batch(images, labels, spec=CPU, image_size=32, num_classes=num_classes, max_batch_size=7)
                 sizes.append(labels.shape[0])
             assert sum(sizes) == expected_samples and len(sizes) == len(loader)
@@ -41,15 +41,16 @@ def test_every_backend_honours_the_batch_contract(backend, tiny_imagefolder):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_every_training_loader_has_the_two_stages_the_bench_times(backend, tiny_imagefolder):
-    """`host_batches()` then `to_device()` is `indexed()`, batch for batch,
-    teacher view included; `prefetched_batches` says what a warm-up must drain."""
+    """The host stage, then the device stages one by one (`run_stages`, as the bench times them), is
+    the loader's batches, batch for batch, teacher view included; `prefetched_batches` says what a
+    warm-up must drain."""
     require_backend(backend)
     loader = build_loaders(data_config(tiny_imagefolder, backend), spec=CPU, seed=0, teacher_image_size=24).train
     assert isinstance(loader.prefetched_batches, int) and loader.prefetched_batches >= 0
     loader.set_epoch(1)
-    whole = list(loader.indexed())
+    whole = list(loader)
     loader.set_epoch(1)
-    staged = [loader.to_device(batch) for batch in loader.host_batches()]
+    staged = [run_stages(batch, loader.stages) for batch in loader.host]
     assert len(staged) == len(whole) == len(loader)
     for batch, s in zip(whole, staged):
         assert torch.equal(batch.images, s.images) and torch.equal(batch.labels, s.labels)
@@ -62,7 +63,7 @@ def test_every_training_loader_has_the_two_stages_the_bench_times(backend, tiny_
 def test_validation_sees_every_image_once_in_label_order(backend, tiny_imagefolder):
     require_backend(backend)
     loaders = build_loaders(data_config(tiny_imagefolder, backend), spec=CPU, seed=0)
-    labels = torch.cat([labels for _, labels in loaders.val]).tolist()
+    labels = torch.cat([batch.labels for batch in loaders.val]).tolist()
     assert labels == [c for c in range(10) for _ in range(2)]  # unshuffled: the file list's order
 
 
@@ -215,7 +216,7 @@ def test_torchvision_stream_is_the_same_for_any_number_of_workers(tiny_imagefold
     for workers in (0, 1, 3):
         loader = build_loaders(data_config(tiny_imagefolder, "torchvision", num_workers=workers), spec=CPU, seed=0).train
         loader.set_epoch(1)
-        streams.append([(labels.tolist(), images) for images, labels in loader])
+        streams.append([(labels.tolist(), images) for images, labels in pairs(loader)])
     for other in streams[1:]:
         assert [labels for labels, _ in other] == [labels for labels, _ in streams[0]]
         assert all(torch.equal(a, b) for (_, a), (_, b) in zip(other, streams[0]))

@@ -14,12 +14,12 @@ import pytest
 import torch
 from PIL import Image
 
-from fastkd import engine, loop
+from fastkd import commands, loop
 from fastkd.checkpoint import load_checkpoint
 from fastkd.cli import main
 from fastkd.errors import FastkdError
 from pipelines.verify import find_broken_images, image_problem
-from tests.conftest import (HOOKED_FASTKD, REPO, cli_error, hooked_env, tiny_config, tiny_config_dict, wait_for,
+from tests.conftest import (HOOKED_FASTKD, REPO, backend_data, cli_error, hooked_env, tiny_config, tiny_config_dict, wait_for,
                             write_config)
 
 BROKEN = ("truncated.jpg", "empty.jpg", "text.jpg")
@@ -97,7 +97,7 @@ def test_verification_results_are_cached_by_size_and_mtime(broken_dataset, tmp_p
 def test_training_on_broken_data_stops_before_the_first_step(broken_dataset, tmp_path, capsys, backend):
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
-    raw = tiny_config_dict(broken_dataset, tmp_path / "runs", data={"backend": backend, "dali_device": "cpu"})
+    raw = tiny_config_dict(broken_dataset, tmp_path / "runs", data=backend_data(backend))
     message = cli_error(capsys, "train", "--config", str(write_config(tmp_path / "c.yaml", raw)))
     assert message.startswith("fastkd: error: cannot decode ")
     assert "and 2 more; list them with `fastkd data verify" in message and "data.skip_broken: true" in message
@@ -108,10 +108,10 @@ def test_training_on_broken_data_stops_before_the_first_step(broken_dataset, tmp
 def test_skip_broken_trains_without_them_and_lists_them(broken_dataset, tmp_path, capsys, backend):
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
-    cfg = tiny_config(broken_dataset, tmp_path / "runs", data={"backend": backend, "dali_device": "cpu",
+    cfg = tiny_config(broken_dataset, tmp_path / "runs", data={**backend_data(backend),
                                                                "skip_broken": True},
                       optim={"epochs": 1, "warmup_epochs": 0})
-    engine.train(cfg, progress=False)
+    commands.train(cfg, progress=False)
     err = capsys.readouterr().err
     assert "training without 3 image(s) that cannot be decoded" in err
     for name in BROKEN:
@@ -126,7 +126,7 @@ def test_a_file_broken_after_the_check_is_a_one_line_error(broken_dataset, tmp_p
         pytest.importorskip("nvidia.dali")
     for name in BROKEN:  # a clean dataset passes the check...
         (broken_dataset / "train" / "cool_disc" / name).unlink()
-    raw = tiny_config_dict(broken_dataset, tmp_path / "runs", data={"backend": backend, "dali_device": "cpu",
+    raw = tiny_config_dict(broken_dataset, tmp_path / "runs", data={**backend_data(backend),
                                                                     "verify_images": False, "num_workers": 1})
     victim = next((broken_dataset / "train" / "warm_disc").iterdir())
     victim.write_bytes(b"\xff\xd8\xff garbage")  # ...then a file breaks (verification switched off)
@@ -158,7 +158,7 @@ def reference_run(tiny_imagefolder, tmp_path_factory) -> Path:
     """An uninterrupted 3-epoch run to compare interrupted ones with."""
     out = tmp_path_factory.mktemp("reference")
     cfg = tiny_config(tiny_imagefolder, out, optim={"epochs": 3})
-    return engine.train(cfg, progress=False).run_dir
+    return commands.train(cfg, progress=False).run_dir
 
 
 @pytest.mark.slow
@@ -217,7 +217,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     monkeypatch.setattr(ClassificationStep, "forward", poisoned)
     cfg = tiny_config(tiny_imagefolder, tmp_path / "runs", run={"log_every_steps": 1})
     with pytest.raises(FastkdError, match=r"loss became non-finite \(nan/inf\) at step 7; stopped without saving"):
-        engine.train(cfg, progress=False)
+        commands.train(cfg, progress=False)
     checkpoint = load_checkpoint(tmp_path / "runs" / "tiny" / "last.pt")
     assert checkpoint["step"] == 5 and all(torch.isfinite(v).all() for v in checkpoint["model"].values()
                                            if v.is_floating_point())
@@ -239,7 +239,7 @@ def test_an_update_that_breaks_the_weights_is_never_saved(tiny_imagefolder, tmp_
     monkeypatch.setattr(loop, "apply_update", breaking)
     cfg = tiny_config(tiny_imagefolder, tmp_path / "runs", run={"log_every_steps": 1})
     with pytest.raises(FastkdError, match=r"the weights became non-finite \(nan/inf\) by step 10; stopped without"):
-        engine.train(cfg, progress=False)
+        commands.train(cfg, progress=False)
     for name in ("last.pt", "best.pt"):
         checkpoint = load_checkpoint(tmp_path / "runs" / "tiny" / name)
         assert checkpoint["step"] == 5
@@ -309,7 +309,7 @@ def test_stop_request_between_epochs_stops_after_the_epoch_checkpoint(tiny_image
 
     monkeypatch.setattr(loop, "agree_to_stop", fake)
     with pytest.raises(loop.Interrupted):
-        engine.train(tiny_config(tiny_imagefolder, tmp_path / "runs"), progress=False)
+        commands.train(tiny_config(tiny_imagefolder, tmp_path / "runs"), progress=False)
     checkpoint = load_checkpoint(tmp_path / "runs" / "tiny" / "last.pt")
     assert checkpoint["epoch"] == 1 and checkpoint["step"] == 5
 
@@ -323,7 +323,7 @@ def test_importing_fastkd_changes_nothing_global_and_exit_kills_only_its_own_wor
 import atexit, multiprocessing, os, sys, time
 import numpy, torch, torchvision, PIL.Image, tqdm  # what fastkd imports: their own hooks are not ours
 before, limit = atexit._ncallbacks(), PIL.Image.MAX_IMAGE_PIXELS
-import fastkd.engine, fastkd.bench, pipelines.torchvision_backend, pipelines.verify
+import fastkd.commands, fastkd.bench, pipelines.torchvision_backend, pipelines.verify
 from pipelines.verify import image_problem
 assert atexit._ncallbacks() == before, "an exit hook was registered at import"
 image_problem({str(next((tiny_imagefolder / "train" / "cool_disc").iterdir()))!r})

@@ -10,19 +10,19 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fastkd import engine, loop
+from fastkd import commands, loop
 from fastkd.checkpoint import load_checkpoint
 from fastkd.config import config_from_dict, load_config
 from fastkd.data import build_loaders, dali_loader_values
 from pipelines.augment import SizeSchedule
-from tests.conftest import (CPU, GPU_SPEC, cli_error, data_config, distill_dict, stop_after,
+from tests.conftest import (CPU, GPU_SPEC, backend_data, cli_error, data_config, distill_dict, stop_after,
                             write_config)
 
 HAVE_DALI = importlib.util.find_spec("nvidia.dali") is not None
 BACKENDS = [("torchvision", {}), ("synthetic", {}),
-            pytest.param("dali", {"dali_cpu_resize": "torch"}, marks=pytest.mark.skipif(not HAVE_DALI, reason="no DALI")),
-            pytest.param("dali", {"dali_cpu_resize": "dali"}, marks=pytest.mark.skipif(not HAVE_DALI, reason="no DALI"))]
-RAMP = dict(image_size=48, start_image_size=16, size_ramp_epochs=(1, 3), image_size_step=16)
+            pytest.param("dali", {"dali": {"cpu_resize": "torch"}}, marks=pytest.mark.skipif(not HAVE_DALI, reason="no DALI")),
+            pytest.param("dali", {"dali": {"cpu_resize": "dali"}}, marks=pytest.mark.skipif(not HAVE_DALI, reason="no DALI"))]
+RAMP = dict(image_size=48, size_schedule={"start_image_size": 16, "ramp_epochs": (1, 3), "image_size_step": 16})
 """16 px up to epoch 1, 48 px from epoch 3: epochs 0-4 train at 16, 16, 32, 48, 48."""
 
 
@@ -42,14 +42,14 @@ def test_every_backend_trains_at_the_epochs_size_and_validates_at_its_own(tiny_i
     sizes = []
     for epoch in range(5):
         loaders.train.set_epoch(epoch)
-        batch = next(iter(loaders.train.indexed()))
+        batch = next(iter(loaders.train))
         images, labels, teacher_images = batch.images, batch.labels, batch.teacher_images
         sizes.append(images.shape[-1])
         assert images.shape[-2] == images.shape[-1] and images.is_contiguous(memory_format=torch.channels_last)
         assert teacher_images.shape == (len(labels), 3, 40, 40)  # the teacher's size does not follow the schedule
         assert teacher_images.is_contiguous(memory_format=torch.channels_last)
     assert sizes == [16, 16, 32, 48, 48]
-    images, _ = next(iter(loaders.val))
+    images = next(iter(loaders.val)).images
     assert images.shape[-2:] == (56, 56)
     assert cfg.val_resize_size == 64  # 8/7 of the crop, as 256 for 224
 
@@ -61,7 +61,7 @@ def test_the_teachers_view_is_the_students_crop_at_another_size(tiny_imagefolder
     cfg = data_config(tiny_imagefolder, backend, batch_size=8, image_size=24, val_resize=28, **extra)
     loader = build_loaders(cfg, spec=CPU, seed=3, teacher_image_size=64).train
     loader.set_epoch(1)
-    for batch in loader.indexed():
+    for batch in loader:
         images, teacher_images = batch.images, batch.teacher_images
         down = F.interpolate(teacher_images, size=(24, 24), mode="bilinear", antialias=True, align_corners=False)
         matched = (down - images).abs().mean()
@@ -74,13 +74,13 @@ def test_the_teachers_view_is_the_students_crop_at_another_size(tiny_imagefolder
 def test_gpu_graphs_resize_the_crop_twice_for_a_teacher_view(tiny_imagefolder, dali_device):
     from fastkd.data import load_data
     from pipelines.base import Shard
-    from pipelines.dali_backend import DaliLoader, placement
+    from pipelines.dali_backend import DaliBatches, placement
 
-    cfg = data_config(tiny_imagefolder, "dali", dali_device=dali_device, val_resize=None, **RAMP)
+    cfg = data_config(tiny_imagefolder, "dali", dali={"device": dali_device}, val_resize=None, **RAMP)
     dataset = load_data(cfg)
     place = placement(dali_device, GPU_SPEC, hw_decoder_load=0.65, files=dataset.train.files)
-    loader = DaliLoader(dataset.train, train=True, batch_size=4, place=place, seed=0, shard=Shard(), spec=GPU_SPEC,
-                        num_threads=1, teacher_size=40, build=False, **dali_loader_values(cfg))
+    loader = DaliBatches(dataset.train, train=True, batch_size=4, place=place, seed=0, shard=Shard(), spec=GPU_SPEC,
+                         num_threads=1, teacher_size=40, build=False, **dali_loader_values(cfg))
     pipe = loader.create_pipeline(device_id=None)
     pipe.serialize()
     resizes = [str(op.spec) for op in pipe._ops if "OpSpec for Resize" in str(op.spec)]
@@ -89,8 +89,8 @@ def test_gpu_graphs_resize_the_crop_twice_for_a_teacher_view(tiny_imagefolder, d
 
 def resolution_raw(root, out, teacher, backend: str, **distill) -> dict:
     raw = distill_dict(root, out, teacher, **distill)
-    raw["data"].update(backend=backend, dali_device="cpu", num_workers=2, image_size=32, start_image_size=16,
-                       size_ramp_epochs=[0, 1], image_size_step=16, val_image_size=40, val_resize=None)
+    raw["data"].update(**backend_data(backend), num_workers=2, image_size=32, val_image_size=40, val_resize=None,
+                       size_schedule={"start_image_size": 16, "ramp_epochs": [0, 1], "image_size_step": 16})
     raw["distill"]["teacher"]["image_size"] = 48
     return raw
 
@@ -104,12 +104,12 @@ def test_distillation_resumes_exactly_across_a_size_change(tiny_imagefolder, tin
     epoch 1 and resumed, the student ends bit-identical to an uninterrupted run."""
     configs = {name: config_from_dict(resolution_raw(tiny_imagefolder, tmp_path / name, tiny_teacher, backend))
                for name in ("straight", "interrupted")}
-    engine.distill(configs["straight"], progress=False)
+    commands.distill(configs["straight"], progress=False)
     with monkeypatch.context() as patch:
         stop_after(patch, 7)  # inside epoch 1 (5 steps per epoch)
         with pytest.raises(loop.Interrupted):
-            engine.distill(configs["interrupted"], progress=False)
-    engine.distill(configs["interrupted"], resume=True, progress=False)
+            commands.distill(configs["interrupted"], progress=False)
+    commands.distill(configs["interrupted"], resume=True, progress=False)
     a = load_checkpoint(configs["straight"].run_dir / "last.pt")
     b = load_checkpoint(configs["interrupted"].run_dir / "last.pt")
     assert a["step"] == b["step"] == 10
@@ -130,18 +130,18 @@ def test_a_cache_of_the_teachers_view_serves_any_student_schedule(tiny_imagefold
     another teacher size is refused."""
     raw = resolution_raw(tiny_imagefolder, tmp_path / "runs", tiny_teacher, "torchvision",
                          teacher_cache=str(tmp_path / "cache"))
-    engine.record_teacher_cache(config_from_dict(raw), dtype="fp32", progress=False)
-    engine.distill(config_from_dict(raw), progress=False)
+    commands.record_teacher_cache(config_from_dict(raw), dtype="fp32", progress=False)
+    commands.distill(config_from_dict(raw), progress=False)
     live = json.loads(json.dumps(raw))
     live["distill"]["teacher_cache"], live["run"]["name"] = "", "online"
-    engine.distill(config_from_dict(live), progress=False)
+    commands.distill(config_from_dict(live), progress=False)
     a = load_checkpoint(config_from_dict(raw).run_dir / "last.pt")["model"]
     b = load_checkpoint(config_from_dict(live).run_dir / "last.pt")["model"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 
     config = write_config(tmp_path / "kd.yaml", raw)
-    other_schedule = ["data.start_image_size=32", "data.size_ramp_epochs=[0,1]", "run.name=fixed32"]
-    assert engine.distill(load_config(config, other_schedule), progress=False).summary["teacher"]["cache"]
+    other_schedule = ["data.size_schedule.start_image_size=32", "run.name=fixed32"]
+    assert commands.distill(load_config(config, other_schedule), progress=False).summary["teacher"]["cache"]
     message = cli_error(capsys, "distill", "--config", str(config), "distill.teacher.image_size=40", "run.name=t40")
     assert "image_size differs (48 recorded, 40 now)" in message
 
@@ -151,7 +151,8 @@ def test_bench_measures_each_training_size_in_turn(tiny_imagefolder, tmp_path, c
     from tests.conftest import tiny_config_dict
 
     raw = tiny_config_dict(tiny_imagefolder, tmp_path / "runs")
-    raw["data"].update(start_image_size=16, size_ramp_epochs=[0, 1], image_size_step=16, val_resize=52)
+    raw["data"].update(size_schedule={"start_image_size": 16, "ramp_epochs": [0, 1], "image_size_step": 16},
+                       val_resize=52)
     config = write_config(tmp_path / "bench.yaml", raw)
     out = tmp_path / "rows.jsonl"
     bench = ["bench", "--config", str(config), "--what", "loader,train", "--backends", "synthetic,torchvision",

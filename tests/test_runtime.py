@@ -6,7 +6,8 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from fastkd import engine
+from fastkd import commands
+from fastkd.distributed import process_group
 from fastkd.checkpoint import load_checkpoint
 from fastkd.config import RuntimeConfig
 from fastkd.errors import ConfigError
@@ -66,7 +67,7 @@ def test_process_group_backend_follows_the_runtime_device_not_the_host(two_gpus,
     cpu = create_runtime(RuntimeConfig(device="cpu"), Shard(rank=0, world_size=2, local_world_size=2))
     gpu = cpu_runtime(device=torch.device("cuda", 1), precision="bf16")
     for runtime in (cpu, gpu):
-        with engine._process_group(2, runtime):
+        with process_group(2, runtime):
             pass
     assert [c["backend"] for c in calls] == ["gloo", "nccl"]
     assert calls[0]["device_id"] is None and calls[1]["device_id"] == torch.device("cuda", 1)
@@ -138,14 +139,16 @@ def test_the_training_step_runs_inside_the_sync_check(tiny_imagefolder, tmp_path
 
     monkeypatch.setattr(Runtime, "no_host_sync", recording)
     monkeypatch.setattr(ClassificationStep, "forward", forward)
-    engine.train(tiny_config(tiny_imagefolder, tmp_path / "runs", optim={"epochs": 1, "warmup_epochs": 0}),
+    commands.train(tiny_config(tiny_imagefolder, tmp_path / "runs", optim={"epochs": 1, "warmup_epochs": 0}),
                  progress=False)
     assert seen == [True] * 5
 
 
 def test_sync_debug_with_sync_batchnorm_is_refused():
+    from fastkd.config import config_from_dict
+
     with pytest.raises(ConfigError, match="runtime.sync_debug: SyncBatchNorm synchronizes"):
-        create_runtime(RuntimeConfig(device="cpu", sync_debug=True, sync_bn=True), Shard())
+        config_from_dict({"data": {"backend": "synthetic"}, "runtime": {"sync_debug": True, "sync_bn": True}})
 
 
 @pytest.mark.gpu
@@ -179,7 +182,7 @@ def test_fp16_grad_scaler_skips_non_finite_steps_and_backs_off():
 def test_bf16_training_and_distillation_run_on_the_cpu(tiny_imagefolder, tiny_teacher, tmp_path):  # noqa: F811
     cfg = tiny_config(tiny_imagefolder, tmp_path / "runs", optim={"epochs": 1, "warmup_epochs": 0},
                       runtime={"device": "cpu", "precision": "bf16", "deterministic": False})
-    summary = engine.train(cfg, progress=False).summary
+    summary = commands.train(cfg, progress=False).summary
     assert summary["precision"] == "bf16" and summary["steps"] == 5
     raw = distill_dict(tiny_imagefolder, tmp_path / "runs", tiny_teacher)
     raw["run"]["name"] = "kd-bf16"
@@ -188,7 +191,7 @@ def test_bf16_training_and_distillation_run_on_the_cpu(tiny_imagefolder, tiny_te
     raw["distill"]["teacher"]["precision"] = "fp32"
     from fastkd.config import load_config
 
-    result = engine.distill(load_config(write_config(tmp_path / "kd.yaml", raw)), progress=False)
+    result = commands.distill(load_config(write_config(tmp_path / "kd.yaml", raw)), progress=False)
     assert result.summary["teacher"]["precision"] == "fp32" and result.summary["steps"] == 5
     checkpoint = load_checkpoint(result.run_dir / "last.pt")
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())

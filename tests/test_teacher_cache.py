@@ -13,7 +13,8 @@ import pytest
 import torch
 import torchvision
 
-from fastkd import engine, loop
+from fastkd import commands, engine, loop
+from fastkd.teacher import Teacher, teacher_cache_key
 from fastkd.checkpoint import load_checkpoint
 from fastkd.config import config_from_dict
 from fastkd.errors import ConfigError
@@ -21,7 +22,7 @@ from fastkd.models import load_teacher
 from fastkd.runtime import create_runtime, seed_everything
 from fastkd.teacher_cache import CacheKey, CachedTeacher, TeacherCache
 from fastkd.data import build_loaders, load_data
-from tests.conftest import HOOKED_FASTKD, REPO, cli_error, distill_dict, hooked_env, stop_after, write_config
+from tests.conftest import HOOKED_FASTKD, REPO, backend_data, cli_error, distill_dict, hooked_env, stop_after, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +35,7 @@ def kd_raw(root: Path, out: Path, teacher: Path, cache: Path, **data) -> dict:
 
 
 def record(raw: dict, *, epochs: int | None = None, dtype: str = "fp32") -> dict:
-    return engine.record_teacher_cache(config_from_dict(raw), epochs=epochs, dtype=dtype, progress=False)
+    return commands.record_teacher_cache(config_from_dict(raw), epochs=epochs, dtype=dtype, progress=False)
 
 
 def online(raw: dict) -> dict:
@@ -129,8 +130,7 @@ def final_weights(raw: dict) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("backend", ["torchvision", "dali"])
 def test_recorded_logits_equal_the_live_teachers_on_the_same_crops(tiny_imagefolder, tiny_teacher, tmp_path,  # noqa: F811
                                                                   backend):
-    raw = kd_raw(tiny_imagefolder, tmp_path / "runs", tiny_teacher, tmp_path / "cache", backend=backend,
-                 dali_device="cpu")
+    raw = kd_raw(tiny_imagefolder, tmp_path / "runs", tiny_teacher, tmp_path / "cache", **backend_data(backend))
     done = record(raw, epochs=2)
     assert done["recorded_now"] == [0, 1] and done["num_samples"] == 40
     cfg = config_from_dict(raw)
@@ -139,7 +139,7 @@ def test_recorded_logits_equal_the_live_teachers_on_the_same_crops(tiny_imagefol
     seen = []
     for epoch in (0, 1):
         loaders.train.set_epoch(epoch)
-        for batch in loaders.train.indexed():
+        for batch in loaders.train:
             images, indices = batch.images, batch.indices
             with torch.no_grad():
                 live = teacher(images)
@@ -148,7 +148,7 @@ def test_recorded_logits_equal_the_live_teachers_on_the_same_crops(tiny_imagefol
     assert sorted(seen) == [(e, i) for e in (0, 1) for i in range(40)]  # every sample of every epoch
 
 
-MIXING = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "auto_augment": "randaugment"}
+MIXING = {"mix": {"mixup_alpha": 0.8, "cutmix_alpha": 1.0}, "randaugment": {}}
 """The batch stage's transforms: RandAugment, then mixup or CutMix."""
 
 
@@ -157,11 +157,11 @@ MIXING = {"mixup_alpha": 0.8, "cutmix_alpha": 1.0, "auto_augment": "randaugment"
 def test_a_student_distilled_from_an_fp32_cache_ends_bit_identical_to_online_distillation(
         tiny_imagefolder, tiny_teacher, tmp_path, backend, mixing):  # noqa: F811
     """With RandAugment, mixup and CutMix too: the cache holds the teacher's logits of each mixed image."""
-    raw = kd_raw(tiny_imagefolder, tmp_path / "runs", tiny_teacher, tmp_path / "cache", backend=backend,
-                 dali_device="cpu", **mixing)
+    raw = kd_raw(tiny_imagefolder, tmp_path / "runs", tiny_teacher, tmp_path / "cache", **backend_data(backend),
+                 **mixing)
     record(raw, dtype="fp32")
-    cached = engine.distill(config_from_dict(raw), progress=False).summary
-    engine.distill(config_from_dict(online(raw)), progress=False)
+    cached = commands.distill(config_from_dict(raw), progress=False).summary
+    commands.distill(config_from_dict(online(raw)), progress=False)
     a, b = final_weights(raw), final_weights(online(raw))
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert cached["teacher"]["cache"] == str(tmp_path / "cache")
@@ -183,8 +183,8 @@ def test_an_fp16_cache_differs_from_the_live_teacher_by_fp16_rounding_only(tiny_
         a = np.load(tmp_path / "cache-16" / f"epoch-{epoch:04d}.npy").astype(np.float64)
         b = np.load(tmp_path / "cache-32" / f"epoch-{epoch:04d}.npy").astype(np.float64)
         assert np.all(np.abs(a - b) <= np.abs(b) * 2.0**-11 + 2.0**-24) and not np.array_equal(a, b)
-    engine.distill(config_from_dict(half), progress=False)
-    engine.distill(config_from_dict(online(half)), progress=False)
+    commands.distill(config_from_dict(half), progress=False)
+    commands.distill(config_from_dict(online(half)), progress=False)
     losses = [json.loads((config_from_dict(r).run_dir / "metrics.jsonl").read_text().splitlines()[0])["train_loss"]
               for r in (half, online(half))]
     assert abs(losses[0] - losses[1]) < 1e-4 * losses[1], losses
@@ -196,13 +196,13 @@ def test_replay_under_another_batch_size_reads_each_samples_row(tiny_imagefolder
     other = kd_raw(tiny_imagefolder, tmp_path / "runs", tiny_teacher, tmp_path / "cache", batch_size=5)
     cfg = config_from_dict(other)
     loaders, teacher = live_teacher(cfg, tiny_teacher)
-    cache = TeacherCache.open(tmp_path / "cache", engine.teacher_cache_key(
+    cache = TeacherCache.open(tmp_path / "cache", teacher_cache_key(
         cfg, create_runtime(cfg.runtime), load_data(cfg.data), loaders.classes), epochs=2)
     step = engine.build_step(cfg, create_runtime(cfg.runtime), torchvision.models.shufflenet_v2_x0_5(num_classes=10),
-                             recorded=CachedTeacher(cache, torch.device("cpu")))
+                             Teacher(None, CachedTeacher(cache, torch.device("cpu")), {}))
     step.set_epoch(1)
     loaders.train.set_epoch(1)
-    batches = list(loaders.train.indexed())
+    batches = list(loaders.train)
     assert [b.size for b in batches] == [5] * 8
     for batch in batches:
         with torch.no_grad():
@@ -213,15 +213,15 @@ def test_replay_under_another_batch_size_reads_each_samples_row(tiny_imagefolder
 
 def test_a_cached_distillation_resumes_exactly_and_only_with_its_own_cache(tiny_imagefolder, tiny_teacher,  # noqa: F811
                                                                            tmp_path, monkeypatch, capsys):
-    raws = [kd_raw(tiny_imagefolder, tmp_path / name, tiny_teacher, tmp_path / "cache", backend="dali",
-                   dali_device="cpu") for name in ("straight", "stopped")]
+    raws = [kd_raw(tiny_imagefolder, tmp_path / name, tiny_teacher, tmp_path / "cache", **backend_data("dali"))
+            for name in ("straight", "stopped")]
     record(raws[0])
-    engine.distill(config_from_dict(raws[0]), progress=False)
+    commands.distill(config_from_dict(raws[0]), progress=False)
     with monkeypatch.context() as patch:
         stop_after(patch, 7)  # inside epoch 2: the DALI pipeline is rebuilt at (1, 2) on resume
         with pytest.raises(loop.Interrupted):
-            engine.distill(config_from_dict(raws[1]), progress=False)
-    engine.distill(config_from_dict(raws[1]), resume=True, progress=False)
+            commands.distill(config_from_dict(raws[1]), progress=False)
+    commands.distill(config_from_dict(raws[1]), resume=True, progress=False)
     a, b = final_weights(raws[0]), final_weights(raws[1])
     assert all(torch.equal(a[k], b[k]) for k in a)
     # The same folder recorded again (in fp16 now) is other logits: a resume from it is refused.
@@ -229,7 +229,7 @@ def test_a_cached_distillation_resumes_exactly_and_only_with_its_own_cache(tiny_
         stop_after(patch, 7)
         stopped = kd_raw(tiny_imagefolder, tmp_path / "again", tiny_teacher, tmp_path / "cache")
         with pytest.raises(loop.Interrupted):
-            engine.distill(config_from_dict(stopped), progress=False)
+            commands.distill(config_from_dict(stopped), progress=False)
     shutil.rmtree(tmp_path / "cache")
     record(stopped, dtype="fp16")
     config = write_config(tmp_path / "kd.yaml", stopped)
@@ -246,15 +246,15 @@ def test_a_mixed_cached_distillation_resumed_midway_ends_as_online_distillation(
     with monkeypatch.context() as patch:
         stop_after(patch, 7)  # inside epoch 2
         with pytest.raises(loop.Interrupted):
-            engine.distill(config_from_dict(raw), progress=False)
-    engine.distill(config_from_dict(raw), resume=True, progress=False)
-    engine.distill(config_from_dict(online(raw)), progress=False)
+            commands.distill(config_from_dict(raw), progress=False)
+    commands.distill(config_from_dict(raw), resume=True, progress=False)
+    commands.distill(config_from_dict(online(raw)), progress=False)
     a, b = final_weights(raw), final_weights(online(raw))
     assert all(torch.equal(a[k], b[k]) for k in a)
     unmixed = online(raw)
     unmixed["run"]["name"] = "unmixed"
-    unmixed["data"].update(mixup_alpha=0.0, cutmix_alpha=0.0, auto_augment="none")
-    engine.distill(config_from_dict(unmixed), progress=False)
+    unmixed["data"].update(mix=None, randaugment=None)
+    commands.distill(config_from_dict(unmixed), progress=False)
     c = final_weights(unmixed)
     assert not all(torch.equal(a[k], c[k]) for k in a)  # the batches were mixed indeed
 
@@ -295,9 +295,9 @@ def test_two_processes_record_the_same_cache_and_replay_it_exactly(tiny_imagefol
     ("distill.teacher.precision=bf16", "teacher_precision differs (fp32 recorded, bf16 now)"),
     ("optim.epochs=3", "holds epochs 0-1, the run needs epochs 0-2"),
     ("data.crop_scale=[0.35,1]", 'the augmentation differs: crop_area [0.08, 1.0] recorded, [0.35, 1.0] now'),
-    ("data.mixup_alpha=0.2", 'the augmentation differs: batch_stage "none" recorded, [{"name": "mix", "mixup_alpha": '
+    ("data.mix.mixup_alpha=0.2", 'the augmentation differs: batch_stage "none" recorded, [{"name": "mix", "mixup_alpha": '
                              '0.2'),
-    ("data.auto_augment=trivialaugment", 'the augmentation differs: batch_stage "none" recorded, [{"name": '
+    ("data.trivialaugment={}", 'the augmentation differs: batch_stage "none" recorded, [{"name": '
                                          '"trivialaugment"'),
 ])
 def test_a_cache_that_does_not_fit_the_run_is_refused_before_anything_is_written(

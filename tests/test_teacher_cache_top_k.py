@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fastkd import engine
+from fastkd import commands
 from fastkd.config import config_from_dict
 from fastkd.errors import ConfigError, DataError
 from fastkd.losses import kd_loss
@@ -163,7 +163,7 @@ def test_recorded_top_k_cache_trains_a_student_and_a_full_replay_of_it_is_refuse
     assert manifest["top_k"] == 3 and sorted(manifest["epochs"]) == ["0", "1"]
     message = cli_error(capsys, "distill", "--config", str(config))
     assert "set distill.teacher_cache_top_k=3 to replay it" in message and not (tmp_path / "runs").exists()
-    summary = engine.distill(config_from_dict({**raw, "distill": {**raw["distill"], "teacher_cache_top_k": 3}}),
+    summary = commands.distill(config_from_dict({**raw, "distill": {**raw["distill"], "teacher_cache_top_k": 3}}),
                              progress=False).summary
     assert math.isfinite(summary["best_val_top1"]) and summary["teacher"]["cache"] == str(tmp_path / "cache")
     # --top-k at or above the number of classes records every logit

@@ -7,10 +7,10 @@ import torch
 import torchvision
 import yaml
 
-from fastkd import engine, loop
+from fastkd import commands, loop
 from fastkd.checkpoint import load_checkpoint
 from fastkd.cli import main
-from tests.conftest import cli_error, run_cli, stop_after, tiny_config, tiny_config_dict, write_config
+from tests.conftest import backend_data, cli_error, run_cli, stop_after, tiny_config, tiny_config_dict, write_config
 
 
 @pytest.mark.slow
@@ -95,18 +95,18 @@ def test_resume_ends_with_the_same_weights_as_an_uninterrupted_run(tiny_imagefol
     # through the GradScaler, whose scale and growth tracker must be restored too.
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
-    sections = {"model": {"arch": arch}, "data": {"num_workers": 2, "backend": backend, "dali_device": "cpu"},
+    sections = {"model": {"arch": arch}, "data": {"num_workers": 2, **backend_data(backend)},
                 "runtime": {"device": "cpu", "deterministic": True, "precision": precision}}
     straight = tiny_config(tiny_imagefolder, tmp_path / "a", **sections)
-    engine.train(straight, progress=False)
+    commands.train(straight, progress=False)
 
     interrupted = tiny_config(tiny_imagefolder, tmp_path / "b", **sections)
     with monkeypatch.context() as patch:
         stop_after(patch, stop_step)  # 5 steps per epoch: 7 stops inside epoch 2, 5 at its boundary
         with pytest.raises(loop.Interrupted):
-            engine.train(interrupted, progress=False)
+            commands.train(interrupted, progress=False)
     assert load_checkpoint(tmp_path / "b" / "tiny" / "last.pt")["step"] == stop_step
-    engine.train(interrupted, resume=True, progress=False)
+    commands.train(interrupted, resume=True, progress=False)
 
     a = load_checkpoint(tmp_path / "a" / "tiny" / "last.pt")
     b = load_checkpoint(tmp_path / "b" / "tiny" / "last.pt")

@@ -27,10 +27,13 @@ failed=0
 
 per_class=800
 small=()
+gpu_decode=data.dali.device=gpu
+synthetic=(data.backend=synthetic data.synthetic.train_samples=4096 data.synthetic.val_samples=512)
 if [ "${REHEARSE:-0}" = 1 ]; then
   per_class=6
-  small=(runtime.device=cpu data.dali_device=cpu data.image_size=64 data.val_resize=73 data.batch_size=8 data.synthetic_train_samples=64
-         data.synthetic_val_samples=16)
+  small=(runtime.device=cpu data.image_size=64 data.val_resize=73 data.batch_size=8)
+  gpu_decode=data.dali.device=cpu  # DALI's GPU decoder needs a GPU: the rehearsal decodes on the CPU
+  synthetic=(data.backend=synthetic data.synthetic.train_samples=64 data.synthetic.val_samples=16)
 elif ! "$py" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
   echo "benchmarks/gpu/run.sh: needs a CUDA GPU (torch.cuda.is_available() is False here; REHEARSE=1 to" \
        "rehearse on the CPU)" >&2
@@ -87,42 +90,41 @@ if want smoke; then
   rm -rf "$work/runs" "$work/teacher-cache"
   smoke=(--no-progress "${runs[@]}" data.root="$data" data.generate_demo=false optim.epochs=1 runtime.sync_debug=true)
   step smoke-train-synthetic 120 "${fastkd[@]}" train --config configs/bench/gpu_224.yaml "${smoke[@]}" run.name=s1 distill=null \
-    data.backend=synthetic data.synthetic_train_samples=4096 data.synthetic_val_samples=512 "${small[@]}"
+    "${synthetic[@]}" "${small[@]}"
   # s2 is the later smokes' teacher: a gentle lr keeps its logits within an fp16 cache's range
   # (at 0.1 it diverges on the small data, and the cache recording refuses it).
   step smoke-train-dali-gpu-fp16 150 "${fastkd[@]}" train --config configs/bench/gpu_224.yaml "${smoke[@]}" run.name=s2 distill=null \
-    model.arch=resnet18 runtime.precision=fp16 data.dali_device=gpu optim.lr=0.01 "${small[@]}"
+    model.arch=resnet18 runtime.precision=fp16 "$gpu_decode" optim.lr=0.01 "${small[@]}"
   step smoke-distill-dali-gpu-bf16 150 "${fastkd[@]}" distill --config configs/bench/gpu_224.yaml "${smoke[@]}" \
     run.name=s3 distill.teacher.arch=resnet18 distill.teacher.checkpoint="$work/runs/s2/best.pt" \
-    distill.allow_weak_teacher=true distill.teacher.precision=fp32 runtime.precision=bf16 data.dali_device=gpu "${small[@]}"
+    distill.allow_weak_teacher=true distill.teacher.precision=fp32 runtime.precision=bf16 "$gpu_decode" "${small[@]}"
   step smoke-train-compiled 240 "${fastkd[@]}" train --config configs/bench/gpu_r50_r18_224.yaml "${smoke[@]}" \
-    run.name=s5 distill=null data.backend=synthetic data.synthetic_train_samples=4096 data.synthetic_val_samples=512 \
-    runtime.compile=true "${small[@]}"
+    run.name=s5 distill=null "${synthetic[@]}" runtime.compile=true "${small[@]}"
   cache=(distill.teacher.arch=resnet18 distill.teacher.checkpoint="$work/runs/s2/best.pt" distill.allow_weak_teacher=true
-         distill.teacher_cache="$work/teacher-cache" data.dali_device=gpu)
+         distill.teacher_cache="$work/teacher-cache" "$gpu_decode")
   step smoke-teacher-cache-record 150 "${fastkd[@]}" teacher-cache --config configs/bench/gpu_224.yaml --epochs 1 \
     --no-progress "${runs[@]}" data.root="$data" data.generate_demo=false optim.epochs=1 "${cache[@]}" "${small[@]}"
   step smoke-distill-cached 150 "${fastkd[@]}" distill --config configs/bench/gpu_224.yaml "${smoke[@]}" \
     run.name=s6 "${cache[@]}" "${small[@]}"
   step smoke-distill-dali-hybrid 150 "${fastkd[@]}" distill --config configs/bench/gpu_224.yaml "${smoke[@]}" \
     run.name=s4 distill.teacher.arch=resnet18 distill.teacher.checkpoint="$work/runs/s2/best.pt" \
-    distill.allow_weak_teacher=true data.dali_device=cpu "${small[@]}"
+    distill.allow_weak_teacher=true data.dali.device=cpu "${small[@]}"
   # A size schedule (two epochs: 160 then 224 px), the teacher's own 224 px view of each crop,
   # validation at 256 px: two resizes per crop on the GPU, and a new size with no new pipeline.
-  res=(data.start_image_size=160 data.image_size=224 distill.teacher.image_size=224 data.val_image_size=256)
-  [ "${REHEARSE:-0}" = 1 ] && res=(data.start_image_size=32 data.image_size=64 distill.teacher.image_size=64
+  res=(data.size_schedule.start_image_size=160 data.image_size=224 distill.teacher.image_size=224 data.val_image_size=256)
+  [ "${REHEARSE:-0}" = 1 ] && res=(data.size_schedule.start_image_size=32 data.image_size=64 distill.teacher.image_size=64
                                    data.val_image_size=80)
   step smoke-distill-resolution 200 "${fastkd[@]}" distill --config configs/bench/gpu_224.yaml "${smoke[@]}" \
     run.name=s7 optim.epochs=2 distill.teacher.arch=resnet18 distill.teacher.checkpoint="$work/runs/s2/best.pt" \
-    distill.allow_weak_teacher=true data.dali_device=gpu "${small[@]}" "${res[@]}" data.size_ramp_epochs=[0,1] \
-    data.image_size_step=32 data.val_resize=null
+    distill.allow_weak_teacher=true "$gpu_decode" "${small[@]}" "${res[@]}" data.size_schedule.ramp_epochs=[0,1] \
+    data.size_schedule.image_size_step=32 data.val_resize=null
   # mixup and CutMix in the batch stage, on fp16 GPU batches and the teacher's own 224 px view,
   # under sync_debug (a pageable copy of the stage's table would be a host sync).
-  mixed=(data.mixup_alpha=0.8 data.cutmix_alpha=1.0 distill.teacher.image_size=224)
-  [ "${REHEARSE:-0}" = 1 ] && mixed=(data.mixup_alpha=0.8 data.cutmix_alpha=1.0 distill.teacher.image_size=64)
+  mixed=(data.mix.mixup_alpha=0.8 data.mix.cutmix_alpha=1.0 distill.teacher.image_size=224)
+  [ "${REHEARSE:-0}" = 1 ] && mixed=(data.mix.mixup_alpha=0.8 data.mix.cutmix_alpha=1.0 distill.teacher.image_size=64)
   step smoke-distill-mixed 150 "${fastkd[@]}" distill --config configs/bench/gpu_224.yaml "${smoke[@]}" \
     run.name=s8 distill.teacher.arch=resnet18 distill.teacher.checkpoint="$work/runs/s2/best.pt" \
-    distill.allow_weak_teacher=true runtime.precision=fp16 data.dali_device=gpu "${small[@]}" "${mixed[@]}"
+    distill.allow_weak_teacher=true runtime.precision=fp16 "$gpu_decode" "${small[@]}" "${mixed[@]}"
 fi
 
 if want loader; then
