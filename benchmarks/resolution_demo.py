@@ -68,7 +68,7 @@ def main() -> None:
         top1 = [r["best_val_top1"] for r in results]
         wall = [r["wall_seconds"] for r in results]
         rows.append([name, mean_sd(top1), mean_sd(wall), ", ".join(f"{t:.2f}" for t in top1), cache])
-        test_rows.append([name, *(mean_sd([engine.evaluate_checkpoint(
+        test_rows.append([name, *(mean_sd([commands.evaluate_checkpoint(
             load_config(cfg.run_dir / "config.yaml", [f"data.val_image_size={size}", "data.val_resize=null"]),
             cfg.run_dir / "last.pt")["top1"] for cfg in configs]) for size in TEST_SIZES)])
     env = collect_env(None)

@@ -25,7 +25,6 @@ from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
-from torch import nn
 
 from fastkd import engine
 from fastkd.config import Config, DaliConfig, SyntheticConfig
@@ -36,7 +35,7 @@ from fastkd.log import log
 from fastkd.loop import Update
 from fastkd.report import markdown_table
 from fastkd.runtime import Runtime, create_runtime
-from fastkd.steps import DistillationStep
+from fastkd.steps import DistillationStep, Step
 from fastkd.teacher import Teacher, build_teacher_module, teacher_source
 from fastkd.teacher_cache import CacheKey, CachedTeacher, TeacherCache
 from pipelines.base import Batch, HostStage, Loader, Shard, run_stages
@@ -71,11 +70,12 @@ def backend_config(cfg: Config, backend: str, *, num_classes: int | None = None)
     synthetic = data.synthetic or SyntheticConfig()
     if num_classes is not None:
         synthetic = dataclasses.replace(synthetic, num_classes=num_classes)
-    sections = {"torchvision": {"backend": "torchvision", "dali": None, "synthetic": None},
-                "dali-cpu": {"backend": "dali", "dali": dataclasses.replace(dali, device="cpu"), "synthetic": None},
-                "dali-gpu": {"backend": "dali", "dali": dataclasses.replace(dali, device="gpu"), "synthetic": None},
-                "synthetic": {"backend": "synthetic", "dali": None, "synthetic": synthetic}}[backend]
-    return dataclasses.replace(cfg, data=dataclasses.replace(data, **sections))
+    sections: dict[str, dict[str, Any]] = {
+        "torchvision": {"backend": "torchvision", "dali": None, "synthetic": None},
+        "dali-cpu": {"backend": "dali", "dali": dataclasses.replace(dali, device="cpu"), "synthetic": None},
+        "dali-gpu": {"backend": "dali", "dali": dataclasses.replace(dali, device="gpu"), "synthetic": None},
+        "synthetic": {"backend": "synthetic", "dali": None, "synthetic": synthetic}}
+    return dataclasses.replace(cfg, data=dataclasses.replace(data, **sections[backend]))
 
 
 def skip_reason(backend: str, runtime: Runtime) -> str | None:
@@ -342,7 +342,7 @@ def update_counting_steps(update: Update) -> Callable[[], None]:
     return step
 
 
-def time_steps(step: nn.Module, loader: Loader, update: Update, window: Window, sync: Callable[[], None]) -> Row:
+def time_steps(step: Step, loader: Loader, update: Update, window: Window, sync: Callable[[], None]) -> Row:
     """Training steps as the loop runs them (forward, loss, backward, update, EMA), fed by
     `loader`; the loop's on-device meters are left out."""
     step.train()
@@ -366,7 +366,7 @@ def time_steps(step: nn.Module, loader: Loader, update: Update, window: Window, 
                data_wait_fraction=round(waited[0] / (time.perf_counter() - started), 3))
 
 
-def stage_breakdown(step: nn.Module, loader: Loader, update: Update, runtime: Runtime, steps: int) -> dict[str, float]:
+def stage_breakdown(step: Step, loader: Loader, update: Update, runtime: Runtime, steps: int) -> dict[str, float]:
     """Milliseconds per batch in each stage, over `steps` batches (stages in sequence).
 
     `step` must run its teacher on the main stream (`build_step(..., side_stream=False)`), so
@@ -605,10 +605,10 @@ def format_rows(rows: list[dict[str, Any]], notes: Sequence[str] = ()) -> str:
 def loader_sentences(rows: list[dict[str, Any]]) -> list[str]:
     """The DALI CPU loader against the machine's decode ceiling and the torchvision DataLoader."""
     ceiling_row = next((r for r in rows if r.get("ceiling")), None)
-    ceiling = ceiling_row["images_per_sec"] if ceiling_row else None
     loaders = {r["backend"]: r["images_per_sec"] for r in rows if r["what"] == "loader"}
-    if ceiling is None or "dali-cpu" not in loaders:
+    if ceiling_row is None or "dali-cpu" not in loaders:
         return []
+    ceiling = ceiling_row["images_per_sec"]
     rate = loaders["dali-cpu"]
     versus = (f" and {rate / loaders['torchvision']:.2f}x the torchvision DataLoader ({loaders['torchvision']:.0f} "
               "images/s)") if loaders.get("torchvision") else ""

@@ -228,9 +228,9 @@ def _dispatch(args: argparse.Namespace, argv: list[str]) -> None:
     elif args.command == "demo":
         from fastkd.demo import run_demo
 
-        result = run_demo(args.out, seeds=args.seeds, overrides=args.overrides, configs=args.configs,
-                          progress=not args.no_progress, teacher_cache=not args.no_teacher_cache)
-        print(f"\n{result['table']}\n\n{result['verdict']}\n(written to {args.out / 'demo.md'})")
+        demo = run_demo(args.out, seeds=args.seeds, overrides=args.overrides, configs=args.configs,
+                        progress=not args.no_progress, teacher_cache=not args.no_teacher_cache)
+        print(f"\n{demo['table']}\n\n{demo['verdict']}\n(written to {args.out / 'demo.md'})")
     elif args.command == "export":
         from fastkd.export import export_student
 

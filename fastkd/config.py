@@ -701,14 +701,14 @@ def _describe(value: Any) -> str:
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:
     origin = get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return _build(tp, value, key)
     if origin in (Union, types.UnionType):
-        args = [a for a in get_args(tp) if a is not type(None)]
+        options = [a for a in get_args(tp) if a is not type(None)]
         if value is None:
             return None
-        if len(args) == 1:
-            return _coerce(value, args[0], key)
+        if len(options) == 1:
+            return _coerce(value, options[0], key)
         raise TypeError(f"unsupported config type {tp}")  # pragma: no cover - config authoring error
     if origin is Literal:
         choices = get_args(tp)
@@ -816,7 +816,7 @@ def reference_markdown() -> str:
             if dataclasses.is_dataclass(get_type_hints(cls)[f.name]) or required:
                 default = "(section)"
             else:
-                value = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+                value = f.default if f.default is not dataclasses.MISSING else typing.cast(Any, f.default_factory)()
                 default = "null" if value is None else yaml.safe_dump(config_to_dict_value(value),
                                                                        default_flow_style=True).strip()
                 default = default.removesuffix("\n...").removesuffix(" ...")

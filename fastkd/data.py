@@ -26,7 +26,7 @@ from pipelines.verify import find_broken_images
 
 def crop_range(data: DataConfig) -> CropRange:
     """The training crops' area and aspect ranges (`data.crop_scale`, `data.crop_ratio`)."""
-    return CropRange(tuple(data.crop_scale), tuple(data.crop_ratio))
+    return CropRange(data.crop_scale, data.crop_ratio)
 
 
 def size_schedule(data: DataConfig) -> SizeSchedule:
@@ -129,13 +129,14 @@ def build_loaders(cfg: DataConfig, *, spec: BatchSpec, seed: int, shard: Shard =
     With `teacher_image_size`, training batches come with a second view of the same crops at
     that size (`Batch.teacher_images`), for a teacher with its own input size.
     """
-    synthetic = cfg.backend == "synthetic"
-    if not synthetic:
+    if cfg.backend == "synthetic":
+        dataset = None
+    else:
         dataset = dataset or load_data(cfg)
-    loaders = _backend_loaders(cfg, spec=spec, seed=seed, shard=shard, dataset=None if synthetic else dataset,
+    loaders = _backend_loaders(cfg, spec=spec, seed=seed, shard=shard, dataset=dataset,
                                teacher_image_size=teacher_image_size)
     # The stage's draws by sample index: a synthetic batch's indices are its positions in the epoch.
-    num_items = loaders.train.num_samples if synthetic else len(dataset.train)
+    num_items = loaders.train.num_samples if dataset is None else len(dataset.train)
     train = loaders.train
     loaders.train = Loader(train.host, [*train.stages, *batch_transforms(cfg, seed=seed, num_items=num_items)],
                            guard=stage_guard)

@@ -63,7 +63,7 @@ def run_demo(out_dir: Path, *, seeds: Sequence[int] = (0,), overrides: Sequence[
     teacher = _run_or_reuse(teacher_cfg, progress=progress)
     rows = [("teacher", teacher_cfg, teacher, 0)]
     cache_dir = out_dir / "teacher-cache"
-    distilled = "distill" if teacher_cache else "distill-live"
+    distilled_name = "distill" if teacher_cache else "distill-live"
     teacher_settings = [f"distill.teacher.checkpoint={teacher_cfg.run_dir / 'best.pt'}",
                         f"distill.teacher_cache={cache_dir if teacher_cache else ''}"]
     cache_seconds = None
@@ -72,7 +72,7 @@ def run_demo(out_dir: Path, *, seeds: Sequence[int] = (0,), overrides: Sequence[
         student_cfg = load_config(folder / "student.yaml", [*base, *per_seed, f"run.name=student-s{seed}"])
         rows.append(("student alone", student_cfg, _run_or_reuse(student_cfg, progress=progress), seed))
         distill_cfg = load_config(folder / "distill.yaml", [
-            *base, *per_seed, f"run.name={distilled}-s{seed}", *teacher_settings, *distill_only])
+            *base, *per_seed, f"run.name={distilled_name}-s{seed}", *teacher_settings, *distill_only])
         if teacher_cache and cache_seconds is None:
             started = time.perf_counter()
             done = commands.record_teacher_cache(distill_cfg, progress=progress)  # once: every seed replays it

@@ -28,7 +28,7 @@ from fastkd.models import (Normalization, attach_input_normalization, count_para
                            resolve_normalization)
 from fastkd.optim import create_optimizer
 from fastkd.runtime import Runtime, seed_everything
-from fastkd.steps import ClassificationStep, DistillationStep
+from fastkd.steps import ClassificationStep, DistillationStep, Step
 from fastkd.teacher import Teacher, TeacherChoice, live_teacher_view, resolve_teacher
 from pipelines.base import Loaders
 from pipelines.datasets import Dataset
@@ -71,7 +71,7 @@ class Run:
     student: Student | None
     teacher: Teacher | None
     """Live, cached or none (`fastkd.teacher.resolve_teacher`)."""
-    step: nn.Module | None
+    step: Step | None
     """Cross-entropy alone, or the distillation loss against the teacher (None: not training)."""
     update: Update | None
     """Optimizer, GradScaler, gradient clipping and EMA (None: not training)."""
@@ -97,13 +97,12 @@ def build_run(cfg: Config, runtime: Runtime, *, student: StudentChoice | Weights
     if resumed is not None and list(resumed["classes"]) != loaders.classes:
         raise CheckpointError(f"--resume: the dataset's classes differ from those of {cfg.run_dir / 'last.pt'}")
     model = None if student == "none" else build_student(cfg, runtime, loaders.classes, student, resumed=resumed)
-    if not isinstance(teacher, Teacher):
-        teacher = resolve_teacher(cfg, runtime, dataset, loaders, teacher)
-    step = update = None
+    resolved = teacher if isinstance(teacher, Teacher) else resolve_teacher(cfg, runtime, dataset, loaders, teacher)
+    step, update = None, None
     if model is not None and not evaluating:
-        step = build_step(cfg, runtime, model.model, teacher)
+        step = build_step(cfg, runtime, model.model, resolved)
         update = build_update(cfg, runtime, model.raw)
-    return Run(cfg, runtime, dataset, loaders, model, teacher, step, update)
+    return Run(cfg, runtime, dataset, loaders, model, resolved, step, update)
 
 
 def build_student(cfg: Config, runtime: Runtime, classes: list[str], start: StudentChoice | Weights, *,
@@ -143,7 +142,7 @@ def _load_pretrained(model: nn.Module, model_cfg: ModelConfig, num_classes: int,
 
 
 def build_step(cfg: Config, runtime: Runtime, model: nn.Module, teacher: Teacher | None, *,
-               side_stream: bool | None = None) -> nn.Module:
+               side_stream: bool | None = None) -> Step:
     """The run's training step around `model` (prepared by the runtime): cross-entropy alone
     without a teacher, else `cfg.distill`'s loss against the live teacher or its recorded logits.
     `side_stream` overrides `distill.side_stream` (a live teacher's side CUDA stream)."""

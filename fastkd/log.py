@@ -33,7 +33,7 @@ class _CurrentStream(logging.StreamHandler):
         self.addFilter(lambda record: (record.levelno < logging.WARNING) == below_warning)
 
     @property
-    def stream(self):  # type: ignore[override]
+    def stream(self):
         return getattr(sys, self._name)
 
     @stream.setter

@@ -27,8 +27,8 @@ from fastkd.models import load_weights
 from fastkd.metrics import Meter, NonFiniteGuard, RunLogger, percent, topk_correct
 from fastkd.optim import optimizer_params, set_lr
 from fastkd.runtime import Runtime, rng_state, set_rng_state
-from fastkd.steps import frozen_forward
-from pipelines.base import Loader
+from fastkd.steps import Step, StepOutput, frozen_forward
+from pipelines.base import Batch, Loader
 
 
 class Interrupted(Exception):
@@ -121,7 +121,7 @@ class Update:
 class Training:
     """Everything `fit` needs, built by `fastkd.engine`."""
 
-    step: nn.Module
+    step: Step
     model: nn.Module
     """The raw student (what checkpoints save and evaluation runs)."""
     update: Update
@@ -216,13 +216,7 @@ def train_epoch(t: Training) -> tuple[dict[str, float], bool]:
         t.update.set_lr(lr)
         batch_size = batch.size
         with runtime.no_host_sync():
-            out = t.step(batch)
-            t.update.backward(out.loss)
-            t.update.step(state.step + 1)
-            correct = topk_correct(out.logits.detach(), batch.labels)  # a mixed sample's own label
-            meter.update(batch_size, {"loss": out.loss.detach() * batch_size, "top1": correct[0],
-                                      "top5": correct[1], **{name: value * batch_size for name, value in out.parts.items()}})
-            guard.observe(out.loss)
+            train_step(t.step, t.update, batch, meter, guard, state.step + 1)
         state.step += 1
         state.batches_done += 1
         images_seen += batch_size
@@ -258,6 +252,22 @@ def train_epoch(t: Training) -> tuple[dict[str, float], bool]:
     metrics["images_per_sec"] = round(images_seen * runtime.shard.world_size / max(seconds, 1e-9), 2)
     t.train_meter = None
     return metrics, True
+
+
+def train_step(step: Step, update: Update, batch: Batch, meter: Meter, guard: NonFiniteGuard,
+               number: int) -> StepOutput:
+    """Optimizer step `number` (1-based) on `batch`, as `train_epoch` runs it inside `no_host_sync`:
+    forward and loss, backward, the update, and the on-device meters and non-finite guard. Queues
+    device work only: no host sync, no blocking host-to-device copy."""
+    out = step(batch)
+    update.backward(out.loss)
+    update.step(number)
+    size = batch.size
+    correct = topk_correct(out.logits.detach(), batch.labels)  # a mixed sample's own label
+    meter.update(size, {"loss": out.loss.detach() * size, "top1": correct[0], "top5": correct[1],
+                        **{name: value * size for name, value in out.parts.items()}})
+    guard.observe(out.loss)
+    return out
 
 
 def backward(loss: torch.Tensor, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:

@@ -68,9 +68,9 @@ class NonFiniteGuard:
     """Remembers, on the device, the first optimizer step whose loss was not finite."""
 
     def __init__(self, device: torch.device, first_step: int = 0):
-        # Two scalars copied to the device once per epoch (a small blocking copy, not per step).
-        self._step = torch.tensor(first_step, dtype=torch.int64, device=device)
-        self._first_bad = torch.tensor(-1, dtype=torch.int64, device=device)
+        # Two scalars filled on the device (no host-to-device copy), once per epoch.
+        self._step = torch.full((), first_step, dtype=torch.int64, device=device)
+        self._first_bad = torch.full((), -1, dtype=torch.int64, device=device)
 
     def observe(self, loss: torch.Tensor) -> None:
         bad = ~torch.isfinite(loss.detach())

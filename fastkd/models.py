@@ -99,7 +99,7 @@ class TorchvisionModels:
         if not self.owns_weights(weights):
             return None
         transforms = torchvision_weights(weights, "weights").transforms()
-        return Normalization(tuple(transforms.mean), tuple(transforms.std))
+        return Normalization.of(transforms.mean, transforms.std)
 
     def pretrained_state_dict(self, arch: str, spec: str, key: str) -> dict[str, torch.Tensor]:
         return torchvision_weights(spec, key).get_state_dict(progress=True)
@@ -151,7 +151,7 @@ class TimmModels:
     def own_normalization(self, arch: str, weights: str) -> Normalization | None:
         cfg = self._config(arch)
         if cfg is not None and cfg.mean and cfg.std:
-            return Normalization(tuple(cfg.mean), tuple(cfg.std))
+            return Normalization.of(cfg.mean, cfg.std)
         return None
 
     def pretrained_state_dict(self, arch: str, spec: str, key: str) -> dict[str, torch.Tensor]:
@@ -204,6 +204,12 @@ class Normalization:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
+    @classmethod
+    def of(cls, mean: Sequence[float], std: Sequence[float]) -> "Normalization":
+        """From any sequences of three values (a config's, a checkpoint's lists)."""
+        (m0, m1, m2), (s0, s1, s2) = (float(v) for v in mean), (float(v) for v in std)
+        return cls((m0, m1, m2), (s0, s1, s2))
+
     def as_dict(self) -> dict[str, list[float]]:
         return {"mean": [float(v) for v in self.mean], "std": [float(v) for v in self.std]}
 
@@ -239,9 +245,13 @@ def resolve_normalization(arch: str, mean: Sequence[float] | None, std: Sequence
     own = None
     if checkpoint is not None and checkpoint.get("normalization"):
         recorded = checkpoint["normalization"]
-        own = Normalization(tuple(recorded["mean"]), tuple(recorded["std"]))
+        own = Normalization.of(recorded["mean"], recorded["std"])
     own = own or family_of(arch).own_normalization(arch, spec) or Normalization()
-    return Normalization(tuple(mean) if mean is not None else own.mean, tuple(std) if std is not None else own.std)
+    return Normalization.of(own.mean if mean is None else mean, own.std if std is None else std)
+
+
+NORMALIZATION = "fastkd_normalization"
+"""The attribute `attach_input_normalization` records a model's normalization in."""
 
 
 def attach_input_normalization(model: nn.Module, normalization: Normalization,
@@ -250,7 +260,7 @@ def attach_input_normalization(model: nn.Module, normalization: Normalization,
     sees inputs normalized with its own statistics: one multiply-add per element on the device,
     in a forward pre-hook, its two [1, 3, 1, 1] factors non-persistent buffers (they follow the
     model's device; the state_dict is unchanged). Nothing is attached when they agree."""
-    model.fastkd_normalization = normalization  # what the weights expect (checkpoints and export record it)
+    setattr(model, NORMALIZATION, normalization)  # what the weights expect (checkpoints and export record it)
     if normalization.as_dict() == batches.as_dict():
         return model
     mean_b, std_b = torch.tensor(batches.mean), torch.tensor(batches.std)
@@ -262,9 +272,16 @@ def attach_input_normalization(model: nn.Module, normalization: Normalization,
     return model
 
 
+def input_normalization(model: nn.Module) -> Normalization:
+    """The normalization `attach_input_normalization` gave `model` (or the model it wraps)."""
+    normalization = getattr(model, NORMALIZATION)
+    assert isinstance(normalization, Normalization)
+    return normalization
+
+
 def _renormalize(module: nn.Module, args: tuple) -> tuple:
     images = args[0]
-    scale, shift = module.fastkd_input_scale, module.fastkd_input_shift
+    scale, shift = getattr(module, "fastkd_input_scale"), getattr(module, "fastkd_input_shift")
     if scale.dtype != images.dtype:  # fp16 batches (AMP on a GPU) stay fp16
         scale, shift = scale.to(images.dtype), shift.to(images.dtype)
     return (torch.addcmul(shift, images, scale), *args[1:])
@@ -272,7 +289,8 @@ def _renormalize(module: nn.Module, args: tuple) -> tuple:
 
 def classifier_keys(model: nn.Module) -> set[str]:
     """The state_dict keys of the model's final classifier (a new head for other classes)."""
-    head = model.get_classifier() if hasattr(model, "get_classifier") else None
+    get_classifier = getattr(model, "get_classifier", None)  # timm's models name their head
+    head = get_classifier() if callable(get_classifier) else None
     if not isinstance(head, nn.Module):
         head = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
     names = {id(p): n for n, p in model.named_parameters()}

@@ -97,12 +97,12 @@ def runs_table(runs: list[dict[str, Any]]) -> str:
 
 def mean_sd_text(values: Sequence[float | None], digits: int = 2) -> str:
     """`mean ± sample sd` of the values given (None left out); one value as it is."""
-    values = [v for v in values if v is not None]
-    if not values:
+    given = [v for v in values if v is not None]
+    if not given:
         return ""
-    if len(values) == 1:
-        return f"{values[0]:.{digits}f}"
-    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    if len(given) == 1:
+        return f"{given[0]:.{digits}f}"
+    return f"{statistics.mean(given):.{digits}f} ± {statistics.stdev(given):.{digits}f}"
 
 
 def groups_table(groups: dict[str, list[dict[str, Any]]]) -> str:

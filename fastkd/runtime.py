@@ -13,7 +13,7 @@ import contextlib
 import os
 import random
 from dataclasses import dataclass
-from typing import ContextManager, Literal
+from typing import ContextManager, Literal, cast
 
 import numpy as np
 import torch
@@ -89,7 +89,7 @@ class Runtime:
 
     def prepare_model(self, model: nn.Module, *, trainable: bool) -> tuple[nn.Module, nn.Module]:
         """Place and wrap a model; returns (module to call, raw module to save)."""
-        model = model.to(self.device, memory_format=self.memory_format)
+        model = model.to(self.device).to(memory_format=self.memory_format)
         if trainable and self.distributed and self.sync_bn:
             if self.device.type != "cuda":
                 raise ConfigError("runtime.sync_bn: SyncBatchNorm needs CUDA GPUs; set it to false on the CPU")
@@ -99,7 +99,7 @@ class Runtime:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
         if self.compile:
-            model = torch.compile(model)
+            model = cast(nn.Module, torch.compile(model))  # an OptimizedModule, called as the module
         return model, raw
 
     def no_host_sync(self) -> ContextManager:
@@ -191,7 +191,9 @@ def seed_everything(seed: int, *, deterministic: bool) -> None:
 def rng_state() -> dict:
     """All host and device RNG states, as tensors and plain values (safe for weights_only loading)."""
     _, py_state, py_gauss = random.getstate()
-    _, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state()
+    legacy = np.random.get_state(legacy=True)
+    assert isinstance(legacy, tuple)
+    _, np_keys, np_pos, np_has_gauss, np_gauss = legacy
     state = {"torch": torch.get_rng_state(), "python": list(py_state), "python_gauss": py_gauss,
              "numpy": torch.from_numpy(np_keys.astype(np.int64)), "numpy_rest": [int(np_pos), int(np_has_gauss),
                                                                                   float(np_gauss)]}

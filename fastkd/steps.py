@@ -7,7 +7,7 @@ distillation step keeps its teacher in eval mode whatever mode it is put in.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, ContextManager, Protocol
+from typing import Any, Callable, ContextManager, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,16 @@ def cross_entropy(logits: torch.Tensor, labels: torch.Tensor, mix: Mix | None, l
     own = F.cross_entropy(logits, labels, label_smoothing=label_smoothing, reduction="none")
     partner = F.cross_entropy(logits, mix.partner_labels, label_smoothing=label_smoothing, reduction="none")
     return torch.lerp(partner, own, mix.weight).mean()
+
+
+class Step(Protocol):
+    """What the loop and the bench call a step: `ClassificationStep` or `DistillationStep`."""
+
+    def __call__(self, batch: Batch) -> StepOutput: ...
+
+    def set_epoch(self, epoch: int) -> None: ...
+
+    def train(self, mode: bool = True) -> Any: ...
 
 
 class ClassificationStep(nn.Module):
@@ -142,6 +152,7 @@ class DistillationStep(nn.Module):
             self.recorded.set_epoch(epoch)
 
     def _teacher_forward(self, images: torch.Tensor) -> torch.Tensor:
+        assert self.teacher is not None, "a step with recorded logits runs no teacher"
         return frozen_forward(self.teacher, images, autocast=self.teacher_autocast, input_dtype=self.teacher_input_dtype)
 
     def teacher_logits(self, images: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:

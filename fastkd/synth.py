@@ -17,6 +17,7 @@ import os
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
@@ -70,7 +71,7 @@ def _shape_polygons(shape: str, cx: float, cy: float, r: float, angle: float) ->
 
 
 def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float, angle: float,
-                colour: tuple[int, int, int], background: tuple[int, int, int]) -> None:
+                colour: tuple[int, int, int], background: Any) -> None:
     if shape in ("disc", "ring"):
         draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
         if shape == "ring":
@@ -87,7 +88,7 @@ def render_image(spec: DemoSpec, label: int, rng: np.random.Generator) -> Image.
     # Background: a smooth random colour field plus pixel noise.
     grey = rng.uniform(70, 190, size=(4, 4, 1))
     coarse = (0.6 * grey + 0.4 * rng.uniform(40, 215, size=(4, 4, 3))).astype(np.uint8)
-    background = Image.fromarray(coarse).resize((width, height), Image.BICUBIC)
+    background = Image.fromarray(coarse).resize((width, height), Image.Resampling.BICUBIC)
     image = background.copy()
     draw = ImageDraw.Draw(image)
     short = min(width, height)

@@ -22,8 +22,8 @@ from fastkd.distributed import barrier, rank_0_first
 from fastkd.errors import ConfigError, FastkdError
 from fastkd.log import log
 from fastkd.loop import evaluate
-from fastkd.models import (Normalization, attach_input_normalization, create_model, freeze, is_weights_name,
-                           load_teacher, resolve_normalization, weights_identity)
+from fastkd.models import (Normalization, attach_input_normalization, create_model, freeze, input_normalization,
+                           is_weights_name, load_teacher, resolve_normalization, weights_identity)
 from fastkd.runtime import Runtime
 from fastkd.teacher_cache import CacheKey, CachedTeacher, TeacherCache, dataset_digest, describe_top_k, effective_top_k, \
     file_sha256
@@ -136,13 +136,13 @@ def load_checked_teacher(cfg: Config, runtime: Runtime, loaders: Loaders) -> Tea
     if runtime.is_main:
         log.info(f"teacher {kd.teacher.arch} ({teacher_source(kd)}): val top1 {measured['top1']:.2f} "
                  f"top5 {measured['top5']:.2f} (chance {chance:.2f})")
-    if measured["top1"] < near_chance_top1(len(loaders.classes), measured["count"]) and not kd.allow_weak_teacher:
+    if measured["top1"] < near_chance_top1(len(loaders.classes), int(measured["count"])) and not kd.allow_weak_teacher:
         raise FastkdError(f"distill.teacher.checkpoint: the teacher's val top-1 is {measured['top1']:.2f}%, near "
                           f"chance ({chance:.2f}%): is {kd.teacher.checkpoint_path} the trained teacher? "
                           "(set distill.allow_weak_teacher: true to distil anyway)")
     return Teacher(teacher, None, {"arch": kd.teacher.arch, "checkpoint": str(teacher_source(kd)),
                                    "val_top1": measured["top1"], "val_top5": measured["top5"], "precision": precision,
-                                   "normalization": teacher.fastkd_normalization.as_dict()})
+                                   "normalization": input_normalization(teacher).as_dict()})
 
 
 def open_cached_teacher(cfg: Config, runtime: Runtime, dataset: Dataset | None, classes: list[str]) -> Teacher:

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from fastkd.errors import ConfigError, DataError
+from pipelines.base import needs_pinned_memory
 
 FORMAT = "fastkd-teacher-cache-v1"
 MANIFEST = "manifest.json"
@@ -369,9 +370,13 @@ class CachedTeacher:
         self.epoch = 0
         row = cache.row_dtype
         if cache.top_k is not None:  # a top-k row's layout, worked out once
-            self._split = row.fields["logit"][1]  # the byte offset of its logits
-            self._index_dtype = torch.from_numpy(np.zeros(0, row.fields["index"][0].base)).dtype
-            self._value_dtype = torch.from_numpy(np.zeros(0, row.fields["logit"][0].base)).dtype
+            fields = row.fields
+            assert fields is not None, "a top-k row is a record"
+            self._split = fields["logit"][1]  # the byte offset of its logits
+            self._index_dtype = torch.from_numpy(np.zeros(0, fields["index"][0].base)).dtype
+            self._value_dtype = torch.from_numpy(np.zeros(0, fields["logit"][0].base)).dtype
+        else:
+            self._logit_dtype = torch.from_numpy(np.zeros(0, row)).dtype
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -382,18 +387,19 @@ class CachedTeacher:
         logits = self.cache.epoch_logits(self.epoch)
         index = indices.numpy()
         top_k = self.cache.top_k
+        pin = needs_pinned_memory(self.device)
+        # mode="clip" (the loader's indices are in range): numpy's default "raise" gathers through a
+        # temporary copy of the rows, even into `out`.
         if top_k is None:
-            if self.device.type != "cuda":
+            if not pin:
                 return torch.from_numpy(np.take(logits, index, axis=0))
-            pinned = torch.empty((len(index), logits.shape[1]), dtype=torch.from_numpy(logits[:0]).dtype,
-                                 pin_memory=True)
-            np.take(logits, index, axis=0, out=pinned.numpy())  # gathered straight into pinned memory
+            pinned = torch.empty((len(index), logits.shape[1]), dtype=self._logit_dtype, pin_memory=True)
+            np.take(logits, index, axis=0, out=pinned.numpy(), mode="clip")  # straight into pinned memory
             return pinned.to(self.device, non_blocking=True)
         # A top-k record is gathered as raw bytes (pinned on a GPU), copied, then split into its
         # index and logit fields and rebuilt into [B, C] logits on the device.
         row = logits.dtype
-        raw = torch.empty((len(index), row.itemsize), dtype=torch.uint8, pin_memory=self.device.type == "cuda")
-        # mode="clip": the loader's indices are in range; "raise" would gather through a temporary copy
+        raw = torch.empty((len(index), row.itemsize), dtype=torch.uint8, pin_memory=pin)
         np.take(logits, index, axis=0, out=raw.numpy().view(row).reshape(len(index)), mode="clip")
         raw = raw.to(self.device, non_blocking=True)
         # the fields as their own dtypes (a view needs each row's bytes of a field to be contiguous: small copies)

@@ -22,7 +22,7 @@ from fastkd.distributed import from_rank_0
 from fastkd.env import device_name
 from fastkd.errors import ConfigError, DataError
 from fastkd.log import log
-from fastkd.runtime import Runtime
+from fastkd.runtime import ResolvedPrecision, Runtime
 from fastkd.steps import frozen_forward
 from fastkd.teacher import teacher_cache_key
 from fastkd.teacher_cache import DTYPES, TeacherCache, effective_top_k
@@ -74,7 +74,7 @@ def _recording_setup(run: "Run") -> dict[str, Any]:
 
 
 def _record_epoch(cache: TeacherCache, epoch: int, teacher: nn.Module, loader: Loader, runtime: Runtime,
-                  precision: str, *, progress: bool) -> None:
+                  precision: ResolvedPrecision, *, progress: bool) -> None:
     rows = cache.new_epoch_file(epoch) if runtime.is_main else None
     written = np.zeros(cache.key.num_samples, dtype=bool)
     dtype = cache.manifest["dtype"]
@@ -85,7 +85,7 @@ def _record_epoch(cache: TeacherCache, epoch: int, teacher: nn.Module, loader: L
     for batch in batches:
         logits = frozen_forward(teacher, batch.teacher_view, autocast=lambda: runtime.autocast(precision),
                                 input_dtype=runtime.input_dtype(precision)).float()
-        indices = batch.indices.to(runtime.device)
+        indices = torch.from_numpy(batch.sample_indices()).to(runtime.device)
         if runtime.distributed:  # every rank's batch has the same size (shards are padded equal)
             all_logits = [torch.empty_like(logits) for _ in range(runtime.shard.world_size)]
             all_indices = [torch.empty_like(indices) for _ in range(runtime.shard.world_size)]

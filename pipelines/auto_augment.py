@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipelines.base import Batch, normalization
+from pipelines.base import Batch, device_constant, normalization
 from pipelines.batch_stage import in_layout_of, table_to_device
 
 OPS = ("Identity", "ShearX", "ShearY", "TranslateX", "TranslateY", "Rotate", "Brightness", "Color", "Contrast",
@@ -129,9 +129,9 @@ class AutoAugment:
 
     def __call__(self, batch: Batch) -> Batch:
         assert self._draws is not None, "AutoAugment.set_epoch first"
-        indices = batch.indices.numpy()
+        indices = batch.sample_indices()
         ops, negative, bins = (d[indices] for d in self._draws)
-        student = tuple(batch.images.shape[-2:])
+        student = (batch.images.shape[-2], batch.images.shape[-1])
         views = [self._augment(batch.images, ops, negative, bins, student)]
         if batch.teacher_images is not None:
             views.append(self._augment(batch.teacher_images, ops, negative, bins, student))
@@ -146,8 +146,8 @@ class AutoAugment:
         if key not in self._lookup:
             table = np.zeros((len(OPS), self.num_bins, 2, 8))
             for o, op in enumerate(OPS):
-                levels = magnitudes(self.policy, op, self.num_bins, student[1], student[0])
-                levels = [0.0] * self.num_bins if levels is None else levels.tolist()
+                steps = magnitudes(self.policy, op, self.num_bins, student[1], student[0])
+                levels = [0.0] * self.num_bins if steps is None else steps.tolist()
                 for level, value in enumerate(levels):
                     for sign in (0, 1):
                         magnitude = -float(value) if sign and op in SIGNED else float(value)
@@ -214,10 +214,10 @@ class AutoAugment:
         if op == "Sharpness":  # torchvision leaves images of 2 pixels or fewer a side as they are
             if min(x.shape[-2:]) <= 2:
                 return x
-            if x.device not in self._kernels:
-                kernel = torch.ones((3, 3))
+            if x.device not in self._kernels:  # torchvision's kernel, made on the device (no copy)
+                kernel = torch.ones((3, 3), device=x.device)
                 kernel[1, 1] = 5.0
-                self._kernels[x.device] = (kernel / kernel.sum()).to(x.device)
+                self._kernels[x.device] = kernel / kernel.sum()
             return _blend(x, _blurred(x, self._kernels[x.device]), value, rest)
         if op == "Posterize":
             return torch.floor(x / value) * value
@@ -238,8 +238,8 @@ class AutoAugment:
             base[..., 0].copy_(torch.linspace(-w * 0.5 + 0.5, w * 0.5 + 0.5 - 1, steps=w, device=x.device))
             base[..., 1].copy_(torch.linspace(-h * 0.5 + 0.5, h * 0.5 + 0.5 - 1, steps=h, device=x.device).unsqueeze_(-1))
             base[..., 2].fill_(1)
-            self._grids[key] = (base.view(1, h * w, 3), torch.tensor([0.5 * w, 0.5 * h]).to(x.device))
-        base, half = self._grids[key]  # made once per size: no host-to-device copy per step
+            self._grids[key] = (base.view(1, h * w, 3), device_constant([0.5 * w, 0.5 * h], x.device))
+        base, half = self._grids[key]  # made on the device once per size: no host-to-device copy
         grid = base.expand(n, h * w, 3).bmm(theta.transpose(1, 2) / half).view(n, h, w, 2)
         return F.grid_sample(x, grid, mode="nearest", padding_mode="zeros", align_corners=False)
 

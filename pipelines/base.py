@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import contextlib
 from typing import Any, Callable, ContextManager, Iterator, Protocol, Sequence
 
+import numpy as np
 import torch
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -64,6 +65,12 @@ class Batch:
     @property
     def size(self) -> int:
         return self.labels.shape[0]
+
+    def sample_indices(self) -> np.ndarray:
+        """`indices` as a host array (what the batch stage's draws and a teacher cache are read by)."""
+        if self.indices is None:
+            raise ValueError("this batch carries no sample indices (training batches do)")
+        return self.indices.numpy()
 
     @property
     def teacher_view(self) -> torch.Tensor:
@@ -192,11 +199,28 @@ class Loaders:
     """Class identifiers in label order (folder names, WordNet ids or names from the class file)."""
 
 
+def needs_pinned_memory(device: torch.device) -> bool:
+    """Whether host data bound for `device` is staged in pinned (page-locked) memory: on an
+    accelerator, where only a copy from pinned memory is queued without waiting for the device
+    (a copy from pageable memory synchronizes the host)."""
+    return device.type != "cpu"
+
+
+def device_constant(values: list[float], device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A small constant made on `device` itself (one fill per value): no host-to-device copy, so
+    it may be made lazily inside a step (a `torch.tensor(values, device=...)` copies from pageable
+    memory, which waits for the device)."""
+    out = torch.empty(len(values), dtype=torch.float32, device=device)
+    for i, value in enumerate(values):
+        out[i] = value
+    return out.to(dtype)
+
+
 def normalization(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """ImageNet mean and 1/std for uint8 pixel values, shaped to broadcast over NCHW."""
-    mean = torch.tensor([255 * m for m in IMAGENET_MEAN], dtype=torch.float32).view(1, 3, 1, 1)
-    inv_std = torch.tensor([1 / (255 * s) for s in IMAGENET_STD], dtype=torch.float32).view(1, 3, 1, 1)
-    return mean.to(device, dtype), inv_std.to(device, dtype)
+    """ImageNet mean and 1/std for uint8 pixel values, shaped to broadcast over NCHW, made on the device."""
+    mean = device_constant([255 * m for m in IMAGENET_MEAN], device, dtype).view(1, 3, 1, 1)
+    inv_std = device_constant([1 / (255 * s) for s in IMAGENET_STD], device, dtype).view(1, 3, 1, 1)
+    return mean, inv_std
 
 
 def check_batch(images: torch.Tensor, labels: torch.Tensor, *, spec: BatchSpec, image_size: int,

@@ -33,7 +33,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
-from pipelines.base import Batch, DeviceStage, Mix
+from pipelines.base import Batch, DeviceStage, Mix, needs_pinned_memory
 
 MIX_MODES = ("pair", "elem")
 """timm's modes that do not depend on the batch: one draw per pair of positions, or per sample.
@@ -130,10 +130,10 @@ class Mixing:
                                                         num_items=self.num_items)
 
     def _swap(self, size: int, device: torch.device) -> torch.Tensor:
-        """Each slot's partner: 1, 0, 3, 2, ... (made once per batch size and device)."""
+        """Each slot's partner: 1, 0, 3, 2, ... (made on the device, once per batch size and device)."""
         key = (size, device)
         if key not in self._swaps:
-            self._swaps[key] = (torch.arange(size) ^ 1).to(device)
+            self._swaps[key] = torch.arange(size, device=device) ^ 1
         return self._swaps[key]
 
     def table(self, indices: np.ndarray, sizes: list[tuple[int, int]]) -> np.ndarray:
@@ -159,7 +159,7 @@ class Mixing:
                              "rank's share of the epoch must be even)")
         views = [batch.images] + ([batch.teacher_images] if batch.teacher_images is not None else [])
         device = batch.images.device
-        host = self.table(batch.indices.numpy(), [tuple(v.shape[-2:]) for v in views])
+        host = self.table(batch.sample_indices(), [(v.shape[-2], v.shape[-1]) for v in views])
         table = table_to_device(host, device)
         swap = self._swap(size, device)
         # What the host table already says (no sync): whether any slot blends, whether any box is
@@ -203,7 +203,7 @@ def table_to_device(table: np.ndarray, device: torch.device) -> torch.Tensor:
     """A transform's small per-step host table on the device: on a GPU from pinned memory, so the
     copy is queued on the stream (a copy from pageable memory would wait for it)."""
     host = torch.from_numpy(table)
-    if device.type == "cuda":
+    if needs_pinned_memory(device):
         host = host.pin_memory()
     return host.to(device, non_blocking=True)
 

@@ -479,11 +479,16 @@ def build_dali_loaders(dataset: Dataset, *, spec: BatchSpec, seed: int, shard: S
     `data` and `data.dali` of the same names)."""
     _require_dali()
     device = resolve_dali_device(dali_device, spec.device)
-    place = placement(device, spec, hw_decoder_load=hw_decoder_load, files=dataset.train.files, cpu_resize=cpu_resize)
-    common = dict(place=place, seed=seed, shard=shard, spec=spec, num_threads=num_threads, sizes=sizes,
-                  val_size=val_size, val_resize=val_resize, prefetch_queue=prefetch_queue)
+    place = placement(device, spec, hw_decoder_load=hw_decoder_load, files=list(dataset.train.files),
+                      cpu_resize=cpu_resize)
+
+    def batches(split: Split, *, train: bool, size: int, **training: Any) -> DaliBatches:
+        return DaliBatches(split, train=train, batch_size=size, place=place, seed=seed, shard=shard, spec=spec,
+                           num_threads=num_threads, sizes=sizes, val_size=val_size, val_resize=val_resize,
+                           prefetch_queue=prefetch_queue, **training)
+
     to_device = DaliToDevice(spec)
-    return Loaders(Loader(DaliBatches(dataset.train, train=True, batch_size=batch_size, teacher_size=teacher_image_size,
-                                      crop_range=crop_range, deal=deal, **common), [to_device]),
-                   Loader(DaliBatches(dataset.val, train=False, batch_size=val_batch_size, **common), [to_device]),
+    return Loaders(Loader(batches(dataset.train, train=True, size=batch_size, teacher_size=teacher_image_size,
+                                  crop_range=crop_range, deal=deal), [to_device]),
+                   Loader(batches(dataset.val, train=False, size=val_batch_size), [to_device]),
                    list(dataset.classes))

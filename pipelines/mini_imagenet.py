@@ -35,7 +35,7 @@ def _read_raw(path: Path) -> list[tuple[int, str, str]]:
         header = next(reader, None)
         if header != ["filename", "label"]:
             raise DataError(f"{path}: expected the header 'filename,label', got {header}")
-        rows = []
+        rows: list[tuple[int, str, str]] = []
         for line_no, row in enumerate(reader, start=2):
             if not row:
                 continue

@@ -24,7 +24,7 @@ from PIL import Image, ImageOps
 
 from fastkd.errors import DataError
 from pipelines.augment import CropRange, SizeSchedule, check_stream_state, epoch_order, stream_state, train_crop
-from pipelines.base import Batch, BatchSpec, Loader, Shard, normalization
+from pipelines.base import Batch, BatchSpec, Loader, Shard, needs_pinned_memory, normalization
 from pipelines.datasets import Dataset, Split
 from pipelines.verify import unlimited_pixels
 
@@ -237,7 +237,7 @@ def torchvision_loaders(dataset: Dataset, *, spec: BatchSpec, batch_size: int, v
                         ) -> tuple[Loader, Loader]:
     """Training and validation loaders of the torchvision backend (`values`: `TorchvisionBatches`'
     other arguments; `teacher_size`, `crop_range` and `deal` for training only)."""
-    pin = spec.device.type == "cuda"
+    pin = needs_pinned_memory(spec.device)  # the DataLoader's pinning thread stages them for ToDevice
     training = {key: values.pop(key) for key in ("teacher_size", "crop_range", "deal") if key in values}
     to_device = ToDevice(spec)
     return (Loader(TorchvisionBatches(dataset.train, train=True, batch_size=batch_size, pin_memory=pin, **training,
