@@ -636,10 +636,10 @@ def bottleneck_sentences(rows: list[dict[str, Any]], runtime: Runtime) -> list[s
             if row["backend"] == "torchvision":
                 advice = "decode with DALI (data.backend: dali)"
             elif row["backend"] == "dali-cpu":
-                advice = ("decode on the GPU (data.dali_device: gpu)" if runtime.device.type == "cuda"
+                advice = ("decode on the GPU (data.dali.device: gpu)" if runtime.device.type == "cuda"
                           else "raise data.num_workers (DALI threads) or decode on a GPU")
             else:
-                advice = "raise data.num_workers (DALI threads) and data.dali_hw_decoder_load"
+                advice = "raise data.num_workers (DALI threads) and data.dali.hw_decoder_load"
             share = f", {row['images_per_sec'] / ceiling:.0%} of the synthetic-data ceiling" if ceiling else ""
             sentences.append(f"{name} is bounded by the loader ({data:.1f} ms of data wait per batch against "
                              f"{student + teacher:.1f} ms of compute{share}"

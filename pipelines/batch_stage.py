@@ -43,8 +43,8 @@ _MIX_SALT = 0x6D6978  # "mix": the draws' stream, apart from the order's and the
 
 @dataclass(frozen=True)
 class MixSpec:
-    """mixup / CutMix settings (`data.mixup_alpha`, `data.cutmix_alpha`, `data.mix_prob`,
-    `data.mix_switch_prob`, `data.mix_mode`)."""
+    """mixup / CutMix settings (`data.mix`: `mixup_alpha`, `cutmix_alpha`, `prob`, `switch_prob`,
+    `mode`)."""
 
     mixup_alpha: float = 0.0
     cutmix_alpha: float = 0.0

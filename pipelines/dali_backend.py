@@ -360,7 +360,7 @@ class DaliBatches:
         return total * shard.rank // shard.world_size, total * (shard.rank + 1) // shard.world_size
 
     def _files_in_flight(self) -> list[str]:
-        """The files of the batch being read and of the `dali_prefetch_queue` (+1) batches after
+        """The files of the batch being read and of the `data.dali.prefetch_queue` (+1) batches after
         it, into the next epoch (training's stream runs on) or back to the start (validation)."""
         if self._reading is None:
             return []

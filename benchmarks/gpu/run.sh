@@ -69,6 +69,7 @@ try:
 except ImportError as exc:
     print("nvidia.dali: NOT IMPORTABLE:", exc)
 EOF
+  "${fastkd[@]}" --version
   } > "$out/env.log" 2>&1
   grep -E "Driver Version|\"device\"|\"torch\"|\"dali\"|\"cuda\"" "$out/env.log"
 fi
@@ -106,9 +107,11 @@ if want smoke; then
     --no-progress "${runs[@]}" data.root="$data" data.generate_demo=false optim.epochs=1 "${cache[@]}" "${small[@]}"
   step smoke-distill-cached 150 "${fastkd[@]}" distill --config configs/bench/gpu_224.yaml "${smoke[@]}" \
     run.name=s6 "${cache[@]}" "${small[@]}"
+  # The teacher normalized its own way: its inputs remapped on the device, on fp16 batches.
   step smoke-distill-dali-hybrid 150 "${fastkd[@]}" distill --config configs/bench/gpu_224.yaml "${smoke[@]}" \
     run.name=s4 distill.teacher.arch=resnet18 distill.teacher.checkpoint="$work/runs/s2/best.pt" \
-    distill.allow_weak_teacher=true data.dali.device=cpu "${small[@]}"
+    distill.allow_weak_teacher=true data.dali.device=cpu "distill.teacher.mean=[0.5,0.5,0.5]" \
+    "distill.teacher.std=[0.5,0.5,0.5]" "${small[@]}"
   # A size schedule (two epochs: 160 then 224 px), the teacher's own 224 px view of each crop,
   # validation at 256 px: two resizes per crop on the GPU, and a new size with no new pipeline.
   res=(data.size_schedule.start_image_size=160 data.image_size=224 distill.teacher.image_size=224 data.val_image_size=256)
