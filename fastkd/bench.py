@@ -36,8 +36,10 @@ from fastkd.loop import Update
 from fastkd.report import markdown_table
 from fastkd.runtime import Runtime, create_runtime
 from fastkd.steps import DistillationStep, Step
-from fastkd.teacher import Teacher, build_teacher_module, teacher_source
-from fastkd.teacher_cache import CacheKey, CachedTeacher, TeacherCache
+from fastkd.teacher import Teacher, build_live_teacher, teacher_source
+from fastkd.features import pooled_width
+from fastkd.models import create_model
+from fastkd.teacher_cache import FEATURES, CacheKey, CachedTeacher, TeacherCache
 from pipelines.base import Batch, HostStage, Loader, Shard, run_stages
 from pipelines.loaders import loader_workers
 from pipelines.datasets import Dataset
@@ -384,9 +386,8 @@ def stage_breakdown(step: Step, loader: Loader, update: Update, runtime: Runtime
         batch = _next_batch(stream, loader, clock)
         if isinstance(step, DistillationStep):
             stage = "cache lookup" if step.recorded is not None else "teacher forward"
-            teacher_logits = clock.device(stage, lambda: step.teacher_logits(batch.teacher_view, batch.indices))
-            clock.device("student forward+backward", lambda: update.backward(
-                step.student_output(batch, teacher_logits).loss))
+            teacher = clock.device(stage, lambda: step.teacher_outputs(batch.teacher_view, batch.indices))
+            clock.device("student forward+backward", lambda: update.backward(step.student_output(batch, teacher).loss))
         else:
             clock.device("student forward+backward", lambda: update.backward(step(batch).loss))
         clock.device("optimizer", take_step)
@@ -504,7 +505,7 @@ class Bench:
             f"class_{i:04d}" for i in range(self.num_classes)]
 
     def live_teacher(self) -> Teacher:
-        """The config's teacher (`fastkd.teacher.build_teacher_module`), or one of random weights when
+        """The config's teacher (`fastkd.teacher.build_live_teacher`), or one of random weights when
         its checkpoint is not there (speed does not depend on them)."""
         kd = self.cfg.distill
         assert kd is not None
@@ -512,25 +513,31 @@ class Bench:
         weights = (isinstance(path, str) or path.is_file()) and self.dataset is not None
         if not weights:
             self.note(f"teacher weights: random ({path} not found); speed does not depend on them")
-        module = build_teacher_module(self.cfg, self.runtime, self.classes, weights=weights)
-        return Teacher(module, None, {"arch": kd.teacher.arch})
+        return build_live_teacher(self.cfg, self.runtime, self.classes, weights=weights)
 
     def synthetic_cache(self, folder: Path) -> Teacher:
         """A one-epoch teacher cache of random logits for every sample a loader can yield: positions
         in the split (real data) or in the epoch (synthetic batches, one more for a mixed pair)."""
         synthetic = self.cfg.data.synthetic or SyntheticConfig()
         num_samples = max(len(self.dataset.train) if self.dataset is not None else 0, synthetic.train_samples + 1)
+        kd = self.cfg.distill
+        # with feature distillation, features of the teacher's pooled width
+        width = (pooled_width(create_model(kd.teacher.arch, self.num_classes, image_size=self.cfg.data.image_size),
+                              "distill.teacher.arch") if kd is not None and kd.feature is not None else None)
         key = CacheKey(dataset="bench", num_samples=num_samples, classes=self.classes, seed=0,
                        image_size=self.cfg.data.image_size, augmentation={}, teacher_arch="bench",
-                       teacher_checkpoint="bench", teacher_precision="bench")
+                       teacher_checkpoint="bench", teacher_precision="bench",
+                       features=FEATURES if width is not None else None)
         cache = TeacherCache.create_or_resume(folder, key, num_classes=self.num_classes, dtype="fp16",
-                                              teacher_val={"val_top1": 0.0, "val_top5": 0.0})
-        rows = cache.new_epoch_file(0)
-        rows[:] = np.random.default_rng(0).normal(0, 3, size=rows.shape)
-        rows.flush()
-        del rows
+                                              teacher_val={"val_top1": 0.0, "val_top5": 0.0}, feature_width=width)
+        for kind in cache.kinds:
+            rows = cache.new_epoch_file(0, kind)
+            rows[:] = np.random.default_rng(0).normal(0, 3, size=rows.shape)
+            rows.flush()
+            del rows
         cache.commit_epoch(0)
-        return Teacher(None, CachedTeacher(cache, self.runtime.device), {"arch": "bench"})
+        return Teacher(None, CachedTeacher(cache, self.runtime.device, features=width is not None), {"arch": "bench"},
+                       feature_width=width)
 
 
 def run_bench(cfg: Config, *, config_path: str, what: Sequence[str], backends: Sequence[str], window: Window,

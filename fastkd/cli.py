@@ -148,8 +148,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The command line, `key=value` overrides accepted anywhere after the command (argparse takes
+    one run of positionals: the overrides after an option are gathered here, in order)."""
+    parser = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    overrides = [item for item in rest if "=" in item and not item.startswith("-")]
+    unknown = [item for item in rest if item not in overrides]
+    if overrides and not hasattr(args, "overrides"):
+        unknown = rest
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if overrides:
+        args.overrides = [*args.overrides, *overrides]
+    return args
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    args = build_parser().parse_args(argv)
+    args = parse_args(argv)
     import logging
 
     from fastkd.log import log

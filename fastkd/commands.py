@@ -79,7 +79,7 @@ def _fit(cfg: Config, *, resume: bool, progress: bool) -> RunResult:
                               "kind": "train" if cfg.distill is None else "distill", "teacher_cache_digest": cache_digest},
             log_every_steps=cfg.run.log_every_steps, checkpoint_every_steps=cfg.run.checkpoint_every_steps,
             progress=progress, image_size_at=size_schedule(cfg.data).at,
-            on_epoch_end=print_epoch if runtime.is_main else None)
+            on_epoch_end=print_epoch if runtime.is_main else None, heads=run.student.heads)
         if resumed is not None:
             restore_training(training, resumed, source=cfg.run_dir / "last.pt")
             logger.truncate_after(state.epoch)

@@ -419,6 +419,36 @@ class TeacherConfig:
 
 
 @dataclass(frozen=True, kw_only=True)
+class FeatureConfig:
+    weight: float = 1.0
+    """Weight of the feature term: the mean squared error between the student's pooled pre-logit features (the input of its classifier), through a learned Linear to the teacher's width when the widths differ, and the teacher's (timm's FeatureDistillationTask)."""
+
+    def __post_init__(self) -> None:
+        _require(self.weight > 0, "weight", f"must be > 0 (remove distill.feature to turn it off), got {self.weight}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class HintConfig:
+    student_layer: str
+    """The student module whose output is the hint's input (a name of `model.named_modules()`, as torchvision's feature extraction names module outputs: `layer3`, `features.8`)."""
+    teacher_layer: str
+    """The teacher module whose output the adapted student map must match."""
+    weight: float = 1.0
+    """Weight of the hint term: the mean squared error between the student's map through a learned 1x1 convolution to the teacher's channels (resized to the teacher map's size when they differ) and the teacher's map (FitNets)."""
+
+    def __post_init__(self) -> None:
+        _require(self.weight > 0, "weight", f"must be > 0 (remove distill.hint to turn it off), got {self.weight}")
+        for key in ("student_layer", "teacher_layer"):
+            _require(bool(getattr(self, key)), key, "must name a module of the model")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TokenConfig:
+    hard: bool = False
+    """false: the distillation head matches the teacher's softened logits (the logit term of `distill.loss` at `temperature`); true: the cross-entropy with the teacher's top class (DeiT's hard distillation)."""
+
+
+@dataclass(frozen=True, kw_only=True)
 class DistillConfig:
     teacher: TeacherConfig
     """The frozen teacher (required keys: arch, checkpoint)."""
@@ -446,6 +476,14 @@ class DistillConfig:
     """Teacher cache: keep each sample's K largest logits and one for the rest (FKD-style, for ImageNet scale; `--top-k` when recording); a replay expects this kind of cache. null = every logit."""
     allow_weak_teacher: bool = False
     """Train even when the teacher's val top-1 is near chance level."""
+    logit_standardization: bool = False
+    """Z-score each sample's student and teacher logits, `(z - mean(z)) / std(z)` over the classes, before the logit term's temperature softmax (Sun et al., CVPR 2024); kd, dkd and dist alike."""
+    feature: Optional[FeatureConfig] = None
+    """Feature distillation of the pooled pre-logit features (timm's `feature` kind), its term beside the logit term and the cross-entropy; null = off."""
+    hint: Optional[HintConfig] = None
+    """A hint at a named intermediate layer (FitNets); needs the live teacher (feature maps are too big to cache); null = off."""
+    token: Optional[TokenConfig] = None
+    """Token distillation for timm models with a distillation head (`timm:*_distilled`, DeiT): the class head learns the labels (`ce_weight`), the distillation head the teacher (`kd_weight`); null = off."""
 
     def __post_init__(self) -> None:
         _require(self.teacher_cache_top_k is None or self.teacher_cache_top_k >= 1, "teacher_cache_top_k",
@@ -459,7 +497,17 @@ class DistillConfig:
         _require(self.temperature > 0, "temperature", f"must be > 0, got {self.temperature}")
         _require(self.kd_weight >= 0, "kd_weight", f"must be >= 0, got {self.kd_weight}")
         _require(self.ce_weight >= 0, "ce_weight", f"must be >= 0, got {self.ce_weight}")
-        _require(self.kd_weight + self.ce_weight > 0, "kd_weight", "kd_weight and ce_weight cannot both be 0")
+        _require(self.kd_weight + self.ce_weight > 0 or self.feature is not None or self.hint is not None, "kd_weight",
+                 "kd_weight and ce_weight cannot both be 0 without distill.feature or distill.hint")
+        _require(self.hint is None or not self.teacher_cache, "hint",
+                 "needs the live teacher: its intermediate feature maps are too big to cache (remove "
+                 "distill.teacher_cache, or distill.hint)")
+        _require(self.token is None or (self.feature is None and self.hint is None), "token",
+                 "cannot be combined with distill.feature or distill.hint (a distilled model's two heads share their "
+                 "pre-logit features)")
+        _require(not (self.token is not None and self.token.hard and self.logit_standardization),
+                 "logit_standardization", "has no effect with distill.token.hard (the teacher's top class is its "
+                 "target; remove it)")
         for key in ("dkd_alpha", "dkd_beta", "dist_beta", "dist_gamma"):
             _require(getattr(self, key) >= 0, key, f"must be >= 0, got {getattr(self, key)}")
 
@@ -523,6 +571,7 @@ SECTIONS: dict[str, type] = {
     "data.randaugment": RandAugmentConfig, "data.trivialaugment": TrivialAugmentConfig, "data.mix": MixConfig,
     "data.dali": DaliConfig, "data.synthetic": SyntheticConfig, "model": ModelConfig, "optim": OptimConfig,
     "runtime": RuntimeConfig, "distill": DistillConfig, "distill.teacher": TeacherConfig,
+    "distill.feature": FeatureConfig, "distill.hint": HintConfig, "distill.token": TokenConfig,
 }
 
 # Keys that may change between a run and its `--resume` without changing its results.

@@ -19,10 +19,11 @@ from fastkd.config import Config, ModelConfig
 from fastkd.data import build_loaders, checked_dataset
 from fastkd.distributed import rank_0_first
 from fastkd.ema import ModelEma, NoEma
-from fastkd.errors import CheckpointError
+from fastkd.errors import CheckpointError, ConfigError
+from fastkd.features import DistillationHeads, FeatureTaps, StudentWithHeads, build_heads, pooled_width, probe_channels
 from fastkd.log import log
 from fastkd.loop import Update
-from fastkd.losses import distillation_term
+from fastkd.losses import distillation_term, hard_distillation_term
 from fastkd.models import (Normalization, attach_input_normalization, count_parameters, create_model,
                            describe_class_difference, is_weights_name, load_pretrained, load_weights,
                            resolve_normalization)
@@ -37,9 +38,12 @@ from pipelines.datasets import Dataset
 @dataclass
 class Student:
     model: nn.Module
-    """As the step calls it (compiled or wrapped for DDP by the runtime)."""
+    """As the step calls it (compiled or wrapped for DDP by the runtime; with feature
+    distillation, `fastkd.features.StudentWithHeads`)."""
     raw: nn.Module
-    """The module whose parameters the optimizer and checkpoints hold."""
+    """The student alone: what checkpoints save as `model`, evaluation runs and export writes."""
+    heads: DistillationHeads | None
+    """Its trainable adapters to the teacher's features (trained and saved with it, never exported)."""
     normalization: Normalization
     num_params: int
 
@@ -96,19 +100,21 @@ def build_run(cfg: Config, runtime: Runtime, *, student: StudentChoice | Weights
                             dataset=dataset, teacher_image_size=view, stage_guard=runtime.no_host_sync)
     if resumed is not None and list(resumed["classes"]) != loaders.classes:
         raise CheckpointError(f"--resume: the dataset's classes differ from those of {cfg.run_dir / 'last.pt'}")
-    model = None if student == "none" else build_student(cfg, runtime, loaders.classes, student, resumed=resumed)
-    resolved = teacher if isinstance(teacher, Teacher) else resolve_teacher(cfg, runtime, dataset, loaders, teacher)
+    bare = None if student == "none" else create_student(cfg, runtime, loaders.classes, student, resumed=resumed)
+    with runtime.rng_untouched():  # a live teacher's making draws nothing a cached teacher's would not
+        resolved = teacher if isinstance(teacher, Teacher) else resolve_teacher(cfg, runtime, dataset, loaders, teacher)
+    model = None if bare is None else place_student(cfg, runtime, *bare, teacher=resolved, trainable=not evaluating)
     step, update = None, None
     if model is not None and not evaluating:
         step = build_step(cfg, runtime, model.model, resolved)
-        update = build_update(cfg, runtime, model.raw)
+        update = build_update(cfg, runtime, model)
     return Run(cfg, runtime, dataset, loaders, model, resolved, step, update)
 
 
-def build_student(cfg: Config, runtime: Runtime, classes: list[str], start: StudentChoice | Weights, *,
-                  resumed: dict[str, Any] | None = None) -> Student:
+def create_student(cfg: Config, runtime: Runtime, classes: list[str], start: StudentChoice | Weights, *,
+                   resumed: dict[str, Any] | None = None) -> tuple[nn.Module, Normalization]:
     """`model.arch` for `classes`, its weights as `start` says, with its input normalization
-    (`fastkd.models.resolve_normalization`), placed on the device by the runtime."""
+    (`fastkd.models.resolve_normalization`), on the host."""
     model_cfg = cfg.model
     model = create_model(model_cfg.arch, len(classes), image_size=cfg.data.image_size)
     if isinstance(start, Weights):
@@ -127,9 +133,33 @@ def build_student(cfg: Config, runtime: Runtime, classes: list[str], start: Stud
                                               weights=model_cfg.pretrained if start == "config" else "",
                                               checkpoint=recorded)
     attach_input_normalization(model, normalization)
+    if cfg.distill is not None and cfg.distill.token is not None and not isinstance(start, Weights):
+        set_distilled_training = getattr(model, "set_distilled_training", None)
+        if not callable(set_distilled_training):
+            raise ConfigError(f"distill.token: model.arch {model_cfg.arch} has no distillation head (a timm "
+                              "*_distilled model has one, e.g. timm:deit_tiny_distilled_patch16_224)")
+        set_distilled_training(True)  # in training, its forward returns both heads' logits
+    return model, normalization
+
+
+def place_student(cfg: Config, runtime: Runtime, model: nn.Module, normalization: Normalization, *,
+                  teacher: Teacher | None, trainable: bool) -> Student:
+    """The student placed on the device by the runtime, with its adapters to the teacher's
+    features when the run distils them (`fastkd.features`: one module for DDP)."""
+    kd = cfg.distill
     num_params = count_parameters(model)
-    module, raw = runtime.prepare_model(model, trainable=not isinstance(start, Weights))
-    return Student(module, raw, normalization, num_params)
+    if not trainable or kd is None or teacher is None or (kd.feature is None and kd.hint is None):
+        module, raw = runtime.prepare_model(model, trainable=trainable)
+        return Student(module, raw, None, normalization, num_params)
+    layer = kd.hint.student_layer if kd.hint is not None else None
+    taps = FeatureTaps(model, pooled=kd.feature is not None, layer=layer, model_key="model.arch",
+                       layer_key="distill.hint.student_layer")
+    heads = build_heads(pooled_width(model, "model.arch") if kd.feature is not None else None, teacher.feature_width,
+                        probe_channels(model, layer, cfg.data.image_size, "distill.hint.student_layer")
+                        if layer else None, teacher.hint_channels)
+    module, wrapper = runtime.prepare_model(StudentWithHeads(model, heads, taps), trainable=True)
+    assert isinstance(wrapper, StudentWithHeads)
+    return Student(module, wrapper.student, heads, normalization, num_params)
 
 
 def _load_pretrained(model: nn.Module, model_cfg: ModelConfig, num_classes: int, runtime: Runtime) -> None:
@@ -152,12 +182,16 @@ def build_step(cfg: Config, runtime: Runtime, model: nn.Module, teacher: Teacher
     assert kd is not None, "a teacher needs a distill section"
     precision = runtime.resolve_precision(kd.teacher.precision)
     side_stream = kd.side_stream if side_stream is None else side_stream
-    return DistillationStep(model, teacher.module, term=distillation_term(kd), kd_weight=kd.kd_weight,
-                            ce_weight=kd.ce_weight, autocast=runtime.autocast,
+    hard = kd.token is not None and kd.token.hard
+    return DistillationStep(model, teacher.module, term=hard_distillation_term if hard else distillation_term(kd),
+                            kd_weight=kd.kd_weight, ce_weight=kd.ce_weight, autocast=runtime.autocast,
                             teacher_autocast=lambda: runtime.autocast(precision),
                             stream=runtime.create_side_stream(side_stream and teacher.module is not None),
                             teacher_input_dtype=runtime.input_dtype(precision),
-                            label_smoothing=cfg.optim.label_smoothing, recorded=teacher.recorded)
+                            label_smoothing=cfg.optim.label_smoothing, recorded=teacher.recorded,
+                            feature_weight=kd.feature.weight if kd.feature is not None else 0.0,
+                            hint_weight=kd.hint.weight if kd.hint is not None else 0.0, teacher_taps=teacher.taps,
+                            token=kd.token is not None)
 
 
 def build_ema(cfg: ModelConfig, raw: nn.Module) -> ModelEma | NoEma:
@@ -165,7 +199,9 @@ def build_ema(cfg: ModelConfig, raw: nn.Module) -> ModelEma | NoEma:
     return NoEma() if cfg.ema_decay is None else ModelEma(raw, decay=cfg.ema_decay, warmup=cfg.ema_warmup)
 
 
-def build_update(cfg: Config, runtime: Runtime, raw: nn.Module) -> Update:
-    """The optimizer (`optim`), the GradScaler (fp16 only), clipping and the EMA, over `raw`."""
-    return Update(create_optimizer(raw, cfg.optim, runtime.device), runtime.create_scaler(),
-                  grad_clip_norm=cfg.optim.grad_clip_norm, ema=build_ema(cfg.model, raw))
+def build_update(cfg: Config, runtime: Runtime, student: Student) -> Update:
+    """The optimizer (`optim`) over the student and its adapters, the GradScaler (fp16 only),
+    clipping, and the EMA of the student's weights."""
+    trained = student.raw if student.heads is None else nn.ModuleList([student.raw, student.heads])
+    return Update(create_optimizer(trained, cfg.optim, runtime.device), runtime.create_scaler(),
+                  grad_clip_norm=cfg.optim.grad_clip_norm, ema=build_ema(cfg.model, student.raw))

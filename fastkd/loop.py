@@ -143,6 +143,8 @@ class Training:
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None
     image_size_at: Callable[[int], int] | None = None
     """The training image side of an epoch (the data's size schedule), recorded with its metrics."""
+    heads: nn.Module | None = None
+    """The student's trainable adapters to the teacher's features (saved and restored with it, never exported)."""
 
     @property
     def ema(self) -> ModelEma | NoEma:
@@ -361,6 +363,8 @@ def checkpoint_payload(t: Training, rank_states: list[dict[str, Any]]) -> dict[s
         "state": asdict(state),
         "optimizer": t.update.optimizer.state_dict(),
         "scaler": t.update.scaler.state_dict(),
+        **({"distill_heads": {k: v.detach().to("cpu") for k, v in t.heads.state_dict().items()}}  # host sync: checkpoints
+           if t.heads is not None else {}),
         **({"ema": {k: v.detach().to("cpu", memory_format=torch.contiguous_format)  # host sync: checkpoints only
                     for k, v in t.ema.state_dict().items()}} if t.ema.module is not None else {}),
         "world_size": t.runtime.shard.world_size,
@@ -414,6 +418,10 @@ def restore_training(t: Training, checkpoint: dict[str, Any], *, source: Path) -
                  num_classes=checkpoint["num_classes"])
     state = TrainState(**checkpoint["state"])
     t.state.__dict__.update(state.__dict__)
+    if t.heads is not None:
+        if "distill_heads" not in checkpoint:
+            raise CheckpointError(f"--resume: {source} holds no distillation adapters (distill.feature/hint were off)")
+        t.heads.load_state_dict(checkpoint["distill_heads"])
     t.update.optimizer.load_state_dict(checkpoint["optimizer"])
     if t.ema.module is not None:
         if "ema" not in checkpoint:

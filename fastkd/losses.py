@@ -1,11 +1,13 @@
-"""Distillation losses: pure functions of logits, computed in fp32 with log-softmax.
+"""Distillation losses: pure functions of tensors, computed in fp32.
 
-Every function takes student logits `s` and teacher logits `t` of shape `[B, C]` (any float
-dtype; cast to fp32 here) and returns a scalar. `T` is the temperature. The distillation term
-is what `distill.kd_weight` multiplies; cross-entropy with the labels is weighted by
-`distill.ce_weight`:
+The logit terms take student logits `s` and teacher logits `t` of shape `[B, C]` (any float
+dtype; cast to fp32 here) and return a scalar; `T` is the temperature. With
+`distill.logit_standardization` both are first z-scored per sample (`standardize`). The feature
+terms take the student's features after its learned adapter and the teacher's. A run weighs
+each term it has:
 
     loss = ce_weight * CE(s, y) + kd_weight * term(s, t[, y])
+           + feature.weight * MSE(proj(f_s), f_t) + hint.weight * MSE(adapt(h_s), h_t)
 """
 
 from __future__ import annotations
@@ -81,14 +83,44 @@ def dist_loss(s: torch.Tensor, t: torch.Tensor, temperature: float, beta: float,
     return (beta * inter + gamma * intra) * temperature**2
 
 
+def standardize(z: torch.Tensor, eps: float = 1e-7) -> torch.Tensor:
+    """Logit standardization (Sun et al., CVPR 2024): each row z-scored over the classes,
+    `(z - mean(z)) / (std(z) + eps)`, std with Bessel's correction (the paper's code), in fp32."""
+    z = z.float()
+    return (z - z.mean(dim=1, keepdim=True)) / (z.std(dim=1, keepdim=True) + eps)
+
+
+def feature_loss(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over every element, in fp32 (timm's feature distillation; FitNets' hint)."""
+    return F.mse_loss(student.float(), teacher.float())
+
+
+def hint_features(student: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """The student's adapted feature map at the teacher map's spatial `size` (bilinear when they differ)."""
+    if tuple(student.shape[-2:]) == tuple(size):
+        return student
+    return F.interpolate(student.float(), size=size, mode="bilinear", align_corners=False)
+
+
 DistillTerm = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 def distillation_term(cfg: DistillConfig) -> DistillTerm:
-    """The configured distillation term as `f(student_logits, teacher_logits, labels)`."""
+    """The configured logit term as `f(student_logits, teacher_logits, labels)`, on standardized
+    logits with `distill.logit_standardization`."""
     temperature = cfg.temperature
+    term: DistillTerm
     if cfg.loss == "kd":
-        return lambda s, t, y: kd_loss(s, t, temperature)
-    if cfg.loss == "dkd":
-        return lambda s, t, y: dkd_loss(s, t, y, temperature, cfg.dkd_alpha, cfg.dkd_beta)
-    return lambda s, t, y: dist_loss(s, t, temperature, cfg.dist_beta, cfg.dist_gamma)
+        term = lambda s, t, y: kd_loss(s, t, temperature)  # noqa: E731
+    elif cfg.loss == "dkd":
+        term = lambda s, t, y: dkd_loss(s, t, y, temperature, cfg.dkd_alpha, cfg.dkd_beta)  # noqa: E731
+    else:
+        term = lambda s, t, y: dist_loss(s, t, temperature, cfg.dist_beta, cfg.dist_gamma)  # noqa: E731
+    if not cfg.logit_standardization:
+        return term
+    return lambda s, t, y: term(standardize(s), standardize(t), y)
+
+
+def hard_distillation_term(s: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """DeiT's hard distillation: the cross-entropy of `s` with the teacher's top class."""
+    return F.cross_entropy(s.float(), t.argmax(dim=1))

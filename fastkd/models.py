@@ -287,12 +287,19 @@ def _renormalize(module: nn.Module, args: tuple) -> tuple:
     return (torch.addcmul(shift, images, scale), *args[1:])
 
 
-def classifier_keys(model: nn.Module) -> set[str]:
-    """The state_dict keys of the model's final classifier (a new head for other classes)."""
+def classifier(model: nn.Module) -> nn.Module:
+    """The model's final classifier: timm's `get_classifier()`, else its last Linear or Conv2d.
+    Its input is the model's pooled pre-logit features."""
     get_classifier = getattr(model, "get_classifier", None)  # timm's models name their head
     head = get_classifier() if callable(get_classifier) else None
     if not isinstance(head, nn.Module):
         head = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+    return head
+
+
+def classifier_keys(model: nn.Module) -> set[str]:
+    """The state_dict keys of the model's final classifier (a new head for other classes)."""
+    head = classifier(model)
     names = {id(p): n for n, p in model.named_parameters()}
     return {names[id(p)] for p in head.parameters() if id(p) in names}
 

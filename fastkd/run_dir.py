@@ -65,8 +65,8 @@ def create_run_dir(cfg: Config, runtime: Runtime, *, resumed: bool) -> Path:
 
 def print_epoch(record: dict[str, Any]) -> None:
     """One line per finished epoch on the console (rank 0's `fit.on_epoch_end`)."""
-    parts = "".join(f" {name} {record[f'train_{name}']:.4f}" for name in ("ce", "kd") if f"train_{name}" in record
-                    and "train_kd" in record)
+    terms = [name for name in ("ce", "kd", "feature", "hint") if f"train_{name}" in record]
+    parts = "".join(f" {name} {record[f'train_{name}']:.4f}" for name in terms) if len(terms) > 1 else ""
     agree = f" agree {record['train_agree']:5.1f}" if "train_agree" in record else ""
     ema = f" (ema top1 {record['val_ema_top1']:6.2f})" if "val_ema_top1" in record else ""
     log.info(f"epoch {record['epoch']:>3}  train loss {record['train_loss']:.4f}{parts} top1 {record['train_top1']:6.2f}"

@@ -108,6 +108,11 @@ class Runtime:
             return contextlib.nullcontext()
         return _sync_debug_errors()
 
+    def rng_untouched(self) -> ContextManager:
+        """A block whose draws from torch's RNGs (this device's included) leave the run's streams as
+        they were: what follows draws the same numbers whatever the block did."""
+        return torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else [])
+
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)

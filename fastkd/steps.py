@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastkd.features import FeatureTaps
+from fastkd.losses import feature_loss, hint_features
 from pipelines.base import Batch, Mix
 
 
@@ -81,19 +83,37 @@ def frozen_forward(teacher: nn.Module, images: torch.Tensor, *, autocast: Callab
         return teacher(images)
 
 
-class RecordedLogits(Protocol):
-    """Teacher logits looked up instead of computed (`fastkd.teacher_cache.CachedTeacher`)."""
+@dataclass
+class TeacherOutputs:
+    """What a distillation step takes from the teacher for one batch."""
+
+    logits: torch.Tensor
+    features: torch.Tensor | None = None
+    """Its pooled pre-logit features (`distill.feature`), else None."""
+    hint: torch.Tensor | None = None
+    """Its hint layer's output (`distill.hint`), else None."""
+
+
+class RecordedTeacher(Protocol):
+    """Teacher outputs looked up instead of computed (`fastkd.teacher_cache.CachedTeacher`)."""
 
     def set_epoch(self, epoch: int) -> None: ...
 
-    def __call__(self, indices: torch.Tensor) -> torch.Tensor:
-        """The logits of these samples (host int64 indices) in the current epoch, on the device."""
+    def __call__(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The logits and, when recorded and asked for, the pooled features of these samples (host
+        int64 indices) in the current epoch, on the device."""
 
 
 class DistillationStep(nn.Module):
     """Student and frozen teacher on the same augmented batch.
 
-    `loss = ce_weight * CE(student, labels; label_smoothing) + kd_weight * term(student, teacher, labels)`.
+    `loss = ce_weight * CE(student, labels; label_smoothing) + kd_weight * term(student, teacher, labels)
+    + feature_weight * MSE(projected student features, teacher features) + hint_weight * MSE(adapted
+    student map, teacher map)`; the logit term is left out with `kd_weight` 0. The student is then
+    `fastkd.features.StudentWithHeads` (its forward returns its logits, projected features and
+    adapted map) and the live teacher's features come from `teacher_taps`. With `token` (a timm
+    model with a distillation head, returning the class and distillation heads' logits in
+    training) the cross-entropy takes the class head and the logit term the distillation head.
 
     With a side `stream` (a `torch.cuda.Stream`, on a GPU) the teacher's forward is queued on
     it before the student's forward is queued on the current stream, so the two overlap. Two
@@ -101,14 +121,14 @@ class DistillationStep(nn.Module):
     - the side stream waits for the current stream before the teacher reads the batch (the
       batch's producer, e.g. DALI's copy into it, was queued on the current stream);
     - the current stream waits for the side stream before the loss reads the teacher's
-      logits. Everything queued later on the current stream, including whatever the caching
+      outputs. Everything queued later on the current stream, including whatever the caching
       allocator gives a batch tensor's memory to once this step drops it, therefore runs after
       the teacher's last read of the batch.
     DALI's own output buffers (its dynamic executor hands them over through DLPack; they are
     not PyTorch allocations, so `record_stream` does nothing for them) are protected by DALI:
     a released buffer waits in its deferred-deletion queue until all GPU work queued before
     the release has finished (a `cudaDeviceSynchronize` on a thread of DALI's) before DALI
-    refills it. The teacher's logits come from PyTorch's allocator on the side stream and are
+    refills it. The teacher's outputs come from PyTorch's allocator on the side stream and are
     read on the current stream, so they are recorded there.
 
     Without a stream (CPU, or `distill.side_stream: false`) the same code runs the two
@@ -117,15 +137,17 @@ class DistillationStep(nn.Module):
     cast to `teacher_input_dtype` when given (an fp32 teacher fed the fp16 batches of a
     reduced-precision run: no autocast would cast them).
 
-    With `recorded` logits (a teacher cache) there is no teacher at all: the logits of the
-    batch's samples are looked up by index, and the step costs what the student alone costs.
+    With `recorded` outputs (a teacher cache) there is no teacher at all: the logits (and
+    features) of the batch's samples are looked up by index, and the step costs what the student
+    alone costs.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module | None, *, term: Callable, kd_weight: float,
                  ce_weight: float, autocast: Callable[[], ContextManager],
                  teacher_autocast: Callable[[], ContextManager], stream: "torch.cuda.Stream | None" = None,
                  teacher_input_dtype: torch.dtype | None = None, label_smoothing: float = 0.0,
-                 recorded: RecordedLogits | None = None):
+                 recorded: RecordedTeacher | None = None, feature_weight: float = 0.0, hint_weight: float = 0.0,
+                 teacher_taps: FeatureTaps | None = None, token: bool = False):
         super().__init__()
         if (teacher is None) == (recorded is None):
             raise ValueError("DistillationStep takes a teacher or recorded logits, exactly one of them")
@@ -135,6 +157,10 @@ class DistillationStep(nn.Module):
         self.term = term
         self.kd_weight = kd_weight
         self.ce_weight = ce_weight
+        self.feature_weight = feature_weight
+        self.hint_weight = hint_weight
+        self.teacher_taps = teacher_taps
+        self.token = token
         self.autocast = autocast
         self.teacher_autocast = teacher_autocast
         self.stream = stream
@@ -151,16 +177,25 @@ class DistillationStep(nn.Module):
         if self.recorded is not None:
             self.recorded.set_epoch(epoch)
 
-    def _teacher_forward(self, images: torch.Tensor) -> torch.Tensor:
-        assert self.teacher is not None, "a step with recorded logits runs no teacher"
-        return frozen_forward(self.teacher, images, autocast=self.teacher_autocast, input_dtype=self.teacher_input_dtype)
+    @property
+    def has_heads(self) -> bool:
+        """Whether the student is `StudentWithHeads` (feature or hint distillation)."""
+        return self.feature_weight > 0 or self.hint_weight > 0
 
-    def teacher_logits(self, images: torch.Tensor, indices: torch.Tensor | None = None) -> torch.Tensor:
-        """The teacher's logits; with a side stream, queued there (call `student_output` next)."""
+    def _teacher_forward(self, images: torch.Tensor) -> TeacherOutputs:
+        assert self.teacher is not None, "a step with recorded logits runs no teacher"
+        logits = frozen_forward(self.teacher, images, autocast=self.teacher_autocast,
+                                input_dtype=self.teacher_input_dtype)
+        features, hint = self.teacher_taps.take() if self.teacher_taps is not None else (None, None)
+        return TeacherOutputs(logits, features, hint)
+
+    def teacher_outputs(self, images: torch.Tensor, indices: torch.Tensor | None = None) -> TeacherOutputs:
+        """The teacher's outputs; with a side stream, queued there (call `student_output` next)."""
         if self.recorded is not None:
             if indices is None:
                 raise ValueError("recorded teacher logits need the batch's sample indices")
-            return self.recorded(indices)
+            logits, features = self.recorded(indices)
+            return TeacherOutputs(logits, features)
         if self.stream is None:
             return self._teacher_forward(images)
         self.stream.wait_stream(torch.cuda.current_stream())  # the batch is ready
@@ -169,21 +204,43 @@ class DistillationStep(nn.Module):
 
     def forward(self, batch: Batch) -> StepOutput:
         """The teacher sees `batch.teacher_view` (its own view of the crops, else the student's)."""
-        teacher_logits = self.teacher_logits(batch.teacher_view, batch.indices)  # queued first: overlaps the student
-        return self.student_output(batch, teacher_logits)
+        teacher = self.teacher_outputs(batch.teacher_view, batch.indices)  # queued first: overlaps the student
+        return self.student_output(batch, teacher)
 
-    def student_output(self, batch: Batch, teacher_logits: torch.Tensor) -> StepOutput:
-        """The student's forward and the loss against given teacher logits."""
+    def student_output(self, batch: Batch, teacher: TeacherOutputs) -> StepOutput:
+        """The student's forward and the loss against given teacher outputs."""
         labels = batch.labels
         with self.autocast():
-            logits = self.model(batch.images)
+            out = self.model(batch.images)
+        features = hint = None
+        if self.has_heads:
+            logits, features, hint = out
+        elif self.token and self.training:
+            logits, distilled = out  # the class head, then the distillation head
+        else:
+            logits = out
         if self.stream is not None and self.recorded is None:
             main = torch.cuda.current_stream()
-            main.wait_stream(self.stream)  # the teacher is done with the batch and its logits are ready
-            teacher_logits.record_stream(main)
+            main.wait_stream(self.stream)  # the teacher is done with the batch and its outputs are ready
+            for tensor in (teacher.logits, teacher.features, teacher.hint):
+                if tensor is not None:
+                    tensor.record_stream(main)
         ce = cross_entropy(logits, labels, batch.mix, self.label_smoothing)
-        term = self.term(logits, teacher_logits, labels)
-        loss = self.ce_weight * ce + self.kd_weight * term
-        agree = (logits.detach().argmax(dim=1) == teacher_logits.argmax(dim=1)).float().mean()
-        return StepOutput(loss=loss, logits=logits,
-                          parts={"ce": ce.detach(), "kd": term.detach(), "agree": agree})
+        loss = self.ce_weight * ce
+        parts = {"ce": ce.detach()}
+        if self.kd_weight > 0:
+            term = self.term(distilled if self.token and self.training else logits, teacher.logits, labels)
+            loss = loss + self.kd_weight * term
+            parts["kd"] = term.detach()
+        if self.feature_weight > 0:
+            assert features is not None and teacher.features is not None, "feature distillation: pooled features"
+            feature = feature_loss(features, teacher.features)
+            loss = loss + self.feature_weight * feature
+            parts["feature"] = feature.detach()
+        if self.hint_weight > 0:
+            assert hint is not None and teacher.hint is not None, "hint distillation: both feature maps"
+            hinted = feature_loss(hint_features(hint, (teacher.hint.shape[-2], teacher.hint.shape[-1])), teacher.hint)
+            loss = loss + self.hint_weight * hinted
+            parts["hint"] = hinted.detach()
+        parts["agree"] = (logits.detach().argmax(dim=1) == teacher.logits.argmax(dim=1)).float().mean()
+        return StepOutput(loss=loss, logits=logits, parts=parts)

@@ -25,8 +25,9 @@ from fastkd.loop import evaluate
 from fastkd.models import (Normalization, attach_input_normalization, create_model, freeze, input_normalization,
                            is_weights_name, load_teacher, resolve_normalization, weights_identity)
 from fastkd.runtime import Runtime
-from fastkd.teacher_cache import CacheKey, CachedTeacher, TeacherCache, dataset_digest, describe_top_k, effective_top_k, \
-    file_sha256
+from fastkd.features import FeatureTaps, pooled_width, probe_channels
+from fastkd.teacher_cache import (FEATURES, CacheKey, CachedTeacher, TeacherCache, dataset_digest, describe_top_k,
+                                  effective_top_k, file_sha256)
 from pipelines.augment import augmentation_spec
 from pipelines.base import Loaders
 from pipelines.datasets import Dataset
@@ -38,12 +39,18 @@ set, else live), the live one whatever the section says (recording a cache), or 
 
 @dataclass
 class Teacher:
-    """Where a distillation step's teacher logits come from: the live `module`, or the
-    `recorded` logits of a teacher cache (exactly one); `about` is what the run's summary says of it."""
+    """Where a distillation step's teacher outputs come from: the live `module`, or the
+    `recorded` outputs of a teacher cache (exactly one); `about` is what the run's summary says of it."""
 
     module: nn.Module | None
     recorded: CachedTeacher | None
     about: dict[str, Any]
+    taps: FeatureTaps | None = None
+    """The live teacher's pooled features and hint layer, captured in its forward (`distill.feature`, `distill.hint`)."""
+    feature_width: int | None = None
+    """The width of its pooled pre-logit features, with `distill.feature`."""
+    hint_channels: int | None = None
+    """The channels of its hint layer's output, with `distill.hint`."""
 
 
 def teacher_source(kd: DistillConfig) -> Path | str:
@@ -93,13 +100,15 @@ def teacher_cache_key(cfg: Config, runtime: Runtime, dataset: Dataset | None, cl
                                         if is_weights_name(kd.teacher.checkpoint)
                                         else file_sha256(kd.teacher.checkpoint_path)),
                     teacher_precision=runtime.resolve_precision(kd.teacher.precision),
-                    teacher_normalization=None if normalization.is_imagenet else normalization.as_dict())
+                    teacher_normalization=None if normalization.is_imagenet else normalization.as_dict(),
+                    features=FEATURES if kd.feature is not None else None)
 
 
-def build_teacher_module(cfg: Config, runtime: Runtime, classes: list[str], *, weights: bool = True) -> nn.Module:
-    """The frozen teacher of `distill.teacher`, with its input normalization, placed on the
-    device (rank 0 first when its weights download); `weights` False: random ones instead of
-    its checkpoint's (`fastkd bench` without the file: speed does not depend on them)."""
+def build_live_teacher(cfg: Config, runtime: Runtime, classes: list[str], *, weights: bool = True) -> Teacher:
+    """The frozen teacher of `distill.teacher`, with its input normalization and the taps feature
+    distillation reads, placed on the device (rank 0 first when its weights download); `weights`
+    False: random ones instead of its checkpoint's (`fastkd bench` without the file: speed does
+    not depend on them)."""
     kd = cfg.distill
     assert kd is not None
     image_size = kd.teacher.image_size or cfg.data.image_size
@@ -110,7 +119,13 @@ def build_teacher_module(cfg: Config, runtime: Runtime, classes: list[str], *, w
     else:
         teacher = freeze(create_model(kd.teacher.arch, len(classes), image_size=image_size, key="distill.teacher.arch"))
         attach_input_normalization(teacher, resolve_normalization(kd.teacher.arch, kd.teacher.mean, kd.teacher.std))
-    return runtime.prepare_model(teacher, trainable=False)[0]
+    layer = kd.hint.teacher_layer if kd.hint is not None else None
+    taps = (FeatureTaps(teacher, pooled=kd.feature is not None, layer=layer, model_key="distill.teacher.arch",
+                        layer_key="distill.hint.teacher_layer") if kd.feature is not None or layer else None)
+    return Teacher(runtime.prepare_model(teacher, trainable=False)[0], None, {"arch": kd.teacher.arch}, taps=taps,
+                   feature_width=pooled_width(teacher, "distill.teacher.arch") if kd.feature is not None else None,
+                   hint_channels=(probe_channels(teacher, layer, image_size, "distill.hint.teacher_layer")
+                                  if layer else None))
 
 
 def near_chance_top1(num_classes: int, num_images: int) -> float:
@@ -129,7 +144,9 @@ def load_checked_teacher(cfg: Config, runtime: Runtime, loaders: Loaders) -> Tea
     near chance level is refused unless `distill.allow_weak_teacher`."""
     kd = cfg.distill
     assert kd is not None
-    teacher = build_teacher_module(cfg, runtime, loaders.classes)
+    live = build_live_teacher(cfg, runtime, loaders.classes)
+    teacher = live.module
+    assert teacher is not None
     precision = runtime.resolve_precision(kd.teacher.precision)
     measured = evaluate(teacher, loaders.val, runtime, precision=precision)
     chance = 100.0 / len(loaders.classes)
@@ -140,9 +157,9 @@ def load_checked_teacher(cfg: Config, runtime: Runtime, loaders: Loaders) -> Tea
         raise FastkdError(f"distill.teacher.checkpoint: the teacher's val top-1 is {measured['top1']:.2f}%, near "
                           f"chance ({chance:.2f}%): is {kd.teacher.checkpoint_path} the trained teacher? "
                           "(set distill.allow_weak_teacher: true to distil anyway)")
-    return Teacher(teacher, None, {"arch": kd.teacher.arch, "checkpoint": str(teacher_source(kd)),
-                                   "val_top1": measured["top1"], "val_top5": measured["top5"], "precision": precision,
-                                   "normalization": input_normalization(teacher).as_dict()})
+    live.about.update(checkpoint=str(teacher_source(kd)), val_top1=measured["top1"], val_top5=measured["top5"],
+                      precision=precision, normalization=input_normalization(teacher).as_dict())
+    return live
 
 
 def open_cached_teacher(cfg: Config, runtime: Runtime, dataset: Dataset | None, classes: list[str]) -> Teacher:
@@ -164,7 +181,8 @@ def open_cached_teacher(cfg: Config, runtime: Runtime, dataset: Dataset | None, 
         log.info(f"teacher {kd.teacher.arch}: logits from the cache {kd.teacher_cache_path} "
                  f"({cache.describe_epochs()}, {cache.manifest['dtype']}, {describe_top_k(cache.top_k)}); val top1 "
                  f"{about['val_top1']:.2f}")
-    return Teacher(None, CachedTeacher(cache, runtime.device), about)
+    return Teacher(None, CachedTeacher(cache, runtime.device, features=kd.feature is not None), about,
+                   feature_width=cache.feature_width if kd.feature is not None else None)
 
 
 def resolve_teacher(cfg: Config, runtime: Runtime, dataset: Dataset | None, loaders: Loaders,

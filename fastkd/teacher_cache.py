@@ -12,6 +12,9 @@ On disk, a folder:
     epoch-0000.npy     [num_samples, num_classes] logits (fp16 or fp32), row = sample index;
                        or, recorded with top_k = K, [num_samples] rows of (index: K class
                        indices, logit: their K logits and one rest logit), see `encode_top_k`
+    epoch-0000-features.npy
+                       with features (a run with `distill.feature`): [num_samples, width] of
+                       the teacher's pooled pre-logit features, in the logits' dtype
 
 Epoch files are written to a temporary name, flushed and renamed; the manifest is replaced
 atomically after each epoch, so a recording killed midway keeps every finished epoch and
@@ -39,6 +42,8 @@ from fastkd.errors import ConfigError, DataError
 from pipelines.base import needs_pinned_memory
 
 FORMAT = "fastkd-teacher-cache-v1"
+FEATURES = "pooled pre-logit features"
+"""What a cache recorded for feature distillation holds beside the logits (`CacheKey.features`)."""
 MANIFEST = "manifest.json"
 DTYPES = {"fp16": np.float16, "fp32": np.float32}
 
@@ -120,13 +125,23 @@ class CacheKey:
     teacher_precision: str
     teacher_normalization: dict[str, list[float]] | None = None
     """The teacher's input mean/std when not ImageNet's (null: ImageNet's, as every cache before it)."""
+    features: str | None = None
+    """What the cache holds beside the logits: `FEATURES` (the teacher's pooled pre-logit features), or null."""
 
-    def difference(self, other: "CacheKey") -> str | None:
-        """What differs from `other` (the run's key), in words, or None."""
+    def difference(self, other: "CacheKey", *, replay: bool = False) -> str | None:
+        """What differs from `other` (the run's key), in words, or None. A `replay` may leave out
+        features the cache holds (a recording extends a cache only with what it holds)."""
         for name, mine in asdict(self).items():
             theirs = getattr(other, name)
-            if mine == theirs:
+            if mine == theirs or (name == "features" and replay and theirs is None):
                 continue
+            if name == "features":
+                if mine is None and replay:
+                    return ("the teacher's pooled features were not recorded, and distill.feature needs them (record "
+                            "a cache with distill.feature set)")
+                return (f"it was recorded {'without' if mine is None else 'with'} the teacher's pooled features, this "
+                        f"recording {'with' if mine is None else 'without'} (distill.feature as when it was recorded, "
+                        "or another folder)")
             if name in ("dataset", "teacher_checkpoint"):
                 what = "training file list" if name == "dataset" else "teacher checkpoint"
                 return f"the {what} differs (sha256 {mine[:12]}... recorded, {theirs[:12]}... now)"
@@ -155,8 +170,7 @@ class TeacherCache:
         self.path = path
         self.manifest = manifest
         self.key = CacheKey(**manifest["key"])
-        self._checked: set[int] = set()
-        self._arrays: dict[int, np.ndarray] = {}
+        self._arrays: dict[tuple[int, str], np.ndarray] = {}
 
     # -- opening ----------------------------------------------------------------------
 
@@ -169,7 +183,7 @@ class TeacherCache:
         writes anything (one process per node does it: the files are the same for all)."""
         manifest = _read_manifest(path, source)
         cache = cls(path, manifest)
-        different = cache.key.difference(key)
+        different = cache.key.difference(key, replay=True)
         if different:
             raise ConfigError(f"{source}: {path} was recorded for another run: {different}")
         if cache.top_k != top_k:
@@ -182,6 +196,8 @@ class TeacherCache:
                               f"(record them with `fastkd teacher-cache --config ... --epochs {epochs}`)")
         for epoch in range(epochs):
             cache.epoch_logits(epoch, verify=verify)
+            if key.features is not None:
+                cache.epoch_features(epoch, verify=verify)
         return cache
 
     @property
@@ -194,11 +210,14 @@ class TeacherCache:
     @classmethod
     def create_or_resume(cls, path: Path, key: CacheKey, *, num_classes: int, dtype: str,
                          teacher_val: dict[str, float], recorded_with: dict[str, Any] | None = None,
-                         top_k: int | None = None) -> "TeacherCache":
+                         top_k: int | None = None, feature_width: int | None = None) -> "TeacherCache":
         """For recording (by one process: rank 0 under torchrun): a new cache, or the partly
-        recorded one at `path` if its key matches."""
+        recorded one at `path` if its key matches; `feature_width`: the teacher's pooled features'
+        width when the key records features."""
+        assert (key.features is None) == (feature_width is None), "features need their width, and only they"
         manifest = json.loads(json.dumps({
             "format": FORMAT, "key": asdict(key), "num_classes": num_classes, "dtype": dtype, "top_k": top_k,
+            **({"feature_width": feature_width} if feature_width is not None else {}),
             "teacher_val": teacher_val, "recorded_with": recorded_with or {}, "epochs": {}}))  # as the file holds it
         if (path / MANIFEST).is_file():
             cache = cls(path, _read_manifest(path, "teacher-cache"))
@@ -237,6 +256,11 @@ class TeacherCache:
         return self.manifest.get("top_k")
 
     @property
+    def feature_width(self) -> int | None:
+        """The width of the recorded pooled features; None when the cache holds logits only."""
+        return self.manifest.get("feature_width")
+
+    @property
     def row_dtype(self) -> np.dtype:
         return row_dtype(self.manifest["num_classes"], self.manifest["dtype"], self.top_k)
 
@@ -257,27 +281,44 @@ class TeacherCache:
             return f"epochs 0-{epochs[-1]}"
         return "epochs " + ", ".join(map(str, epochs))
 
-    def epoch_path(self, epoch: int) -> Path:
-        return self.path / f"epoch-{epoch:04d}.npy"
+    def epoch_path(self, epoch: int, kind: str = "logits") -> Path:
+        """An epoch's file of logits, or of `kind` "features"."""
+        return self.path / f"epoch-{epoch:04d}{'' if kind == 'logits' else '-' + kind}.npy"
 
-    def epoch_logits(self, epoch: int, *, verify: bool = True) -> np.ndarray:
-        """The memory-mapped logits of one recorded epoch, checked when first opened (its size
+    def _layout(self, kind: str) -> tuple[tuple[int, ...], np.dtype]:
+        if kind == "logits":
+            return self.file_shape, self.row_dtype
+        assert self.feature_width is not None
+        return (self.key.num_samples, self.feature_width), np.dtype(DTYPES[self.manifest["dtype"]])
+
+    def _epoch_array(self, epoch: int, kind: str, verify: bool) -> np.ndarray:
+        """The memory-mapped file of one recorded epoch, checked when first opened (its size
         always, its sha256 with `verify`)."""
-        if epoch not in self._arrays:
+        if (epoch, kind) not in self._arrays:
             entry = self.manifest["epochs"].get(str(epoch))
-            path = self.epoch_path(epoch)
+            path = self.epoch_path(epoch, kind)
             if entry is None:
                 raise DataError(f"teacher cache {self.path}: epoch {epoch} was not recorded ({self.describe_epochs()})")
-            if (not path.is_file() or path.stat().st_size != entry["bytes"]
+            entry = entry if kind == "logits" else entry.get(kind)
+            if (entry is None or not path.is_file() or path.stat().st_size != entry["bytes"]
                     or (verify and file_sha256(path) != entry["sha256"])):
                 raise DataError(f"teacher cache {self.path}: {path.name} is missing, truncated or altered "
                                 "(its size or sha256 differs from the manifest); record that epoch again")
             array = np.load(path, mmap_mode="r")
-            if array.shape != self.file_shape or array.dtype != self.row_dtype:
+            shape, dtype = self._layout(kind)
+            if array.shape != shape or array.dtype != dtype:
                 raise DataError(f"teacher cache {self.path}: {path.name} holds {array.dtype} {array.shape}, "
-                                f"expected {self.row_dtype} {self.file_shape}")
-            self._arrays[epoch] = array
-        return self._arrays[epoch]
+                                f"expected {dtype} {shape}")
+            self._arrays[(epoch, kind)] = array
+        return self._arrays[(epoch, kind)]
+
+    def epoch_logits(self, epoch: int, *, verify: bool = True) -> np.ndarray:
+        """The memory-mapped logits of one recorded epoch (`_epoch_array`)."""
+        return self._epoch_array(epoch, "logits", verify)
+
+    def epoch_features(self, epoch: int, *, verify: bool = True) -> np.ndarray:
+        """The memory-mapped pooled features of one recorded epoch (`_epoch_array`)."""
+        return self._epoch_array(epoch, "features", verify)
 
     def advise_reading(self, epoch: int) -> None:
         """Ask the kernel to read an epoch file into the page cache in the background
@@ -285,14 +326,20 @@ class TeacherCache:
         are then memory reads, not one disk read per row, from the epoch's first batches on."""
         if str(epoch) not in self.manifest["epochs"] or not hasattr(os, "posix_fadvise"):
             return
-        try:
-            fd = os.open(self.epoch_path(epoch), os.O_RDONLY)
-        except OSError:
-            return  # checked when opened for reading; advice only
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-        finally:
-            os.close(fd)
+        for kind in self.kinds:
+            try:
+                fd = os.open(self.epoch_path(epoch, kind), os.O_RDONLY)
+            except OSError:
+                continue  # checked when opened for reading; advice only
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
+
+    @property
+    def kinds(self) -> tuple[str, ...]:
+        """The files an epoch has: its logits, and its features when the cache holds them."""
+        return ("logits",) if self.feature_width is None else ("logits", "features")
 
     def rows(self, epoch: int, indices: np.ndarray) -> np.ndarray:
         """[len(indices), C] logits of those samples (a top-k cache's rebuilt, in fp32)."""
@@ -304,13 +351,17 @@ class TeacherCache:
 
     # -- writing ----------------------------------------------------------------------
 
-    def temp_epoch_path(self, epoch: int) -> Path:
-        return self.path / f".epoch-{epoch:04d}.npy.tmp"
+    def temp_epoch_path(self, epoch: int, kind: str = "logits") -> Path:
+        return self.path / f".{self.epoch_path(epoch, kind).name}.tmp"
 
-    def new_epoch_file(self, epoch: int) -> np.memmap:
-        """A zeroed memory-mapped file for one epoch's rows, under a temporary name."""
-        return np.lib.format.open_memmap(self.temp_epoch_path(epoch), mode="w+", dtype=self.row_dtype,
-                                         shape=self.file_shape)
+    def new_epoch_file(self, epoch: int, kind: str = "logits") -> np.memmap:
+        """A zeroed memory-mapped file for one epoch's rows (of logits or features), under a temporary name."""
+        shape, dtype = self._layout(kind)
+        return np.lib.format.open_memmap(self.temp_epoch_path(epoch, kind), mode="w+", dtype=dtype, shape=shape)
+
+    def write_features(self, rows: np.memmap, index: np.ndarray, features: torch.Tensor) -> None:
+        """Store fp32 pooled `features` [B, width] of samples `index` in an epoch's features file."""
+        rows[index] = features.cpu().numpy()  # host sync: recording, not training
 
     def write_rows(self, rows: np.memmap, index: np.ndarray, logits: torch.Tensor) -> None:
         """Store fp32 `logits` [B, C] of samples `index` in an epoch file of this cache's kind."""
@@ -322,13 +373,18 @@ class TeacherCache:
         rows["logit"][index] = values.cpu().numpy()
 
     def commit_epoch(self, epoch: int) -> None:
-        """Make a fully written temporary epoch file the recorded one (fsync, rename, manifest)."""
-        tmp = self.temp_epoch_path(epoch)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        final = self.epoch_path(epoch)
-        os.replace(tmp, final)
-        self.manifest["epochs"][str(epoch)] = {"sha256": file_sha256(final), "bytes": final.stat().st_size}
+        """Make an epoch's fully written temporary files (logits, and features when the cache holds
+        them) the recorded ones: fsync, rename, then the manifest lists the epoch."""
+        entry: dict[str, Any] = {}
+        for kind in self.kinds:
+            tmp = self.temp_epoch_path(epoch, kind)
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+            final = self.epoch_path(epoch, kind)
+            os.replace(tmp, final)
+            record = {"sha256": file_sha256(final), "bytes": final.stat().st_size}
+            entry.update(record) if kind == "logits" else entry.update({kind: record})
+        self.manifest["epochs"][str(epoch)] = entry
         self.write_manifest()
 
     def write_manifest(self) -> None:
@@ -358,15 +414,20 @@ def _read_manifest(path: Path, source: str) -> dict[str, Any]:
 
 
 class CachedTeacher:
-    """The step's view of a cache: logits of the current epoch's samples, on the device.
+    """The step's view of a cache: logits (and, with `features`, pooled features) of the current
+    epoch's samples, on the device.
 
     Rows are gathered on the host into pinned memory and copied without blocking (PyTorch's
     pinned-memory cache keeps each buffer until its copy has run).
     """
 
-    def __init__(self, cache: TeacherCache, device: torch.device):
+    def __init__(self, cache: TeacherCache, device: torch.device, *, features: bool = False):
+        if features and cache.feature_width is None:
+            raise ConfigError(f"distill.teacher_cache: {cache.path} holds no pooled features (record it with "
+                              "distill.feature set)")
         self.cache = cache
         self.device = device
+        self.features = features
         self.epoch = 0
         row = cache.row_dtype
         if cache.top_k is not None:  # a top-k row's layout, worked out once
@@ -375,27 +436,36 @@ class CachedTeacher:
             self._split = fields["logit"][1]  # the byte offset of its logits
             self._index_dtype = torch.from_numpy(np.zeros(0, fields["index"][0].base)).dtype
             self._value_dtype = torch.from_numpy(np.zeros(0, fields["logit"][0].base)).dtype
-        else:
-            self._logit_dtype = torch.from_numpy(np.zeros(0, row)).dtype
+        # plain rows (every logit, features): the cache's dtype
+        self._plain_dtype = torch.from_numpy(np.zeros(0, DTYPES[cache.manifest["dtype"]])).dtype
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
         for upcoming in (epoch, epoch + 1):  # this epoch's file, and the next one's while this one trains
             self.cache.advise_reading(upcoming)
 
-    def __call__(self, indices: torch.Tensor) -> torch.Tensor:
-        logits = self.cache.epoch_logits(self.epoch)
+    def __call__(self, indices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The logits of these samples in the current epoch and, with `features`, their pooled features."""
         index = indices.numpy()
-        top_k = self.cache.top_k
-        pin = needs_pinned_memory(self.device)
+        features = self._gather(self.cache.epoch_features(self.epoch), index) if self.features else None
+        return self._logits(index), features
+
+    def _gather(self, rows: np.ndarray, index: np.ndarray) -> torch.Tensor:
+        """Plain rows (every logit, or features) of `index`, on the device."""
         # mode="clip" (the loader's indices are in range): numpy's default "raise" gathers through a
         # temporary copy of the rows, even into `out`.
+        if not needs_pinned_memory(self.device):
+            return torch.from_numpy(np.take(rows, index, axis=0))
+        pinned = torch.empty((len(index), rows.shape[1]), dtype=self._plain_dtype, pin_memory=True)
+        np.take(rows, index, axis=0, out=pinned.numpy(), mode="clip")  # straight into pinned memory
+        return pinned.to(self.device, non_blocking=True)
+
+    def _logits(self, index: np.ndarray) -> torch.Tensor:
+        logits = self.cache.epoch_logits(self.epoch)
+        top_k = self.cache.top_k
         if top_k is None:
-            if not pin:
-                return torch.from_numpy(np.take(logits, index, axis=0))
-            pinned = torch.empty((len(index), logits.shape[1]), dtype=self._logit_dtype, pin_memory=True)
-            np.take(logits, index, axis=0, out=pinned.numpy(), mode="clip")  # straight into pinned memory
-            return pinned.to(self.device, non_blocking=True)
+            return self._gather(logits, index)
+        pin = needs_pinned_memory(self.device)
         # A top-k record is gathered as raw bytes (pinned on a GPU), copied, then split into its
         # index and logit fields and rebuilt into [B, C] logits on the device.
         row = logits.dtype

@@ -15,7 +15,6 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import nn
 from tqdm import tqdm
 
 from fastkd.distributed import from_rank_0
@@ -24,7 +23,7 @@ from fastkd.errors import ConfigError, DataError
 from fastkd.log import log
 from fastkd.runtime import ResolvedPrecision, Runtime
 from fastkd.steps import frozen_forward
-from fastkd.teacher import teacher_cache_key
+from fastkd.teacher import Teacher, teacher_cache_key
 from fastkd.teacher_cache import DTYPES, TeacherCache, effective_top_k
 from pipelines.base import Loader
 
@@ -47,7 +46,7 @@ def record(run: "Run", *, epochs: int, dtype: str, top_k: int | None, progress: 
         cache = TeacherCache.create_or_resume(
             kd.teacher_cache_path, key, num_classes=len(loaders.classes), dtype=dtype,
             teacher_val={"val_top1": teacher.about["val_top1"], "val_top5": teacher.about["val_top5"]},
-            recorded_with=_recording_setup(run), top_k=kept)
+            recorded_with=_recording_setup(run), top_k=kept, feature_width=teacher.feature_width)
         cache.remove_stale_files()  # left by a recording killed midway
         manifest = cache.manifest
     cache = TeacherCache(kd.teacher_cache_path, from_rank_0(manifest))
@@ -58,7 +57,7 @@ def record(run: "Run", *, epochs: int, dtype: str, top_k: int | None, progress: 
     precision = runtime.resolve_precision(kd.teacher.precision)
     todo = [epoch for epoch in range(epochs) if epoch not in cache.recorded_epochs]
     for epoch in todo:
-        _record_epoch(cache, epoch, teacher.module, loaders.train, runtime, precision, progress=progress)
+        _record_epoch(cache, epoch, teacher, loaders.train, runtime, precision, progress=progress)
     return {"path": str(kd.teacher_cache_path), "epochs": epochs, "recorded_now": todo, "dtype": dtype,
             "top_k": cache.top_k, "num_samples": key.num_samples, "teacher": teacher.about}
 
@@ -73,9 +72,13 @@ def _recording_setup(run: "Run") -> dict[str, Any]:
             "world_size": runtime.shard.world_size}
 
 
-def _record_epoch(cache: TeacherCache, epoch: int, teacher: nn.Module, loader: Loader, runtime: Runtime,
+def _record_epoch(cache: TeacherCache, epoch: int, teacher: Teacher, loader: Loader, runtime: Runtime,
                   precision: ResolvedPrecision, *, progress: bool) -> None:
-    rows = cache.new_epoch_file(epoch) if runtime.is_main else None
+    """One epoch's logits (and pooled features, when the cache holds them) into temporary files,
+    committed once every sample has its row; an epoch that fails leaves nothing behind."""
+    assert teacher.module is not None
+    kinds = cache.kinds
+    files = {kind: cache.new_epoch_file(epoch, kind) for kind in kinds} if runtime.is_main else None
     written = np.zeros(cache.key.num_samples, dtype=bool)
     dtype = cache.manifest["dtype"]
     largest = float(np.finfo(DTYPES[dtype]).max)
@@ -83,42 +86,63 @@ def _record_epoch(cache: TeacherCache, epoch: int, teacher: nn.Module, loader: L
     batches = tqdm(loader, total=len(loader), desc=f"teacher logits, epoch {epoch}", leave=False,
                    disable=None if (progress and runtime.is_main) else True)
     for batch in batches:
-        logits = frozen_forward(teacher, batch.teacher_view, autocast=lambda: runtime.autocast(precision),
+        logits = frozen_forward(teacher.module, batch.teacher_view, autocast=lambda: runtime.autocast(precision),
                                 input_dtype=runtime.input_dtype(precision)).float()
-        indices = torch.from_numpy(batch.sample_indices()).to(runtime.device)
+        outputs = {"logits": logits}
+        if "features" in kinds:
+            assert teacher.taps is not None
+            features, _ = teacher.taps.take()
+            assert features is not None
+            outputs["features"] = features.float()
+        outputs["indices"] = torch.from_numpy(batch.sample_indices()).to(runtime.device)
         if runtime.distributed:  # every rank's batch has the same size (shards are padded equal)
-            all_logits = [torch.empty_like(logits) for _ in range(runtime.shard.world_size)]
-            all_indices = [torch.empty_like(indices) for _ in range(runtime.shard.world_size)]
-            dist.all_gather(all_logits, logits)
-            dist.all_gather(all_indices, indices)
-            logits, indices = torch.cat(all_logits), torch.cat(all_indices)
-        # Every rank checks the same gathered rows (so all stop together): an fp16 file would keep
-        # an overflowing logit as inf, and a student replaying it would meet a NaN loss.
-        peak = float(logits.abs().amax())  # host sync: recording, not training; NaN stays NaN
-        if not math.isfinite(peak) or peak > largest:
-            if rows is not None:
-                del rows
-                cache.temp_epoch_path(epoch).unlink(missing_ok=True)
-            if not math.isfinite(peak):
-                what = "are not finite (nan/inf)"
-                hint = ("its forward overflowed in fp16 (set distill.teacher.precision: fp32 or bf16), or its checkpoint "
-                        "is broken" if precision == "fp16" else f"its checkpoint is broken (its forward ran in {precision})")
-            else:
-                what = f"reach {peak:.4g}, beyond {dtype}'s range"
-                hint = ("record with --dtype fp32" if not cache.recorded_epochs else
-                        f"the cache's epochs so far are {dtype}: delete {cache.path} and record it with --dtype fp32")
-                hint += ", or use a teacher that trained stably"
-            raise DataError(f"teacher cache: the teacher's logits {what} in epoch {epoch}: {hint}; nothing of this "
-                            "epoch was recorded")
-        if rows is not None:
-            index = indices.cpu().numpy()  # host sync: recording, not training
-            cache.write_rows(rows, index, logits)
+            outputs = {name: _all_gathered(tensor, runtime.shard.world_size) for name, tensor in outputs.items()}
+        for kind in kinds:  # every rank checks the same gathered rows, so all stop together
+            _check_range(outputs[kind], kind, largest, epoch, cache, precision, files)
+        if files is not None:
+            index = outputs["indices"].cpu().numpy()  # host sync: recording, not training
+            cache.write_rows(files["logits"], index, outputs["logits"])
+            if "features" in files:
+                cache.write_features(files["features"], index, outputs["features"])
             written[index] = True
-    if rows is None:
+    if files is None:
         return
-    rows.flush()
-    del rows
+    for rows in files.values():
+        rows.flush()
+    del files, rows
     if not written.all():
         raise DataError(f"teacher cache: epoch {epoch} left {int((~written).sum())} sample(s) without logits")
     cache.commit_epoch(epoch)
     log.info(f"teacher cache: epoch {epoch} recorded ({cache.describe_epochs()})")
+
+
+def _all_gathered(tensor: torch.Tensor, world_size: int) -> torch.Tensor:
+    parts = [torch.empty_like(tensor) for _ in range(world_size)]
+    dist.all_gather(parts, tensor)
+    return torch.cat(parts)
+
+
+def _check_range(values: torch.Tensor, kind: str, largest: float, epoch: int, cache: TeacherCache,
+                 precision: ResolvedPrecision, files: dict[str, np.memmap] | None) -> None:
+    """Refuse values the cache's dtype cannot hold (an fp16 file keeps an overflowing logit as
+    inf, and a student replaying it meets a NaN loss), removing the epoch's temporary files."""
+    peak = float(values.abs().amax())  # host sync: recording, not training; NaN stays NaN
+    if math.isfinite(peak) and peak <= largest:
+        return
+    if files is not None:
+        files.clear()  # the memory maps close before their files go
+        for other in cache.kinds:
+            cache.temp_epoch_path(epoch, other).unlink(missing_ok=True)
+    dtype = cache.manifest["dtype"]
+    if not math.isfinite(peak):
+        what = "are not finite (nan/inf)"
+        hint = ("its forward overflowed in fp16 (set distill.teacher.precision: fp32 or bf16), or its checkpoint "
+                "is broken" if precision == "fp16" else f"its checkpoint is broken (its forward ran in {precision})")
+    else:
+        what = f"reach {peak:.4g}, beyond {dtype}'s range"
+        hint = ("record with --dtype fp32" if not cache.recorded_epochs else
+                f"the cache's epochs so far are {dtype}: delete {cache.path} and record it with --dtype fp32")
+        hint += ", or use a teacher that trained stably"
+    name = "logits" if kind == "logits" else "pooled features"
+    raise DataError(f"teacher cache: the teacher's {name} {what} in epoch {epoch}: {hint}; nothing of this epoch "
+                    "was recorded")

@@ -217,3 +217,31 @@ def test_eval_of_a_broken_validation_image_is_one_line_naming_it(finished_run, t
     config = write_config(tmp_path / "c.yaml", tiny_config_dict(data, tmp_path / "runs"))
     message = cli_error(capsys, "eval", "--checkpoint", str(finished_run / "best.pt"), "--config", str(config))
     assert message.startswith(f"fastkd: error: cannot decode {broken} (") and "fastkd data verify" in message
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "--config", "c.yaml", "optim.lr=0.05", "--no-progress", "run.name=b"],
+    ["distill", "optim.lr=0.05", "--config", "c.yaml", "--resume", "run.name=b"],
+    ["teacher-cache", "--config", "c.yaml", "optim.lr=0.05", "--dtype", "fp32", "run.name=b", "--epochs", "2"],
+    ["eval", "--checkpoint", "x.pt", "optim.lr=0.05", "--config", "c.yaml", "run.name=b", "--ema"],
+    ["bench", "--config", "c.yaml", "optim.lr=0.05", "--what", "loader", "run.name=b"],
+    ["demo", "optim.lr=0.05", "--no-progress", "run.name=b"],
+    ["config", "show", "optim.lr=0.05", "--config", "c.yaml", "run.name=b"],
+])
+def test_overrides_are_taken_anywhere_after_the_command_in_order(argv):
+    from fastkd.cli import parse_args
+
+    args = parse_args(argv)
+    assert args.overrides == ["optim.lr=0.05", "run.name=b"]
+
+
+def test_an_argument_that_is_neither_an_option_nor_an_override_is_refused(tiny_imagefolder, tmp_path, capsys):
+    from fastkd.cli import parse_args
+
+    config = write_config(tmp_path / "c.yaml", tiny_config_dict(tiny_imagefolder, tmp_path / "runs"))
+    assert cli_error(capsys, "train", "--config", str(config), "--no-progress", "run.name=a", "optim.lr") == (
+        "fastkd: error: override 'optim.lr': expected key=value, e.g. optim.lr=0.05")
+    assert not (tmp_path / "runs").exists()
+    with pytest.raises(SystemExit):
+        parse_args(["report", "runs", "--out", "r.md", "optim.lr=1"])  # report takes no overrides
+    assert "unrecognized arguments: optim.lr=1" in capsys.readouterr().err

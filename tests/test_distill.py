@@ -47,7 +47,7 @@ def test_teacher_stays_in_eval_after_train_mode_and_gets_no_gradients():
 def test_teacher_forward_builds_no_graph_even_with_trainable_teacher_weights():
     step = make_step().train()
     step.teacher.requires_grad_(True)  # no_grad must hold on its own, not only requires_grad_(False)
-    logits = step.teacher_logits(torch.randn(2, 3, 32, 32))
+    logits = step.teacher_outputs(torch.randn(2, 3, 32, 32)).logits
     assert logits.grad_fn is None and not logits.requires_grad
 
 
@@ -68,9 +68,9 @@ def test_label_smoothing_reaches_the_distillation_cross_entropy():
 def test_fp32_teacher_takes_half_batches_by_casting_them():
     images = torch.randn(2, 3, 32, 32).half()
     with pytest.raises(RuntimeError):  # what a GPU bf16 run with teacher.precision fp32 met before
-        make_step().teacher_logits(images)
-    logits = make_step(teacher_input_dtype=torch.float32).teacher_logits(images)
-    reference = make_step().teacher_logits(images.float())
+        make_step().teacher_outputs(images)
+    logits = make_step(teacher_input_dtype=torch.float32).teacher_outputs(images).logits
+    reference = make_step().teacher_outputs(images.float()).logits
     assert logits.dtype == torch.float32 and torch.equal(logits, reference)
 
 

@@ -118,3 +118,29 @@ def test_each_term_gives_the_student_finite_nonzero_gradients():
         s.grad = None
         distillation_term(cfg)(s, t, y).backward()
         assert s.grad is not None and torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0, cfg_loss
+
+
+def z_scored(rows: np.ndarray) -> np.ndarray:
+    """Each row minus its mean, over its standard deviation with Bessel's correction (the paper's code)."""
+    return (rows - rows.mean(axis=1, keepdims=True)) / (rows.std(axis=1, ddof=1, keepdims=True) + 1e-7)
+
+
+@pytest.mark.parametrize("loss", ["kd", "dkd", "dist"])
+def test_logit_standardization_z_scores_each_sample_before_the_temperature(loss):
+    """Sun et al. (CVPR 2024): the logit term of z-scored logits. Against the float64 reference; not
+    the plain term; and blind to each sample's shift and positive scale of either model's logits."""
+    teacher = TeacherConfig(arch="resnet18", checkpoint="t.pt")
+    standardized = distillation_term(DistillConfig(teacher=teacher, loss=loss, temperature=2.0,
+                                                   logit_standardization=True))
+    plain = distillation_term(DistillConfig(teacher=teacher, loss=loss, temperature=2.0))
+    s, t, y = torch.from_numpy(S), torch.from_numpy(T_), torch.from_numpy(Y)
+    got = standardized(s, t, y)
+    reference = plain(torch.from_numpy(z_scored(S)), torch.from_numpy(z_scored(T_)), y)
+    if loss == "kd":  # the explicit sum of the paper's formula: T^2 KL(softmax(Z(t)/T) || softmax(Z(s)/T))
+        zs, zt = z_scored(S), z_scored(T_)
+        explicit = 2.0**2 * sum(kl(softmax(zt[i], 2.0), softmax(zs[i], 2.0)) for i in range(B)) / B
+        assert float(got) == pytest.approx(explicit, rel=1e-5)
+    torch.testing.assert_close(got, reference, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(got, plain(s, t, y), rtol=1e-3)
+    shift, scale = torch.from_numpy(rng.normal(0, 5, size=(B, 1))), torch.from_numpy(rng.uniform(0.2, 5, size=(B, 1)))
+    torch.testing.assert_close(standardized(s * scale + shift, t * scale.flip(0) - shift, y), got, rtol=1e-4, atol=1e-5)

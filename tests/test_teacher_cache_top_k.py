@@ -73,10 +73,10 @@ def test_a_top_k_cache_replays_on_the_gpu_through_pinned_memory(tmp_path):
     cache.commit_epoch(0)
     opened = TeacherCache.open(tmp_path / "c", key, epochs=1, top_k=5)
     indices = torch.tensor([5, 1, 9])
-    got = CachedTeacher(opened, torch.device("cuda"))(indices)
+    got, _ = CachedTeacher(opened, torch.device("cuda"))(indices)
     torch.cuda.synchronize()
     assert got.device.type == "cuda"
-    torch.testing.assert_close(got.cpu(), CachedTeacher(opened, torch.device("cpu"))(indices))
+    torch.testing.assert_close(got.cpu(), CachedTeacher(opened, torch.device("cpu"))(indices)[0])
 
 
 def test_a_cache_recorded_before_top_k_and_normalization_keys_still_replays(tmp_path):
@@ -93,7 +93,7 @@ def test_a_cache_recorded_before_top_k_and_normalization_keys_still_replays(tmp_
     (tmp_path / "c" / "manifest.json").write_text(json.dumps(manifest))
     opened = TeacherCache.open(tmp_path / "c", key, epochs=1)
     assert opened.top_k is None
-    assert torch.equal(CachedTeacher(opened, torch.device("cpu"))(torch.tensor([2, 7])), logits[[2, 7]])
+    assert torch.equal(CachedTeacher(opened, torch.device("cpu"))(torch.tensor([2, 7]))[0], logits[[2, 7]])
 
 
 def test_a_top_k_row_is_packed_and_small():
@@ -121,7 +121,7 @@ def test_a_top_k_epoch_replays_the_rebuilt_logits_and_is_checked_like_a_full_one
     cache.commit_epoch(0)
     assert (tmp_path / "c" / "epoch-0000.npy").stat().st_size < 16 * (5 * 2 + 6 * 4) + 200  # rows + .npy header
     opened = TeacherCache.open(tmp_path / "c", key, epochs=1, top_k=5)
-    got = CachedTeacher(opened, torch.device("cpu"))(torch.tensor([3, 0, 15]))
+    got, _ = CachedTeacher(opened, torch.device("cpu"))(torch.tensor([3, 0, 15]))
     expected = decode_top_k(*encode_top_k(logits[[3, 0, 15]], 5), 100)
     assert torch.equal(got, expected)
     with pytest.raises(ConfigError, match=r"holds the top-5 logits of the teacher, the run expects every logit "
