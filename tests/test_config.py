@@ -151,11 +151,13 @@ def shipped_configs() -> list[Path]:
 
 
 def test_every_config_the_readme_names_is_shipped():
-    """The README's commands name configs by path; each is a file (and the list below is not empty)."""
-    named = set(re.findall(r"configs/[\w/.-]+\.yaml", (REPO / "README.md").read_text()))
-    assert named, "the README names no config"
+    """The README's and the docs' commands name configs by path; each is a file (and the list below
+    is not empty)."""
+    pages = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+    named = set(re.findall(r"configs/[\w/.-]+\.yaml", "\n".join(page.read_text() for page in pages)))
+    assert named, "the README and docs name no config"
     missing = sorted(n for n in named if not (REPO / n).is_file())
-    assert not missing, f"the README names configs that are not shipped: {missing}"
+    assert not missing, f"the README or docs name configs that are not shipped: {missing}"
     assert set(map(str, (REPO / n for n in named))) <= set(map(str, shipped_configs()))
 
 
@@ -170,12 +172,12 @@ def test_every_shipped_config_validates(path):
         check_arch(cfg.distill.teacher.arch, "distill.teacher.arch")
 
 
-def test_readme_configuration_reference_is_current():
-    readme = (REPO / "README.md").read_text()
-    match = re.search(r"<!-- config-reference:start -->\n(.*?)<!-- config-reference:end -->", readme, re.S)
-    assert match, "README lacks the generated configuration reference"
+def test_the_docs_configuration_reference_is_current():
+    page = (REPO / "docs" / "configuration.md").read_text()
+    match = re.search(r"<!-- config-reference:start -->\n(.*?)<!-- config-reference:end -->", page, re.S)
+    assert match, "docs/configuration.md lacks the generated configuration reference"
     assert match.group(1).strip() == reference_markdown().strip(), \
-        "README configuration reference is stale: regenerate it with `fastkd config reference`"
+        "docs/configuration.md's reference is stale: regenerate it with `fastkd config reference`"
 
 
 def test_config_to_dict_holds_only_plain_yaml_types():

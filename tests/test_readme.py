@@ -1,18 +1,26 @@
-"""The README's claims point at tests that exist."""
+"""The README is a front door to the docs: its links and the docs' links resolve, the docs site
+builds strictly, every test the README or the docs name exists, and every reliability guarantee
+names its test."""
 
 from __future__ import annotations
 
 import re
+import subprocess
+import sys
+
+import pytest
 
 from tests.conftest import REPO
 
+PAGES = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
 
-def test_every_test_the_readme_names_exists():
+
+def test_every_test_the_readme_and_the_docs_name_exists():
     """`test_x` names a test; `test_x_*` any test starting so; `tests/f.py::test_x` one in that file."""
-    readme = (REPO / "README.md").read_text()
+    text = "\n".join(page.read_text() for page in PAGES)
     defined = {p.name: set(re.findall(r"^def (test_\w+)", p.read_text(), re.M)) for p in (REPO / "tests").glob("test_*.py")}
     everywhere = set().union(*defined.values())
-    named = re.findall(r"`(?:tests/(\w+\.py)::)?(test_\w+?)(\*?)`", readme)
+    named = re.findall(r"`(?:tests/(\w+\.py)::)?(test_\w+?)(\*?)`", text)
     assert len(named) >= 20
     missing = []
     for file, name, star in named:
@@ -20,13 +28,47 @@ def test_every_test_the_readme_names_exists():
         found = any(d.startswith(name) for d in pool) if star else name in pool
         if not found:
             missing.append(f"{file}::{name}{star}" if file else name + star)
-    assert not missing, f"README names tests that do not exist: {missing}"
+    assert not missing, f"the README or docs name tests that do not exist: {missing}"
 
 
 def test_every_reliability_guarantee_names_a_test():
-    readme = (REPO / "README.md").read_text()
-    section = readme.split("## Reliability guarantees", 1)[1].split("\n## ", 1)[0]
+    page = (REPO / "docs" / "reliability.md").read_text()
+    section = page.split("## Reliability guarantees", 1)[1].split("\n## ", 1)[0]
     bullets = [b for b in section.split("\n- ")[1:]]
     assert len(bullets) >= 8
     for bullet in bullets:
         assert re.search(r"`(?:tests/\w+\.py::)?test_\w+", bullet), f"guarantee without a test: {bullet[:80]}"
+
+
+def slug(heading: str) -> str:
+    """A heading's anchor as mkdocs (Python-Markdown's toc) makes it."""
+    text = re.sub(r"[`*]", "", heading).strip().lower()
+    text = re.sub(r"[^\w\s-]", "", text)
+    return re.sub(r"[\s-]+", "-", text).strip("-")
+
+
+def test_the_readme_links_to_pages_and_anchors_that_exist():
+    readme = (REPO / "README.md").read_text()
+    links = re.findall(r"\]\((docs/[\w-]+\.md)(?:#([\w-]+))?\)", readme)
+    assert len({page for page, _ in links}) >= 10, "the README should send readers to the docs' pages"
+    for page, anchor in links:
+        path = REPO / page
+        assert path.is_file(), f"README links to {page}, which does not exist"
+        if anchor:
+            anchors = {slug(h) for h in re.findall(r"^#+ (.+)$", path.read_text(), re.M)}
+            assert anchor in anchors, f"README links to {page}#{anchor}, which has no such heading"
+
+
+def test_every_docs_page_is_in_the_site():
+    nav = (REPO / "mkdocs.yml").read_text()
+    pages = {p.name for p in (REPO / "docs").glob("*.md")}
+    assert pages == set(re.findall(r":\s*([\w-]+\.md)\s*$", nav, re.M)), "mkdocs.yml's nav and docs/ differ"
+
+
+def test_the_docs_site_builds_in_strict_mode(tmp_path):
+    """mkdocs --strict: a broken link or anchor between pages fails."""
+    pytest.importorskip("mkdocs", reason="mkdocs is in the dev extra")
+    done = subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "--site-dir", str(tmp_path / "site")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert (tmp_path / "site" / "distillation" / "index.html").is_file()
