@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import shlex
+import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -170,9 +171,13 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     from fastkd.log import log
 
+    from fastkd.loop import Interrupted
+
     log.setLevel(getattr(logging, args.log_level.upper()))
     try:
-        _dispatch(args, list(sys.argv[1:] if argv is None else argv))
+        _dispatch(args)
+    except Interrupted as stop:
+        _exit_interrupted(stop, args.command, list(sys.argv[1:] if argv is None else argv))
     except FastkdError as exc:
         if args.debug:
             raise
@@ -183,19 +188,31 @@ def main(argv: Sequence[str] | None = None) -> None:
         sys.exit(130)
 
 
-def _dispatch(args: argparse.Namespace, argv: list[str]) -> None:
+STOPPABLE = ("train", "distill", "teacher-cache", "demo")
+"""The commands that train or record: SIGTERM/SIGINT stop them cleanly, with the command that goes on."""
+
+
+def _dispatch(args: argparse.Namespace) -> None:
+    if args.command in STOPPABLE:
+        from fastkd.loop import StopFlag, stop_on_signals
+
+        # Open from the start: a stop requested while a run is being built (data, models, DALI
+        # pipelines) is honoured at its first step instead of killing the process midway.
+        with stop_on_signals(StopFlag()):
+            _dispatch_command(args)
+    else:
+        _dispatch_command(args)
+
+
+def _dispatch_command(args: argparse.Namespace) -> None:
     from fastkd.config import load_config
 
     if args.command in ("train", "distill"):
         from fastkd import commands
-        from fastkd.loop import Interrupted
 
         cfg = load_config(args.config, args.overrides)
         run = commands.train if args.command == "train" else commands.distill
-        try:
-            result = run(cfg, resume=args.resume, progress=not args.no_progress)
-        except Interrupted as stop:
-            _exit_interrupted(stop, argv)
+        result = run(cfg, resume=args.resume, progress=not args.no_progress)
         if result.is_main:
             _print_summary(result.run_dir, result.summary)
     elif args.command == "teacher-cache":
@@ -311,17 +328,25 @@ def _print_summary(run_dir: Path, summary: dict) -> None:
     print(f"run {run_dir}: " + "  ".join(f"{k} {summary.get(k)}" for k in keys))
 
 
-def _exit_interrupted(stop: "Interrupted", argv: list[str]) -> None:
-    command = list(argv)
-    if "--resume" not in command:
-        command.insert(command.index(next(a for a in command if a in ("train", "distill"))) + 1, "--resume")
+def _exit_interrupted(stop: "Interrupted", command: str, argv: list[str]) -> None:
+    """The one-line account of a clean stop and the command that goes on, then exit 128 + signal
+    (as a shell reports a process ended by that signal)."""
+    again = list(argv)
+    if command in ("train", "distill"):
+        how = "resume with"
+        if "--resume" not in again:
+            again.insert(again.index(command) + 1, "--resume")
+    elif command == "teacher-cache":
+        how = "record the rest with the same command"
+    else:
+        how = "go on with the same command (finished runs are reused, a stopped one resumes)"
     if int(os.environ.get("RANK", "0")) == 0:
         launcher = ("torchrun <same options> -m fastkd" if int(os.environ.get("WORLD_SIZE", "1")) > 1
                     else "fastkd")
-        print(f"fastkd: stopped after step {stop.step} and saved a checkpoint; resume with:\n"
-              f"  {launcher} {shlex.join(command)}", file=sys.stderr)
+        name = signal.Signals(stop.signum).name if stop.signum else "a stop request"
+        print(f"fastkd: stopped by {name}; kept {stop.kept}; {how}:\n  {launcher} {shlex.join(again)}",
+              file=sys.stderr)
     sys.exit(128 + (stop.signum or 15))
-
 
 if __name__ == "__main__":
     main()

@@ -22,6 +22,7 @@ from fastkd import commands
 from fastkd.config import Config, load_config
 from fastkd.errors import FastkdError
 from fastkd.log import log
+from fastkd.loop import Interrupted, StopFlag, stop_on_signals
 from fastkd.report import markdown_table
 
 
@@ -35,11 +36,18 @@ def find_demo_configs(explicit: Path | None = None) -> Path:
                       "`fastkd demo` from a checkout of fastkd, or pass --configs DIR")
 
 
-def _run_or_reuse(cfg: Config, *, progress: bool) -> dict[str, Any]:
+def _stop_if_asked(stop: StopFlag, out_dir: Path) -> None:
+    """Between runs: a stop requested while no run was training ends the demo here."""
+    if stop.requested:
+        raise Interrupted(0, stop.signum, kept=f"the finished runs in {out_dir}")
+
+
+def _run_or_reuse(cfg: Config, *, progress: bool, stop: StopFlag) -> dict[str, Any]:
     run_dir = cfg.run_dir
     if (run_dir / "summary.json").is_file():
         log.info(f"[demo] reusing finished run {run_dir}")
         return json.loads((run_dir / "summary.json").read_text())
+    _stop_if_asked(stop, run_dir.parent)
     resume = (run_dir / "last.pt").is_file()
     log.info(f"[demo] {'resuming' if resume else 'starting'} {run_dir}")
     run = commands.distill if cfg.distill is not None else commands.train
@@ -48,6 +56,17 @@ def _run_or_reuse(cfg: Config, *, progress: bool) -> dict[str, Any]:
 
 def run_demo(out_dir: Path, *, seeds: Sequence[int] = (0,), overrides: Sequence[str] = (),
              configs: Path | None = None, progress: bool = True, teacher_cache: bool = True) -> dict[str, Any]:
+    """The demo's runs, then its table. SIGTERM/SIGINT stop it cleanly (`Interrupted`): the run
+    in progress saves a checkpoint, a recording keeps its finished epochs, and the same call
+    goes on from there."""
+    stop = StopFlag()
+    with stop_on_signals(stop):
+        return _run_demo(out_dir, seeds=seeds, overrides=overrides, configs=configs, progress=progress,
+                         teacher_cache=teacher_cache, stop=stop)
+
+
+def _run_demo(out_dir: Path, *, seeds: Sequence[int], overrides: Sequence[str], configs: Path | None,
+              progress: bool, teacher_cache: bool, stop: StopFlag) -> dict[str, Any]:
     folder = find_demo_configs(configs)
     common = [o for o in overrides if not o.startswith("distill.")]
     distill_only = [o for o in overrides if o.startswith("distill.")]
@@ -60,7 +79,7 @@ def run_demo(out_dir: Path, *, seeds: Sequence[int] = (0,), overrides: Sequence[
              f"{teacher_cfg.optim.epochs} epochs each at {teacher_cfg.data.image_size} px on {teacher_cfg.data.root_path}"
              f"{' (generated first if missing)' if teacher_cfg.data.generate_demo else ''}. Each run prints a line per "
              "epoch; the table comes at the end.")
-    teacher = _run_or_reuse(teacher_cfg, progress=progress)
+    teacher = _run_or_reuse(teacher_cfg, progress=progress, stop=stop)
     rows = [("teacher", teacher_cfg, teacher, 0)]
     cache_dir = out_dir / "teacher-cache"
     distilled_name = "distill" if teacher_cache else "distill-live"
@@ -70,16 +89,17 @@ def run_demo(out_dir: Path, *, seeds: Sequence[int] = (0,), overrides: Sequence[
     for seed in seeds:
         per_seed = [f"run.seed={seed}"]
         student_cfg = load_config(folder / "student.yaml", [*base, *per_seed, f"run.name=student-s{seed}"])
-        rows.append(("student alone", student_cfg, _run_or_reuse(student_cfg, progress=progress), seed))
+        rows.append(("student alone", student_cfg, _run_or_reuse(student_cfg, progress=progress, stop=stop), seed))
         distill_cfg = load_config(folder / "distill.yaml", [
             *base, *per_seed, f"run.name={distilled_name}-s{seed}", *teacher_settings, *distill_only])
         if teacher_cache and cache_seconds is None:
+            _stop_if_asked(stop, out_dir)
             started = time.perf_counter()
             done = commands.record_teacher_cache(distill_cfg, progress=progress)  # once: every seed replays it
             cache_seconds = time.perf_counter() - started
             log.info(f"[demo] teacher cache {cache_dir}: {len(done['recorded_now'])} epoch(s) recorded in "
                      f"{cache_seconds:.0f} s")
-        rows.append(("student distilled", distill_cfg, _run_or_reuse(distill_cfg, progress=progress), seed))
+        rows.append(("student distilled", distill_cfg, _run_or_reuse(distill_cfg, progress=progress, stop=stop), seed))
 
     table = markdown_table(
         ["run", "model", "seed", "best val top-1", "final val top-1", "images/s", "wall s"],

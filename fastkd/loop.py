@@ -32,12 +32,14 @@ from pipelines.base import Batch, Loader
 
 
 class Interrupted(Exception):
-    """A stop was requested (SIGTERM/SIGINT); a checkpoint of the current step was written."""
+    """A stop was requested (SIGTERM/SIGINT) and honoured cleanly: what was done so far is on disk
+    (`kept` says what, for the user), nothing half-written."""
 
-    def __init__(self, step: int, signum: int):
+    def __init__(self, step: int, signum: int, kept: str = "a checkpoint"):
         super().__init__(f"stopped after step {step}")
         self.step = step
         self.signum = signum
+        self.kept = kept
 
 
 class StopFlag:
@@ -51,19 +53,31 @@ class StopFlag:
         return self.signum != 0
 
 
+_OPEN_SCOPES: list[StopFlag] = []
+"""The flags of the stop scopes open now, outermost first (a demo's around its runs' own)."""
+
+
 @contextlib.contextmanager
 def stop_on_signals(flag: StopFlag) -> Iterator[None]:
-    """SIGTERM/SIGINT: finish the current step, checkpoint, exit. A second Ctrl-C aborts at once."""
+    """SIGTERM/SIGINT: finish the current step, checkpoint, exit. A second Ctrl-C aborts at once.
 
+    Scopes nest: a signal sets the flag of every open scope (the demo sees its run's stop), and
+    a scope opened after a signal reached an enclosing one starts stopped (a stop requested
+    while a run was being built ends that run at its first step, not at its end)."""
     def handler(signum: int, frame: Any) -> None:
         if flag.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        flag.signum = signum
+        for scope in _OPEN_SCOPES:
+            scope.signum = signum
 
+    if _OPEN_SCOPES and _OPEN_SCOPES[-1].requested:
+        flag.signum = _OPEN_SCOPES[-1].signum
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    _OPEN_SCOPES.append(flag)
     try:
         yield
     finally:
+        _OPEN_SCOPES.remove(flag)
         for sig, old in previous.items():
             signal.signal(sig, old)
 
@@ -165,7 +179,7 @@ def fit(t: Training) -> TrainState:
         if not finished:
             state.wall_seconds = wall_before + time.perf_counter() - started
             save_training_checkpoint(t, best=False)
-            raise Interrupted(state.step, t.stop.signum)
+            raise Interrupted(state.step, t.stop.signum, kept=f"a checkpoint of step {state.step} in {t.run_dir}")
         eval_started = time.perf_counter()
         val_metrics = evaluate(t.model, t.val_loader, t.runtime)
         ema_metrics = evaluate(t.ema.module, t.val_loader, t.runtime) if t.ema.module is not None else {}
@@ -194,7 +208,7 @@ def fit(t: Training) -> TrainState:
         if t.on_epoch_end is not None:
             t.on_epoch_end(record)
         if t.stop.requested and state.epoch < t.epochs:  # the epoch's checkpoint is already written
-            raise Interrupted(state.step, t.stop.signum)
+            raise Interrupted(state.step, t.stop.signum, kept=f"a checkpoint of step {state.step} in {t.run_dir}")
     return state
 
 

@@ -21,6 +21,7 @@ from fastkd.distributed import from_rank_0
 from fastkd.env import device_name
 from fastkd.errors import ConfigError, DataError
 from fastkd.log import log
+from fastkd.loop import Interrupted, StopFlag, stop_on_signals
 from fastkd.runtime import ResolvedPrecision, Runtime
 from fastkd.steps import frozen_forward
 from fastkd.teacher import Teacher, teacher_cache_key
@@ -56,8 +57,10 @@ def record(run: "Run", *, epochs: int, dtype: str, top_k: int | None, progress: 
                           f"({different})")
     precision = runtime.resolve_precision(kd.teacher.precision)
     todo = [epoch for epoch in range(epochs) if epoch not in cache.recorded_epochs]
-    for epoch in todo:
-        _record_epoch(cache, epoch, teacher, loaders.train, runtime, precision, progress=progress)
+    stop = StopFlag()
+    with stop_on_signals(stop):
+        for epoch in todo:
+            _record_epoch(cache, epoch, teacher, loaders.train, runtime, precision, progress=progress, stop=stop)
     return {"path": str(kd.teacher_cache_path), "epochs": epochs, "recorded_now": todo, "dtype": dtype,
             "top_k": cache.top_k, "num_samples": key.num_samples, "teacher": teacher.about}
 
@@ -72,10 +75,23 @@ def _recording_setup(run: "Run") -> dict[str, Any]:
             "world_size": runtime.shard.world_size}
 
 
+def agree_to_stop(stop: StopFlag, runtime: Runtime) -> bool:
+    """Whether to stop after this batch; under torchrun every rank calls it after every batch and
+    all take the same decision (a stop on any rank stops all, before the next all-gather)."""
+    if not runtime.distributed:
+        return stop.requested
+    flag = torch.tensor([float(stop.requested)], device=runtime.device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if flag.item() and not stop.signum:  # host sync: recording, not training
+        stop.signum = 15
+    return stop.requested
+
+
 def _record_epoch(cache: TeacherCache, epoch: int, teacher: Teacher, loader: Loader, runtime: Runtime,
-                  precision: ResolvedPrecision, *, progress: bool) -> None:
+                  precision: ResolvedPrecision, *, progress: bool, stop: StopFlag) -> None:
     """One epoch's logits (and pooled features, when the cache holds them) into temporary files,
-    committed once every sample has its row; an epoch that fails leaves nothing behind."""
+    committed once every sample has its row; an epoch that fails or is stopped (SIGTERM/SIGINT
+    between batches: `Interrupted`) leaves nothing behind."""
     assert teacher.module is not None
     kinds = cache.kinds
     files = {kind: cache.new_epoch_file(epoch, kind) for kind in kinds} if runtime.is_main else None
@@ -105,6 +121,13 @@ def _record_epoch(cache: TeacherCache, epoch: int, teacher: Teacher, loader: Loa
             if "features" in files:
                 cache.write_features(files["features"], index, outputs["features"])
             written[index] = True
+        if agree_to_stop(stop, runtime):
+            batches.close()
+            if files is not None:
+                del files
+                cache.remove_stale_files()  # the epoch in progress: its temporary files
+            raise Interrupted(epoch, stop.signum, kept=f"the teacher cache {cache.path} with "
+                                                     f"{cache.describe_epochs()} (epoch {epoch} was in progress)")
     if files is None:
         return
     for rows in files.values():

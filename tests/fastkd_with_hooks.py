@@ -2,8 +2,8 @@
 
 The hooks make timing-dependent events happen at a chosen point instead of by luck:
 
-- FASTKD_TEST_STEP_DELAY=SECONDS: sleep after every optimizer step (a run long enough to be
-  signalled before it ends).
+- FASTKD_TEST_STEP_DELAY=SECONDS: sleep after every optimizer step, and after every batch a
+  teacher-cache recording writes (a run long enough to be signalled before it ends).
 - FASTKD_TEST_STOP_AT=RANK:STEP: request a stop on rank RANK only, right after step STEP (as a
   signal reaching one process of a job would).
 - FASTKD_TEST_KILL_IN_WRITE=N: SIGKILL this process during its N-th checkpoint write, after the
@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from fastkd import checkpoint, loop, teacher_cache  # noqa: E402
+from fastkd import checkpoint, loop, teacher_cache, teacher_cache_recorder  # noqa: E402
 from fastkd.cli import main  # noqa: E402
 
 
@@ -43,6 +43,14 @@ def install_hooks() -> None:
         return agree_to_stop(t)
 
     loop.agree_to_stop = hooked_agree_to_stop
+    agree_to_stop_recording = teacher_cache_recorder.agree_to_stop
+
+    def hooked_agree_to_stop_recording(stop: loop.StopFlag, runtime) -> bool:
+        if delay:
+            time.sleep(delay)
+        return agree_to_stop_recording(stop, runtime)
+
+    teacher_cache_recorder.agree_to_stop = hooked_agree_to_stop_recording
 
     kill_in = int(os.environ.get("FASTKD_TEST_KILL_IN_WRITE", 0))
     kill_after = int(os.environ.get("FASTKD_TEST_KILL_AFTER_WRITE", 0))

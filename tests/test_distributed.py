@@ -117,7 +117,7 @@ def test_sigterm_then_resume_under_torchrun_matches_an_uninterrupted_run(tiny_im
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=120)
     assert process.returncode != 0, err[-3000:]
-    assert err.count("saved a checkpoint") == 1 and "torchrun <same options>" in err
+    assert err.count("kept a checkpoint of step") == 1 and "torchrun <same options>" in err
     assert load_checkpoint(tmp_path / "runs" / "tiny" / "last.pt")["step"] < 15
     resumed = torchrun("train", "--config", str(config), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -131,7 +131,7 @@ def test_a_stop_requested_on_one_rank_stops_every_rank_at_the_same_step(tiny_ima
     assert torchrun("train", "--config", str(reference)).returncode == 0
     # Rank 1 alone asks to stop after step 3; the ranks agree at the next log interval (step 4).
     stopped = torchrun("train", "--config", str(config), hooks={"stop_at": "1:3"})
-    assert stopped.returncode != 0 and "saved a checkpoint" in stopped.stderr, stopped.stderr[-3000:]
+    assert stopped.returncode != 0 and "kept a checkpoint of step" in stopped.stderr, stopped.stderr[-3000:]
     assert "stopped after step 4" in stopped.stderr
     checkpoint = load_checkpoint(tmp_path / "runs" / "tiny" / "last.pt")
     assert checkpoint["step"] == 4 and len(checkpoint["ranks"]) == 2
@@ -148,7 +148,7 @@ def test_distillation_resumes_exactly_under_torchrun(tiny_imagefolder, tiny_teac
     reference = write_config(tmp_path / "ref.yaml", {**raw, "run": {**raw["run"], "out_dir": str(tmp_path / "ref")}})
     assert torchrun("distill", "--config", str(reference)).returncode == 0
     stopped = torchrun("distill", "--config", str(config), hooks={"stop_at": "0:6"})  # inside epoch 2
-    assert stopped.returncode != 0 and "saved a checkpoint" in stopped.stderr, stopped.stderr[-3000:]
+    assert stopped.returncode != 0 and "kept a checkpoint of step" in stopped.stderr, stopped.stderr[-3000:]
     assert load_checkpoint(tmp_path / "runs" / "tiny" / "last.pt")["step"] == 6
     resumed = torchrun("distill", "--config", str(config), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import shlex
 import signal
 import subprocess
 import sys
@@ -173,10 +174,64 @@ def test_signal_finishes_the_step_checkpoints_and_resume_is_exact(tiny_imagefold
     os.killpg(process.pid, signum)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 128 + signum, err
-    assert "saved a checkpoint; resume with:" in err and "--resume" in err and "Traceback" not in err
+    assert f"fastkd: stopped by {signal.Signals(signum).name}; kept a checkpoint of step" in err
+    assert "; resume with:\n  fastkd train --resume --config" in err and "Traceback" not in err
     stopped = load_checkpoint(tmp_path / "runs" / "tiny" / "last.pt")["step"]
     assert 1 <= stopped < 15
     resume_to_the_end(config, tmp_path / "runs" / "tiny", reference_run)
+
+
+def start_fastkd(*argv: str, **hooks: str) -> subprocess.Popen:
+    """`fastkd ARGV` in its own process group, with the hooks of tests/fastkd_with_hooks.py."""
+    return subprocess.Popen([sys.executable, HOOKED_FASTKD, *argv], cwd=REPO, env=hooked_env(**hooks),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["distill", "teacher-cache", "demo"])
+def test_every_command_that_trains_or_records_stops_cleanly_and_the_line_it_prints_goes_on(
+        tiny_imagefolder, tmp_path, reference_run, command):
+    """SIGTERM to the process group mid-run: exit 143, one line saying what was kept and the
+    command that goes on, no traceback, nothing half-written; that command then finishes."""
+    teacher = {"teacher": {"arch": "resnet18", "checkpoint": str(reference_run / "best.pt")},
+               "allow_weak_teacher": True}
+    cache = tmp_path / "cache"
+    if command == "demo":
+        argv = ["demo", "--out", str(tmp_path / "demo"), "--no-progress", f"data.root={tiny_imagefolder}",
+                "data.image_size=32", "data.val_resize=36", "data.batch_size=8", "data.num_workers=0",
+                "data.generate_demo=false", "optim.epochs=1", "optim.warmup_epochs=0", "runtime.device=cpu",
+                "run.tensorboard=false", "distill.allow_weak_teacher=true", "run.checkpoint_every_steps=1"]
+        signal_when = tmp_path / "demo" / "teacher" / "last.pt"  # the first run has checkpointed a step
+        kept, goes_on = "kept a checkpoint of step", "go on with the same command"
+    else:
+        raw = tiny_config_dict(tiny_imagefolder, tmp_path / "runs", run={"checkpoint_every_steps": 1},
+                               distill={**teacher, **({"teacher_cache": str(cache)} if command == "teacher-cache"
+                                                      else {})})
+        argv = [command, "--config", str(write_config(tmp_path / "c.yaml", raw)), "--no-progress"]
+        if command == "distill":
+            signal_when, kept, goes_on = tmp_path / "runs" / "tiny" / "last.pt", "kept a checkpoint of step", \
+                "resume with:\n  fastkd distill --resume --config"
+        else:  # epoch 0 recorded, epoch 1 in progress
+            signal_when, kept, goes_on = cache / "epoch-0000.npy", f"kept the teacher cache {cache} with epochs 0-0 " \
+                "(epoch 1 was in progress)", "record the rest with the same command:\n  fastkd teacher-cache --config"
+    process = start_fastkd(*argv, step_delay="0.4")
+    wait_for(signal_when, process)
+    os.killpg(process.pid, signal.SIGTERM)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + signal.SIGTERM, err
+    line = err[err.index("fastkd: stopped by SIGTERM"):]
+    assert kept in line and goes_on in line and "Traceback" not in err, err
+    if command == "teacher-cache":
+        assert sorted(p.name for p in cache.iterdir()) == ["epoch-0000.npy", "manifest.json"]  # no temporary file
+    again = shlex.split(line.splitlines()[1].strip())
+    assert again[0] == "fastkd"
+    finished = start_fastkd(*again[1:])
+    out, err = finished.communicate(timeout=300)
+    assert finished.returncode == 0, err
+    if command == "teacher-cache":
+        assert "recorded epochs 1;" in out
+    if command == "demo":
+        assert (tmp_path / "demo" / "demo.md").is_file()
 
 
 @pytest.mark.slow
