@@ -47,6 +47,7 @@ from pipelines.dali_source import PADDING, PARAMS, UNREADABLE, TrainSamples
 from pipelines.resample import CropFinisher
 from pipelines.torchvision_backend import BROKEN_HINT
 from pipelines.verify import image_problem
+from pipelines.worker_lifetime import workers_die_with_this_process
 
 try:
     import nvidia.dali.math as dmath
@@ -202,10 +203,14 @@ def build_pipeline(pipe) -> None:
     the worker's garbage collector to destroy that pipeline, it would wait forever on a lock of a
     thread the fork did not copy, or tear down shared resources. So every object that exists at
     the fork is frozen out of the worker's collections (`gc.freeze`, as Python's documentation
-    advises before a fork; O(1), whatever the start method). The parent collects such garbage later, as it would have."""
+    advises before a fork; O(1), whatever the start method). The parent collects such garbage later, as it would have.
+
+    The workers end with this process however it dies (`pipelines.worker_lifetime`): a trainer
+    killed with SIGKILL leaves none behind."""
     gc.freeze()
     try:
-        pipe.build()
+        with workers_die_with_this_process():
+            pipe.build()
     finally:
         gc.unfreeze()
 

@@ -14,11 +14,14 @@ spawning processes that import it.
 
 from __future__ import annotations
 
+import multiprocessing
+import threading
 from typing import Any, Sequence
 
 import numpy as np
 from PIL import UnidentifiedImageError
 
+from pipelines.worker_lifetime import die_with_parent
 from pipelines.augment import Crop, CropRange, SizeSchedule, epoch_order, oriented_size, samples_per_rank, train_crop
 
 UNREADABLE = "fastkd: cannot read "
@@ -60,6 +63,18 @@ class TrainSamples:
         self._sizes = np.full((len(self.files), 2), -1, dtype=np.int32)
         """Oriented (width, height) of each file once seen (a header is parsed once per worker;
         8 bytes per image: 10 MB for ImageNet)."""
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "_pickled_on_main_thread": threading.current_thread() is threading.main_thread()}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickled in a spawned DALI worker (a forked one is set up at the fork): the worker
+        ends with the process that started it (`pipelines.worker_lifetime`)."""
+        main_thread = state.pop("_pickled_on_main_thread", False)
+        self.__dict__.update(state)
+        parent = multiprocessing.parent_process()
+        if parent is not None and parent.pid is not None:
+            die_with_parent(parent.pid, parent_thread_lives=main_thread)
 
     def order(self, epoch: int) -> list[int]:
         if self._order is None or self._order[0] != epoch:
