@@ -117,6 +117,9 @@ def record_teacher_cache(cfg: Config, *, epochs: int | None = None, dtype: str =
         raise ConfigError(f"--epochs: must be >= 1, got {epochs}")
     if top_k is not None and top_k < 1:
         raise ConfigError(f"--top-k: must be >= 1, got {top_k}")
+    # Every sample of every epoch, the partial last batch's too: a replay at any batch size, with or
+    # without data.drop_last, finds each of its samples (their crops do not depend on batching).
+    cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, drop_last=False))
     with started(cfg.runtime) as runtime:
         run = build_run(cfg, runtime, student="none", teacher="live")
         return teacher_cache_recorder.record(run, epochs=epochs, dtype=dtype, progress=progress,

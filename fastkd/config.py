@@ -190,6 +190,8 @@ class DataConfig:
     """Training images per step per process (the global batch is this times the world size); even with `mix`."""
     val_batch_size: Optional[int] = None
     """Validation images per batch per process; null = `batch_size`."""
+    drop_last: bool = True
+    """Training leaves out each epoch's partial last batch (as timm's training loader does): one update from a handful of images at full learning rate, with BatchNorm statistics of that handful, collapsed CIFAR-10 students. false keeps it. Validation always sees every image; a teacher-cache recording records every sample."""
     randaugment: Optional[RandAugmentConfig] = None
     """Training: torchvision's RandAugment (its 14 ops and magnitudes, nearest interpolation, fill 0), each sample's ops drawn from (seed, epoch, sample), after the crop and flip, before `mix`; the teacher sees the same ops. null = off."""
     trivialaugment: Optional[TrivialAugmentConfig] = None
@@ -685,6 +687,9 @@ def upgrade_saved_config(raw: dict[str, Any]) -> dict[str, Any]:
     today's sections (`MOVED`), so that its runs still resume, export and evaluate. A user's YAML
     is never upgraded: a moved key there is an error naming its new place."""
     data = dict(raw.get("data") or {})
+    if data and "drop_last" not in data:  # saved before the key existed: every partial batch was trained on
+        data["drop_last"] = False
+        raw = {**raw, "data": data}
     if not any(f"data.{key}" in MOVED for key in data):
         return raw
     old = {key: data.pop(key) for key in list(data) if f"data.{key}" in MOVED}

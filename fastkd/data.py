@@ -13,7 +13,7 @@ from typing import Any, Callable, ContextManager
 
 from fastkd.config import DaliConfig, DataConfig
 from fastkd.distributed import barrier
-from fastkd.errors import DataError
+from fastkd.errors import ConfigError, DataError
 from fastkd.log import log
 from pipelines.augment import CropRange, SizeSchedule, samples_per_rank
 from pipelines.auto_augment import AutoAugment
@@ -135,6 +135,11 @@ def build_loaders(cfg: DataConfig, *, spec: BatchSpec, seed: int, shard: Shard =
         dataset = dataset or load_data(cfg)
     loaders = _backend_loaders(cfg, spec=spec, seed=seed, shard=shard, dataset=dataset,
                                teacher_image_size=teacher_image_size)
+    if len(loaders.train) == 0:
+        dealt = len(dataset.train) if dataset is not None else (cfg.synthetic.train_samples if cfg.synthetic else 0)
+        raise ConfigError(f"data.drop_last: {dealt} training image(s) over {shard.world_size} process(es) make no "
+                          f"full batch of data.batch_size {cfg.batch_size}: lower the batch size, or set "
+                          "data.drop_last: false")
     # The stage's draws by sample index: a synthetic batch's indices are its positions in the epoch.
     num_items = loaders.train.num_samples if dataset is None else len(dataset.train)
     train = loaders.train
@@ -156,13 +161,14 @@ def _backend_loaders(cfg: DataConfig, *, spec: BatchSpec, seed: int, shard: Shar
         classes = [f"class_{i:04d}" for i in range(synth.num_classes)]
 
         def synthetic(num_samples: int, batch_size: int, offset: int, sizes: SizeSchedule,
-                      teacher_size: int | None, deal: int) -> Loader:
+                      teacher_size: int | None, deal: int, drop_last: bool) -> Loader:
             return Loader(SyntheticBatches(num_samples=samples_per_rank(num_samples, shard.world_size, deal),
                                            batch_size=batch_size, sizes=sizes, num_classes=len(classes),
-                                           seed=seed + offset + 7919 * shard.rank, spec=spec, teacher_size=teacher_size))
+                                           seed=seed + offset + 7919 * shard.rank, spec=spec, teacher_size=teacher_size,
+                                           drop_last=drop_last))
 
-        return Loaders(synthetic(synth.train_samples, cfg.batch_size, 0, sizes, teacher_image_size, deal),
-                       synthetic(synth.val_samples, val_batch_size, 1, SizeSchedule(cfg.val_crop_size), None, 1),
+        return Loaders(synthetic(synth.train_samples, cfg.batch_size, 0, sizes, teacher_image_size, deal, cfg.drop_last),
+                       synthetic(synth.val_samples, val_batch_size, 1, SizeSchedule(cfg.val_crop_size), None, 1, False),
                        classes)
 
     assert dataset is not None
@@ -173,14 +179,14 @@ def _backend_loaders(cfg: DataConfig, *, spec: BatchSpec, seed: int, shard: Shar
             dataset, spec=spec, batch_size=cfg.batch_size, val_batch_size=val_batch_size, sizes=sizes,
             val_size=cfg.val_crop_size, val_resize=cfg.val_resize_size, seed=seed, shard=shard,
             num_workers=loader_workers(cfg.num_workers, shard), teacher_size=teacher_image_size,
-            crop_range=crop_range(cfg), deal=deal)
+            crop_range=crop_range(cfg), deal=deal, drop_last=cfg.drop_last)
         return Loaders(train, val, list(dataset.classes))
 
     from pipelines.dali_backend import build_dali_loaders
 
     dali = cfg.dali or DaliConfig()
     return build_dali_loaders(dataset, batch_size=cfg.batch_size, val_batch_size=val_batch_size, spec=spec, seed=seed,
-                              shard=shard, teacher_image_size=teacher_image_size, deal=deal,
+                              shard=shard, teacher_image_size=teacher_image_size, deal=deal, drop_last=cfg.drop_last,
                               num_threads=max(1, loader_workers(cfg.num_workers, shard, dali=True)),
                               dali_device=dali.device, hw_decoder_load=dali.hw_decoder_load,
                               cpu_resize=dali.cpu_resize, **dali_loader_values(cfg))

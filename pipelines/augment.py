@@ -137,6 +137,12 @@ def samples_per_rank(num_items: int, world_size: int, deal: int = 1) -> int:
     return -(-num_items // (world_size * deal)) * deal
 
 
+def batches_per_epoch(num_samples: int, batch_size: int, drop_last: bool) -> int:
+    """Batches in one epoch of `num_samples` (one rank's): the partial last batch left out when
+    `drop_last` (training's default, `data.drop_last`), kept otherwise (validation always)."""
+    return num_samples // batch_size if drop_last else -(-num_samples // batch_size)
+
+
 def epoch_order(num_items: int, *, seed: int, epoch: int, shuffle: bool, rank: int = 0,
                 world_size: int = 1, deal: int = 1) -> list[int]:
     """This rank's sample indices for one epoch, in the order they are seen.

@@ -11,8 +11,10 @@ pipelines are lists of operations. Iterating it yields `Batch`es, in training an
   keyed by); None in validation batches of backends that do not track them.
 - `teacher_images`: the teacher's view of the same crops at its own input size, or None.
 - `mix`: set by the mixing stage (`pipelines.batch_stage.Mixing`), else None.
-- `len(loader)` is the number of batches of one epoch on this process (partial last batch
-  included); `loader.num_samples` the number of images this process sees per epoch.
+- `len(loader)` is the number of batches of one epoch on this process (a training loader's
+  partial last batch left out with `data.drop_last`, the default; validation's always in);
+  `loader.num_samples` the number of images dealt to this process per epoch (those of a left-out
+  batch included).
 
 The host stage (`HostStage`: a backend's decoding, on the host for a CPU decoder) yields batches
 as the backend makes them; the device stages (`DeviceStage`: the copy to the device and its

@@ -41,8 +41,8 @@ import torch
 from fastkd.errors import ConfigError, DataError
 from pipelines.base import IMAGENET_MEAN, IMAGENET_STD, Batch, BatchSpec, Loader, Loaders, Shard
 from pipelines.datasets import Dataset, Split
-from pipelines.augment import (CropRange, SizeSchedule, check_stream_state, epoch_order, samples_per_rank,
-                               stream_state)
+from pipelines.augment import (CropRange, SizeSchedule, batches_per_epoch, check_stream_state, epoch_order,
+                               samples_per_rank, stream_state)
 from pipelines.dali_source import PADDING, PARAMS, UNREADABLE, TrainSamples
 from pipelines.resample import CropFinisher
 from pipelines.torchvision_backend import BROKEN_HINT
@@ -236,7 +236,7 @@ class DaliBatches:
     def __init__(self, split: Split, *, train: bool, batch_size: int, place: Placement, seed: int, shard: Shard,
                  spec: BatchSpec, num_threads: int, sizes: SizeSchedule, val_size: int, val_resize: int,
                  prefetch_queue: int, crop_range: CropRange = CropRange(), teacher_size: int | None = None,
-                 deal: int = 1, build: bool = True):
+                 deal: int = 1, drop_last: bool = False, build: bool = True):
         self.batch_size = batch_size
         self.teacher_size = teacher_size if train else None
         """The side of the teacher's view of each training crop (None: no second view)."""
@@ -252,6 +252,8 @@ class DaliBatches:
         self._seed = seed
         self._deal = deal if train else 1
         """Positions dealt out to ranks in runs of this many (`pipelines.augment.epoch_order`)."""
+        self._drop_last = drop_last and train
+        """Training epochs end at their last full batch (`data.drop_last`)."""
         self._files, self._labels = list(split.files), list(split.labels)
         start, end = self._val_shard()
         self.num_samples = samples_per_rank(len(self._files), shard.world_size, self._deal) if train else end - start
@@ -288,7 +290,7 @@ class DaliBatches:
                                       world_size=shard.world_size, batch_size=self.batch_size,
                                       sizes=self._sizes, teacher_size=self.teacher_size,
                                       first_epoch=first_epoch, first_batch=first_batch, crop_range=self._crop_range,
-                                      deal=self._deal)
+                                      deal=self._deal, drop_last=self._drop_last)
                 return _train_graph(source, place=place, dtype=dtype, teacher_view=self.teacher_size is not None)
             return _val_graph(self._files, self._labels, place=place, image_size=self._val_size,
                               val_resize=self._val_resize, shard=shard, dtype=dtype)
@@ -313,7 +315,7 @@ class DaliBatches:
                                    prepare_first_batch=False)
 
     def __len__(self) -> int:
-        return -(-self.num_samples // self.batch_size)
+        return batches_per_epoch(self.num_samples, self.batch_size, self._drop_last)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Training: the next iteration yields `epoch` from `start_batch` on (a rebuild unless the
@@ -478,7 +480,7 @@ def build_dali_loaders(dataset: Dataset, *, spec: BatchSpec, seed: int, shard: S
                        batch_size: int, val_batch_size: int, sizes: SizeSchedule, val_size: int, val_resize: int,
                        dali_device: str, hw_decoder_load: float, cpu_resize: str, prefetch_queue: int,
                        crop_range: CropRange = CropRange(), teacher_image_size: int | None = None,
-                       deal: int = 1) -> Loaders:
+                       deal: int = 1, drop_last: bool = False) -> Loaders:
     """Training and validation DALI loaders (`DaliBatches`, then `DaliToDevice`) of one process
     (`dali_device`: "gpu", "cpu" or "auto", as `data.dali.device`; the other values as the keys of
     `data` and `data.dali` of the same names)."""
@@ -494,6 +496,6 @@ def build_dali_loaders(dataset: Dataset, *, spec: BatchSpec, seed: int, shard: S
 
     to_device = DaliToDevice(spec)
     return Loaders(Loader(batches(dataset.train, train=True, size=batch_size, teacher_size=teacher_image_size,
-                                  crop_range=crop_range, deal=deal), [to_device]),
+                                  crop_range=crop_range, deal=deal, drop_last=drop_last), [to_device]),
                    Loader(batches(dataset.val, train=False, size=val_batch_size), [to_device]),
                    list(dataset.classes))

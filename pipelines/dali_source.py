@@ -22,7 +22,7 @@ import numpy as np
 from PIL import UnidentifiedImageError
 
 from pipelines.worker_lifetime import die_with_parent
-from pipelines.augment import Crop, CropRange, SizeSchedule, epoch_order, oriented_size, samples_per_rank, train_crop
+from pipelines.augment import batches_per_epoch, Crop, CropRange, SizeSchedule, epoch_order, oriented_size, samples_per_rank, train_crop
 
 UNREADABLE = "fastkd: cannot read "
 """Starts the message of a file that cannot be read or whose header cannot be parsed."""
@@ -39,14 +39,16 @@ class TrainSamples:
     """The pipeline's stream never ends: its sample `p` is position `p` of epoch after epoch,
     from `first_epoch` (shifted by `first_batch` batches, to resume mid-epoch) on, each epoch's
     last batch filled with padding samples (index `PADDING`), since DALI's sample mode has no
-    partial batches. The loader takes `batches_in_epoch` batches per epoch from it; DALI never
+    partial batches (or left out, with `drop_last`). The loader takes `batches_in_epoch` batches per epoch from it; DALI never
     resets the pipeline between epochs, so its prefetching runs on across them (a reset would
     drain the queue, and each epoch's first batch would wait for a whole decode)."""
 
     def __init__(self, files: Sequence[str], labels: Sequence[int], *, seed: int, rank: int, world_size: int,
                  batch_size: int, sizes: SizeSchedule, teacher_size: int | None = None, first_epoch: int = 0,
-                 first_batch: int = 0, crop_range: CropRange = CropRange(), deal: int = 1):
+                 first_batch: int = 0, crop_range: CropRange = CropRange(), deal: int = 1, drop_last: bool = False):
         self.files = list(files)
+        self.drop_last = drop_last
+        """Each epoch ends at its last full batch (`data.drop_last`): no padding is needed then."""
         self.crop_range = crop_range
         self.sizes = sizes
         self.teacher_size = teacher_size or 0
@@ -85,7 +87,7 @@ class TrainSamples:
     def batches_in_epoch(self, epoch: int) -> int:
         """How many batches of the stream belong to `epoch` (the first one from `first_batch` on)."""
         start = self.first_batch if epoch == self.first_epoch else 0
-        return max(0, -(-self.num_samples // self.batch_size) - start)
+        return max(0, batches_per_epoch(self.num_samples, self.batch_size, self.drop_last) - start)
 
     def locate(self, position: int) -> tuple[int, int]:
         """(epoch, position in the epoch's order) of the stream's sample `position`: a padding

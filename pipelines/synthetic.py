@@ -5,12 +5,11 @@ A few random batches are made once and cycled, so the loader costs nothing per s
 
 from __future__ import annotations
 
-import math
 from typing import Any, Iterator
 
 import torch
 
-from pipelines.augment import SizeSchedule
+from pipelines.augment import SizeSchedule, batches_per_epoch
 from pipelines.base import Batch, BatchSpec
 
 _POOL_BATCHES = 4
@@ -21,8 +20,9 @@ class SyntheticBatches:
     the scheduled size (`sizes`), and of the teacher's size when it has its own."""
 
     def __init__(self, *, num_samples: int, batch_size: int, sizes: SizeSchedule, num_classes: int,
-                 seed: int, spec: BatchSpec, teacher_size: int | None = None):
+                 seed: int, spec: BatchSpec, teacher_size: int | None = None, drop_last: bool = False):
         self.num_samples = num_samples
+        self.drop_last = drop_last
         self.batch_size = batch_size
         self.spec = spec
         self.sizes = sizes
@@ -48,7 +48,7 @@ class SyntheticBatches:
         return self._pools[size]
 
     def __len__(self) -> int:
-        return math.ceil(self.num_samples / self.batch_size)
+        return batches_per_epoch(self.num_samples, self.batch_size, self.drop_last)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self._epoch, self._start_batch = epoch, start_batch

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import atexit
 import functools
-import math
 import multiprocessing
 import signal
 from typing import Any, Iterator
@@ -23,7 +22,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image, ImageOps
 
 from fastkd.errors import DataError
-from pipelines.augment import CropRange, SizeSchedule, check_stream_state, epoch_order, stream_state, train_crop
+from pipelines.augment import (CropRange, SizeSchedule, batches_per_epoch, check_stream_state, epoch_order,
+                               stream_state, train_crop)
 from pipelines.base import Batch, BatchSpec, Loader, Shard, needs_pinned_memory, normalization
 from pipelines.datasets import Dataset, Split
 from pipelines.verify import unlimited_pixels
@@ -133,9 +133,11 @@ class EpochSampler(torch.utils.data.Sampler):
     """One rank's `(index, epoch)` items for one epoch (`pipelines.augment.epoch_order`), from a
     given batch on."""
 
-    def __init__(self, num_items: int, *, shuffle: bool, seed: int, shard: Shard, batch_size: int, deal: int = 1):
+    def __init__(self, num_items: int, *, shuffle: bool, seed: int, shard: Shard, batch_size: int, deal: int = 1,
+                 drop_last: bool = False):
         self.num_items = num_items
         self.deal = deal
+        self.drop_last = drop_last
         self.shuffle = shuffle
         self.seed = seed
         self.shard = shard
@@ -146,10 +148,15 @@ class EpochSampler(torch.utils.data.Sampler):
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.epoch, self.start_batch = epoch, start_batch
 
-    def indices(self) -> list[int]:
-        """This rank's sample indices for the whole current epoch."""
+    def order(self) -> list[int]:
+        """The sample indices dealt to this rank for the current epoch, in order."""
         return epoch_order(self.num_items, seed=self.seed, epoch=self.epoch, shuffle=self.shuffle,
                            rank=self.shard.rank, world_size=self.shard.world_size, deal=self.deal)
+
+    def indices(self) -> list[int]:
+        """Those of them its batches hold (the partial last batch's left out with `drop_last`)."""
+        order = self.order()
+        return order[:batches_per_epoch(len(order), self.batch_size, self.drop_last) * self.batch_size]
 
     def __len__(self) -> int:
         return max(0, len(self.indices()) - self.start_batch * self.batch_size)
@@ -167,11 +174,12 @@ class TorchvisionBatches:
 
     def __init__(self, split: Split, *, train: bool, batch_size: int, sizes: SizeSchedule, val_size: int,
                  val_resize: int, num_workers: int, seed: int, shard: Shard, pin_memory: bool,
-                 teacher_size: int | None = None, crop_range: CropRange = CropRange(), deal: int = 1):
+                 teacher_size: int | None = None, crop_range: CropRange = CropRange(), deal: int = 1,
+                 drop_last: bool = False):
         self.batch_size = batch_size
         self.sampler = EpochSampler(len(split), shuffle=train, seed=seed, shard=shard, batch_size=batch_size,
-                                    deal=deal if train else 1)
-        self.num_samples = len(self.sampler.indices())
+                                    deal=deal if train else 1, drop_last=drop_last and train)
+        self.num_samples = len(self.sampler.order())
         self.prefetched_batches = num_workers * PREFETCH_FACTOR
         """Batches the workers hold ready at most (a benchmark must drain them before timing)."""
         dataset = ImageListDataset(split, train=train, sizes=sizes, val_size=val_size, val_resize=val_resize, seed=seed,
@@ -185,7 +193,7 @@ class TorchvisionBatches:
             generator=torch.Generator().manual_seed(seed))
 
     def __len__(self) -> int:
-        return math.ceil(self.num_samples / self.batch_size)
+        return batches_per_epoch(self.num_samples, self.batch_size, self.sampler.drop_last)
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         self.sampler.set_epoch(epoch, start_batch)
@@ -236,9 +244,9 @@ class ToDevice:
 def torchvision_loaders(dataset: Dataset, *, spec: BatchSpec, batch_size: int, val_batch_size: int, **values: Any
                         ) -> tuple[Loader, Loader]:
     """Training and validation loaders of the torchvision backend (`values`: `TorchvisionBatches`'
-    other arguments; `teacher_size`, `crop_range` and `deal` for training only)."""
+    other arguments; `teacher_size`, `crop_range`, `deal` and `drop_last` for training only)."""
     pin = needs_pinned_memory(spec.device)  # the DataLoader's pinning thread stages them for ToDevice
-    training = {key: values.pop(key) for key in ("teacher_size", "crop_range", "deal") if key in values}
+    training = {key: values.pop(key) for key in ("teacher_size", "crop_range", "deal", "drop_last") if key in values}
     to_device = ToDevice(spec)
     return (Loader(TorchvisionBatches(dataset.train, train=True, batch_size=batch_size, pin_memory=pin, **training,
                                       **values), [to_device]),

@@ -188,20 +188,26 @@ def mixed_by_sample(root, backend, *, batch_size, rank=0, world_size=1, **data) 
 
 @pytest.mark.parametrize("backend", ["torchvision", "dali"])
 def test_every_sample_is_mixed_alike_whatever_the_batch_size_or_process_count(tiny_imagefolder, backend):
-    """TrivialAugment then mixup / CutMix: each sample's image, weight and partner are the same."""
+    """TrivialAugment then mixup / CutMix: each sample's image, weight and partner are the same;
+    with data.drop_last the samples of the full batches are mixed as without it."""
     require_backend(backend)
-    one = mixed_by_sample(tiny_imagefolder, backend, batch_size=8)
+    one = mixed_by_sample(tiny_imagefolder, backend, batch_size=8, drop_last=False)
     assert len(one) == 40 and any(weight < 1 for _, weight, _ in one.values())
-    by_batch = mixed_by_sample(tiny_imagefolder, backend, batch_size=6)
+    by_batch = mixed_by_sample(tiny_imagefolder, backend, batch_size=6, drop_last=False)
     ranks = {}
     for rank in (0, 1, 2):  # 40 samples on 3 ranks: the order is padded to 42, 2 samples twice
-        for index, seen in mixed_by_sample(tiny_imagefolder, backend, batch_size=4, rank=rank, world_size=3).items():
+        for index, seen in mixed_by_sample(tiny_imagefolder, backend, batch_size=4, rank=rank, world_size=3,
+                                           drop_last=False).items():
             again = ranks.setdefault(index, seen)  # a padded copy is mixed as the sample itself
             assert torch.equal(again[0], seen[0]) and again[1:] == seen[1:]
     for other in (by_batch, ranks):
         assert sorted(other) == sorted(one)
         for index, (image, weight, partner) in one.items():
             assert torch.equal(other[index][0], image) and other[index][1:] == (weight, partner)
+    dropped = mixed_by_sample(tiny_imagefolder, backend, batch_size=6)  # 6 full batches: 36 of the 40
+    assert len(dropped) == 36
+    for index, (image, weight, partner) in dropped.items():
+        assert torch.equal(one[index][0], image) and one[index][1:] == (weight, partner)
 
 
 @pytest.mark.parametrize("num_items", [40, 41, 7])

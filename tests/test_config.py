@@ -208,6 +208,7 @@ def test_a_config_saved_by_an_earlier_fastkd_is_read_into_todays_sections():
         config_from_dict(saved)
     cfg = config_from_dict(upgrade_saved_config(saved))
     assert cfg.data.mix is not None and cfg.data.mix.mixup_alpha == 1.0 and cfg.data.mix.cutmix_alpha == 0.0
+    assert not cfg.data.drop_last  # it trained on every partial batch: a resume goes on doing so
     assert cfg.data.randaugment is None and cfg.data.trivialaugment is None and cfg.data.size_schedule is None
     assert cfg.data.backend == "dali" and cfg.data.dali is not None and cfg.data.dali.device == saved["data"]["dali_device"]
     old = {**saved, "data": {**saved["data"], "mixup_alpha": 0.0, "auto_augment": "trivialaugment",
@@ -217,3 +218,17 @@ def test_a_config_saved_by_an_earlier_fastkd_is_read_into_todays_sections():
     assert cfg.data.mix is None and cfg.data.trivialaugment is not None and cfg.data.trivialaugment.magnitude_bins == 11
     assert cfg.data.size_schedule is not None and cfg.data.size_schedule.ramp_epochs == (0, 2)
     assert upgrade_saved_config(config_to_dict(cfg)) == config_to_dict(cfg)  # today's configs pass unchanged
+
+
+def test_drop_last_with_no_full_batch_is_refused_naming_the_key():
+    from fastkd.data import build_loaders
+    from tests.conftest import CPU
+
+    cfg = config_from_dict({"data": {"backend": "synthetic", "batch_size": 8, "image_size": 32,
+                                     "synthetic": {"train_samples": 5, "val_samples": 4, "num_classes": 3}}})
+    with pytest.raises(ConfigError, match=r"^data.drop_last: 5 training image\(s\) over 1 process\(es\) make no full "
+                                          r"batch of data.batch_size 8: lower the batch size, or set data.drop_last: "
+                                          r"false$"):
+        build_loaders(cfg.data, spec=CPU, seed=0)
+    kept = config_from_dict({"data": {**config_to_dict(cfg)["data"], "drop_last": False}})
+    assert len(build_loaders(kept.data, spec=CPU, seed=0).train) == 1

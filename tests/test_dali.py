@@ -51,7 +51,7 @@ def test_dali_cpu_and_torchvision_validation_batches_agree(tiny_imagefolder, siz
 
 
 def test_training_stream_is_seeded_and_reshuffled_every_epoch(tiny_imagefolder):
-    cfg = data_config(tiny_imagefolder, "dali")
+    cfg = data_config(tiny_imagefolder, "dali", drop_last=False)  # every sample in both epochs
     first = stream(build_loaders(cfg, spec=CPU, seed=0).train, 2)
     again = stream(build_loaders(cfg, spec=CPU, seed=0).train, 2)
     other = stream(build_loaders(cfg, spec=CPU, seed=1).train, 1)
@@ -233,9 +233,13 @@ def test_a_stream_begun_by_another_fastkd_is_not_continued(tiny_imagefolder, bac
 
 
 def test_partial_last_batch_counts_and_len(tiny_imagefolder):
-    loaders = build_loaders(data_config(tiny_imagefolder, "dali", batch_size=16, val_batch_size=16), spec=CPU, seed=0)
+    loaders = build_loaders(data_config(tiny_imagefolder, "dali", batch_size=16, val_batch_size=16, drop_last=False),
+                            spec=CPU, seed=0)
     assert len(loaders.train) == 3 and [b.size for b in loaders.train] == [16, 16, 8]
     assert len(loaders.val) == 2 and [b.size for b in loaders.val] == [16, 4]
+    dropped = build_loaders(data_config(tiny_imagefolder, "dali", batch_size=16, val_batch_size=16), spec=CPU, seed=0)
+    assert len(dropped.train) == 2 and [b.size for b in dropped.train] == [16, 16]  # data.drop_last's default
+    assert len(dropped.val) == 2 and [b.size for b in dropped.val] == [16, 4]
 
 
 def test_unusual_files_decode_to_rgb_like_torchvision(tmp_path):

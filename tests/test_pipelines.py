@@ -20,23 +20,45 @@ from tests.conftest import CPU, data_config, pairs, require_backend
 BACKENDS = ["torchvision", "synthetic", "dali"]
 
 
+@pytest.mark.parametrize("drop_last", [False, True])
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_every_backend_honours_the_batch_contract(backend, tiny_imagefolder):
+def test_every_backend_honours_the_batch_contract(backend, tiny_imagefolder, drop_last):
+    """40 training images in batches of 7: five full batches and one of 5, left out with
+    data.drop_last (validation keeps its partial batch either way)."""
     require_backend(backend)
-    cfg = data_config(tiny_imagefolder, backend)
+    cfg = data_config(tiny_imagefolder, backend, drop_last=drop_last)
     loaders = build_loaders(cfg, spec=CPU, seed=0)
     num_classes = len(loaders.classes)
     assert num_classes == 10
-    for loader, expected_samples in ((loaders.train, 40), (loaders.val, 20)):
-        assert loader.num_samples == expected_samples
-        assert len(loader) == math.ceil(expected_samples / 7)
+    for loader, dealt, batches in ((loaders.train, 40, [7] * 5 + ([] if drop_last else [5])),
+                                   (loaders.val, 20, [7, 7, 6])):
+        assert loader.num_samples == dealt
+        assert len(loader) == len(batches)
         for _ in range(2):  # two epochs: the loader restarts cleanly
             loader.set_epoch(0)
             sizes = []
             for images, labels in pairs(loader):
                 check_batch(images, labels, spec=CPU, image_size=32, num_classes=num_classes, max_batch_size=7)
                 sizes.append(labels.shape[0])
-            assert sum(sizes) == expected_samples and len(sizes) == len(loader)
+            assert sizes == batches
+
+
+@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+def test_drop_last_leaves_out_the_partial_batch_and_nothing_else(backend, tiny_imagefolder):
+    """Each epoch with data.drop_last is the same epoch without it, its partial last batch cut
+    off: the same samples, crops and order in the full batches; the next epoch starts afresh."""
+    require_backend(backend)
+    epochs = {}
+    for drop_last in (False, True):
+        loader = build_loaders(data_config(tiny_imagefolder, backend, drop_last=drop_last), spec=CPU, seed=3).train
+        epochs[drop_last] = []
+        for epoch in (0, 1):
+            loader.set_epoch(epoch)
+            epochs[drop_last].append([(b.indices.clone(), b.images.clone()) for b in loader])
+    for kept, whole in zip(epochs[True], epochs[False]):
+        assert len(kept) == 5 and len(whole) == 6 and len(whole[-1][0]) == 5
+        for (i, x), (j, y) in zip(kept, whole):
+            assert torch.equal(i, j) and torch.equal(x, y)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -72,3 +72,18 @@ def test_the_docs_site_builds_in_strict_mode(tmp_path):
                           cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert (tmp_path / "site" / "distillation" / "index.html").is_file()
+
+
+def test_no_page_names_a_key_that_moved():
+    """A config key that moved (`fastkd.config.MOVED`) is an error in a user's YAML: no page, config
+    or recipe comment may still spell it the old way (`data.dali_device` for `data.dali.device`),
+    but where the same line names its new place (saying that it moved)."""
+    from fastkd.config import MOVED
+
+    pages = [REPO / "README.md", REPO / "benchmarks" / "README.md", *(REPO / "docs").glob("*.md"),
+             *(REPO / "configs").rglob("*.yaml"), *(REPO / "benchmarks" / "results").rglob("experiment.yaml")]
+    old = re.compile(r"(?<![\w.])(" + "|".join(re.escape(key) for key in MOVED) + r")(?![\w])")
+    found = [f"{page.relative_to(REPO)}:{i}: {m.group(1)}" for page in pages
+             for i, line in enumerate(page.read_text().splitlines(), 1) for m in old.finditer(line)
+             if MOVED[m.group(1)] not in line]
+    assert not found, "moved keys: " + "; ".join(found)

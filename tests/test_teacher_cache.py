@@ -191,7 +191,10 @@ def test_an_fp16_cache_differs_from_the_live_teacher_by_fp16_rounding_only(tiny_
 
 
 def test_replay_under_another_batch_size_reads_each_samples_row(tiny_imagefolder, tiny_teacher, tmp_path):  # noqa: F811
-    raw = kd_raw(tiny_imagefolder, tmp_path / "runs", tiny_teacher, tmp_path / "cache", batch_size=8)
+    """Recorded in batches of 7 (40 samples: the last 5 make a partial batch that training leaves
+    out, data.drop_last), replayed in batches of 5: the recording holds every sample's row."""
+    raw = kd_raw(tiny_imagefolder, tmp_path / "runs", tiny_teacher, tmp_path / "cache", batch_size=7)
+    assert config_from_dict(raw).data.drop_last
     record(raw, epochs=2)
     other = kd_raw(tiny_imagefolder, tmp_path / "runs", tiny_teacher, tmp_path / "cache", batch_size=5)
     cfg = config_from_dict(other)
