@@ -85,7 +85,9 @@ def unique_label_dataset(root: Path, count: int) -> Path:
 def test_shards_are_disjoint_and_cover_the_data(tmp_path, backend):
     section = backend_section(backend)
     root = unique_label_dataset(tmp_path / "data", 23)
-    cfg = config_from_dict({"data": {"root": str(root), "image_size": 16, "val_resize": 16, **section, "batch_size": 5}}).data
+    # Every sample is dealt once: the partial last batch is kept (drop_last would leave it out).
+    cfg = config_from_dict({"data": {"root": str(root), "image_size": 16, "val_resize": 16, **section, "batch_size": 5,
+                                     "drop_last": False}}).data
     train, val = [], []
     for rank in range(2):
         loaders = build_loaders(cfg, spec=CPU, seed=0, shard=Shard(rank=rank, world_size=2))
@@ -96,6 +98,17 @@ def test_shards_are_disjoint_and_cover_the_data(tmp_path, backend):
     assert set(train[0]) | set(train[1]) == set(range(23))
     assert len(set(train[0]) & set(train[1])) <= 1  # only padding may repeat a sample
     assert sorted(val[0] + val[1]) == list(range(23))  # every val image exactly once
+    # With drop_last (the default) each rank's 12 dealt samples make 2 full batches, equal on every rank,
+    # and the shards stay disjoint but for padding.
+    full = config_from_dict({"data": {"root": str(root), "image_size": 16, "val_resize": 16, **section,
+                                      "batch_size": 5}}).data
+    kept = []
+    for rank in range(2):
+        loader = build_loaders(full, spec=CPU, seed=0, shard=Shard(rank=rank, world_size=2)).train
+        sizes = [len(batch.labels) for batch in loader]
+        assert len(loader) == 2 and sizes == [5, 5]
+        kept.append({y for batch in loader for y in batch.labels.tolist()})
+    assert len(kept[0] & kept[1]) <= 1  # only padding may repeat a sample
 
 
 def same_weights(a: Path, b: Path) -> bool:
@@ -132,7 +145,7 @@ def test_a_stop_requested_on_one_rank_stops_every_rank_at_the_same_step(tiny_ima
     # Rank 1 alone asks to stop after step 3; the ranks agree at the next log interval (step 4).
     stopped = torchrun("train", "--config", str(config), hooks={"stop_at": "1:3"})
     assert stopped.returncode != 0 and "kept a checkpoint of step" in stopped.stderr, stopped.stderr[-3000:]
-    assert "stopped after step 4" in stopped.stderr
+    assert "kept a checkpoint of step 4" in stopped.stderr
     checkpoint = load_checkpoint(tmp_path / "runs" / "tiny" / "last.pt")
     assert checkpoint["step"] == 4 and len(checkpoint["ranks"]) == 2
     resumed = torchrun("train", "--config", str(config), "--resume")
@@ -193,7 +206,7 @@ def test_the_ema_of_the_weights_under_torchrun_is_saved_evaluated_and_resumed_ex
     records = [json.loads(line) for line in (tmp_path / "ref" / "tiny" / "metrics.jsonl").read_text().splitlines()]
     assert all(r["val_images"] == 20 and "val_ema_top1" in r for r in records)  # every val image once, both weights
     stopped = torchrun("train", "--config", str(config), hooks={"stop_at": "1:3"})
-    assert stopped.returncode != 0 and "stopped after step 4" in stopped.stderr, stopped.stderr[-3000:]
+    assert stopped.returncode != 0 and "kept a checkpoint of step 4" in stopped.stderr, stopped.stderr[-3000:]
     resumed = torchrun("train", "--config", str(config), "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     a = load_checkpoint(tmp_path / "ref" / "tiny" / "last.pt")["ema"]
