@@ -325,3 +325,18 @@ def test_the_bench_times_each_device_stage_of_the_loader_by_name(tiny_imagefolde
     table = [re.sub(" +", " ", line) for line in format_rows(rows).splitlines()]
     assert "| what | backend | data wait | host-to-device copy | auto-augment | mix | teacher forward | cache lookup | " \
            "student forward+backward | optimizer |" in table
+
+
+def test_the_advice_for_a_student_bound_run_names_only_what_helps_on_that_device():
+    from types import SimpleNamespace
+
+    from fastkd.bench import bottleneck_sentences
+
+    row = {"what": "train", "backend": "synthetic", "images_per_sec": 900.0,
+           "stages": {"data wait": 1.0, "student forward+backward": 50.0, "optimizer": 5.0}}
+    on_cpu = bottleneck_sentences([row], SimpleNamespace(device=torch.device("cpu")))  # type: ignore[arg-type]
+    on_gpu = bottleneck_sentences([row], SimpleNamespace(device=torch.device("cuda")))  # type: ignore[arg-type]
+    assert len(on_cpu) == len(on_gpu) == 1 and "bounded by the student" in on_cpu[0]
+    # bf16 autocast measured slower on a CPU (issue 39): only a GPU is told to try it
+    assert "bf16" not in on_cpu[0] and "runtime.compile" in on_cpu[0]
+    assert "bf16" in on_gpu[0] and "runtime.compile" in on_gpu[0]
