@@ -344,32 +344,67 @@ def update_counting_steps(update: Update) -> Callable[[], None]:
     return step
 
 
-def time_steps(step: Step, loader: Loader, update: Update, window: Window, sync: Callable[[], None]) -> Row:
+def _timed_step(step: Step, batch: Batch, update: Update, take_step: Callable[[], None], clock: StageClock) -> None:
+    """One training step in its named stages: the teacher's forward or the cache lookup, the
+    student's forward and backward with the loss, the optimizer (with EMA)."""
+    if isinstance(step, DistillationStep):
+        stage = "cache lookup" if step.recorded is not None else "teacher forward"
+        teacher = clock.device(stage, lambda: step.teacher_outputs(batch.teacher_view, batch.indices))
+        clock.device("student forward+backward", lambda: update.backward(step.student_output(batch, teacher).loss))
+    else:
+        clock.device("student forward+backward", lambda: update.backward(step(batch).loss))
+    clock.device("optimizer", take_step)
+
+
+UNTIMED = "untimed"
+"""The stage breakdown's rest on the CPU: the timed windows' time per batch less every named stage's."""
+
+
+def time_steps(step: Step, loader: Loader, update: Update, window: Window, sync: Callable[[], None],
+               clock: StageClock | None = None) -> Row:
     """Training steps as the loop runs them (forward, loss, backward, update, EMA), fed by
-    `loader`; the loop's on-device meters are left out."""
+    `loader`; the loop's on-device meters are left out.
+
+    With a `clock` (on the CPU, where timers cost nothing and nothing overlaps) the same timed
+    batches are also timed stage by stage: the row's `stages` then add up to its windows' time
+    per batch, with what no stage names as `untimed`."""
     step.train()
-    stream = endless(loader)
-    waited, side = [0.0], [0]
+    stream = endless(loader) if clock is None else endless(loader.host)
+    waited, side, calls = [0.0], [0, 0], [0]
     take_step = update_counting_steps(update)
+    window = warmup_for(window, loader)
 
     def one() -> int:
+        if clock is not None and calls[0] == window.warmup:  # the first timed batch: time stages from here
+            clock.host.clear()
+        calls[0] += 1
         started = time.perf_counter()
-        batch = next(stream)
+        batch = next(stream) if clock is None else _next_batch(stream, loader, clock)
         waited[0] += time.perf_counter() - started
-        side[0] = batch.images.shape[-1]
-        update.backward(step(batch).loss)
-        take_step()
+        side[0], side[1] = batch.images.shape[-1], batch.size
+        if clock is None:
+            update.backward(step(batch).loss)
+            take_step()
+        else:
+            _timed_step(step, batch, update, take_step, clock)
         return batch.size
 
     started = time.perf_counter()
-    window = warmup_for(window, loader)
     rates = timed_windows(window, one, sync)
-    return Row("", "", rates, window.steps, window.warmup, batch_image_size=side[0],
-               data_wait_fraction=round(waited[0] / (time.perf_counter() - started), 3))
+    row = Row("", "", rates, window.steps, window.warmup, batch_image_size=side[0],
+              data_wait_fraction=round(waited[0] / (time.perf_counter() - started), 3))
+    if clock is not None:
+        batches = window.steps * window.repeats
+        per_batch = {stage: 1000 * seconds / batches for stage, seconds in clock.seconds().items()}
+        windows_ms = 1000 * sum(window.steps * side[1] / rate for rate in rates) / batches
+        row.stages = {**{stage: round(ms, 3) for stage, ms in per_batch.items()},
+                      UNTIMED: round(windows_ms - sum(per_batch.values()), 3)}
+    return row
 
 
 def stage_breakdown(step: Step, loader: Loader, update: Update, runtime: Runtime, steps: int) -> dict[str, float]:
-    """Milliseconds per batch in each stage, over `steps` batches (stages in sequence).
+    """Milliseconds per batch in each stage, over `steps` batches (stages in sequence), on a GPU:
+    CUDA events, in a pass of their own after the timed windows.
 
     `step` must run its teacher on the main stream (`build_step(..., side_stream=False)`), so
     each stage's events time it alone. "data wait" is host time spent waiting for the next
@@ -384,13 +419,7 @@ def stage_breakdown(step: Step, loader: Loader, update: Update, runtime: Runtime
             clock = StageClock(runtime)
             runtime.synchronize()
         batch = _next_batch(stream, loader, clock)
-        if isinstance(step, DistillationStep):
-            stage = "cache lookup" if step.recorded is not None else "teacher forward"
-            teacher = clock.device(stage, lambda: step.teacher_outputs(batch.teacher_view, batch.indices))
-            clock.device("student forward+backward", lambda: update.backward(step.student_output(batch, teacher).loss))
-        else:
-            clock.device("student forward+backward", lambda: update.backward(step(batch).loss))
-        clock.device("optimizer", take_step)
+        _timed_step(step, batch, update, take_step, clock)
     return {stage: round(1000 * seconds / steps, 3) for stage, seconds in clock.seconds().items()}
 
 
@@ -488,11 +517,15 @@ class Bench:
         run = self.run(planned.backend, teacher=teacher, side_stream=side_stream)
         assert run.student is not None and run.step is not None and run.update is not None
         loader = run.loaders.train
-        row = time_steps(run.step, loader, run.update, self.window, self.runtime.synchronize)
-        # The breakdown times the teacher apart: the same step with its teacher on the main stream.
-        sequential = engine.build_step(run.cfg, self.runtime, run.student.model, run.teacher, side_stream=False)
-        sequential.train()
-        row.stages = stage_breakdown(sequential, loader, run.update, self.runtime, self.window.steps)
+        # On the CPU the timed windows' own batches are timed stage by stage; on a GPU a pass of its
+        # own times them with CUDA events, the teacher apart: the same step, its teacher on the main stream.
+        on_gpu = self.runtime.device.type == "cuda"
+        clock = None if on_gpu else StageClock(self.runtime)
+        row = time_steps(run.step, loader, run.update, self.window, self.runtime.synchronize, clock=clock)
+        if on_gpu:
+            sequential = engine.build_step(run.cfg, self.runtime, run.student.model, run.teacher, side_stream=False)
+            sequential.train()
+            row.stages = stage_breakdown(sequential, loader, run.update, self.runtime, self.window.steps)
         live = run.teacher is not None and run.teacher.module is not None
         row.side_stream = run.cfg.distill.side_stream if live and run.cfg.distill is not None else None
         row.teacher_cache = "temporary, random fp16 logits" if planned.what == "distill-cached" else None
@@ -601,8 +634,10 @@ def format_rows(rows: list[dict[str, Any]], notes: Sequence[str] = ()) -> str:
     stages = ""
     if stage_rows:
         # the host stage's wait, the loaders' device stages in the order they run, then the step's parts
-        device = [name for r in stage_rows for name in r["stages"] if name not in STEP_STAGES and name != "data wait"]
-        names = ["data wait", *dict.fromkeys(["host-to-device copy", *device]), *STEP_STAGES]
+        device = [name for r in stage_rows for name in r["stages"]
+                  if name not in STEP_STAGES and name not in ("data wait", UNTIMED)]
+        untimed = [UNTIMED] if any(UNTIMED in r["stages"] for r in stage_rows) else []
+        names = ["data wait", *dict.fromkeys(["host-to-device copy", *device]), *STEP_STAGES, *untimed]
         stages = "\n\nms per batch, by stage:\n" + markdown_table(
             ["what", "backend", *names],
             [[r["what"], r["backend"], *[f"{r['stages'].get(n, 0.0):.1f}" for n in names]] for r in stage_rows])
@@ -631,7 +666,7 @@ def bottleneck_sentences(rows: list[dict[str, Any]], runtime: Runtime) -> list[s
         stages = row.get("stages")
         if not stages:
             continue
-        data = sum(ms for name, ms in stages.items() if name not in STEP_STAGES)  # host stage and device stages
+        data = sum(ms for name, ms in stages.items() if name not in (*STEP_STAGES, UNTIMED))  # host and device stages
         teacher = stages.get("teacher forward", 0.0) + stages.get("cache lookup", 0.0)
         student = stages.get("student forward+backward", 0.0) + stages.get("optimizer", 0.0)
         name = f"{row['what']} with {row['backend']}"

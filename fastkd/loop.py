@@ -70,16 +70,21 @@ def stop_on_signals(flag: StopFlag) -> Iterator[None]:
         for scope in _OPEN_SCOPES:
             scope.signum = signum
 
-    if _OPEN_SCOPES and _OPEN_SCOPES[-1].requested:
-        flag.signum = _OPEN_SCOPES[-1].signum
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+    # Registered before the handler changes, the outer scope's copied after: a signal arriving at
+    # any point in between reaches this flag (the outer handler also sets every open scope's).
+    outer = _OPEN_SCOPES[-1] if _OPEN_SCOPES else None
     _OPEN_SCOPES.append(flag)
+    previous: dict[int, Any] = {}
     try:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            previous[sig] = signal.signal(sig, handler)
+        if outer is not None and outer.requested and not flag.requested:
+            flag.signum = outer.signum
         yield
     finally:
         _OPEN_SCOPES.remove(flag)
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+        for number, old in previous.items():
+            signal.signal(number, old)
 
 
 @dataclass

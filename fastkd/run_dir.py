@@ -39,6 +39,10 @@ def open_run_dir(cfg: Config, resume: bool, world_size: int) -> dict[str, Any] |
                               f"with the same number (now {world_size}) to continue the same data streams")
     saved = config_from_dict(upgrade_saved_config(checkpoint["config"]))
     changed = changed_keys(saved, cfg)
+    if "data.drop_last" in changed and "drop_last" not in (checkpoint["config"].get("data") or {}):
+        # saved before the key existed: its config.yaml lacks it too, so that file alone would not do
+        raise ConfigError(f"--resume: {last} was saved before data.drop_last existed and trains on every partial "
+                          "last batch; resume it with data.drop_last=false")
     if changed:
         raise ConfigError(f"--resume: the config differs from the run's in {', '.join(changed)} "
                           f"(resume with {run_dir / 'config.yaml'})")

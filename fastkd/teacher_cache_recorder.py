@@ -61,6 +61,9 @@ def record(run: "Run", *, epochs: int, dtype: str, top_k: int | None, progress: 
     with stop_on_signals(stop):
         for epoch in todo:
             _record_epoch(cache, epoch, teacher, loaders.train, runtime, precision, progress=progress, stop=stop)
+            if epoch != todo[-1] and agree_to_stop(stop, runtime):  # a stop in an epoch's last batch: after it
+                raise Interrupted(epoch, stop.signum, kept=f"the teacher cache {cache.path} with "
+                                                           f"{cache.describe_epochs()}")
     return {"path": str(kd.teacher_cache_path), "epochs": epochs, "recorded_now": todo, "dtype": dtype,
             "top_k": cache.top_k, "num_samples": key.num_samples, "teacher": teacher.about}
 
@@ -101,7 +104,7 @@ def _record_epoch(cache: TeacherCache, epoch: int, teacher: Teacher, loader: Loa
     loader.set_epoch(epoch)
     batches = tqdm(loader, total=len(loader), desc=f"teacher logits, epoch {epoch}", leave=False,
                    disable=None if (progress and runtime.is_main) else True)
-    for batch in batches:
+    for number, batch in enumerate(batches, 1):
         logits = frozen_forward(teacher.module, batch.teacher_view, autocast=lambda: runtime.autocast(precision),
                                 input_dtype=runtime.input_dtype(precision)).float()
         outputs = {"logits": logits}
@@ -121,7 +124,7 @@ def _record_epoch(cache: TeacherCache, epoch: int, teacher: Teacher, loader: Loa
             if "features" in files:
                 cache.write_features(files["features"], index, outputs["features"])
             written[index] = True
-        if agree_to_stop(stop, runtime):
+        if number < len(loader) and agree_to_stop(stop, runtime):  # after the last batch, the epoch is committed
             batches.close()
             if files is not None:
                 del files

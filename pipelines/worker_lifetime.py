@@ -25,15 +25,31 @@ import signal
 import sys
 import threading
 import time
-from typing import Iterator
+from typing import Any, Iterator
 
 PR_SET_PDEATHSIG = 1
 """prctl(2): the signal this process gets when the thread that created it exits."""
 POLL_SECONDS = 0.25
 
-_starting: tuple[int, bool] | None = None
-"""While a block of `workers_die_with_this_process` runs: (this process's pid, whether the
-thread starting the workers is the main thread, which lives as long as the process)."""
+
+def _find_prctl() -> Any:
+    """libc's prctl, looked up once in the parent: a child of a multi-threaded process should not
+    take the dynamic loader's lock between fork and its first step."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+_PRCTL = _find_prctl()
+
+_starting: int | None = None
+"""While a block of `workers_die_with_this_process` runs: this process's pid."""
+_forked_by_main_thread = True
+"""Whether the thread that called the latest fork is the main thread, which lives as long as the
+process (set in the parent just before each fork, read in the child)."""
 
 
 @contextlib.contextmanager
@@ -41,7 +57,7 @@ def workers_die_with_this_process() -> Iterator[None]:
     """Processes forked within this block end when this process dies, by any signal."""
     global _starting
     outer = _starting
-    _starting = (os.getpid(), threading.current_thread() is threading.main_thread())
+    _starting = os.getpid()
     try:
         yield
     finally:
@@ -50,13 +66,7 @@ def workers_die_with_this_process() -> Iterator[None]:
 
 def _set_parent_death_signal() -> bool:
     """SIGKILL this process when its parent's creating thread exits (Linux); False where unsupported."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        return libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
-    except (OSError, AttributeError):
-        return False
+    return _PRCTL is not None and _PRCTL(PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0) == 0
 
 
 def _watch(parent: int) -> None:
@@ -69,20 +79,35 @@ def die_with_parent(parent: int, *, parent_thread_lives: bool = True) -> None:
     """In a worker: end when process `parent` ends. The kernel's parent-death signal follows the
     parent's *thread* that started this process, so it is used only when that thread lives as
     long as its process (the main thread); otherwise a daemon thread polls. Checked once more
-    afterwards: a parent that died before the signal was set is not missed."""
+    afterwards: a parent that died before the signal was set is not missed.
+
+    The worker also leaves stopping to its trainer: Ctrl-C, which a terminal sends to every
+    process of the foreground group, is ignored (the trainer finishes its step and closes the
+    pool), and SIGTERM ends it as it ends any process (DALI's pool terminates a worker that does
+    not exit, and a forked worker would otherwise keep the trainer's stop handler)."""
     if not (parent_thread_lives and _set_parent_death_signal()):
         threading.Thread(target=_watch, args=(parent,), name="fastkd-parent-watch", daemon=True).start()
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    except ValueError:  # not the worker's main thread: its handlers stay as they are
+        pass
     if os.getppid() != parent:
         os._exit(1)
+
+
+def _before_fork() -> None:
+    global _forked_by_main_thread
+    _forked_by_main_thread = threading.current_thread() is threading.main_thread()
 
 
 def _after_fork_in_child() -> None:
     global _starting
     if _starting is None:
         return
-    parent, main_thread = _starting
+    parent = _starting
     _starting = None  # the worker's own children are its business
-    die_with_parent(parent, parent_thread_lives=main_thread)
+    die_with_parent(parent, parent_thread_lives=_forked_by_main_thread)
 
 
-os.register_at_fork(after_in_child=_after_fork_in_child)
+os.register_at_fork(before=_before_fork, after_in_child=_after_fork_in_child)

@@ -277,11 +277,10 @@ def test_the_bench_times_the_step_the_engine_builds_for_the_run(tiny_imagefolder
                      window=Window(steps=1, warmup=0, repeats=1), echo=lambda text: None)
     assert [r["what"] for r in rows] == ["train", "distill"]
     assert views == [None, 24]  # the live row's loader makes the teacher's 24 px view
-    # each row: the timed step, then the same step with its teacher on the main stream for the breakdown
-    assert [type(step).__name__ for step in built] == ["ClassificationStep"] * 2 + ["DistillationStep"] * 2
+    # each row's timed step (on the CPU its windows' batches are also its stage breakdown's: no second step)
+    assert [type(step).__name__ for step in built] == ["ClassificationStep", "DistillationStep"]
     assert all(step.label_smoothing == 0.2 for step in built)
-    assert (built[2].kd_weight, built[2].ce_weight) == (built[3].kd_weight, built[3].ce_weight) == (0.3, 0.7)
-    assert built[2].model is built[3].model and built[2].teacher is built[3].teacher
+    assert (built[1].kd_weight, built[1].ce_weight) == (0.3, 0.7)
     assert len(emas) == 2 and all(ema.module is not None and ema.decay == 0.9 for ema in emas)
     assert clips and set(clips) == {5.0}
 
@@ -324,7 +323,26 @@ def test_the_bench_times_each_device_stage_of_the_loader_by_name(tiny_imagefolde
     assert all(ms > 0 for ms in stages["torchvision"].values())
     table = [re.sub(" +", " ", line) for line in format_rows(rows).splitlines()]
     assert "| what | backend | data wait | host-to-device copy | auto-augment | mix | teacher forward | cache lookup | " \
-           "student forward+backward | optimizer |" in table
+           "student forward+backward | optimizer | untimed |" in table
+
+
+def test_on_the_cpu_the_stages_are_timed_on_the_windows_own_batches_and_add_up_to_them(tiny_imagefolder, tmp_path):
+    """The throughput windows and the stage breakdown are one measurement on the CPU: the same
+    batches, so a row's stages (with `untimed`, what no stage names) add up to its time per batch."""
+    from fastkd.bench import Window, run_bench
+    from fastkd.config import config_from_dict
+
+    raw = tiny_config_dict(tiny_imagefolder, tmp_path / "runs", model={"arch": "shufflenet_v2_x0_5"})
+    raw["distill"] = {"teacher": {"arch": "resnet18", "checkpoint": str(tmp_path / "absent.pt")}}
+    rows = run_bench(config_from_dict(raw), config_path="x", what=["train", "distill-cached"],
+                     backends=["torchvision"], window=Window(steps=3, warmup=1, repeats=2), echo=lambda text: None)
+    assert [r["what"] for r in rows] == ["train", "distill-cached"]
+    for row in rows:
+        stages = row["stages"]
+        per_batch = 1000 * sum(row["steps"] * row["batch_size"] / rate for rate in row["rates"]) / (3 * 2)
+        assert sum(stages.values()) == pytest.approx(per_batch, rel=2e-3), stages  # rates are rounded to 0.1
+        assert stages["untimed"] >= -0.01 and stages["untimed"] < 0.5 * per_batch, stages
+    assert "cache lookup" in rows[1]["stages"] and "teacher forward" not in rows[1]["stages"]
 
 
 def test_the_advice_for_a_student_bound_run_names_only_what_helps_on_that_device():

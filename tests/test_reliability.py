@@ -211,9 +211,9 @@ def test_every_command_that_trains_or_records_stops_cleanly_and_the_line_it_prin
         if command == "distill":
             signal_when, kept, goes_on = tmp_path / "runs" / "tiny" / "last.pt", "kept a checkpoint of step", \
                 "resume with:\n  fastkd distill --resume --config"
-        else:  # epoch 0 recorded, epoch 1 in progress
-            signal_when, kept, goes_on = cache / "epoch-0000.npy", f"kept the teacher cache {cache} with epochs 0-0 " \
-                "(epoch 1 was in progress)", "record the rest with the same command:\n  fastkd teacher-cache --config"
+        else:  # epoch 0 recorded; the stop lands before epoch 1 or during it (its rows then discarded)
+            signal_when, kept, goes_on = cache / "epoch-0000.npy", f"kept the teacher cache {cache} with epochs 0-0", \
+                "record the rest with the same command:\n  fastkd teacher-cache --config"
     process = start_fastkd(*argv, step_delay="0.4")
     wait_for(signal_when, process)
     os.killpg(process.pid, signal.SIGTERM)
@@ -413,3 +413,26 @@ print("other", other.pid, early.pid, flush=True)
     assert not any(alive(pid) for pid in others)
     # the non-daemonic children ran to their end: exit waited for them, untouched
     assert (tmp_path / "early-done").exists() and (tmp_path / "other-done").exists()
+
+
+def test_a_run_saved_before_drop_last_existed_resumes_only_with_the_key_it_trained_with(tiny_imagefolder, tmp_path,
+                                                                                          capsys):
+    """A checkpoint whose config has no `data.drop_last` trained on every partial batch: its resume
+    is refused in one line naming `data.drop_last=false` (its own config.yaml lacks the key too),
+    and goes on with it."""
+    from fastkd.checkpoint import save_checkpoint
+
+    config = write_config(tmp_path / "c.yaml", tiny_config_dict(tiny_imagefolder, tmp_path / "runs",
+                                                                optim={"epochs": 1, "warmup_epochs": 0}))
+    main(["train", "--config", str(config), "--no-progress"])
+    last = tmp_path / "runs" / "tiny" / "last.pt"
+    checkpoint = load_checkpoint(last)
+    del checkpoint["config"]["data"]["drop_last"]  # as fastkd wrote it before the key existed
+    save_checkpoint(last, checkpoint)
+    before = last.read_bytes()
+    message = cli_error(capsys, "train", "--config", str(config), "--resume")
+    assert message == (f"fastkd: error: --resume: {last} was saved before data.drop_last existed and trains on every "
+                       "partial last batch; resume it with data.drop_last=false")
+    assert last.read_bytes() == before
+    main(["train", "--config", str(config), "--resume", "data.drop_last=false", "--no-progress"])  # no error
+    assert load_checkpoint(last)["step"] == checkpoint["step"]

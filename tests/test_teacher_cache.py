@@ -148,6 +148,34 @@ def test_recorded_logits_equal_the_live_teachers_on_the_same_crops(tiny_imagefol
     assert sorted(seen) == [(e, i) for e in (0, 1) for i in range(40)]  # every sample of every epoch
 
 
+def test_a_stop_during_an_epochs_last_batch_keeps_that_epoch(tiny_imagefolder, tiny_teacher, tmp_path,  # noqa: F811
+                                                             monkeypatch):
+    """A SIGTERM while the teacher runs the last batch of epoch 0: the epoch is whole, so it is
+    committed, and the recording stops before epoch 1 instead of throwing epoch 0 away."""
+    import os
+    import signal
+
+    from fastkd import teacher_cache_recorder
+
+    raw = kd_raw(tiny_imagefolder, tmp_path / "runs", tiny_teacher, tmp_path / "cache", **backend_data("torchvision"))
+    forward, calls = teacher_cache_recorder.frozen_forward, [0]
+
+    def forward_then_stop(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 5:  # 40 samples in batches of 8: epoch 0's last batch
+            os.kill(os.getpid(), signal.SIGTERM)
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(teacher_cache_recorder, "frozen_forward", forward_then_stop)
+    with pytest.raises(loop.Interrupted) as stopped:
+        record(raw, epochs=2)
+    assert calls[0] == 5 and stopped.value.kept.endswith("with epochs 0-0")
+    cache = TeacherCache(tmp_path / "cache", json.loads((tmp_path / "cache" / "manifest.json").read_text()))
+    assert cache.recorded_epochs == [0]
+    monkeypatch.setattr(teacher_cache_recorder, "frozen_forward", forward)
+    assert record(raw, epochs=2)["recorded_now"] == [1]
+
+
 MIXING = {"mix": {"mixup_alpha": 0.8, "cutmix_alpha": 1.0}, "randaugment": {}}
 """The batch stage's transforms: RandAugment, then mixup or CutMix."""
 

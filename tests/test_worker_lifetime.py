@@ -104,7 +104,9 @@ def test_a_worker_ends_when_its_parent_is_killed_with_sigkill(tmp_path, how):
 @pytest.mark.parametrize("backend", ["dali", "torchvision"])
 def test_kill_9_of_a_trainer_leaves_no_process_behind(tiny_imagefolder, tmp_path, backend):
     """The trainer with its data workers (DALI's Python source workers; DataLoader workers) is
-    killed with SIGKILL mid-run: every process it had started is gone within seconds."""
+    killed with SIGKILL mid-run: every process it had started is gone within seconds. (torch's
+    DataLoader workers watch their parent themselves: that case guards against a regression, the
+    DALI case fails without `pipelines.worker_lifetime`.)"""
     if backend == "dali":
         pytest.importorskip("nvidia.dali")
     raw = tiny_config_dict(tiny_imagefolder, tmp_path / "runs", run={"checkpoint_every_steps": 1},
