@@ -91,15 +91,18 @@ def skip_reason(backend: str, runtime: Runtime) -> str | None:
     return None
 
 
-def endless(source: Loader | HostStage) -> Iterator[Batch]:
+def endless(source: Loader | HostStage, host_of: Loader | None = None) -> Iterator[Batch]:
     """Full batches of epoch after epoch of a loader (or of its host stage alone).
+
+    With `host_of`, `source` is that loader's host stage: each epoch is then set on the whole
+    loader, so its device stages (run by the caller) draw that epoch's augmentations.
 
     An epoch's partial last batch is skipped: a new batch shape inside a timed window would
     time cuDNN's autotuning or a recompilation instead of the steady state.
     """
     epoch = 0
     while True:
-        source.set_epoch(epoch)
+        (source if host_of is None else host_of).set_epoch(epoch)
         for batch in source:
             if batch.size == source.batch_size:
                 yield batch
@@ -369,7 +372,7 @@ def time_steps(step: Step, loader: Loader, update: Update, window: Window, sync:
     batches are also timed stage by stage: the row's `stages` then add up to its windows' time
     per batch, with what no stage names as `untimed`."""
     step.train()
-    stream = endless(loader) if clock is None else endless(loader.host)
+    stream = endless(loader) if clock is None else endless(loader.host, host_of=loader)
     waited, side, calls = [0.0], [0, 0], [0]
     take_step = update_counting_steps(update)
     window = warmup_for(window, loader)
@@ -412,7 +415,7 @@ def stage_breakdown(step: Step, loader: Loader, update: Update, runtime: Runtime
     for the same GPU.
     """
     clock = StageClock(runtime)
-    stream = endless(loader.host)
+    stream = endless(loader.host, host_of=loader)
     take_step = update_counting_steps(update)
     for index in range(steps + 2):
         if index == 2:  # two untimed batches first
