@@ -327,6 +327,38 @@ def test_the_bench_times_each_device_stage_of_the_loader_by_name(tiny_imagefolde
            "student forward+backward | optimizer | untimed |" in table
 
 
+def test_the_stage_timing_draws_each_epochs_augmentations_as_training_does(tiny_imagefolder, tmp_path, monkeypatch):
+    """Timed stage by stage, the loader's device stages still get each epoch set before they run
+    (the bench feeds them its host stage's batches itself): windows that cross an epoch boundary
+    augment the second epoch with that epoch's draws, not the first's or none."""
+    from fastkd.bench import Window, run_bench
+    from fastkd.config import config_from_dict
+    from pipelines.auto_augment import AutoAugment
+    from pipelines.batch_stage import Mixing
+
+    epochs_set: dict[str, list[int]] = {"auto-augment": [], "mix": []}
+    epochs_run: dict[str, list[int]] = {"auto-augment": [], "mix": []}
+    for name, cls in (("auto-augment", AutoAugment), ("mix", Mixing)):
+        set_epoch, call = cls.set_epoch, cls.__call__
+
+        def recorded_set(self, epoch, _name=name, _set=set_epoch):
+            epochs_set[_name].append(epoch)
+            _set(self, epoch)
+
+        def recorded_call(self, batch, _name=name, _call=call):
+            epochs_run[_name].append(epochs_set[_name][-1] if epochs_set[_name] else None)
+            return _call(self, batch)
+
+        monkeypatch.setattr(cls, "set_epoch", recorded_set)
+        monkeypatch.setattr(cls, "__call__", recorded_call)
+    raw = tiny_config_dict(tiny_imagefolder, tmp_path / "runs", model={"arch": "shufflenet_v2_x0_5"},
+                           data={"randaugment": {}, "mix": {"mixup_alpha": 0.8, "cutmix_alpha": 1.0}})
+    run_bench(config_from_dict(raw), config_path="x", what=["train"], backends=["torchvision"],
+              window=Window(steps=3, warmup=1, repeats=2), echo=lambda text: None)  # 7 batches of 5 an epoch
+    for stage in ("auto-augment", "mix"):
+        assert epochs_run[stage] == [0] * 5 + [1] * 2, (stage, epochs_set[stage], epochs_run[stage])
+
+
 def test_on_the_cpu_the_stages_are_timed_on_the_windows_own_batches_and_add_up_to_them(tiny_imagefolder, tmp_path):
     """The throughput windows and the stage breakdown are one measurement on the CPU: the same
     batches, so a row's stages (with `untimed`, what no stage names) add up to its time per batch."""
