@@ -18,7 +18,7 @@ from tests.conftest import REPO, backend_data, hooked_env, tiny_config_dict, wai
 # unpickles once started, as DALI's spawned workers load their source), prints the worker's pid,
 # then waits to be killed.
 PARENT = textwrap.dedent("""
-    import multiprocessing, pickle, sys, time
+    import multiprocessing, pickle, signal, sys, time
     from pipelines.augment import SizeSchedule
     from pipelines.dali_source import TrainSamples
     from pipelines.worker_lifetime import workers_die_with_this_process
@@ -26,10 +26,13 @@ PARENT = textwrap.dedent("""
     def work(pickled=None):
         if pickled is not None:
             pickle.loads(pickled)
+        open(f"{sys.argv[2]}/ready", "w").close()  # the worker has started (and unpickled its source)
         time.sleep(60)
 
     if __name__ == "__main__":
         how = sys.argv[1]
+        for signum in (signal.SIGINT, signal.SIGTERM):  # as the trainer's stop handler: a forked worker inherits it
+            signal.signal(signum, lambda *_: None)
         if how == "spawn":
             source = TrainSamples(["a.jpg"], [0], seed=0, rank=0, world_size=1, batch_size=1, sizes=SizeSchedule(32))
             worker = multiprocessing.get_context("spawn").Process(target=work, args=(pickle.dumps(source),),
@@ -84,8 +87,8 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="re
 def test_a_worker_ends_when_its_parent_is_killed_with_sigkill(tmp_path, how):
     script = tmp_path / "parent.py"
     script.write_text(PARENT)
-    parent = subprocess.Popen([sys.executable, str(script), how], cwd=REPO, env=hooked_env(), stdout=subprocess.PIPE,
-                              text=True)
+    parent = subprocess.Popen([sys.executable, str(script), how, str(tmp_path)], cwd=REPO, env=hooked_env(),
+                              stdout=subprocess.PIPE, text=True)
     worker = int(parent.stdout.readline())
     try:
         assert parent_of(worker) == parent.pid
@@ -97,6 +100,31 @@ def test_a_worker_ends_when_its_parent_is_killed_with_sigkill(tmp_path, how):
         else:
             assert alive == [], f"{how} worker {worker} outlived its parent"
     finally:
+        kill_all([worker])
+
+
+@pytest.mark.parametrize("how", ["fork", "spawn"])
+def test_a_worker_ignores_ctrl_c_and_ends_on_sigterm(tmp_path, how):
+    """Ctrl-C reaches the whole foreground group: a worker ignores it (its trainer finishes the
+    step and closes the pool). SIGTERM ends a worker, though a forked one inherits the trainer's
+    stop handler, which would otherwise swallow it (DALI's pool terminates a worker with it)."""
+    script = tmp_path / "parent.py"
+    script.write_text(PARENT)
+    parent = subprocess.Popen([sys.executable, str(script), how, str(tmp_path)], cwd=REPO, env=hooked_env(),
+                              stdout=subprocess.PIPE, text=True)
+    worker = int(parent.stdout.readline())
+    try:
+        deadline = time.time() + 60
+        while not (tmp_path / "ready").exists():  # a spawned worker sets its handlers as it unpickles its source
+            assert time.time() < deadline and parent_of(worker) == parent.pid, "the worker never started"
+            time.sleep(0.05)
+        os.kill(worker, signal.SIGINT)
+        assert gone_within([worker], 1.0) == [worker], f"{how} worker died of SIGINT"
+        os.kill(worker, signal.SIGTERM)
+        assert gone_within([worker], 5.0) == [], f"{how} worker outlived SIGTERM"
+    finally:
+        parent.kill()
+        parent.wait()
         kill_all([worker])
 
 
