@@ -34,7 +34,7 @@ from fastkd.errors import ConfigError
 from fastkd.log import log
 from fastkd.loop import Update
 from fastkd.report import markdown_table
-from fastkd.runtime import Runtime, create_runtime
+from fastkd.runtime import STARTING_THREADS, Runtime, create_runtime
 from fastkd.steps import DistillationStep, Step
 from fastkd.teacher import Teacher, build_live_teacher, teacher_source
 from fastkd.features import pooled_width
@@ -45,11 +45,17 @@ from pipelines.loaders import loader_workers
 from pipelines.datasets import Dataset
 
 BACKENDS = ("torchvision", "dali-cpu", "dali-gpu", "synthetic")
-WHATS = ("loader", "loader-stages", "train", "distill", "distill-cached")
+WHATS = ("loader", "loader-stages", "train", "distill", "distill-cached", "settings")
 """loader-stages: DALI CPU pipelines cut after each stage of the training graph (dali-cpu only;
 `pipelines.dali_stages`). distill-cached: the student against logits read from a teacher cache
 (`fastkd teacher-cache`), no teacher forward; the cache is a temporary one of random logits
-(speed does not depend on them)."""
+(speed does not depend on them). settings: the student's training step with each of `SETTINGS`
+beside the configured one, for its ratio and the time its first batches take (compiling)."""
+
+SETTINGS = {"bf16": "bf16 autocast with channels-last (runtime.precision: bf16, runtime.channels_last: true)",
+            "compile": "runtime.compile: true", "one-thread": "runtime.threads: 1"}
+"""What the bench's advice may suggest for a student-bound step, each measured by `--what settings`
+(one-thread on the CPU only, where the step and the loader share the cores)."""
 
 
 STEP_STAGES = ("teacher forward", "cache lookup", "student forward+backward", "optimizer")
@@ -109,11 +115,21 @@ def endless(source: Loader | HostStage, host_of: Loader | None = None) -> Iterat
         epoch += 1
 
 
-def timed_windows(window: Window, run_one: Callable[[], int], sync: Callable[[], None]) -> list[float]:
-    """Images/second of each timed window; `run_one` processes one batch, returns its size."""
+@dataclass(frozen=True)
+class Timed:
+    rates: list[float]
+    """Images/second of each timed window."""
+    warmup_seconds: float
+    """The warm-up batches' wall time: compiling, autotuning and first allocations show here."""
+
+
+def timed_windows(window: Window, run_one: Callable[[], int], sync: Callable[[], None]) -> Timed:
+    """Each timed window's images/second; `run_one` processes one batch, returns its size."""
+    started = time.perf_counter()
     for _ in range(window.warmup):
         run_one()
     sync()
+    warmup_seconds = time.perf_counter() - started
     rates = []
     for _ in range(window.repeats):
         started, images = time.perf_counter(), 0
@@ -121,7 +137,7 @@ def timed_windows(window: Window, run_one: Callable[[], int], sync: Callable[[],
             images += run_one()
         sync()  # window boundary: every queued kernel and copy has finished
         rates.append(images / (time.perf_counter() - started))
-    return rates
+    return Timed(rates, warmup_seconds)
 
 
 def cpu_times() -> tuple[int, int] | None:
@@ -204,7 +220,7 @@ class Planned:
     backend: str
     variant: str = ""
     """A loader-stage row's stage; "no-side-stream" for distillation with the teacher on the
-    student's CUDA stream."""
+    student's CUDA stream; a `SETTINGS` name for a train row with that setting."""
     why: str = ""
     """Why the row runs when the command line did not ask for it ("" when it did)."""
 
@@ -215,16 +231,17 @@ class Planned:
     @property
     def label(self) -> str:
         """The row's `what` in the table and the JSONL."""
-        return f"{self.what}-{self.variant}" if self.what == "distill" and self.variant else self.what
+        return f"{self.what}-{self.variant}" if self.what in ("train", "distill") and self.variant else self.what
 
     def describe(self) -> str:
         stage = f": {self.variant}" if self.what == "loader-stage" else ""
         return f"{self.label} with {self.backend}{stage}" + (f" ({self.why})" if self.why else "")
 
 
-def plan_bench(what: Sequence[str], backends: Sequence[str], runtime: Runtime) -> tuple[list[Planned], list[str]]:
+def plan_bench(what: Sequence[str], backends: Sequence[str], runtime: Runtime,
+               threads: int | None = None) -> tuple[list[Planned], list[str]]:
     """The rows `--what` x `--backends` asks for, in order, each once, with those they need
-    beside them; and notes on what is left out."""
+    beside them; and notes on what is left out. `threads`: the config's `runtime.threads`."""
     plan: list[Planned] = []
     notes: list[str] = []
 
@@ -259,6 +276,19 @@ def plan_bench(what: Sequence[str], backends: Sequence[str], runtime: Runtime) -
                                  "times it)")
             elif item == "train":
                 add(Planned("train", backend))
+            elif item == "settings":
+                add(Planned("train", backend, why="the configured student, for the ratio"))
+                for setting in SETTINGS:
+                    if setting == "one-thread" and runtime.device.type != "cpu":
+                        continue
+                    configured = {"bf16": runtime.precision == "bf16" and runtime.channels_last,
+                                  "compile": runtime.compile, "one-thread": (threads or STARTING_THREADS) == 1}[setting]
+                    if configured:
+                        notes.append(f"settings: {SETTINGS[setting]} is the configured setting, timed as train")
+                    elif setting == "bf16" and runtime.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+                        notes.append("settings: bf16 skipped: this GPU does not support it")
+                    else:
+                        add(Planned("train", backend, setting))
             else:
                 add(Planned("train", backend, why="the student alone on the same loader, for the ratio"))
                 add(Planned(item, backend))
@@ -300,6 +330,12 @@ class Row:
     stages: dict[str, float] | None = None
     """Milliseconds per batch in each stage (`stage_breakdown`)."""
     teacher_cache: str | None = None
+    setting: str | None = None
+    """The `SETTINGS` name a train row ran with (None: as configured)."""
+    warmup_seconds: float | None = None
+    """The warm-up batches' wall time (`Timed.warmup_seconds`)."""
+    torch_threads: int | None = None
+    """torch's intra-op threads while the row ran (`runtime.threads`)."""
 
     def as_dict(self, settings: dict[str, Any]) -> dict[str, Any]:
         fields = dataclasses.asdict(self)
@@ -330,7 +366,7 @@ def time_loader(loader: Loader, window: Window, sync: Callable[[], None]) -> Row
 
     window = warmup_for(window, loader)
     before = cpu_times()
-    rates = timed_windows(window, one, sync)
+    rates = timed_windows(window, one, sync).rates
     return Row("loader", "", rates, window.steps, window.warmup, batch_image_size=side[0],
                cpu_busy=busy_fraction(before, cpu_times()))
 
@@ -393,9 +429,11 @@ def time_steps(step: Step, loader: Loader, update: Update, window: Window, sync:
         return batch.size
 
     started = time.perf_counter()
-    rates = timed_windows(window, one, sync)
+    timed = timed_windows(window, one, sync)
+    rates = timed.rates
     row = Row("", "", rates, window.steps, window.warmup, batch_image_size=side[0],
-              data_wait_fraction=round(waited[0] / (time.perf_counter() - started), 3))
+              data_wait_fraction=round(waited[0] / (time.perf_counter() - started), 3),
+              warmup_seconds=round(timed.warmup_seconds, 3))
     if clock is not None:
         batches = window.steps * window.repeats
         per_batch = {stage: 1000 * seconds / batches for stage, seconds in clock.seconds().items()}
@@ -450,28 +488,42 @@ class Bench:
         if text not in self.notes:
             self.notes.append(text)
 
-    def config(self, backend: str, *, side_stream: bool | None = None) -> Config:
-        """The bench's config for `backend` (with `side_stream` for a distillation row's teacher)."""
+    def config(self, backend: str, *, side_stream: bool | None = None, setting: str | None = None) -> Config:
+        """The bench's config for `backend` (with `side_stream` for a distillation row's teacher,
+        with `runtime.threads: 1` for the one-thread setting)."""
         cfg = backend_config(self.cfg, backend, num_classes=self.num_classes)
         if side_stream is not None and cfg.distill is not None:
             cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, side_stream=side_stream))
+        if setting == "one-thread":
+            cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, threads=1))
         return cfg
 
-    def run(self, backend: str, *, teacher: Teacher | None = None, side_stream: bool | None = None) -> engine.Run:
+    def runtime_for(self, setting: str | None) -> Runtime:
+        """The runtime with one of `SETTINGS` (None, one-thread: as configured)."""
+        if setting == "bf16":
+            return dataclasses.replace(self.runtime, precision="bf16", channels_last=True)
+        if setting == "compile":
+            return dataclasses.replace(self.runtime, compile=True)
+        assert setting in (None, "one-thread"), setting
+        return self.runtime
+
+    def run(self, backend: str, *, teacher: Teacher | None = None, side_stream: bool | None = None,
+            setting: str | None = None) -> engine.Run:
         """The run `backend` times, over the dataset loaded once: its student untrained (speed does
-        not depend on the weights; a pretrained name would need the network), with `teacher`."""
-        return engine.build_run(self.config(backend, side_stream=side_stream), self.runtime, student="untrained",
-                                teacher=teacher or "none", dataset=self.dataset)
+        not depend on the weights; a pretrained name would need the network), with `teacher`, with
+        `setting` (one of `SETTINGS`)."""
+        return engine.build_run(self.config(backend, side_stream=side_stream, setting=setting), self.runtime_for(setting),
+                                student="untrained", teacher=teacher or "none", dataset=self.dataset)
 
     def settings(self, row: Row) -> dict[str, Any]:
-        cfg, distills = self.cfg, row.what.startswith("distill")
+        cfg, distills, runtime = self.cfg, row.what.startswith("distill"), self.runtime_for(row.setting)
         dali = cfg.data.dali or DaliConfig()
         return {
             "batch_size": cfg.data.batch_size, "image_size": cfg.data.image_size, "model": cfg.model.arch,
             "teacher": cfg.distill.teacher.arch if cfg.distill and distills else None,
             "teacher_image_size": cfg.distill.teacher.image_size if cfg.distill and distills else None,
-            "precision": self.runtime.precision, "channels_last": self.runtime.channels_last,
-            "compile": self.runtime.compile, "num_workers": cfg.data.num_workers,
+            "precision": runtime.precision, "channels_last": runtime.channels_last,
+            "compile": runtime.compile, "num_workers": cfg.data.num_workers,
             "dali_prefetch_queue": (dali.prefetch_queue if row.backend.startswith("dali")
                                     and row.what != "loader-stage" else None),
             "dali_cpu_resize": (dali.cpu_resize if row.backend == "dali-cpu"
@@ -490,6 +542,8 @@ class Bench:
             with tempfile.TemporaryDirectory(prefix="fastkd-bench-cache-") as folder:
                 row = self.time_step_row(planned, Path(folder))
         row.what, row.backend = planned.label, planned.backend
+        if planned.what != "loader-stage":  # a stage pipeline builds no run
+            row.torch_threads = torch.get_num_threads()  # as the row's run set it
         return row
 
     def time_dali_stage(self, stage: str) -> Row:
@@ -502,7 +556,7 @@ class Bench:
         pipe = stage_pipeline(stage, list(self.dataset.train.files), list(self.dataset.train.labels),
                               seed=self.cfg.data_seed, batch_size=data.batch_size, image_size=data.image_size,
                               num_threads=threads)
-        rates = timed_windows(self.window, run_endlessly(pipe), lambda: None)
+        rates = timed_windows(self.window, run_endlessly(pipe), lambda: None).rates
         del pipe  # its threads and Python workers go before the next row is timed
         return Row("loader-stage", "dali-cpu", rates, self.window.steps, self.window.warmup, stage=stage,
                    ceiling=stage == CEILING, dali_threads=threads)
@@ -510,28 +564,31 @@ class Bench:
     def time_step_row(self, planned: Planned, cache_folder: Path) -> Row:
         """The student's training steps alone (`train`), against the live teacher (`distill`) or
         against cached logits (`distill-cached`): each the step and update of a run built as
-        `fastkd train`/`distill` builds it."""
-        teacher, side_stream = None, None
+        `fastkd train`/`distill` builds it; a train row with its `SETTINGS` variant."""
+        teacher, side_stream, setting = None, None, None
+        if planned.what == "train":
+            setting = planned.variant or None
         if planned.what == "distill":  # live, whether or not the config replays a cache
             teacher = self.live_teacher()
             side_stream = False if planned.variant == "no-side-stream" else None
         elif planned.what == "distill-cached":
             teacher = self.synthetic_cache(cache_folder)
-        run = self.run(planned.backend, teacher=teacher, side_stream=side_stream)
+        run = self.run(planned.backend, teacher=teacher, side_stream=side_stream, setting=setting)
         assert run.student is not None and run.step is not None and run.update is not None
         loader = run.loaders.train
         # On the CPU the timed windows' own batches are timed stage by stage; on a GPU a pass of its
         # own times them with CUDA events, the teacher apart: the same step, its teacher on the main stream.
-        on_gpu = self.runtime.device.type == "cuda"
-        clock = None if on_gpu else StageClock(self.runtime)
-        row = time_steps(run.step, loader, run.update, self.window, self.runtime.synchronize, clock=clock)
+        on_gpu = run.runtime.device.type == "cuda"
+        clock = None if on_gpu else StageClock(run.runtime)
+        row = time_steps(run.step, loader, run.update, self.window, run.runtime.synchronize, clock=clock)
         if on_gpu:
-            sequential = engine.build_step(run.cfg, self.runtime, run.student.model, run.teacher, side_stream=False)
+            sequential = engine.build_step(run.cfg, run.runtime, run.student.model, run.teacher, side_stream=False)
             sequential.train()
-            row.stages = stage_breakdown(sequential, loader, run.update, self.runtime, self.window.steps)
+            row.stages = stage_breakdown(sequential, loader, run.update, run.runtime, self.window.steps)
         live = run.teacher is not None and run.teacher.module is not None
         row.side_stream = run.cfg.distill.side_stream if live and run.cfg.distill is not None else None
         row.teacher_cache = "temporary, random fp16 logits" if planned.what == "distill-cached" else None
+        row.setting = setting
         return row
 
     @property
@@ -593,7 +650,7 @@ def run_bench(cfg: Config, *, config_path: str, what: Sequence[str], backends: S
         notes.append(f"the size schedule is left out: measured at data.image_size ({cfg.data.image_size} px); "
                      "--image-sizes measures others")
     runtime = create_runtime(cfg.runtime)  # one process: the bench is not a torchrun job
-    plan, skipped = plan_bench(what, backends, runtime)
+    plan, skipped = plan_bench(what, backends, runtime, cfg.runtime.threads)
     echo(format_plan(plan, window))
     # Any real backend asked for, run or skipped: synthetic rows then have the dataset's classes.
     real = next((backend for backend in backends if backend != "synthetic"), None)
@@ -605,6 +662,7 @@ def run_bench(cfg: Config, *, config_path: str, what: Sequence[str], backends: S
         log.info(f"[bench] {i}/{len(plan)}: {planned.describe()} ...")  # progress; the results below are the output
         row = bench.measure(planned)
         records.append(row.as_dict(bench.settings(row)))
+    compare_settings(records)
     for record in records:
         record["notes"] = list(bench.notes)
     if out is not None:
@@ -613,7 +671,7 @@ def run_bench(cfg: Config, *, config_path: str, what: Sequence[str], backends: S
             for record in records:
                 f.write(json.dumps(record) + "\n")
     echo(format_rows(records, bench.notes))
-    for sentence in loader_sentences(records) + bottleneck_sentences(records, runtime):
+    for sentence in loader_sentences(records) + bottleneck_sentences(records, runtime) + settings_sentences(records):
         echo(sentence)
     return records
 
@@ -661,13 +719,90 @@ def loader_sentences(rows: list[dict[str, Any]]) -> list[str]:
             f"{ceiling_row['stage']} on this machine (the ceiling, {ceiling:.0f} images/s){versus}."]
 
 
-def bottleneck_sentences(rows: list[dict[str, Any]], runtime: Runtime) -> list[str]:
-    """One plain sentence per measured training/distillation row: what bounds it, what to try."""
+def compare_settings(rows: list[dict[str, Any]]) -> None:
+    """Each `SETTINGS` row against the configured train row of its backend: `vs_configured`, its
+    images/second's ratio, and for compile `compile_seconds`, the extra wall time of its warm-up
+    batches (the same batches, compiled first)."""
+    configured = {r["backend"]: r for r in rows if r["what"] == "train" and not r.get("setting")}
+    for row in rows:
+        base = configured.get(row["backend"]) if row.get("setting") else None
+        if base is None:
+            continue
+        row["vs_configured"] = round(row["images_per_sec"] / base["images_per_sec"], 3)
+        if row["setting"] == "compile":
+            row["compile_seconds"] = round(max(0.0, row["warmup_seconds"] - base["warmup_seconds"]), 1)
+
+
+def payback_seconds(ratio: float, compile_seconds: float) -> float | None:
+    """The uncompiled training time after which a step `ratio` times as fast, after
+    `compile_seconds` of compiling, has saved its compile time (None: it never does)."""
+    return compile_seconds / (1 - 1 / ratio) if ratio > 1 else None
+
+
+CACHED_COMPILE = 1.0
+"""Seconds of extra warm-up under which a compile row's code came from inductor's cache."""
+
+
+def settings_sentences(rows: list[dict[str, Any]]) -> list[str]:
+    """What each measured setting did to the student's step, and when compiling pays back."""
     sentences = []
-    ceilings = {r["what"]: r["images_per_sec"] for r in rows if r["backend"] == "synthetic"}
+    for row in rows:
+        ratio = row.get("vs_configured")
+        if ratio is None:
+            continue
+        name = f"{SETTINGS[row['setting']]} made train with {row['backend']} {ratio:.2f}x as fast"
+        if row["setting"] != "compile":
+            sentences.append(f"{name}.")
+            continue
+        if row["compile_seconds"] < CACHED_COMPILE:
+            sentences.append(f"{name}; its compiled code came from inductor's cache (compiled before, in this bench or "
+                             "on this machine), so its compile time is not measured here.")
+            continue
+        payback = payback_seconds(ratio, row["compile_seconds"])
+        pays = (f"it pays back on runs whose training steps take over {payback:.0f} s uncompiled"
+                if payback is not None else "it does not pay back here")
+        sentences.append(f"{name}, after {row['compile_seconds']:.0f} s of compiling (with inductor's cache as it "
+                         f"stood): {pays} (evaluation compiles once more, and every new batch shape again).")
+    return sentences
+
+
+HELPS = 1.05
+"""A measured setting is advised when it made the step at least this much faster."""
+
+
+def measured_settings(rows: list[dict[str, Any]], backend: str) -> tuple[list[str], list[str]]:
+    """The settings `--what settings` measured on `backend`: those that helped, with their ratio,
+    and those that did not."""
+    measured = {r["setting"]: r["vs_configured"] for r in rows
+                if r["backend"] == backend and r.get("vs_configured") is not None}
+    helps = [f"{SETTINGS[s].split(' (')[0]} ({ratio:.2f}x here)" for s, ratio in measured.items() if ratio >= HELPS]
+    slower = [f"{s} {ratio:.2f}x" for s, ratio in measured.items() if ratio < HELPS]
+    return helps, slower
+
+
+def student_advice(rows: list[dict[str, Any]], backend: str, runtime: Runtime) -> str:
+    """What to try for a student-bound step: the settings `--what settings` measured faster on this
+    backend; unmeasured, only what is known to help on the device."""
+    helps, slower = measured_settings(rows, backend)
+    if helps or slower:
+        return ", ".join([*helps, "or a larger batch" if helps else "a larger batch"]) + (
+            f" (measured not to help: {', '.join(slower)})" if slower else "")
+    # Unmeasured: on a 2-core AMD EPYC (AVX512-BF16) bf16 autocast made ShuffleNet-v2 x0.5 and
+    # ResNet-18 0.71x and 0.94x as fast (issue 39), so a CPU is not told to try it.
+    if runtime.device.type == "cuda":
+        return "bf16 with channels-last (runtime.precision), runtime.compile, or a larger batch (--what settings measures them)"
+    return ("runtime.compile (it compiles for tens of seconds first, so it pays on runs of minutes; --what "
+            "settings measures it), or a larger batch")
+
+
+def bottleneck_sentences(rows: list[dict[str, Any]], runtime: Runtime) -> list[str]:
+    """One plain sentence per measured training/distillation row (as configured): what bounds it,
+    what to try."""
+    sentences = []
+    ceilings = {r["what"]: r["images_per_sec"] for r in rows if r["backend"] == "synthetic" and not r.get("setting")}
     for row in rows:
         stages = row.get("stages")
-        if not stages:
+        if not stages or row.get("setting"):
             continue
         data = sum(ms for name, ms in stages.items() if name not in (*STEP_STAGES, UNTIMED))  # host and device stages
         teacher = stages.get("teacher forward", 0.0) + stages.get("cache lookup", 0.0)
@@ -683,6 +818,8 @@ def bottleneck_sentences(rows: list[dict[str, Any]], runtime: Runtime) -> list[s
             elif row["backend"] == "dali-cpu":
                 advice = ("decode on the GPU (data.dali.device: gpu)" if runtime.device.type == "cuda"
                           else "raise data.num_workers (DALI threads) or decode on a GPU")
+                helps, _ = measured_settings(rows, row["backend"])  # one thread for the step leaves the loader a core
+                advice += "".join(f", or {setting}" for setting in helps)
             else:
                 advice = "raise data.num_workers (DALI threads) and data.dali.hw_decoder_load"
             share = f", {row['images_per_sec'] / ceiling:.0%} of the synthetic-data ceiling" if ceiling else ""
@@ -700,12 +837,7 @@ def bottleneck_sentences(rows: list[dict[str, Any]], runtime: Runtime) -> list[s
             ideal = ""
             if teacher:
                 ideal = f"; the compute bound with a sequential teacher is {1 / (1 + teacher / student):.0%} of the student alone"
-            # Only what is known to help on the device: on a 2-core AMD EPYC (AVX512-BF16) bf16 autocast made
-            # ShuffleNet-v2 x0.5 and ResNet-18 0.71x and 0.94x as fast (issue 39), so a CPU is not told to try it.
-            advice = ("bf16 with channels-last (runtime.precision), runtime.compile, or a larger batch"
-                      if runtime.device.type == "cuda" else
-                      "runtime.compile (it compiles for tens of seconds first, so it pays on runs of minutes), "
-                      "or a larger batch")
+            advice = student_advice(rows, row["backend"], runtime)
             sentences.append(f"{name} is bounded by the student ({student:.1f} ms per batch against {data:.1f} ms "
                              f"of data{f' and {teacher:.1f} ms of teacher' if teacher else ''}){ideal}: try {advice}.")
     return sentences

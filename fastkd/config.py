@@ -386,8 +386,11 @@ class RuntimeConfig:
     """Convert BatchNorm to SyncBatchNorm when training with several processes."""
     sync_debug: bool = False
     """CUDA only: any host synchronisation inside a training step raises (a debugging aid: stalls show up as errors)."""
+    threads: Optional[int] = None
+    """torch's intra-op threads per process; null = torch's default (every core, or OMP_NUM_THREADS). On a small CPU machine 1 can be faster, and is when runs share it: `fastkd bench --what settings` measures it."""
 
     def __post_init__(self) -> None:
+        _require(self.threads is None or self.threads >= 1, "threads", f"must be >= 1 or null, got {self.threads}")
         _require(not (self.sync_debug and self.sync_bn), "sync_debug",
                  "SyncBatchNorm synchronizes with the host in every step by design; turn runtime.sync_bn off to look "
                  "for host syncs")

@@ -90,6 +90,7 @@ def build_run(cfg: Config, runtime: Runtime, *, student: StudentChoice | Weights
     `restore_training`); `dataset`: file lists already checked for this config's data. A run
     trains (has a step and an update) when its student starts from the config or at random."""
     seed_everything(cfg.run.seed + runtime.shard.rank, deterministic=cfg.runtime.deterministic)
+    runtime.set_threads(cfg.runtime.threads)
     evaluating = isinstance(student, Weights)
     if dataset is None:
         dataset = checked_dataset(cfg.data, runtime.shard, is_main=runtime.is_main,

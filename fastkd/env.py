@@ -61,6 +61,7 @@ def collect_env(device: torch.device | None = None) -> dict[str, Any]:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "cpu_count": cpu_count(),
+        "torch_threads": torch.get_num_threads(),
         "device": device_name(device),
         "gpus": gpus,
         "cuda": torch.version.cuda,

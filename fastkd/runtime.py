@@ -24,6 +24,8 @@ from fastkd.errors import ConfigError
 from pipelines.base import BatchSpec, Shard
 
 ResolvedPrecision = Literal["bf16", "fp16", "fp32"]
+STARTING_THREADS = torch.get_num_threads()
+"""torch's intra-op threads when fastkd was imported: what `runtime.threads: null` keeps."""
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -101,6 +103,15 @@ class Runtime:
         if self.compile:
             model = cast(nn.Module, torch.compile(model))  # an OptimizedModule, called as the module
         return model, raw
+
+    @staticmethod
+    def set_threads(threads: int | None) -> None:
+        """torch's intra-op threads for the run: `threads` (`runtime.threads`), or as many as the
+        process started with (torch's default, or `OMP_NUM_THREADS`) when None, so that runs built
+        one after another in a process (the bench's rows, tests) each get their own setting."""
+        threads = threads or STARTING_THREADS
+        if torch.get_num_threads() != threads:
+            torch.set_num_threads(threads)
 
     def no_host_sync(self) -> ContextManager:
         """With `runtime.sync_debug` on a GPU: a host sync inside the block raises (else a no-op)."""

@@ -28,6 +28,15 @@ def isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["FASTKD_CACHE_DIR"] = str(tmp_path_factory.mktemp("fastkd-cache"))
 
 
+@pytest.fixture(autouse=True)
+def torch_threads_restored() -> Iterator[None]:
+    """A run built with `runtime.threads` sets the process's torch threads: the next test starts
+    with the count this one started with."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if torch.cuda.is_available():
         return

@@ -385,9 +385,103 @@ def test_the_advice_for_a_student_bound_run_names_only_what_helps_on_that_device
 
     row = {"what": "train", "backend": "synthetic", "images_per_sec": 900.0,
            "stages": {"data wait": 1.0, "student forward+backward": 50.0, "optimizer": 5.0}}
-    on_cpu = bottleneck_sentences([row], SimpleNamespace(device=torch.device("cpu")))  # type: ignore[arg-type]
-    on_gpu = bottleneck_sentences([row], SimpleNamespace(device=torch.device("cuda")))  # type: ignore[arg-type]
+    cpu, gpu = SimpleNamespace(device=torch.device("cpu")), SimpleNamespace(device=torch.device("cuda"))
+    on_cpu = bottleneck_sentences([row], cpu)  # type: ignore[arg-type]
+    on_gpu = bottleneck_sentences([row], gpu)  # type: ignore[arg-type]
     assert len(on_cpu) == len(on_gpu) == 1 and "bounded by the student" in on_cpu[0]
-    # bf16 autocast measured slower on a CPU (issue 39): only a GPU is told to try it
-    assert "bf16" not in on_cpu[0] and "runtime.compile" in on_cpu[0]
+    # bf16 autocast measured slower on a CPU (issue 39): unmeasured, only a GPU is told to try it
+    assert "bf16" not in on_cpu[0] and "runtime.compile" in on_cpu[0] and "--what settings" in on_cpu[0]
     assert "bf16" in on_gpu[0] and "runtime.compile" in on_gpu[0]
+    # measured (--what settings): what helped on this backend, with its ratio, and what did not
+    measured = [row, {"what": "train-bf16", "backend": "synthetic", "setting": "bf16", "vs_configured": 0.71,
+                      "stages": dict(row["stages"])},
+                {"what": "train-compile", "backend": "synthetic", "setting": "compile", "vs_configured": 1.75,
+                 "compile_seconds": 83.0, "stages": dict(row["stages"])}]
+    for runtime in (cpu, gpu):
+        [sentence] = bottleneck_sentences(measured, runtime)  # type: ignore[arg-type]  # none for the setting rows
+        assert sentence.endswith("try runtime.compile: true (1.75x here), or a larger batch (measured not to "
+                                 "help: bf16 0.71x)."), sentence
+    measured[2]["vs_configured"] = 1.02  # within noise: not advised either
+    [sentence] = bottleneck_sentences(measured, cpu)  # type: ignore[arg-type]
+    assert sentence.endswith("try a larger batch (measured not to help: bf16 0.71x, compile 1.02x)."), sentence
+    # measured on another backend only: this one's advice is the unmeasured one
+    other = [dict(r, backend="dali-cpu") if r.get("setting") else r for r in measured]
+    assert bottleneck_sentences(other, cpu) == on_cpu  # type: ignore[arg-type]
+
+
+def test_compiling_pays_back_once_the_time_it_saves_exceeds_its_compile_time():
+    from fastkd.bench import compare_settings, payback_seconds, settings_sentences
+
+    assert payback_seconds(2.0, 10.0) == pytest.approx(20.0)  # 20 s uncompiled = 10 s compiled + 10 s compiling
+    assert payback_seconds(1.25, 10.0) == pytest.approx(50.0)
+    assert payback_seconds(1.0, 10.0) is None and payback_seconds(0.8, 10.0) is None
+    rows = [{"what": "train", "backend": "synthetic", "images_per_sec": 100.0, "warmup_seconds": 2.0},
+            {"what": "train", "backend": "dali-cpu", "images_per_sec": 50.0, "warmup_seconds": 3.0},
+            {"what": "train-compile", "backend": "synthetic", "setting": "compile", "images_per_sec": 200.0,
+             "warmup_seconds": 32.0},
+            {"what": "train-bf16", "backend": "dali-cpu", "setting": "bf16", "images_per_sec": 40.0,
+             "warmup_seconds": 3.5}]
+    compare_settings(rows)
+    assert (rows[2]["vs_configured"], rows[2]["compile_seconds"]) == (2.0, 30.0)  # each against its own backend
+    assert rows[3]["vs_configured"] == 0.8 and "compile_seconds" not in rows[3]
+    assert "vs_configured" not in rows[0] and "vs_configured" not in rows[1]
+    assert settings_sentences(rows) == [
+        "runtime.compile: true made train with synthetic 2.00x as fast, after 30 s of compiling (with inductor's "
+        "cache as it stood): it pays back on runs whose training steps take over 60 s uncompiled (evaluation "
+        "compiles once more, and every new batch shape again).",
+        "bf16 autocast with channels-last (runtime.precision: bf16, runtime.channels_last: true) made train with "
+        "dali-cpu 0.80x as fast."]
+    rows[2]["warmup_seconds"] = 2.5  # no slower than the configured warm-up: compiled code from the cache
+    compare_settings(rows)
+    assert rows[2]["compile_seconds"] == 0.5 and "not measured here" in settings_sentences(rows)[0]
+    assert "pays back" not in settings_sentences(rows)[0]
+
+
+def test_the_settings_rows_time_the_configured_step_with_bf16_and_with_compile(tiny_imagefolder, tmp_path,
+                                                                                monkeypatch, capsys):
+    """`--what settings`: beside the configured student's step, the same run built with bf16
+    autocast and channels-last, and with runtime.compile (here torch.compile records its model and
+    returns it uncompiled: compiling takes minutes on the CPU)."""
+    from types import SimpleNamespace
+
+    from fastkd.bench import plan_bench
+
+    from fastkd import bench, runtime as runtime_module
+
+    compiled, runtimes = [], []
+    monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(model) or model)
+    for module in (bench, runtime_module):  # as on a machine of 2 cores or more: one thread is a setting
+        monkeypatch.setattr(module, "STARTING_THREADS", 2)
+    build_run = engine.build_run
+    monkeypatch.setattr(engine, "build_run", lambda cfg, runtime, **kw: runtimes.append(runtime) or build_run(
+        cfg, runtime, **kw))
+    raw = tiny_config_dict(tiny_imagefolder, tmp_path / "runs", model={"arch": "shufflenet_v2_x0_5"})
+    raw["runtime"]["channels_last"] = False  # the bf16 row turns it on
+    config = write_config(tmp_path / "bench.yaml", raw)
+    out = tmp_path / "rows.jsonl"
+    main(["bench", "--config", str(config), "--what", "settings", "--backends", "synthetic", "--steps", "2",
+          "--warmup", "1", "--repeats", "1", "--out", str(out)])
+    printed = capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["what"], r["setting"], r["precision"], r["channels_last"], r["compile"], r["torch_threads"])
+            for r in rows] == [
+        ("train", None, "fp32", False, False, 2), ("train-bf16", "bf16", "bf16", True, False, 2),
+        ("train-compile", "compile", "fp32", False, True, 2), ("train-one-thread", "one-thread", "fp32", False, False, 1)]
+    # each row's run was built with the runtime its record names; only the compile row's student compiled
+    assert [(r.precision, r.channels_last, r.compile) for r in runtimes] == [
+        (r["precision"], r["channels_last"], r["compile"]) for r in rows]
+    assert len(compiled) == 1 and isinstance(compiled[0], torch.nn.Module)
+    assert rows[1]["vs_configured"] == round(rows[1]["images_per_sec"] / rows[0]["images_per_sec"], 3)
+    assert rows[2]["compile_seconds"] >= 0 and all(r["warmup_seconds"] > 0 for r in rows)
+    # torch.compile here returns the model as it is: no compile time to measure
+    assert "runtime.compile: true made train with synthetic" in printed and "not measured here" in printed
+    assert "runtime.threads: 1 made train with synthetic" in printed
+    # a setting already configured is timed as train, with a note; threads are a CPU setting
+    cpu = SimpleNamespace(device=torch.device("cpu"), precision="fp32", channels_last=True, compile=True)
+    plan, notes = plan_bench(["settings"], ["synthetic"], cpu, threads=1)  # type: ignore[arg-type]
+    assert [(p.label, bool(p.why)) for p in plan] == [("train", True), ("train-bf16", False)]
+    assert notes == ["settings: runtime.compile: true is the configured setting, timed as train",
+                     "settings: runtime.threads: 1 is the configured setting, timed as train"]
+    gpu = SimpleNamespace(device=torch.device("cuda"), precision="bf16", channels_last=True, compile=False)
+    plan, notes = plan_bench(["settings"], ["synthetic"], gpu)  # type: ignore[arg-type]
+    assert [p.label for p in plan] == ["train", "train-compile"] and len(notes) == 1

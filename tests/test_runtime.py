@@ -195,3 +195,25 @@ def test_bf16_training_and_distillation_run_on_the_cpu(tiny_imagefolder, tiny_te
     assert result.summary["teacher"]["precision"] == "fp32" and result.summary["steps"] == 5
     checkpoint = load_checkpoint(result.run_dir / "last.pt")
     assert all(torch.isfinite(v).all() for v in checkpoint["model"].values() if v.is_floating_point())
+
+
+def test_runtime_threads_set_the_runs_torch_threads_and_null_keeps_the_starting_count(tiny_imagefolder, tmp_path,
+                                                                                       monkeypatch):
+    import json
+
+    from fastkd import runtime as runtime_module
+    from fastkd.config import config_from_dict
+
+    monkeypatch.setattr(runtime_module, "STARTING_THREADS", 2)  # as on a machine of 2 cores or more
+    cfg = tiny_config(tiny_imagefolder, tmp_path / "runs", optim={"epochs": 1, "warmup_epochs": 0},
+                      runtime={"device": "cpu", "threads": 1})
+    run_dir = commands.train(cfg, progress=False).run_dir
+    assert torch.get_num_threads() == 1
+    assert json.loads((run_dir / "env.json").read_text())["torch_threads"] == 1  # recorded with the run
+    from fastkd.engine import build_run
+
+    build_run(tiny_config(tiny_imagefolder, tmp_path / "runs", runtime={"device": "cpu"}),
+              create_runtime(RuntimeConfig(device="cpu")), student="untrained")
+    assert torch.get_num_threads() == 2  # null: the count the process started with, not the last run's
+    with pytest.raises(ConfigError, match=r"runtime.threads: must be >= 1 or null, got 0"):
+        config_from_dict({"data": {"backend": "synthetic"}, "runtime": {"threads": 0}})
