@@ -290,7 +290,7 @@ def render(folder: Path) -> str:
         total = sum(wall_of(r) or 0.0 for row in spec["rows"]
                     if row.get("group") in wall["groups"] and "runs_of" not in row for r in runs[row["name"]])
         sums[wall["what"]] = total
-        ratio = f" ({total / sums[wall['ratio_to']]:.2f} of {wall['ratio_to']})" if wall.get("ratio_to") in sums else ""
+        ratio = f" ({total / sums[wall['ratio_to']]:.2f} of {wall['ratio_to']})" if sums.get(wall.get("ratio_to")) else ""
         notes.append(f"- Wall time, {wall['what']} (groups {', '.join(wall['groups'])}): {total / 60:.1f} min{ratio}.")
     if notes:
         lines += ["", *notes]
