@@ -34,7 +34,7 @@ from fastkd.errors import ConfigError
 from fastkd.log import log
 from fastkd.loop import Update
 from fastkd.report import markdown_table
-from fastkd.runtime import STARTING_THREADS, Runtime, create_runtime
+from fastkd.runtime import Runtime, create_runtime, resolve_threads
 from fastkd.steps import DistillationStep, Step
 from fastkd.teacher import Teacher, build_live_teacher, teacher_source
 from fastkd.features import pooled_width
@@ -53,9 +53,11 @@ WHATS = ("loader", "loader-stages", "train", "distill", "distill-cached", "setti
 beside the configured one, for its ratio and the time its first batches take (compiling)."""
 
 SETTINGS = {"bf16": "bf16 autocast with channels-last (runtime.precision: bf16, runtime.channels_last: true)",
-            "compile": "runtime.compile: true", "one-thread": "runtime.threads: 1"}
-"""What the bench's advice may suggest for a student-bound step, each measured by `--what settings`
-(one-thread on the CPU only, where the step and the loader share the cores)."""
+            "compile": "runtime.compile: true", "one-thread": "runtime.threads: 1",
+            "all-threads": "runtime.threads: null"}
+"""What the bench's advice may suggest for a student-bound step, each measured by `--what settings`.
+The thread count is a CPU setting, where the step and the loader share the cores: a config on
+several threads tries one (one-thread), a config on one thread tries torch's default (all-threads)."""
 
 
 STEP_STAGES = ("teacher forward", "cache lookup", "student forward+backward", "optimizer")
@@ -245,6 +247,10 @@ def plan_bench(what: Sequence[str], backends: Sequence[str], runtime: Runtime,
     plan: list[Planned] = []
     notes: list[str] = []
 
+    def note(text: str) -> None:  # once, whatever the number of backends
+        if text not in notes:
+            notes.append(text)
+
     def add(row: Planned) -> None:
         for i, planned in enumerate(plan):
             if planned.key == row.key:
@@ -279,14 +285,18 @@ def plan_bench(what: Sequence[str], backends: Sequence[str], runtime: Runtime,
             elif item == "settings":
                 add(Planned("train", backend, why="the configured student, for the ratio"))
                 for setting in SETTINGS:
-                    if setting == "one-thread" and runtime.device.type != "cpu":
+                    if setting in ("one-thread", "all-threads"):
+                        # the other thread count, on the CPU, where there is one to try
+                        other = 1 if setting == "one-thread" else resolve_threads(None)
+                        if runtime.device.type == "cpu" and resolve_threads(threads) != other and (
+                                setting == "one-thread" or threads is not None):
+                            add(Planned("train", backend, setting))
                         continue
-                    configured = {"bf16": runtime.precision == "bf16" and runtime.channels_last,
-                                  "compile": runtime.compile, "one-thread": (threads or STARTING_THREADS) == 1}[setting]
-                    if configured:
-                        notes.append(f"settings: {SETTINGS[setting]} is the configured setting, timed as train")
-                    elif setting == "bf16" and runtime.device.type == "cuda" and not torch.cuda.is_bf16_supported():
-                        notes.append("settings: bf16 skipped: this GPU does not support it")
+                    if runtime.precision == "bf16" and runtime.channels_last if setting == "bf16" else runtime.compile:
+                        note(f"settings: {SETTINGS[setting]} is the configured setting, timed as train")
+                    elif setting == "bf16" and runtime.device.type == "cuda" and not torch.cuda.is_bf16_supported(
+                            including_emulation=False):
+                        note("settings: bf16 skipped: this GPU does not support it natively")
                     else:
                         add(Planned("train", backend, setting))
             else:
@@ -490,21 +500,22 @@ class Bench:
 
     def config(self, backend: str, *, side_stream: bool | None = None, setting: str | None = None) -> Config:
         """The bench's config for `backend` (with `side_stream` for a distillation row's teacher,
-        with `runtime.threads: 1` for the one-thread setting)."""
+        with the `runtime.threads` of a thread setting)."""
         cfg = backend_config(self.cfg, backend, num_classes=self.num_classes)
         if side_stream is not None and cfg.distill is not None:
             cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, side_stream=side_stream))
-        if setting == "one-thread":
-            cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, threads=1))
+        if setting in ("one-thread", "all-threads"):
+            cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(
+                cfg.runtime, threads=1 if setting == "one-thread" else None))
         return cfg
 
     def runtime_for(self, setting: str | None) -> Runtime:
-        """The runtime with one of `SETTINGS` (None, one-thread: as configured)."""
+        """The runtime with one of `SETTINGS` (None, the thread settings: as configured)."""
         if setting == "bf16":
             return dataclasses.replace(self.runtime, precision="bf16", channels_last=True)
         if setting == "compile":
             return dataclasses.replace(self.runtime, compile=True)
-        assert setting in (None, "one-thread"), setting
+        assert setting in (None, "one-thread", "all-threads"), setting
         return self.runtime
 
     def run(self, backend: str, *, teacher: Teacher | None = None, side_stream: bool | None = None,
@@ -542,8 +553,7 @@ class Bench:
             with tempfile.TemporaryDirectory(prefix="fastkd-bench-cache-") as folder:
                 row = self.time_step_row(planned, Path(folder))
         row.what, row.backend = planned.label, planned.backend
-        if planned.what != "loader-stage":  # a stage pipeline builds no run
-            row.torch_threads = torch.get_num_threads()  # as the row's run set it
+        row.torch_threads = torch.get_num_threads()  # as the row's run (or time_dali_stage) set it
         return row
 
     def time_dali_stage(self, stage: str) -> Row:
@@ -551,6 +561,7 @@ class Bench:
         from pipelines.dali_stages import CEILING, run_endlessly, stage_pipeline
 
         assert self.dataset is not None
+        Runtime.set_threads(self.cfg.runtime.threads)  # builds no run: the config's threads, not the last row's
         data = self.cfg.data
         threads = max(1, loader_workers(data.num_workers, Shard(), dali=True))
         pipe = stage_pipeline(stage, list(self.dataset.train.files), list(self.dataset.train.labels),
@@ -658,10 +669,13 @@ def run_bench(cfg: Config, *, config_path: str, what: Sequence[str], backends: S
     bench = Bench(cfg, runtime, window, config_path, dataset=dataset, env=collect_env(runtime.device),
                   notes=notes + skipped)
     records = []
-    for i, planned in enumerate(plan, 1):
-        log.info(f"[bench] {i}/{len(plan)}: {planned.describe()} ...")  # progress; the results below are the output
-        row = bench.measure(planned)
-        records.append(row.as_dict(bench.settings(row)))
+    try:
+        for i, planned in enumerate(plan, 1):
+            log.info(f"[bench] {i}/{len(plan)}: {planned.describe()} ...")  # progress; the results below are the output
+            row = bench.measure(planned)
+            records.append(row.as_dict(bench.settings(row)))
+    finally:  # the process goes on with the config's threads, not the last row's
+        Runtime.set_threads(cfg.runtime.threads)
     compare_settings(records)
     for record in records:
         record["notes"] = list(bench.notes)
@@ -721,7 +735,8 @@ def loader_sentences(rows: list[dict[str, Any]]) -> list[str]:
 
 def compare_settings(rows: list[dict[str, Any]]) -> None:
     """Each `SETTINGS` row against the configured train row of its backend: `vs_configured`, its
-    images/second's ratio, and for compile `compile_seconds`, the extra wall time of its warm-up
+    images/second's ratio; `beyond_spread`, whether every window of one was faster than every
+    window of the other; and for compile `compile_seconds`, the extra wall time of its warm-up
     batches (the same batches, compiled first)."""
     configured = {r["backend"]: r for r in rows if r["what"] == "train" and not r.get("setting")}
     for row in rows:
@@ -729,6 +744,7 @@ def compare_settings(rows: list[dict[str, Any]]) -> None:
         if base is None:
             continue
         row["vs_configured"] = round(row["images_per_sec"] / base["images_per_sec"], 3)
+        row["beyond_spread"] = row["min"] > base["max"] or row["max"] < base["min"]
         if row["setting"] == "compile":
             row["compile_seconds"] = round(max(0.0, row["warmup_seconds"] - base["warmup_seconds"]), 1)
 
@@ -767,16 +783,19 @@ def settings_sentences(rows: list[dict[str, Any]]) -> list[str]:
 
 
 HELPS = 1.05
-"""A measured setting is advised when it made the step at least this much faster."""
+"""A measured setting is advised when it made the step at least this much faster, every window of
+it faster than every window as configured."""
 
 
 def measured_settings(rows: list[dict[str, Any]], backend: str) -> tuple[list[str], list[str]]:
-    """The settings `--what settings` measured on `backend`: those that helped, with their ratio,
-    and those that did not."""
-    measured = {r["setting"]: r["vs_configured"] for r in rows
-                if r["backend"] == backend and r.get("vs_configured") is not None}
-    helps = [f"{SETTINGS[s].split(' (')[0]} ({ratio:.2f}x here)" for s, ratio in measured.items() if ratio >= HELPS]
-    slower = [f"{s} {ratio:.2f}x" for s, ratio in measured.items() if ratio < HELPS]
+    """The settings `--what settings` measured on `backend`: those that helped (at least `HELPS`
+    times as fast, beyond the windows' spread), with their ratio, and those that did not."""
+    measured = [r for r in rows if r["backend"] == backend and r.get("vs_configured") is not None]
+    helps = [f"{SETTINGS[r['setting']].split(' (')[0]} ({r['vs_configured']:.2f}x here)" for r in measured
+             if r["vs_configured"] >= HELPS and r.get("beyond_spread")]
+    slower = [f"{r['setting']} {r['vs_configured']:.2f}x"
+              + (", within the windows' spread" if r["vs_configured"] >= HELPS else "") for r in measured
+              if not (r["vs_configured"] >= HELPS and r.get("beyond_spread"))]
     return helps, slower
 
 

@@ -106,10 +106,9 @@ class Runtime:
 
     @staticmethod
     def set_threads(threads: int | None) -> None:
-        """torch's intra-op threads for the run: `threads` (`runtime.threads`), or as many as the
-        process started with (torch's default, or `OMP_NUM_THREADS`) when None, so that runs built
-        one after another in a process (the bench's rows, tests) each get their own setting."""
-        threads = threads or STARTING_THREADS
+        """torch's intra-op threads for the run (`resolve_threads`), so that runs built one after
+        another in a process (the bench's rows, tests) each get their own setting."""
+        threads = resolve_threads(threads)
         if torch.get_num_threads() != threads:
             torch.set_num_threads(threads)
 
@@ -160,12 +159,18 @@ def resolve_device(requested: str, shard: Shard) -> torch.device:
                       "(torchrun --nproc_per_node), or set runtime.device: cpu")
 
 
+def resolve_threads(threads: int | None) -> int:
+    """`runtime.threads`, or as many as the process started with (torch's default, or
+    `OMP_NUM_THREADS`) when None."""
+    return threads or STARTING_THREADS
+
+
 def resolve_precision(requested: Precision, device: torch.device, key: str = "runtime.precision") -> ResolvedPrecision:
     if requested == "auto":
         if device.type == "cuda":
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            return "bf16" if torch.cuda.is_bf16_supported(including_emulation=False) else "fp16"
         return "fp32"
-    if requested == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if requested == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
         raise ConfigError(f"{key}: bf16 is not supported by this GPU; use fp16 or auto")
     return requested
 

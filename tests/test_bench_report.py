@@ -396,12 +396,16 @@ def test_the_advice_for_a_student_bound_run_names_only_what_helps_on_that_device
     measured = [row, {"what": "train-bf16", "backend": "synthetic", "setting": "bf16", "vs_configured": 0.71,
                       "stages": dict(row["stages"])},
                 {"what": "train-compile", "backend": "synthetic", "setting": "compile", "vs_configured": 1.75,
-                 "compile_seconds": 83.0, "stages": dict(row["stages"])}]
+                 "beyond_spread": True, "compile_seconds": 83.0, "stages": dict(row["stages"])}]
     for runtime in (cpu, gpu):
         [sentence] = bottleneck_sentences(measured, runtime)  # type: ignore[arg-type]  # none for the setting rows
         assert sentence.endswith("try runtime.compile: true (1.75x here), or a larger batch (measured not to "
                                  "help: bf16 0.71x)."), sentence
-    measured[2]["vs_configured"] = 1.02  # within noise: not advised either
+    measured[2]["beyond_spread"] = False  # faster by its median, not beyond the windows' spread: not advised
+    [sentence] = bottleneck_sentences(measured, cpu)  # type: ignore[arg-type]
+    assert sentence.endswith("try a larger batch (measured not to help: bf16 0.71x, compile 1.75x, within the "
+                             "windows' spread)."), sentence
+    measured[2].update(vs_configured=1.02, beyond_spread=True)  # beyond the spread, but under 1.05x
     [sentence] = bottleneck_sentences(measured, cpu)  # type: ignore[arg-type]
     assert sentence.endswith("try a larger batch (measured not to help: bf16 0.71x, compile 1.02x)."), sentence
     # measured on another backend only: this one's advice is the unmeasured one
@@ -415,15 +419,18 @@ def test_compiling_pays_back_once_the_time_it_saves_exceeds_its_compile_time():
     assert payback_seconds(2.0, 10.0) == pytest.approx(20.0)  # 20 s uncompiled = 10 s compiled + 10 s compiling
     assert payback_seconds(1.25, 10.0) == pytest.approx(50.0)
     assert payback_seconds(1.0, 10.0) is None and payback_seconds(0.8, 10.0) is None
-    rows = [{"what": "train", "backend": "synthetic", "images_per_sec": 100.0, "warmup_seconds": 2.0},
-            {"what": "train", "backend": "dali-cpu", "images_per_sec": 50.0, "warmup_seconds": 3.0},
+    rows = [{"what": "train", "backend": "synthetic", "images_per_sec": 100.0, "min": 95.0, "max": 105.0,
+             "warmup_seconds": 2.0},
+            {"what": "train", "backend": "dali-cpu", "images_per_sec": 50.0, "min": 45.0, "max": 52.0,
+             "warmup_seconds": 3.0},
             {"what": "train-compile", "backend": "synthetic", "setting": "compile", "images_per_sec": 200.0,
-             "warmup_seconds": 32.0},
-            {"what": "train-bf16", "backend": "dali-cpu", "setting": "bf16", "images_per_sec": 40.0,
-             "warmup_seconds": 3.5}]
+             "min": 190.0, "max": 210.0, "warmup_seconds": 32.0},
+            {"what": "train-bf16", "backend": "dali-cpu", "setting": "bf16", "images_per_sec": 40.0, "min": 38.0,
+             "max": 46.0, "warmup_seconds": 3.5}]
     compare_settings(rows)
     assert (rows[2]["vs_configured"], rows[2]["compile_seconds"]) == (2.0, 30.0)  # each against its own backend
     assert rows[3]["vs_configured"] == 0.8 and "compile_seconds" not in rows[3]
+    assert rows[2]["beyond_spread"] and not rows[3]["beyond_spread"]  # 46 > 45: the windows overlap
     assert "vs_configured" not in rows[0] and "vs_configured" not in rows[1]
     assert settings_sentences(rows) == [
         "runtime.compile: true made train with synthetic 2.00x as fast, after 30 s of compiling (with inductor's "
@@ -450,8 +457,8 @@ def test_the_settings_rows_time_the_configured_step_with_bf16_and_with_compile(t
 
     compiled, runtimes = [], []
     monkeypatch.setattr(torch, "compile", lambda model, **kw: compiled.append(model) or model)
-    for module in (bench, runtime_module):  # as on a machine of 2 cores or more: one thread is a setting
-        monkeypatch.setattr(module, "STARTING_THREADS", 2)
+    monkeypatch.setattr(runtime_module, "STARTING_THREADS", 2)  # as on a machine of 2 cores or more
+    monkeypatch.setattr(bench, "CACHED_COMPILE", float("inf"))  # the stub compiles nothing: no compile time
     build_run = engine.build_run
     monkeypatch.setattr(engine, "build_run", lambda cfg, runtime, **kw: runtimes.append(runtime) or build_run(
         cfg, runtime, **kw))
@@ -472,16 +479,22 @@ def test_the_settings_rows_time_the_configured_step_with_bf16_and_with_compile(t
         (r["precision"], r["channels_last"], r["compile"]) for r in rows]
     assert len(compiled) == 1 and isinstance(compiled[0], torch.nn.Module)
     assert rows[1]["vs_configured"] == round(rows[1]["images_per_sec"] / rows[0]["images_per_sec"], 3)
-    assert rows[2]["compile_seconds"] >= 0 and all(r["warmup_seconds"] > 0 for r in rows)
+    assert all(r["warmup_seconds"] > 0 for r in rows)
+    assert torch.get_num_threads() == 2  # the bench leaves the config's threads, not its last row's
     # torch.compile here returns the model as it is: no compile time to measure
     assert "runtime.compile: true made train with synthetic" in printed and "not measured here" in printed
     assert "runtime.threads: 1 made train with synthetic" in printed
-    # a setting already configured is timed as train, with a note; threads are a CPU setting
+    # a setting already configured is timed as train, with one note for every backend; a config on one
+    # thread tries torch's default instead; threads are a CPU setting
     cpu = SimpleNamespace(device=torch.device("cpu"), precision="fp32", channels_last=True, compile=True)
-    plan, notes = plan_bench(["settings"], ["synthetic"], cpu, threads=1)  # type: ignore[arg-type]
-    assert [(p.label, bool(p.why)) for p in plan] == [("train", True), ("train-bf16", False)]
-    assert notes == ["settings: runtime.compile: true is the configured setting, timed as train",
-                     "settings: runtime.threads: 1 is the configured setting, timed as train"]
+    plan, notes = plan_bench(["settings"], ["synthetic", "torchvision"], cpu, threads=1)  # type: ignore[arg-type]
+    assert [(p.label, p.backend, bool(p.why)) for p in plan] == [
+        ("train", "synthetic", True), ("train-bf16", "synthetic", False), ("train-all-threads", "synthetic", False),
+        ("train", "torchvision", True), ("train-bf16", "torchvision", False), ("train-all-threads", "torchvision", False)]
+    assert notes == ["settings: runtime.compile: true is the configured setting, timed as train"]
     gpu = SimpleNamespace(device=torch.device("cuda"), precision="bf16", channels_last=True, compile=False)
     plan, notes = plan_bench(["settings"], ["synthetic"], gpu)  # type: ignore[arg-type]
     assert [p.label for p in plan] == ["train", "train-compile"] and len(notes) == 1
+    monkeypatch.setattr(runtime_module, "STARTING_THREADS", 1)  # a 1-core machine: no other count to try
+    plan, _ = plan_bench(["settings"], ["synthetic"], cpu, threads=1)  # type: ignore[arg-type]
+    assert [p.label for p in plan] == ["train", "train-bf16"]

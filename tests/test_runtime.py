@@ -206,10 +206,10 @@ def test_runtime_threads_set_the_runs_torch_threads_and_null_keeps_the_starting_
 
     monkeypatch.setattr(runtime_module, "STARTING_THREADS", 2)  # as on a machine of 2 cores or more
     cfg = tiny_config(tiny_imagefolder, tmp_path / "runs", optim={"epochs": 1, "warmup_epochs": 0},
-                      runtime={"device": "cpu", "threads": 1})
+                      runtime={"device": "cpu", "threads": 3})  # neither the machine's count nor the patched one
     run_dir = commands.train(cfg, progress=False).run_dir
-    assert torch.get_num_threads() == 1
-    assert json.loads((run_dir / "env.json").read_text())["torch_threads"] == 1  # recorded with the run
+    assert torch.get_num_threads() == 3
+    assert json.loads((run_dir / "env.json").read_text())["torch_threads"] == 3  # recorded with the run
     from fastkd.engine import build_run
 
     build_run(tiny_config(tiny_imagefolder, tmp_path / "runs", runtime={"device": "cpu"}),
