@@ -292,7 +292,7 @@ def plan_bench(what: Sequence[str], backends: Sequence[str], runtime: Runtime,
                                 setting == "one-thread" or threads is not None):
                             add(Planned("train", backend, setting))
                         continue
-                    if runtime.precision == "bf16" and runtime.channels_last if setting == "bf16" else runtime.compile:
+                    if (runtime.precision == "bf16" and runtime.channels_last) if setting == "bf16" else runtime.compile:
                         note(f"settings: {SETTINGS[setting]} is the configured setting, timed as train")
                     elif setting == "bf16" and runtime.device.type == "cuda" and not torch.cuda.is_bf16_supported(
                             including_emulation=False):

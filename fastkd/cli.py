@@ -82,8 +82,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(bench)
     bench.add_argument("--what", default="loader,train,distill",
                        help="comma list of loader, loader-stages, train, distill, distill-cached (the student against "
-                       "a teacher cache: no teacher forward), settings (the student's step with bf16 and with "
-                       "runtime.compile beside the configured one: ratio and compile time)")
+                       "a teacher cache: no teacher forward), settings (the student's step with bf16, with "
+                       "runtime.compile and, on the CPU, with the other torch thread count, beside the configured "
+                       "one: ratio and compile time)")
     bench.add_argument("--backends", default="torchvision,dali-cpu,dali-gpu,synthetic",
                        help="comma list of torchvision, dali-cpu, dali-gpu, synthetic")
     bench.add_argument("--steps", type=int, default=20, help="batches per timed window")
