@@ -132,3 +132,29 @@ def test_resume_refuses_a_changed_config(tiny_imagefolder, tmp_path, monkeypatch
     assert "fastkd train --resume --config" in capsys.readouterr().err
     message = cli_error(capsys, "train", "--config", str(config), "--resume", "optim.lr=0.5")
     assert message.startswith("fastkd: error: --resume: the config differs from the run's in optim.lr")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", ["torchvision", "dali"])
+def test_a_run_that_leaves_out_each_epochs_partial_batch_resumes_exactly(tiny_imagefolder, tmp_path, monkeypatch,
+                                                                         backend):
+    """40 training images in batches of 6: 6 steps an epoch, 4 images left out. A run stopped inside
+    its second epoch and resumed (an epoch follows the resumed one) ends with the uninterrupted
+    run's weights, step for step."""
+    if backend == "dali":
+        pytest.importorskip("nvidia.dali")
+    configs = {name: tiny_config(tiny_imagefolder, tmp_path / name, optim={"epochs": 3, "warmup_epochs": 0},
+                                 data={**backend_data(backend), "batch_size": 6})
+               for name in ("straight", "interrupted")}
+    commands.train(configs["straight"], progress=False)
+    with monkeypatch.context() as patch:
+        stop_after(patch, 8)  # the second batch of epoch 2
+        with pytest.raises(loop.Interrupted):
+            commands.train(configs["interrupted"], progress=False)
+    assert load_checkpoint(configs["interrupted"].run_dir / "last.pt")["step"] == 8
+    commands.train(configs["interrupted"], resume=True, progress=False)
+    a = load_checkpoint(configs["straight"].run_dir / "last.pt")
+    b = load_checkpoint(configs["interrupted"].run_dir / "last.pt")
+    assert a["step"] == b["step"] == 18  # 3 x floor(40 / 6): the partial batches were left out
+    for key, value in a["model"].items():
+        assert torch.equal(value, b["model"][key]), key
