@@ -58,6 +58,8 @@ SETTINGS = {"bf16": "bf16 autocast with channels-last (runtime.precision: bf16, 
 """What the bench's advice may suggest for a student-bound step, each measured by `--what settings`.
 The thread count is a CPU setting, where the step and the loader share the cores: a config on
 several threads tries one (one-thread), a config on one thread tries torch's default (all-threads)."""
+THREAD_SETTINGS: dict[str, int | None] = {"one-thread": 1, "all-threads": None}
+"""The `runtime.threads` of each thread setting; a bench tries those whose count differs from the config's."""
 
 
 STEP_STAGES = ("teacher forward", "cache lookup", "student forward+backward", "optimizer")
@@ -285,11 +287,9 @@ def plan_bench(what: Sequence[str], backends: Sequence[str], runtime: Runtime,
             elif item == "settings":
                 add(Planned("train", backend, why="the configured student, for the ratio"))
                 for setting in SETTINGS:
-                    if setting in ("one-thread", "all-threads"):
-                        # the other thread count, on the CPU, where there is one to try
-                        other = 1 if setting == "one-thread" else resolve_threads(None)
-                        if runtime.device.type == "cpu" and resolve_threads(threads) != other and (
-                                setting == "one-thread" or threads is not None):
+                    if setting in THREAD_SETTINGS:  # another thread count, on the CPU, where there is one
+                        if runtime.device.type == "cpu" and (
+                                resolve_threads(THREAD_SETTINGS[setting]) != resolve_threads(threads)):
                             add(Planned("train", backend, setting))
                         continue
                     if (runtime.precision == "bf16" and runtime.channels_last) if setting == "bf16" else runtime.compile:
@@ -504,9 +504,8 @@ class Bench:
         cfg = backend_config(self.cfg, backend, num_classes=self.num_classes)
         if side_stream is not None and cfg.distill is not None:
             cfg = dataclasses.replace(cfg, distill=dataclasses.replace(cfg.distill, side_stream=side_stream))
-        if setting in ("one-thread", "all-threads"):
-            cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(
-                cfg.runtime, threads=1 if setting == "one-thread" else None))
+        if setting in THREAD_SETTINGS:
+            cfg = dataclasses.replace(cfg, runtime=dataclasses.replace(cfg.runtime, threads=THREAD_SETTINGS[setting]))
         return cfg
 
     def runtime_for(self, setting: str | None) -> Runtime:
@@ -515,7 +514,7 @@ class Bench:
             return dataclasses.replace(self.runtime, precision="bf16", channels_last=True)
         if setting == "compile":
             return dataclasses.replace(self.runtime, compile=True)
-        assert setting in (None, "one-thread", "all-threads"), setting
+        assert setting is None or setting in THREAD_SETTINGS, setting
         return self.runtime
 
     def run(self, backend: str, *, teacher: Teacher | None = None, side_stream: bool | None = None,
